@@ -1,0 +1,356 @@
+"""The YAML configuration file: strict pydantic models, then the checks that span fields, into the model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from lbagent import model
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_COMMUNITY = r"^\d{1,5}:\d{1,5}$"
+
+
+def _parse_duration(value: Any) -> Any:
+    """Durations read as numbers of seconds or as strings with a unit: `500ms`, `2s`, `1m`."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("expected a duration such as 500ms, 2s or 1m")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=3600)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
+
+
+class _Strict(BaseModel):
+    """Every file model refuses unknown keys and reads camelCase names, as Kubernetes objects do."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
+
+
+class NodeSection(_Strict):
+    name: str = Field(pattern=_NAME)
+    vip_interface: str = Field("lo", alias="vipInterface", pattern=r"^[^\s/]{1,15}$")
+
+
+class AgentSection(_Strict):
+    drain_seconds: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, le=600)] = Field(
+        2.0, alias="drain"
+    )
+    resync_seconds: Duration = Field(30.0, alias="resync")
+    min_sync_interval: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, le=60)] = Field(
+        0.1, alias="minSyncInterval"
+    )
+    retry_seconds: Duration = Field(1.0, alias="retry")
+    runtime_dir: str = Field("/run/lbagent", alias="runtimeDir")
+
+
+class PeerSection(_Strict):
+    address: IPv4Address | IPv6Address
+    peer_as: AsNumber = Field(alias="peerAS")
+    hold_time: int = Field(9, alias="holdTime", ge=3, le=65535)
+    password: str | None = Field(None, min_length=1, max_length=80, pattern=r"^[\x21-\x7e]+$")
+    multihop: int | None = Field(None, ge=1, le=255)
+    local_address: IPv4Address | IPv6Address | None = Field(None, alias="localAddress")
+    port: Port = 179
+
+
+class BgpSection(_Strict):
+    local_as: AsNumber = Field(alias="localAS")
+    router_id: IPv4Address = Field(alias="routerID")
+    peers: list[PeerSection] = Field(min_length=1)
+    graceful_restart: int | None = Field(None, alias="gracefulRestart", ge=1, le=4095)
+    exabgp: str = Field("exabgp", description="the exabgp executable: a path, or a name looked up in PATH")
+
+
+class DataplaneSection(_Strict):
+    kind: Literal["nftables"] = "nftables"
+    table: str = Field("lbagent", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
+    masquerade_mark: int = Field(0x00200000, alias="masqueradeMark", ge=1, le=0xFFFFFFFF)
+    manage_sysctls: bool = Field(True, alias="manageSysctls")
+
+
+class HealthCheckSection(_Strict):
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    rise: int | None = Field(None, ge=1, le=100)
+    fall: int | None = Field(None, ge=1, le=100)
+
+
+class NodeEntry(_Strict):
+    name: str = Field(pattern=_NAME)
+    addresses: list[IPv4Address | IPv6Address] = Field(min_length=1, max_length=2)
+
+
+class PortEntry(_Strict):
+    name: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?)?$")
+    protocol: Literal["TCP", "UDP"] = "TCP"
+    port: Port
+    node_port: Port = Field(alias="nodePort")
+
+
+class ServiceBgpEntry(_Strict):
+    med: int | None = Field(None, ge=0, le=4294967295)
+    local_pref: int | None = Field(None, alias="localPref", ge=0, le=4294967295)
+    communities: list[Annotated[str, Field(pattern=_COMMUNITY)]] = []
+
+
+class ServiceEntry(_Strict):
+    name: str = Field(pattern=_NAME)
+    namespace: str = Field("default", pattern=_NAME)
+    vip: IPv4Address | IPv6Address
+    external_traffic_policy: Literal["Cluster", "Local"] = Field("Cluster", alias="externalTrafficPolicy")
+    ports: list[PortEntry] = Field(min_length=1)
+    health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
+    bgp: ServiceBgpEntry = Field(default_factory=ServiceBgpEntry)
+
+
+class ConfigFile(_Strict):
+    node: NodeSection
+    agent: AgentSection = Field(default_factory=AgentSection)  # type: ignore[arg-type]
+    bgp: BgpSection
+    dataplane: DataplaneSection = Field(default_factory=DataplaneSection)  # type: ignore[arg-type]
+    health_check_defaults: HealthCheckSection = Field(
+        default_factory=HealthCheckSection, alias="healthCheckDefaults"
+    )
+    nodes: list[NodeEntry] = Field(min_length=1)
+    services: list[ServiceEntry] = []
+
+
+_DEFAULT_HEALTH = model.HealthCheck(interval=2.0, timeout=1.0, rise=2, fall=3)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file: where (field path and line), the value found, and what is wrong."""
+
+    path: str
+    value: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
+
+
+class ConfigError(Exception):
+    """The file cannot be used; every problem is listed, not just the first."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _format_path(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _LineIndex:
+    """Finds the line of a field path in the YAML document, so every problem can point into the file."""
+
+    def __init__(self, text: str) -> None:
+        try:
+            self._root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            self._root = None
+
+    def line(self, loc: Sequence[int | str]) -> int | None:
+        node = self._root
+        found = node
+        for part in loc:
+            if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+                node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+            else:
+                node = None
+            if node is None:
+                break
+            found = node
+        return None if found is None else found.start_mark.line + 1
+
+
+def parse(text: str, source: str = "<config>") -> model.Model:
+    """Parse and validate a whole config document into the model, or raise ConfigError listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, [Problem("", "invalid YAML", str(exc).replace("\n", " "), line)]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(source, [Problem("", _short(data), "the file must be a YAML mapping")])
+    lines = _LineIndex(text)
+    try:
+        config = ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            Problem(
+                _format_path(err["loc"]),
+                "nothing" if err["type"] == "missing" else _short(err.get("input")),
+                err["msg"],
+                lines.line(err["loc"]),
+            )
+            for err in exc.errors()
+        ]
+        raise ConfigError(source, problems) from exc
+    problems = list(_cross_checks(config))
+    if problems:
+        raise ConfigError(source, [Problem(p.path, p.value, p.message, lines.line(_loc(p.path))) for p in problems])
+    return _to_model(config)
+
+
+def load(path: str | Path) -> model.Model:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem("", str(path), f"cannot read the file: {exc}")]) from exc
+    return parse(text, str(path))
+
+
+def _loc(path: str) -> list[int | str]:
+    parts: list[int | str] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return parts
+
+
+def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
+    """Checks no single field can make: uniqueness, families, features not built yet."""
+    seen_nodes: dict[str, int] = {}
+    families: set[int] = set()
+    for i, node in enumerate(config.nodes):
+        if node.name in seen_nodes:
+            yield Problem(f"nodes[{i}].name", _short(node.name), f"duplicate node name (also nodes[{seen_nodes[node.name]}])")
+        seen_nodes.setdefault(node.name, i)
+        node_families = [a.version for a in node.addresses]
+        if len(set(node_families)) != len(node_families):
+            yield Problem(f"nodes[{i}].addresses", _short([str(a) for a in node.addresses]),
+                          "at most one address per family (one IPv4, one IPv6)")
+        families.update(node_families)
+
+    seen_services: dict[str, int] = {}
+    seen_frontends: dict[tuple[str, str, int], str] = {}
+    seen_node_ports: dict[tuple[str, int], str] = {}
+    for i, svc in enumerate(config.services):
+        key = f"{svc.namespace}/{svc.name}"
+        if key in seen_services:
+            yield Problem(f"services[{i}].name", _short(svc.name), f"duplicate service {key} (also services[{seen_services[key]}])")
+        seen_services.setdefault(key, i)
+        if svc.external_traffic_policy == "Local":
+            yield Problem(f"services[{i}].externalTrafficPolicy", "'Local'",
+                          "externalTrafficPolicy Local is not supported yet: use Cluster")
+        if svc.vip.version not in families:
+            yield Problem(f"services[{i}].vip", _short(str(svc.vip)),
+                          f"no node has an IPv{svc.vip.version} address to forward this VIP to")
+        if svc.vip.is_loopback or svc.vip.is_multicast or svc.vip.is_unspecified or svc.vip.is_link_local:
+            yield Problem(f"services[{i}].vip", _short(str(svc.vip)), "a VIP must be a unicast, routable address")
+        port_names: set[str] = set()
+        for j, port in enumerate(svc.ports):
+            where = f"services[{i}].ports[{j}]"
+            if len(svc.ports) > 1 and not port.name:
+                yield Problem(f"{where}.name", "''", "every port needs a name when a service has several")
+            if port.name and port.name in port_names:
+                yield Problem(f"{where}.name", _short(port.name), "duplicate port name in this service")
+            port_names.add(port.name)
+            frontend = (str(svc.vip), port.protocol, port.port)
+            if frontend in seen_frontends:
+                yield Problem(f"{where}.port", str(port.port),
+                              f"{port.protocol} {svc.vip} port {port.port} is already used by {seen_frontends[frontend]}")
+            seen_frontends.setdefault(frontend, key)
+            node_port = (port.protocol, port.node_port)
+            if node_port in seen_node_ports:
+                yield Problem(f"{where}.nodePort", str(port.node_port),
+                              f"{port.protocol} nodePort {port.node_port} is already used by {seen_node_ports[node_port]}")
+            seen_node_ports.setdefault(node_port, key)
+
+
+def _health(defaults: model.HealthCheck, section: HealthCheckSection) -> model.HealthCheck:
+    return model.HealthCheck(
+        interval=section.interval if section.interval is not None else defaults.interval,
+        timeout=section.timeout if section.timeout is not None else defaults.timeout,
+        rise=section.rise if section.rise is not None else defaults.rise,
+        fall=section.fall if section.fall is not None else defaults.fall,
+    )
+
+
+def _to_model(config: ConfigFile) -> model.Model:
+    defaults = _health(_DEFAULT_HEALTH, config.health_check_defaults)
+    return model.Model(
+        node_name=config.node.name,
+        vip_interface=config.node.vip_interface,
+        bgp=model.Bgp(
+            local_as=config.bgp.local_as,
+            router_id=config.bgp.router_id,
+            peers=tuple(
+                model.Peer(
+                    address=p.address,
+                    peer_as=p.peer_as,
+                    hold_time=p.hold_time,
+                    password=p.password,
+                    multihop=p.multihop,
+                    local_address=p.local_address,
+                    port=p.port,
+                )
+                for p in config.bgp.peers
+            ),
+            graceful_restart=config.bgp.graceful_restart,
+            exabgp=config.bgp.exabgp,
+        ),
+        nodes=tuple(model.Node(name=n.name, addresses=tuple(n.addresses)) for n in config.nodes),
+        services=tuple(
+            model.Service(
+                namespace=s.namespace,
+                name=s.name,
+                vip=s.vip,
+                ports=tuple(
+                    model.ServicePort(p.name, model.Protocol(p.protocol), p.port, p.node_port) for p in s.ports
+                ),
+                external_traffic_policy=model.TrafficPolicy(s.external_traffic_policy),
+                health_check=_health(defaults, s.health_check),
+                bgp=model.BgpAttributes(s.bgp.med, s.bgp.local_pref, tuple(s.bgp.communities)),
+            )
+            for s in config.services
+        ),
+        dataplane=model.Dataplane(
+            kind=config.dataplane.kind,
+            table=config.dataplane.table,
+            masquerade_mark=config.dataplane.masquerade_mark,
+            manage_sysctls=config.dataplane.manage_sysctls,
+        ),
+        agent=model.Agent(
+            drain_seconds=config.agent.drain_seconds,
+            resync_seconds=config.agent.resync_seconds,
+            min_sync_interval=config.agent.min_sync_interval,
+            retry_seconds=config.agent.retry_seconds,
+            runtime_dir=config.agent.runtime_dir,
+        ),
+    )

@@ -1,0 +1,153 @@
+"""The validated, frozen internal model every later step (health, plan, render, apply) works from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address, ip_network
+
+IPAddress = IPv4Address | IPv6Address
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+
+
+class TrafficPolicy(StrEnum):
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a node is probed for one service: every `interval`, give up after `timeout`, hysteresis."""
+
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+
+    @property
+    def window(self) -> float:
+        """The longest time a dead node stays in rotation: `fall` failed probes, the last one timing out."""
+        return self.fall * self.interval + self.timeout
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: Protocol
+    port: int
+    node_port: int
+
+
+@dataclass(frozen=True)
+class BgpAttributes:
+    """Per-service path attributes sent with the VIP's announcement."""
+
+    med: int | None = None
+    local_pref: int | None = None
+    communities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    vip: IPAddress
+    ports: tuple[ServicePort, ...]
+    external_traffic_policy: TrafficPolicy
+    health_check: HealthCheck
+    bgp: BgpAttributes = field(default_factory=BgpAttributes)
+
+    @property
+    def key(self) -> str:
+        """The Kubernetes-style identity `namespace/name`."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def prefix(self) -> str:
+        """The host route announced for the VIP: /32 or /128."""
+        return str(ip_network(self.vip))
+
+
+@dataclass(frozen=True)
+class Node:
+    """A cluster node that serves nodePorts."""
+
+    name: str
+    addresses: tuple[IPAddress, ...]
+
+    def address_for(self, vip: IPAddress) -> IPAddress | None:
+        """The node's address of the VIP's family: NAT cannot cross families."""
+        for address in self.addresses:
+            if address.version == vip.version:
+                return address
+        return None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A BGP router this LB node announces VIPs to."""
+
+    address: IPAddress
+    peer_as: int
+    hold_time: int
+    password: str | None = None
+    multihop: int | None = None
+    local_address: IPAddress | None = None
+    port: int = 179
+
+
+@dataclass(frozen=True)
+class Bgp:
+    local_as: int
+    router_id: IPv4Address
+    peers: tuple[Peer, ...]
+    graceful_restart: int | None = None
+    exabgp: str = "exabgp"
+
+
+@dataclass(frozen=True)
+class Dataplane:
+    """The L4 forwarder's settings."""
+
+    kind: str = "nftables"
+    table: str = "lbagent"
+    masquerade_mark: int = 0x00200000
+    manage_sysctls: bool = True
+
+
+@dataclass(frozen=True)
+class Agent:
+    """Timings of the daemon itself."""
+
+    drain_seconds: float = 2.0
+    resync_seconds: float = 30.0
+    min_sync_interval: float = 0.1
+    retry_seconds: float = 1.0
+    runtime_dir: str = "/run/lbagent"
+
+
+@dataclass(frozen=True)
+class Model:
+    node_name: str
+    vip_interface: str
+    bgp: Bgp
+    nodes: tuple[Node, ...]
+    services: tuple[Service, ...]
+    dataplane: Dataplane = field(default_factory=Dataplane)
+    agent: Agent = field(default_factory=Agent)
+
+    def digest(self) -> str:
+        """A stable hash of the whole model: the loaded config's identity in logs and metrics."""
+        return hashlib.sha256(json.dumps(asdict(self), default=str, sort_keys=True).encode()).hexdigest()[:16]
+
+    def service(self, key: str) -> Service:
+        for service in self.services:
+            if service.key == key:
+                return service
+        raise KeyError(key)
