@@ -120,9 +120,9 @@ class ServiceEntry(_Strict):
 
 class ConfigFile(_Strict):
     node: NodeSection
-    agent: AgentSection = Field(default_factory=AgentSection)  # type: ignore[arg-type]
+    agent: AgentSection = Field(default_factory=AgentSection)
     bgp: BgpSection
-    dataplane: DataplaneSection = Field(default_factory=DataplaneSection)  # type: ignore[arg-type]
+    dataplane: DataplaneSection = Field(default_factory=DataplaneSection)
     health_check_defaults: HealthCheckSection = Field(
         default_factory=HealthCheckSection, alias="healthCheckDefaults"
     )
@@ -249,7 +249,8 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     families: set[int] = set()
     for i, node in enumerate(config.nodes):
         if node.name in seen_nodes:
-            yield Problem(f"nodes[{i}].name", _short(node.name), f"duplicate node name (also nodes[{seen_nodes[node.name]}])")
+            yield Problem(f"nodes[{i}].name", _short(node.name),
+                          f"duplicate node name (also nodes[{seen_nodes[node.name]}])")
         seen_nodes.setdefault(node.name, i)
         node_families = [a.version for a in node.addresses]
         if len(set(node_families)) != len(node_families):
@@ -258,12 +259,14 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
         families.update(node_families)
 
     seen_services: dict[str, int] = {}
+    vip_attributes: dict[str, tuple[int, ServiceBgpEntry]] = {}
     seen_frontends: dict[tuple[str, str, int], str] = {}
     seen_node_ports: dict[tuple[str, int], str] = {}
     for i, svc in enumerate(config.services):
         key = f"{svc.namespace}/{svc.name}"
         if key in seen_services:
-            yield Problem(f"services[{i}].name", _short(svc.name), f"duplicate service {key} (also services[{seen_services[key]}])")
+            yield Problem(f"services[{i}].name", _short(svc.name),
+                          f"duplicate service {key} (also services[{seen_services[key]}])")
         seen_services.setdefault(key, i)
         if svc.external_traffic_policy == "Local":
             yield Problem(f"services[{i}].externalTrafficPolicy", "'Local'",
@@ -271,6 +274,11 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
         if svc.vip.version not in families:
             yield Problem(f"services[{i}].vip", _short(str(svc.vip)),
                           f"no node has an IPv{svc.vip.version} address to forward this VIP to")
+        first = vip_attributes.setdefault(str(svc.vip), (i, svc.bgp))
+        if first[1] != svc.bgp:
+            yield Problem(f"services[{i}].bgp", _short(svc.bgp.model_dump(by_alias=True)),
+                          f"services sharing VIP {svc.vip} must announce it with the same attributes "
+                          f"as services[{first[0]}]")
         if svc.vip.is_loopback or svc.vip.is_multicast or svc.vip.is_unspecified or svc.vip.is_link_local:
             yield Problem(f"services[{i}].vip", _short(str(svc.vip)), "a VIP must be a unicast, routable address")
         port_names: set[str] = set()
@@ -284,12 +292,14 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             frontend = (str(svc.vip), port.protocol, port.port)
             if frontend in seen_frontends:
                 yield Problem(f"{where}.port", str(port.port),
-                              f"{port.protocol} {svc.vip} port {port.port} is already used by {seen_frontends[frontend]}")
+                              f"{port.protocol} {svc.vip} port {port.port} is already used by "
+                              f"{seen_frontends[frontend]}")
             seen_frontends.setdefault(frontend, key)
             node_port = (port.protocol, port.node_port)
             if node_port in seen_node_ports:
                 yield Problem(f"{where}.nodePort", str(port.node_port),
-                              f"{port.protocol} nodePort {port.node_port} is already used by {seen_node_ports[node_port]}")
+                              f"{port.protocol} nodePort {port.node_port} is already used by "
+                              f"{seen_node_ports[node_port]}")
             seen_node_ports.setdefault(node_port, key)
 
 

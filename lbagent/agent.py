@@ -1,0 +1,231 @@
+"""The daemon: health feeds the plan, three runners (VIPs, data plane, BGP) apply it; signals reload and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from ipaddress import ip_interface
+from pathlib import Path
+
+from lbagent import config, model
+from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
+from lbagent.apply.nftables import NftForwarder
+from lbagent.apply.vips import VipBinder, apply_sysctls
+from lbagent.health import HealthChecker, Prober, tcp_probe
+from lbagent.logfmt import event
+from lbagent.plan import Plan, ServiceDecision, plan
+from lbagent.render import nftables
+from lbagent.runner import BoundedFrequencyRunner
+
+log = logging.getLogger("lbagent.agent")
+
+SpeakerFactory = Callable[[model.Bgp, str, Callable[[], None]], BgpSpeaker]
+
+# Fields whose change would need lbagent to move state it owns somewhere else: refused on reload.
+_RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
+    "node.vipInterface": lambda m: m.vip_interface,
+    "agent.runtimeDir": lambda m: m.agent.runtime_dir,
+    "dataplane.table": lambda m: m.dataplane.table,
+}
+
+
+def _default_speaker(bgp: model.Bgp, runtime_dir: str, on_change: Callable[[], None]) -> BgpSpeaker:
+    return ExaBgpSpeaker(bgp, runtime_dir, on_change)
+
+
+class Agent:
+    """One LB node's agent. Deciding is in `plan`/`render`; this class only sequences and applies."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        initial: model.Model,
+        *,
+        speaker_factory: SpeakerFactory = _default_speaker,
+        forwarder: NftForwarder | None = None,
+        binder: VipBinder | None = None,
+        prober: Prober = tcp_probe,
+        sysctl_root: Path = Path("/proc/sys"),
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.model = initial
+        self.draining = False
+        self.health = HealthChecker(self._health_changed, prober)
+        self.speaker = speaker_factory(initial.bgp, initial.agent.runtime_dir, self._bgp_changed)
+        self.forwarder = forwarder or NftForwarder()
+        self.binder = binder or VipBinder(initial.vip_interface)
+        self._sysctl_root = sysctl_root
+        self._bound: set[model.IPAddress] = set()
+        self._programmed: set[model.IPAddress] = set()
+        self._decisions: dict[str, ServiceDecision] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        a = initial.agent
+        self.runners = {
+            name: BoundedFrequencyRunner(name, fn, a.min_sync_interval, a.resync_seconds, a.retry_seconds)
+            for name, fn in (("vips", self._sync_vips), ("dataplane", self._sync_dataplane), ("bgp", self._sync_bgp))
+        }
+
+    # -- deciding -------------------------------------------------------------------------------------
+
+    def current_plan(self) -> Plan:
+        return plan(self.model, self.health.snapshot(), self.draining)
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    def _health_changed(self) -> None:
+        self.runners["dataplane"].mark_dirty()
+        self.runners["bgp"].mark_dirty()
+
+    def _bgp_changed(self) -> None:
+        self.runners["bgp"].mark_dirty()
+
+    def mark_all_dirty(self) -> None:
+        for runner in self.runners.values():
+            runner.mark_dirty()
+
+    # -- applying -------------------------------------------------------------------------------------
+
+    async def _sync_vips(self, resync: bool) -> None:
+        p = self.current_plan()
+        # A VIP is unbound only once it is no longer announced: withdraw first, then let go of the address.
+        announced = {ip_interface(prefix).ip for prefix in self.speaker.announced()}
+        bound = self.binder.sync(p.vips, keep=announced)
+        if bound != self._bound:
+            self._bound = bound
+            self.runners["bgp"].mark_dirty()
+
+    async def _sync_dataplane(self, resync: bool) -> None:
+        p = self.current_plan()
+        script = nftables.render(p.frontends, p.vips, self.model.dataplane)
+        await self.forwarder.apply(script, force=resync)
+        programmed = {f.vip for f in p.frontends if f.backends}
+        if programmed != self._programmed:
+            self._programmed = programmed
+            self.runners["bgp"].mark_dirty()
+
+    async def _sync_bgp(self, resync: bool) -> None:
+        p = self.current_plan()
+        # Never attract traffic this node cannot serve yet: the VIP must be bound and its forwarding programmed.
+        desired = {
+            prefix: a for prefix, a in p.announcements.items()
+            if ip_interface(prefix).ip in self._bound and ip_interface(prefix).ip in self._programmed
+        }
+        before = set(self.speaker.announced())
+        await self.speaker.apply(desired)
+        self._log_decisions(p)
+        if before - set(self.speaker.announced()):
+            self.runners["vips"].mark_dirty()
+
+    def _log_decisions(self, p: Plan) -> None:
+        current = {d.service: d for d in p.decisions}
+        for key, decision in current.items():
+            previous = self._decisions.get(key)
+            if previous is not None and (previous.announce, previous.reason) == (decision.announce, decision.reason):
+                continue
+            event(
+                log, logging.INFO if decision.announce else logging.WARNING,
+                "vip_announced" if decision.announce else "vip_withdrawn",
+                service=key, vip=decision.vip, reason=decision.reason.value,
+                healthy_nodes=decision.healthy_nodes or "-", unhealthy_nodes=decision.unhealthy_nodes or "-",
+            )
+        self._decisions = current
+
+    # -- life cycle -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.config_path,
+              config_hash=self.model.digest(), services=len(self.model.services), nodes=len(self.model.nodes))
+        apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
+        self.health.update(self.model)
+        self.health.start()
+        await self._first_snapshot()
+        await self.speaker.start()
+        for runner in self.runners.values():
+            self._spawn(runner.run_forever())
+        event(log, logging.INFO, "agent_started", node=self.model.node_name)
+        await self._stop.wait()
+        await self._shutdown()
+        return 0
+
+    async def _first_snapshot(self) -> None:
+        """Program nothing until every (service, node) pair has a verdict, bounded by the longest probe timeout."""
+        limit = max((s.health_check.timeout for s in self.model.services), default=0.0) + 1.0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self.health.wait_complete()
+        event(log, logging.INFO, "first_health_snapshot", complete=self.health.complete(),
+              healthy=sum(self.health.snapshot().values()), pairs=len(self.health.reasons()))
+
+    def stop(self, why: str = "request") -> None:
+        if not self._stop.is_set():
+            event(log, logging.INFO, "agent_stopping", signal=why)
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        # Withdraw everything before anything else is torn down: the routers move traffic to the other LB
+        # nodes while this one still forwards what is in flight.
+        self.draining = True
+        try:
+            async with asyncio.timeout(5):
+                await self.speaker.withdraw_all()
+            event(log, logging.INFO, "withdrew_all", drain_seconds=self.model.agent.drain_seconds)
+        except Exception as exc:
+            event(log, logging.ERROR, "withdraw_all_failed", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(self.model.agent.drain_seconds)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.stop()
+        await self.speaker.stop()
+        # The VIPs and the nftables table stay: connections still in flight keep working, and a restarted
+        # agent adopts them without a gap. `lbagent cleanup` removes them.
+        event(log, logging.INFO, "agent_stopped")
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            event(log, logging.ERROR, "task_crashed", task=task.get_name(), error=repr(task.exception()))
+            self.stop("internal error")
+
+    async def reload(self) -> bool:
+        """SIGHUP: load the file again. A bad file is refused and the running config stays as it was."""
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as exc:
+            for problem in exc.problems:
+                event(log, logging.ERROR, "config_problem", file=exc.source, line=problem.line or "-",
+                      field=problem.path, value=problem.value, error=problem.message)
+            event(log, logging.ERROR, "config_rejected", file=exc.source, problems=len(exc.problems),
+                  kept_hash=self.model.digest())
+            return False
+        for name, get in _RESTART_ONLY.items():
+            if get(new) != get(self.model):
+                event(log, logging.ERROR, "config_rejected", file=self.config_path, field=name,
+                      value=get(new), error="changing this field needs a restart", kept_hash=self.model.digest())
+                return False
+        if new == self.model:
+            event(log, logging.INFO, "config_unchanged", config_hash=new.digest())
+            return True
+        old, self.model = self.model, new
+        apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
+        self.health.update(new)
+        if new.bgp != old.bgp:
+            await self.speaker.reconfigure(new.bgp)
+        self.mark_all_dirty()
+        event(log, logging.INFO, "config_loaded", config_hash=new.digest(), previous_hash=old.digest(),
+              services=len(new.services), nodes=len(new.nodes))
+        return True
