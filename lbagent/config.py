@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
 
 from lbagent import model
 
@@ -30,6 +30,18 @@ def _parse_duration(value: Any) -> Any:
     return value
 
 
+def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
+    if isinstance(value, (IPv4Address, IPv6Address)):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected an IPv4 or IPv6 address as a string")
+    try:
+        return ip_address(value.strip())
+    except ValueError:
+        raise ValueError("not a valid IPv4 or IPv6 address") from None
+
+
+IPAddress = Annotated[IPv4Address | IPv6Address, PlainValidator(_parse_ip)]
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
@@ -59,12 +71,12 @@ class AgentSection(_Strict):
 
 
 class PeerSection(_Strict):
-    address: IPv4Address | IPv6Address
+    address: IPAddress
     peer_as: AsNumber = Field(alias="peerAS")
     hold_time: int = Field(9, alias="holdTime", ge=3, le=65535)
     password: str | None = Field(None, min_length=1, max_length=80, pattern=r"^[\x21-\x7e]+$")
     multihop: int | None = Field(None, ge=1, le=255)
-    local_address: IPv4Address | IPv6Address | None = Field(None, alias="localAddress")
+    local_address: IPAddress | None = Field(None, alias="localAddress")
     port: Port = 179
 
 
@@ -92,7 +104,7 @@ class HealthCheckSection(_Strict):
 
 class NodeEntry(_Strict):
     name: str = Field(pattern=_NAME)
-    addresses: list[IPv4Address | IPv6Address] = Field(min_length=1, max_length=2)
+    addresses: list[IPAddress] = Field(min_length=1, max_length=2)
 
 
 class PortEntry(_Strict):
@@ -111,7 +123,7 @@ class ServiceBgpEntry(_Strict):
 class ServiceEntry(_Strict):
     name: str = Field(pattern=_NAME)
     namespace: str = Field("default", pattern=_NAME)
-    vip: IPv4Address | IPv6Address
+    vip: IPAddress
     external_traffic_policy: Literal["Cluster", "Local"] = Field("Cluster", alias="externalTrafficPolicy")
     ports: list[PortEntry] = Field(min_length=1)
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -80,7 +81,7 @@ async def tcp_probe(address: model.IPAddress, port: int, timeout: float) -> str 
     except TimeoutError:
         return "timeout"
     except OSError as exc:
-        return (exc.strerror or type(exc).__name__).lower()
+        return (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__).lower()
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()

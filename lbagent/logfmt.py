@@ -22,11 +22,10 @@ def _quote(value: Any) -> str:
         text = ",".join(str(v) for v in value)
     else:
         text = str(value)
-    # Control characters never reach a log line: a peer or a file must not be able to forge an event.
-    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
-    if text == "" or any(ch in text for ch in ' ="\\'):
+    if text == "" or any(ch in text for ch in ' ="\\') or not text.isprintable():
         text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
+    # Control characters never reach a log line: a peer or a file must not be able to forge an event.
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 class LogfmtFormatter(logging.Formatter):

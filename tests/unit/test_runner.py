@@ -1,0 +1,72 @@
+"""The bounded-frequency runner: coalescing, retry after failure, periodic resync."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from lbagent.runner import BoundedFrequencyRunner
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def test_burst_of_marks_coalesces_into_few_runs() -> None:
+    runs: list[bool] = []
+
+    async def sync(resync: bool) -> None:
+        runs.append(resync)
+
+    async def scenario() -> None:
+        runner = BoundedFrequencyRunner("t", sync, min_interval=0.05, resync=60, retry=1)
+        task = asyncio.create_task(runner.run_forever())
+        await _until(lambda: len(runs) == 1)  # the first run happens at once
+        for _ in range(100):
+            runner.mark_dirty()
+        await _until(lambda: len(runs) >= 2)
+        await runner.wait_synced()
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert 2 <= len(runs) <= 3
+    assert runs[1] is False  # a dirty run is not a resync
+
+
+def test_failure_is_retried_and_recorded() -> None:
+    attempts: list[int] = []
+
+    async def sync(resync: bool) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise RuntimeError("nft said no")
+
+    async def scenario() -> BoundedFrequencyRunner:
+        runner = BoundedFrequencyRunner("t", sync, min_interval=0, resync=60, retry=0.01)
+        task = asyncio.create_task(runner.run_forever())
+        await _until(lambda: runner.last_success is not None)
+        task.cancel()
+        return runner
+
+    runner = asyncio.run(scenario())
+    assert runner.failures == 2
+    assert runner.last_error is None
+    assert len(attempts) == 3
+
+
+def test_periodic_resync_runs_without_marks() -> None:
+    runs: list[bool] = []
+
+    async def sync(resync: bool) -> None:
+        runs.append(resync)
+
+    async def scenario() -> None:
+        runner = BoundedFrequencyRunner("t", sync, min_interval=0, resync=0.02, retry=1)
+        task = asyncio.create_task(runner.run_forever())
+        await _until(lambda: len(runs) >= 3)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert runs[1] is True and runs[2] is True
