@@ -29,8 +29,12 @@ class VipError(RuntimeError):
 class VipBinder:
     """Makes the interface hold exactly the desired VIPs among the addresses tagged as lbagent's."""
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, netns: str | None = None) -> None:
         self.interface = interface
+        self._netns = netns
+
+    def _ipr(self) -> IPRoute:
+        return IPRoute(netns=self._netns) if self._netns else IPRoute()
 
     def _index(self, ipr: IPRoute) -> int:
         links = ipr.link_lookup(ifname=self.interface)
@@ -40,7 +44,7 @@ class VipBinder:
 
     def bound(self) -> set[model.IPAddress]:
         """The VIPs lbagent holds on the interface now (tagged addresses only)."""
-        with IPRoute() as ipr:
+        with self._ipr() as ipr:
             index = self._index(ipr)
             return {
                 ip_address(msg.get_attr("IFA_ADDRESS"))
@@ -55,7 +59,7 @@ class VipBinder:
         """
         want = set(desired)
         hold = want | set(keep)
-        with IPRoute() as ipr:
+        with self._ipr() as ipr:
             index = self._index(ipr)
             link = ipr.get_links(index)[0]
             if link.get_attr("IFLA_OPERSTATE") == "DOWN" or not link["flags"] & 1:
