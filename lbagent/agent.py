@@ -93,7 +93,7 @@ class Agent:
         p = self.current_plan()
         # A VIP is unbound only once it is no longer announced: withdraw first, then let go of the address.
         announced = {ip_interface(prefix).ip for prefix in self.speaker.announced()}
-        bound = self.binder.sync(p.vips, keep=announced)
+        bound = await self.binder.sync(p.vips, keep=announced)
         if bound != self._bound:
             self._bound = bound
             self.runners["bgp"].mark_dirty()

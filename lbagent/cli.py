@@ -109,10 +109,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config)
     if m is None:
         return 1
-    removed = VipBinder(m.vip_interface).bound()
-    VipBinder(m.vip_interface).sync([])
+    async def cleanup() -> set[model.IPAddress]:
+        binder = VipBinder(m.vip_interface)
+        removed = await binder.bound()
+        await binder.sync([])
+        await run_nft(["-f", "-"], nftables.render_delete(m.dataplane))
+        return removed
+
     try:
-        asyncio.run(run_nft(["-f", "-"], nftables.render_delete(m.dataplane)))
+        removed = asyncio.run(cleanup())
     except NftError as exc:
         print(f"cannot remove table inet {m.dataplane.table}: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import ip_address
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lbagent import model
@@ -33,40 +33,42 @@ class VipBinder:
         self.interface = interface
         self._netns = netns
 
-    def _ipr(self) -> IPRoute:
-        return IPRoute(netns=self._netns) if self._netns else IPRoute()
+    def _ipr(self) -> AsyncIPRoute:
+        # The asyncio flavour: pyroute2 0.9's synchronous IPRoute runs an event loop of its own,
+        # which cannot nest inside the agent's.
+        return AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
 
-    def _index(self, ipr: IPRoute) -> int:
-        links = ipr.link_lookup(ifname=self.interface)
+    async def _index(self, ipr: AsyncIPRoute) -> int:
+        links = await ipr.link_lookup(ifname=self.interface)
         if not links:
             raise VipError(f"vipInterface {self.interface!r} does not exist on this host")
         return int(links[0])
 
-    def bound(self) -> set[model.IPAddress]:
+    async def bound(self) -> set[model.IPAddress]:
         """The VIPs lbagent holds on the interface now (tagged addresses only)."""
-        with self._ipr() as ipr:
-            index = self._index(ipr)
+        async with self._ipr() as ipr:
+            index = await self._index(ipr)
             return {
                 ip_address(msg.get_attr("IFA_ADDRESS"))
-                for msg in ipr.get_addr(index=index)
+                async for msg in await ipr.get_addr(index=index)
                 if msg.get_attr("IFA_PROTO") == ADDRESS_PROTO
             }
 
-    def sync(self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()) -> set[model.IPAddress]:
+    async def sync(self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()) -> set[model.IPAddress]:
         """Add missing VIPs, remove tagged ones no longer desired unless in `keep` (still announced).
 
         Returns what is bound afterwards.
         """
         want = set(desired)
         hold = want | set(keep)
-        with self._ipr() as ipr:
-            index = self._index(ipr)
-            link = ipr.get_links(index)[0]
-            if link.get_attr("IFLA_OPERSTATE") == "DOWN" or not link["flags"] & 1:
-                ipr.link("set", index=index, state="up")
+        async with self._ipr() as ipr:
+            index = await self._index(ipr)
+            link = (await ipr.link("get", index=index))[0]
+            if not link["flags"] & 1:  # IFF_UP
+                await ipr.link("set", index=index, state="up")
             present: dict[model.IPAddress, int] = {}
             foreign: set[model.IPAddress] = set()
-            for msg in ipr.get_addr(index=index):
+            async for msg in await ipr.get_addr(index=index):
                 address = ip_address(msg.get_attr("IFA_ADDRESS"))
                 if msg.get_attr("IFA_PROTO") == ADDRESS_PROTO:
                     present[address] = msg["prefixlen"]
@@ -75,7 +77,7 @@ class VipBinder:
             for vip in sorted(want - set(present) - foreign, key=str):
                 prefixlen = 32 if vip.version == 4 else 128
                 try:
-                    ipr.addr(
+                    await ipr.addr(
                         "add", index=index, address=str(vip), prefixlen=prefixlen,
                         IFA_PROTO=ADDRESS_PROTO, flags=IFA_F_NODAD if vip.version == 6 else 0,
                     )
@@ -88,7 +90,7 @@ class VipBinder:
                 if vip in hold:
                     continue
                 try:
-                    ipr.addr("del", index=index, address=str(vip), prefixlen=prefixlen)
+                    await ipr.addr("del", index=index, address=str(vip), prefixlen=prefixlen)
                 except NetlinkError as exc:
                     if exc.code != errno.EADDRNOTAVAIL:
                         raise VipError(f"cannot unbind VIP {vip} from {self.interface}: {exc}") from exc

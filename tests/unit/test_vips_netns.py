@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import uuid
@@ -36,15 +37,15 @@ def test_bind_adopt_and_unbind_only_own_vips(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "addr", "add", "192.0.2.99/32", "dev", "lo"], check=True)  # the operator's
     binder = VipBinder("lo", netns=netns)
     v4, v6, other = ip_address("192.0.2.10"), ip_address("2001:db8::10"), ip_address("192.0.2.11")
-    assert binder.sync([v4, v6, other]) == {v4, v6, other}
+    assert asyncio.run(binder.sync([v4, v6, other])) == {v4, v6, other}
     assert {"192.0.2.10/32", "2001:db8::10/128", "192.0.2.11/32", "192.0.2.99/32"} <= _addresses(netns)
     # a second agent (a restart) sees the same VIPs as its own and changes nothing
-    assert VipBinder("lo", netns=netns).bound() == {v4, v6, other}
+    assert asyncio.run(VipBinder("lo", netns=netns).bound()) == {v4, v6, other}
     # `other` is no longer desired but still announced: kept until withdrawn
-    assert binder.sync([v4, v6], keep=[other]) == {v4, v6, other}
-    assert binder.sync([v4]) == {v4}
+    assert asyncio.run(binder.sync([v4, v6], keep=[other])) == {v4, v6, other}
+    assert asyncio.run(binder.sync([v4])) == {v4}
     assert "2001:db8::10/128" not in _addresses(netns) and "192.0.2.11/32" not in _addresses(netns)
-    binder.sync([])
+    asyncio.run(binder.sync([]))
     assert "192.0.2.99/32" in _addresses(netns)  # never removes what it did not add
     assert "192.0.2.10/32" not in _addresses(netns)
 
@@ -52,14 +53,14 @@ def test_bind_adopt_and_unbind_only_own_vips(netns: str) -> None:
 def test_vip_already_bound_by_the_operator_counts_as_bound_and_stays(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "addr", "add", "192.0.2.10/32", "dev", "lo"], check=True)
     binder = VipBinder("lo", netns=netns)
-    assert binder.sync([ip_address("192.0.2.10")]) == {ip_address("192.0.2.10")}
-    binder.sync([])
+    assert asyncio.run(binder.sync([ip_address("192.0.2.10")])) == {ip_address("192.0.2.10")}
+    asyncio.run(binder.sync([]))
     assert "192.0.2.10/32" in _addresses(netns)
 
 
 def test_missing_interface_is_a_clear_error(netns: str) -> None:
     with pytest.raises(VipError, match="vipInterface 'vip0' does not exist"):
-        VipBinder("vip0", netns=netns).sync([ip_address("192.0.2.10")])
+        asyncio.run(VipBinder("vip0", netns=netns).sync([ip_address("192.0.2.10")]))
 
 
 def test_sysctls_written_only_when_different(tmp_path: Path) -> None:

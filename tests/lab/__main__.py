@@ -1,0 +1,220 @@
+"""The lab's command line: `python -m tests.lab up|exec|topology|down|list|demo` (run from the repo root)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from types import FrameType
+
+from tests.lab.lab import LBS, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so every `finally` and context manager tears its lab down."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_signal_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
+def _resolve_prefix(prefix: str | None) -> str:
+    if prefix is not None:
+        return prefix
+    labs = existing_prefixes(RUN_ROOT)
+    if len(labs) == 1:
+        return labs[0]
+    if not labs:
+        raise LabError("no lab is up")
+    raise LabError(f"several labs are up ({', '.join(labs)}): pick one with --prefix")
+
+
+def _attach(prefix: str | None) -> Lab:
+    return Lab.attach(_resolve_prefix(prefix))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = Lab(prefix=args.prefix, start_agents=not args.no_agents)
+    lab.up()
+    lab.detach()
+    print(json.dumps(lab.topology(), indent=2))
+    print(f"lab {lab.prefix} is up; tear it down with: python -m tests.lab down --prefix {lab.prefix}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv: list[str] = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise LabError("exec: no command given (exec HOST -- CMD ...)")
+    lab = _attach(args.prefix)
+    return subprocess.run(["ip", "netns", "exec", lab.ns(args.host), *argv], check=False).returncode
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    print(json.dumps(_attach(args.prefix).topology(), indent=2))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    prefixes = existing_prefixes(RUN_ROOT) if args.all else [_resolve_prefix(args.prefix)]
+    failed = 0
+    for prefix in prefixes:
+        try:
+            lab = Lab.attach(prefix)
+        except LabError:
+            lab = Lab(prefix=prefix, start_agents=False)
+        try:
+            lab.down()
+            print(f"lab {prefix}: down")
+        except LabError as exc:
+            print(f"lab {prefix}: {exc}", file=sys.stderr)
+            failed += 1
+    if not prefixes:
+        print("no lab found")
+    return 1 if failed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for prefix in existing_prefixes(RUN_ROOT):
+        print(prefix)
+    return 0
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    lab = Lab(prefix=args.prefix, start_agents=True)
+    services = lab.services
+    vip = str(services[0]["vip"])
+    port = int(services[0]["ports"][0]["port"])
+    lb_addresses = {address(lb, "uplink"): lb for lb in LBS}
+    try:
+        _step(f"building lab {lab.prefix}: client - router (BIRD, AS {lab.router_as}) - lb1, lb2 (lbagent) "
+              "- node1..3 (backends)")
+        lab.up()
+        for host, info in lab.topology()["hosts"].items():
+            print(f"  {host:7} {info['namespace']:16} {' '.join(info['addresses'])}")
+
+        _step(f"waiting until the router learns {vip}/32 over BGP from both LBs")
+        try:
+            wait_for(lambda: _both_lbs_announce(lab, vip), args.timeout, 0.2,
+                     f"both LBs as next hops of {vip} on the router")
+        except LabError:
+            print(f"  BGP sessions on the router: {lab.bgp_sessions()}")
+            print(f"  the router's next hops for {vip}: {sorted(lab.router_nexthops(vip)) or 'none'}")
+            for lb in LBS:
+                print(f"  --- last lines of {lb}'s agent log:")
+                print("    " + "\n    ".join(lab.agent_log(lb).splitlines()[-15:]))
+            raise
+        print(f"  BGP sessions on the router: {lab.bgp_sessions()}")
+        print("  the router's kernel route (ECMP: one next hop per LB):")
+        print("    " + "\n    ".join(lab.router_route(vip).splitlines()))
+
+        url = f"http://{vip}:{port}/"
+        _step(f"{args.requests} requests from the client ({address('client')}) to {url}")
+        wait_for(lambda: lab.request(url) is not None, args.timeout, 0.2, f"a first answer from {url}")
+        answers: Counter[str] = Counter()
+        seen: dict[str, Counter[str]] = defaultdict(Counter)
+        failures = 0
+        for _ in range(args.requests):
+            body = lab.request(url)
+            if body is None:
+                failures += 1
+                continue
+            node = str(body["node"])
+            answers[node] += 1
+            source = str(body["client"]).rsplit(":", 1)[0]
+            seen[node][f"{source} ({lb_addresses.get(_uplink_of(source), '?')})"] += 1
+        print("  node    answers  client address the node saw (which LB forwarded)")
+        for node in sorted(answers):
+            sources = ", ".join(f"{src} x{n}" for src, n in sorted(seen[node].items()))
+            print(f"  {node:7} {answers[node]:7}  {sources}")
+        if failures:
+            print(f"  failed requests: {failures}")
+        print("  every answer comes from a node, and each node saw an LB's cluster address as the client: "
+              "the LBs spread the flows over the nodes and masquerade toward them.")
+        return 0 if failures == 0 and answers else 1
+    finally:
+        _step(f"tearing down lab {lab.prefix}")
+        lab.down()
+        print("  done")
+
+
+def _both_lbs_announce(lab: Lab, vip: str) -> bool:
+    """Whether the router has both LBs as next hops of the VIP; LabError as soon as an agent died."""
+    for lb in LBS:
+        if not lab.agent_running(lb):
+            raise LabError(f"the agent on {lb} exited")
+    return lab.router_nexthops(vip) == {address(lb, "uplink") for lb in LBS}
+
+
+def _uplink_of(cluster_address: str) -> str:
+    for lb in LBS:
+        if address(lb, "cluster") == cluster_address:
+            return address(lb, "uplink")
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="build a lab, print its topology, leave it running")
+    p.add_argument("--prefix", help="namespace prefix (default: lab + 4 random hex digits)")
+    p.add_argument("--no-agents", action="store_true", help="do not start lbagent on the LBs")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("exec", help="run a command in a lab host: exec HOST -- CMD ...")
+    p.add_argument("--prefix")
+    p.add_argument("host")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("topology", help="print a lab's topology as JSON")
+    p.add_argument("--prefix")
+    p.set_defaults(func=cmd_topology)
+
+    p = sub.add_parser("down", help="tear a lab down")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prefix")
+    group.add_argument("--all", action="store_true", help="every lab found (state dirs, lab<hex>-* namespaces)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("list", help="print the prefix of every lab found")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("demo", help="build a lab with agents, show ECMP and load balancing, tear it down")
+    p.add_argument("--prefix")
+    p.add_argument("--requests", type=int, default=30)
+    p.add_argument("--timeout", type=float, default=30, help="seconds to wait for BGP and the first answer")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _install_signal_handlers()
+    try:
+        code: int = args.func(args)
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

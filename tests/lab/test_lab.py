@@ -1,0 +1,420 @@
+"""The namespace lab itself: topology, router, backends, process control, side-by-side labs, clean teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lbagent import config as lbconfig
+from tests.lab.lab import (
+    BACKEND,
+    HOSTS,
+    LBS,
+    NODES,
+    REPO,
+    REQUIRED_TOOLS,
+    CommandError,
+    Lab,
+    LabError,
+    LabTimeout,
+    address,
+    check_requirements,
+    pids_in_netns,
+    process_state,
+    wait_for,
+)
+
+pytestmark = pytest.mark.lab
+
+EXPECTED_ADDRESSES = {
+    "sw": [],
+    "client": ["192.0.2.130"],
+    "router": ["192.0.2.129", "198.51.100.1"],
+    "lb1": ["198.51.100.11", "203.0.113.2"],
+    "lb2": ["198.51.100.12", "203.0.113.3"],
+    "node1": ["203.0.113.11"],
+    "node2": ["203.0.113.12"],
+    "node3": ["203.0.113.13"],
+}
+
+
+def _netns_names() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+def _netns_id(name: str) -> tuple[int, int]:
+    st = os.stat(Path("/run/netns", name))
+    return (st.st_dev, st.st_ino)
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.lab", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_requirements_are_met() -> None:
+    """Root and every tool: missing ones fail here, loudly, never skip."""
+    assert check_requirements() == [], check_requirements()
+    assert set(REQUIRED_TOOLS) >= {"ip", "bird", "birdc", "curl", "ping", "nft"}
+
+
+def test_topology_lists_every_host_with_its_addresses(bare_lab: Lab) -> None:
+    topo = bare_lab.topology()
+    assert set(topo["hosts"]) == set(HOSTS)
+    for host, addresses in EXPECTED_ADDRESSES.items():
+        info = topo["hosts"][host]
+        assert info["namespace"] == f"{bare_lab.prefix}-{host}"
+        assert info["addresses"] == addresses
+        assert info["namespace"] in _netns_names()
+    assert {h: topo["hosts"][h]["role"] for h in ("client", "router", "lb1", "node3", "sw")} == {
+        "client": "client", "router": "router", "lb1": "lb", "node3": "node", "sw": "switch",
+    }
+    state = json.loads((bare_lab.state_dir / "state.json").read_text())
+    assert state["topology"] == json.loads(json.dumps(topo))
+    assert set(state["pids"]) == {"router/bird", *(f"{n}/backend" for n in NODES)}
+
+
+def test_addresses_are_configured_in_the_namespaces(bare_lab: Lab) -> None:
+    for host, addresses in EXPECTED_ADDRESSES.items():
+        out = json.loads(bare_lab.exec(host, ["ip", "-j", "-4", "addr", "show"]).stdout)
+        configured = {a["local"] for link in out for a in link["addr_info"] if a["local"] != "127.0.0.1"}
+        assert configured == set(addresses), host
+    lb1_routes = json.loads(bare_lab.exec("lb1", ["ip", "-j", "route", "show", "default"]).stdout)
+    assert [r["gateway"] for r in lb1_routes] == ["198.51.100.1"]
+    node_routes = json.loads(bare_lab.exec("node1", ["ip", "-j", "route", "show", "default"]).stdout)
+    assert node_routes == []
+    sysctl = bare_lab.exec("router", ["sysctl", "-n", "net.ipv4.ip_forward", "net.ipv4.fib_multipath_hash_policy"])
+    assert sysctl.stdout.split() == ["1", "1"]
+
+
+def test_bird_runs_and_lists_both_lb_peers(bare_lab: Lab) -> None:
+    out = bare_lab.birdc("show", "protocols")
+    assert "lb1" in out and "lb2" in out, out
+    sessions = bare_lab.bgp_sessions()
+    assert set(sessions) == {"lb1", "lb2"}
+    assert all(not state.startswith("Established") for state in sessions.values()), sessions
+    detail = bare_lab.birdc("show", "protocols", "all", "lb1")
+    assert "198.51.100.11" in detail and "64512" in detail, detail
+    assert bare_lab.router_nexthops("192.0.2.10") == set()
+
+
+def test_lbs_reach_every_node_and_nodes_see_the_lbs_cluster_address(bare_lab: Lab) -> None:
+    for lb in LBS:
+        for node in NODES:
+            body = bare_lab.request(f"http://{address(node)}:30080/probe", host=lb)
+            assert body is not None, (lb, node)
+            assert body["node"] == node
+            assert body["port"] == 30080
+            assert body["path"] == "/probe"
+            assert body["client"].rsplit(":", 1)[0] == address(lb, "cluster")
+
+
+def test_stopped_backend_refuses_and_starts_again(bare_lab: Lab) -> None:
+    url = f"http://{address('node2')}:30080/"
+    try:
+        bare_lab.stop_backend("node2")
+        assert not bare_lab.backend_running("node2")
+        curl = bare_lab.exec("lb1", ["curl", "-sS", "--max-time", "2", url], check=False)
+        assert curl.returncode == 7, curl  # 7: connection refused
+        assert bare_lab.request(url, host="lb1") is None
+        assert bare_lab.request(f"http://{address('node1')}:30080/", host="lb1") is not None
+    finally:
+        if not bare_lab.backend_running("node2"):
+            bare_lab.start_backend("node2")
+    body = bare_lab.request(url, host="lb1")
+    assert body is not None and body["node"] == "node2"
+
+
+def test_client_pings_the_router_and_the_lbs(bare_lab: Lab) -> None:
+    assert bare_lab.ping("client", "192.0.2.129")
+    assert bare_lab.ping("client", "198.51.100.1")
+    assert bare_lab.ping("client", "198.51.100.11")
+    assert not bare_lab.ping("client", "192.0.2.10", timeout=0.3)  # nothing announces the VIP yet
+
+
+def test_generated_agent_configs_are_valid(bare_lab: Lab) -> None:
+    for lb in LBS:
+        path = bare_lab.agent_config_path(lb)
+        model = lbconfig.parse(path.read_text(), str(path))
+        assert model.node_name == lb
+        assert str(model.bgp.router_id) == address(lb, "uplink")
+        assert model.bgp.local_as == 64512
+        assert [(str(p.address), p.peer_as, p.hold_time) for p in model.bgp.peers] == [("198.51.100.1", 64500, 3)]
+        assert [n.name for n in model.nodes] == list(NODES)
+        assert model.agent.drain_seconds == 1.0
+        assert model.agent.runtime_dir == str(bare_lab.state_dir / lb / "run")
+        assert [str(s.vip) for s in model.services] == ["192.0.2.10"]
+        assert model.services[0].health_check.interval == 0.5
+        assert bare_lab.agent_config(lb) == bare_lab.default_agent_config(lb)
+
+
+def test_agent_config_can_be_rewritten(bare_lab: Lab) -> None:
+    config = bare_lab.agent_config("lb2")
+    try:
+        config["services"][0]["ports"][0]["port"] = 8080
+        bare_lab.write_agent_config("lb2", config)
+        assert bare_lab.agent_config("lb2")["services"][0]["ports"][0]["port"] == 8080
+        bare_lab.write_agent_config("lb2", "not: [valid\n")
+        assert bare_lab.agent_config_path("lb2").read_text() == "not: [valid\n"
+    finally:
+        bare_lab.write_agent_config("lb2", bare_lab.default_agent_config("lb2"))
+
+
+def test_custom_services_and_peers(lab_factory: Callable[..., Lab]) -> None:
+    services = [
+        {"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]},
+        {"name": "dns", "namespace": "kube-system", "vip": "192.0.2.53",
+         "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "nodePort": 30053},
+                   {"name": "dns-tcp", "protocol": "TCP", "port": 53, "nodePort": 30054}]},
+    ]
+    lab = lab_factory(start_agents=False, services=services,
+                      bgp_peers={"198.51.100.11": 64512, "198.51.100.12": 64513, "198.51.100.99": 64999})
+    assert set(lab.bgp_sessions()) == {"lb1", "lb2", "peer_198_51_100_99"}
+    assert lab.default_agent_config("lb2")["bgp"]["localAS"] == 64513
+    for lb in LBS:
+        lbconfig.parse(lab.agent_config_path(lb).read_text())
+    assert lab.node_ports("TCP") == [30054, 30080] and lab.node_ports("UDP") == [30053]
+    body = lab.request(f"http://{address('node3')}:30054/", host="lb2")
+    assert body is not None and body["node"] == "node3" and body["port"] == 30054
+    udp = lab.exec("lb1", [sys.executable, "-c", textwrap.dedent("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"hello", ("203.0.113.12", 30053))
+        print(s.recvfrom(4096)[0].decode())
+    """)])
+    answer = json.loads(udp.stdout)
+    assert answer["node"] == "node2" and answer["protocol"] == "UDP"
+    assert answer["client"].startswith("203.0.113.2:")
+
+
+EXABGP_CONFIG = """\
+neighbor 198.51.100.1 {{
+    router-id {me};
+    local-address {me};
+    local-as 64512;
+    peer-as 64500;
+    hold-time 3;
+    family {{ ipv4 unicast; }}
+    static {{ route 192.0.2.10/32 next-hop self; }}
+}}
+"""
+
+
+def test_router_spreads_flows_over_both_lbs_and_fails_over(bare_lab: Lab) -> None:
+    """The router side, without lbagent: plain ExaBGP announces the VIP from each LB, which answers itself."""
+    lab = bare_lab
+    vip = "192.0.2.10"
+    try:
+        for lb in LBS:
+            conf = lab.state_dir / lb / "exabgp-test.conf"
+            conf.write_text(EXABGP_CONFIG.format(me=address(lb, "uplink")))
+            lab.exec(lb, ["ip", "addr", "add", f"{vip}/32", "dev", "lo"])
+            env = {"exabgp.daemon.user": "root", "exabgp.daemon.daemonize": "false", "exabgp.tcp.bind": "",
+                   "exabgp.log.destination": "stderr", "EXABGP_ENVFILE": str(conf.with_suffix(".env"))}
+            lab.spawn(lb, "exabgp", [str(REPO / ".venv" / "bin" / "exabgp"), "server", str(conf)], env=env)
+            lab.spawn(lb, "web", [sys.executable, str(BACKEND), "--name", lb, "--tcp", "80"])
+        lbs = {address(lb, "uplink") for lb in LBS}
+        wait_for(lambda: lab.router_nexthops(vip) == lbs, 20, 0.1, "both LBs as next hops",
+                 ignore=(CommandError,))
+        assert set(lab.bgp_sessions().values()) == {"Established"}
+        route = lab.router_route(vip)
+        assert "nexthop via 198.51.100.11" in route and "nexthop via 198.51.100.12" in route, route
+        for lb in LBS:
+            wait_for(lambda: lab.request(f"http://{vip}/", host=lb), 10, message=f"the web server on {lb}")  # noqa: B023
+        answers = Counter(str((lab.request(f"http://{vip}/") or {}).get("node")) for _ in range(30))
+        assert set(answers) == set(LBS), answers  # L4 hashing: one client's flows reach both LBs
+
+        lab.stop_process("lb1", "exabgp", signal.SIGKILL)  # the kernel closes the session at once
+        wait_for(lambda: lab.router_nexthops(vip) == {address("lb2", "uplink")}, 10, 0.05, "lb1 withdrawn")
+        answers = Counter(str((lab.request(f"http://{vip}/") or {}).get("node")) for _ in range(10))
+        assert answers == {"lb2": 10}, answers
+    finally:
+        for lb in LBS:
+            lab.stop_process(lb, "exabgp")
+            lab.stop_process(lb, "web")
+            lab.exec(lb, ["ip", "addr", "del", f"{vip}/32", "dev", "lo"], check=False)
+    wait_for(lambda: lab.router_nexthops(vip) == set(), 10, 0.05, "the VIP withdrawn from the router")
+
+
+def test_two_labs_side_by_side(bare_lab: Lab, lab_factory: Callable[..., Lab]) -> None:
+    other = lab_factory(start_agents=False)
+    assert other.prefix != bare_lab.prefix
+    for lab in (bare_lab, other):
+        assert set(lab.bgp_sessions()) == {"lb1", "lb2"}
+        body = lab.request(f"http://{address('node1')}:30080/", host="lb1")
+        assert body is not None and body["node"] == "node1"
+        assert lab.ping("client", "198.51.100.12")
+    assert _netns_id(other.ns("router")) != _netns_id(bare_lab.ns("router"))
+
+
+def test_down_leaves_no_namespace_process_or_state(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(start_agents=False)
+    ids = {_netns_id(ns) for ns in lab.namespaces()}
+    pids = list(json.loads((lab.state_dir / "state.json").read_text())["pids"].values())
+    assert len(pids_in_netns(ids)) >= 4  # BIRD and three backends
+    lab.exec("node1", ["sh", "-c", "sleep 300 >/dev/null 2>&1 &"])  # something the lab did not start itself
+    started = time.monotonic()
+    lab.down()
+    took = time.monotonic() - started
+    assert not any(name.startswith(f"{lab.prefix}-") for name in _netns_names())
+    assert pids_in_netns(ids) == {}
+    assert all(process_state(pid) in (None, "Z") for pid in pids)
+    assert not lab.state_dir.exists()
+    lab.down()  # again: nothing left, nothing raised
+    assert took < 5, took
+
+
+def test_failed_up_tears_down_what_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = Lab(start_agents=False)
+
+    def broken(node: str) -> None:
+        raise LabError(f"injected failure while starting {node}")
+
+    monkeypatch.setattr(lab, "_wait_backend", broken)
+    with pytest.raises(LabError, match="injected failure"):
+        lab.up()
+    assert not lab.exists()
+    assert not any(name.startswith(f"{lab.prefix}-") for name in _netns_names())
+
+
+def test_up_refuses_an_existing_prefix(bare_lab: Lab) -> None:
+    with pytest.raises(LabError, match="already exists"):
+        Lab(prefix=bare_lab.prefix, start_agents=False).up()
+    assert bare_lab.ping("client", "198.51.100.1")  # the refusal did not tear the existing lab down
+
+
+def test_wait_for_returns_the_value_or_times_out() -> None:
+    values = iter([0, None, "", "done"])
+    assert wait_for(lambda: next(values), 1, 0.001) == "done"
+    started = time.monotonic()
+    with pytest.raises(LabTimeout, match="never"):
+        wait_for(lambda: False, 0.1, 0.01, "never")
+    assert time.monotonic() - started < 1
+
+
+FAKE_AGENT = """\
+import os, signal, sys
+print("fake agent", os.getpid(), sys.argv[1:], flush=True)
+signal.signal(signal.SIGHUP, lambda *_: print("reloaded", flush=True))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+while True:
+    signal.pause()
+"""
+
+
+def test_agent_process_control(tmp_path: Path, lab_factory: Callable[..., Lab]) -> None:
+    """Start, signal, wait, restart: with a stand-in for lbagent, so the lab is tested without the daemon."""
+    exe = tmp_path / ".venv" / "bin" / "lbagent"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f"#!{sys.executable}\n{FAKE_AGENT}")
+    exe.chmod(0o755)
+    lab = lab_factory(start_agents=True, repo=tmp_path)
+    for lb in LBS:
+        wait_for(lambda: "fake agent" in lab.agent_log(lb), 10, message=f"{lb}'s agent to start")  # noqa: B023
+        assert lab.agent_running(lb)
+        assert f"run -c {lab.agent_config_path(lb)}" in lab.agent_log(lb)
+    pid = lab.agent_pid("lb1")
+    assert pid is not None
+    assert _netns_id(lab.ns("lb1")) == (os.stat(f"/proc/{pid}/ns/net").st_dev, os.stat(f"/proc/{pid}/ns/net").st_ino)
+
+    lab.signal_agent("lb1", signal.SIGHUP)
+    wait_for(lambda: "reloaded" in lab.agent_log("lb1"), 5, message="the agent to log its reload")
+    with pytest.raises(LabError, match="already running"):
+        lab.start_agent("lb1")
+
+    lab.signal_agent("lb1", signal.SIGTERM)
+    assert lab.wait_agent_exit("lb1", 5) == 3
+    assert not lab.agent_running("lb1") and lab.agent_pid("lb1") is None
+    with pytest.raises(LabError, match="not running"):
+        lab.signal_agent("lb1", signal.SIGHUP)
+
+    lab.start_agent("lb1")
+    wait_for(lambda: "fake agent" in lab.agent_log("lb1", since_start=True), 10, message="the restarted agent")
+    assert lab.agent_log("lb1").count("fake agent") == 2
+    assert lab.agent_pid("lb1") not in (None, pid)
+
+    # Another process's view (state.json) sees the same agents and can stop one.
+    attached = Lab.attach(lab.prefix)
+    assert attached.agent_pid("lb1") == lab.agent_pid("lb1")
+    os.kill(lab.agent_pid("lb2") or 0, signal.SIGKILL)
+    assert lab.wait_agent_exit("lb2", 5) == -signal.SIGKILL
+    assert not attached.agent_running("lb2")
+    assert attached.stop_agent("lb1") is None  # not our child: exit code unknown
+    assert not lab.agent_running("lb1")
+
+
+def test_cli_up_exec_topology_down() -> None:
+    prefix = f"labcli{os.getpid() % 10000}"
+    try:
+        up = _cli("up", "--prefix", prefix, "--no-agents")
+        assert up.returncode == 0, up.stderr
+        assert json.loads(up.stdout)["hosts"]["lb1"]["addresses"] == ["198.51.100.11", "203.0.113.2"]
+        topo = _cli("topology", "--prefix", prefix)
+        assert topo.returncode == 0 and json.loads(topo.stdout)["prefix"] == prefix
+        listed = _cli("list")
+        assert prefix in listed.stdout.split()
+        ok = _cli("exec", "--prefix", prefix, "lb2", "--", "curl", "-sS", f"http://{address('node2')}:30080/")
+        assert ok.returncode == 0 and json.loads(ok.stdout)["client"].startswith("203.0.113.3:"), ok.stderr
+        failing = _cli("exec", "--prefix", prefix, "client", "--", "sh", "-c", "exit 7")
+        assert failing.returncode == 7
+        lab = Lab.attach(prefix)
+        lab.stop_backend("node3")  # another process built it; this one can still drive it
+        assert lab.request(f"http://{address('node3')}:30080/", host="lb1") is None
+        lab.start_backend("node3")
+        assert lab.request(f"http://{address('node3')}:30080/", host="lb1") is not None
+        down = _cli("down", "--prefix", prefix)
+        assert down.returncode == 0, down.stderr
+        assert not any(name.startswith(f"{prefix}-") for name in _netns_names())
+        assert _cli("topology", "--prefix", prefix).returncode == 1
+    finally:
+        _cli("down", "--prefix", prefix)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "exception"])
+def test_a_dying_process_tears_its_lab_down(how: str) -> None:
+    """SIGTERM (through the CLI's handler) and an uncaught exception (through atexit) both clean up."""
+    prefix = f"labdie{os.getpid() % 1000}{'t' if how == 'sigterm' else 'x'}"
+    script = textwrap.dedent(f"""
+        import sys, threading
+        from tests.lab.__main__ import _install_signal_handlers
+        from tests.lab.lab import Lab
+        _install_signal_handlers()
+        lab = Lab(prefix={prefix!r}, start_agents=False)
+        lab.up()
+        print("up", flush=True)
+        if {how!r} == "exception":
+            raise RuntimeError("the test process failed")
+        threading.Event().wait()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "up"
+        assert f"{prefix}-router" in _netns_names()
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert not any(name.startswith(f"{prefix}-") for name in _netns_names())
+        assert not Path("/run/lbagent-lab", prefix).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        Lab(prefix=prefix, start_agents=False).down()
