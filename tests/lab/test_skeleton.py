@@ -1,0 +1,163 @@
+"""The walking skeleton end to end with real packets: BIRD, two lbagents with ExaBGP, nftables, three nodes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.lab.lab import Lab, address, wait_for
+
+pytestmark = pytest.mark.lab
+
+VIP = "192.0.2.10"
+URL = f"http://{VIP}/"
+LB_UPLINKS = {"lb1": address("lb1", "uplink"), "lb2": address("lb2", "uplink")}
+LB_CLUSTER = {address("lb1", "cluster"): "lb1", address("lb2", "cluster"): "lb2"}
+NODES = {"node1", "node2", "node3"}
+
+
+@pytest.fixture
+def lab(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
+    """A lab with both agents running and the VIP learned by the router from both of them."""
+    lab = lab_factory()
+    wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), timeout=20,
+             message="the router to learn the VIP from both LBs")
+    yield lab
+
+
+class RequestLoop:
+    """Requests from the client to the VIP, one new connection each, in a thread until stopped."""
+
+    def __init__(self, lab: Lab, url: str = URL) -> None:
+        self.lab, self.url = lab, url
+        self.answers: list[dict[str, Any]] = []
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            answer = self.lab.request(self.url, timeout=2)
+            if answer is None:
+                self.failures.append(time.monotonic())
+            else:
+                self.answers.append(answer)
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_router_holds_vip_with_both_lbs_as_next_hops(lab: Lab) -> None:
+    route = lab.router_route(f"{VIP}/32")
+    assert "proto bird" in route
+    assert lab.router_nexthops(f"{VIP}/32") == {"198.51.100.11", "198.51.100.12"}
+    assert lab.bgp_sessions() == {"lb1": "Established", "lb2": "Established"}
+
+
+def test_client_reaches_every_node_through_the_vip(lab: Lab) -> None:
+    answers = [lab.request(URL) for _ in range(60)]
+    assert all(a is not None for a in answers), "every request through the VIP is answered"
+    seen = Counter(a["node"] for a in answers if a is not None)
+    assert set(seen) == NODES, f"every node answers some flows: {seen}"
+    # masquerade mode: each node saw one of the LBs' cluster addresses, and both LBs forwarded some flows
+    forwarders = Counter(LB_CLUSTER.get(a["client"].rsplit(":", 1)[0]) for a in answers if a is not None)
+    assert set(forwarders) == {"lb1", "lb2"}, forwarders
+
+
+def test_sigterm_withdraws_lb1_within_2s_while_requests_keep_succeeding(lab: Lab) -> None:
+    with RequestLoop(lab) as loop:
+        wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
+        started = time.monotonic()
+        lab.signal_agent("lb1", signal.SIGTERM)
+        wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == {LB_UPLINKS["lb2"]}, timeout=5,
+                 message="lb1's next hop to leave the router")
+        withdrawn_after = time.monotonic() - started
+        count_at_withdraw = len(loop.answers)
+        wait_for(lambda: len(loop.answers) >= count_at_withdraw + 20, timeout=10, message="requests through lb2")
+    assert withdrawn_after < 2.0, f"lb1's next hop left after {withdrawn_after:.2f}s"
+    assert loop.failures == [], f"{len(loop.failures)} of {len(loop.answers) + len(loop.failures)} requests failed"
+    after = loop.answers[count_at_withdraw:]
+    assert {LB_CLUSTER[a["client"].rsplit(":", 1)[0]] for a in after[5:]} == {"lb2"}
+    assert lab.wait_agent_exit("lb1", timeout=10) == 0
+    log = lab.agent_log("lb1")
+    assert log.index("event=withdrew_all") < log.index("event=agent_stopped")
+
+
+def test_killed_backend_leaves_rotation_within_the_health_window(lab: Lab) -> None:
+    check = lab.agent_config("lb1")["healthCheckDefaults"]
+    window = check["fall"] * float(check["interval"].rstrip("s")) + float(check["timeout"].rstrip("s"))
+    node2 = address("node2")
+    assert all(node2 in lab.nft_ruleset(lb) for lb in ("lb1", "lb2"))
+    lab.stop_backend("node2")
+    stopped = time.monotonic()
+    wait_for(lambda: all(node2 not in lab.nft_ruleset(lb) for lb in ("lb1", "lb2")), timeout=window + 5,
+             message="node2 to leave rotation on both LBs")
+    took = time.monotonic() - stopped
+    # the window plus one probe interval of phase and the data-plane sync
+    assert took <= window + 1.0, f"node2 left rotation after {took:.2f}s; health window is {window}s"
+    answers = [lab.request(URL) for _ in range(30)]
+    assert all(a is not None for a in answers)
+    assert {a["node"] for a in answers if a is not None} == {"node1", "node3"}
+    assert "event=health_changed" in lab.agent_log("lb1") and "node=node2 healthy=false" in lab.agent_log("lb1")
+    # and it comes back after `rise` good probes
+    lab.start_backend("node2")
+    wait_for(lambda: all(node2 in lab.nft_ruleset(lb) for lb in ("lb1", "lb2")), timeout=window + 5,
+             message="node2 to re-enter rotation")
+
+
+def test_all_backends_dead_withdraws_the_vip_with_its_reason(lab: Lab) -> None:
+    for node in sorted(NODES):
+        lab.stop_backend(node)
+    wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(), timeout=10, message="the VIP to be withdrawn")
+    assert re.search(r"event=vip_withdrawn service=default/web vip=192.0.2.10 reason=noHealthyNodes",
+                     lab.agent_log("lb1"))
+    # still bound, so a straggler is refused at once rather than black-holed
+    assert VIP in lab.exec("lb1", ["ip", "-o", "addr", "show", "dev", "lo"]).stdout
+    for node in sorted(NODES):
+        lab.start_backend(node)
+    wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), timeout=10,
+             message="the VIP to be announced again")
+
+
+def test_broken_config_on_sighup_leaves_data_plane_and_announcements_as_they_were(lab: Lab) -> None:
+    ruleset = lab.nft_ruleset("lb1")
+    good = lab.agent_config("lb1")
+    broken = yaml.safe_load(yaml.safe_dump(good))
+    broken["services"][0]["ports"][0]["nodePort"] = 70000
+    broken["services"][0]["loadBalancerIp"] = VIP
+    lab.write_agent_config("lb1", broken)
+    lab.signal_agent("lb1", signal.SIGHUP)
+    wait_for(lambda: "event=config_rejected" in lab.agent_log("lb1"), timeout=5, message="the reload to be refused")
+    log = lab.agent_log("lb1")
+    assert "field=services[0].ports[0].nodePort value=70000" in log
+    assert "field=services[0].loadBalancerIp" in log
+    assert lab.agent_running("lb1")
+    assert lab.nft_ruleset("lb1") == ruleset
+    assert lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values())
+    assert all(lab.request(URL) is not None for _ in range(10))
+
+
+def test_good_config_on_sighup_is_applied(lab: Lab) -> None:
+    for lb in ("lb1", "lb2"):
+        changed = lab.agent_config(lb)
+        changed["services"][0]["ports"][0]["port"] = 8080
+        lab.write_agent_config(lb, changed)
+        lab.signal_agent(lb, signal.SIGHUP)
+    wait_for(lambda: all("event=config_loaded" in lab.agent_log(lb) for lb in ("lb1", "lb2")), timeout=5,
+             message="both agents to load the new file")
+    wait_for(lambda: lab.request(f"http://{VIP}:8080/") is not None, timeout=5, message="the new port to forward")
+    assert lab.request(URL) is None  # port 80 is no longer a frontend: refused at the LB
+    assert lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values())  # no BGP flap for a port change
