@@ -38,33 +38,33 @@ def relay(socket_path: str, stdin: int = 0, stdout: int = 1) -> int:
                 selector.unregister(stdout)
             stdout_registered = bool(to_exabgp)
             for key, events in selector.select():
-                if key.fd == stdin:
-                    data = os.read(stdin, _CHUNK)
-                    if not data:
-                        return 0
-                    to_agent += data
-                elif key.fd == stdout:
-                    del to_exabgp[: os.write(stdout, to_exabgp)]
-                else:
-                    if events & selectors.EVENT_READ:
-                        data = sock.recv(_CHUNK)
+                try:
+                    if key.fd == stdin:
+                        data = os.read(stdin, _CHUNK)
                         if not data:
+                            # ExaBGP is gone: hand over what it said last (its shutdown notice)
+                            sock.settimeout(1.0)
+                            sock.sendall(to_agent)
                             return 0
-                        to_exabgp += data
-                    if events & selectors.EVENT_WRITE and to_agent:
-                        del to_agent[: sock.send(to_agent)]
-    except (BlockingIOError, InterruptedError):
-        return relay_error("unexpected would-block")
+                        to_agent += data
+                    elif key.fd == stdout:
+                        del to_exabgp[: os.write(stdout, to_exabgp)]
+                    else:
+                        if events & selectors.EVENT_READ:
+                            data = sock.recv(_CHUNK)
+                            if not data:
+                                return 0
+                            to_exabgp += data
+                        if events & selectors.EVENT_WRITE and to_agent:
+                            del to_agent[: sock.send(to_agent)]
+                except (BlockingIOError, InterruptedError):
+                    continue
     except OSError as error:
-        return relay_error(str(error))
+        print(f"exabgp_bridge: {error}", file=sys.stderr)
+        return 1
     finally:
         selector.close()
         sock.close()
-
-
-def relay_error(message: str) -> int:
-    print(f"exabgp_bridge: {message}", file=sys.stderr)
-    return 1
 
 
 def main(argv: list[str]) -> int:

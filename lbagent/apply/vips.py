@@ -54,7 +54,9 @@ class VipBinder:
                 if msg.get_attr("IFA_PROTO") == ADDRESS_PROTO
             }
 
-    async def sync(self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()) -> set[model.IPAddress]:
+    async def sync(
+        self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()
+    ) -> set[model.IPAddress]:
         """Add missing VIPs, remove tagged ones no longer desired unless in `keep` (still announced).
 
         Returns what is bound afterwards.

@@ -43,7 +43,8 @@ def test_all_healthy_plan_spreads_over_every_node_of_the_vip_family() -> None:
     p = plan(m, all_healthy(m))
     by_port = {(f.service, f.port): f for f in p.frontends}
     assert [b.node for b in by_port[("default/web", 80)].backends] == ["node1", "node2", "node3"]
-    assert [(str(b.address), b.port) for b in by_port[("default/web", 443)].backends][0] == ("203.0.113.11", 30443)
+    first = by_port[("default/web", 443)].backends[0]
+    assert (str(first.address), first.port) == ("203.0.113.11", 30443)
     # IPv6 VIP: only the nodes with an IPv6 address
     assert [b.node for b in by_port[("default/web6", 80)].backends] == ["node1", "node2"]
     assert set(p.announcements) == {"192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128"}

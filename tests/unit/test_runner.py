@@ -9,8 +9,9 @@ from lbagent.runner import BoundedFrequencyRunner
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Poll with a deadline: the runner under test offers no event for 'ran N times'."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 

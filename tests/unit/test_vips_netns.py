@@ -69,5 +69,5 @@ def test_sysctls_written_only_when_different(tmp_path: Path) -> None:
     key.write_text("0\n")
     apply_sysctls({"net/ipv4/ip_forward": "1"}, tmp_path)
     assert key.read_text() == "1"
-    with pytest.raises(VipError, match="net.ipv4.conf.all.arp_ignore"):
+    with pytest.raises(VipError, match=r"net\.ipv4\.conf\.all\.arp_ignore"):
         apply_sysctls({"net/ipv4/conf/all/arp_ignore": "1"}, tmp_path)

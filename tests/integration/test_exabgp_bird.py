@@ -1,0 +1,493 @@
+"""ExaBgpSpeaker against a real ExaBGP and BIRD 2: routes must show up in the router's kernel table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from lbagent import model
+from lbagent.apply.bgp import BgpError, BgpNotConnected, ExaBgpSpeaker
+from lbagent.plan import Announcement
+
+pytestmark = pytest.mark.lab
+
+ROUTER = IPv4Address("198.51.100.1")
+SPEAKER = IPv4Address("198.51.100.2")
+ROUTER_AS = 64512
+SPEAKER_AS = 64513
+HOLD = 9
+_CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def require_lab() -> None:
+    """Missing prerequisites fail the run: a skipped BGP test would look like a passing one."""
+    if os.geteuid() != 0:
+        pytest.fail("the ExaBGP/BIRD tests need root (network namespaces)")
+    missing = [tool for tool in ("ip", "bird", "birdc") if shutil.which(tool) is None]
+    if not (Path(sys.executable).parent / "exabgp").exists() and shutil.which("exabgp") is None:
+        missing.append("exabgp")
+    if missing:
+        pytest.fail(f"missing for the ExaBGP/BIRD tests: {', '.join(missing)}")
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+@dataclass
+class Lab:
+    """Two namespaces on one veth: BIRD in `router`, the speaker (and ExaBGP) in `speaker`."""
+
+    prefix: str
+    workdir: Path
+    bird_pid: int | None = None
+    exabgp_pids: set[int] = field(default_factory=set)
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}-r"
+
+    @property
+    def speaker(self) -> str:
+        return f"{self.prefix}-s"
+
+    @property
+    def bird_socket(self) -> str:
+        return str(self.workdir / "bird.ctl")
+
+    def start_bird(self, password: str | None = None) -> None:
+        conf = self.workdir / "bird.conf"
+        conf.write_text(
+            f"""\
+log "{self.workdir}/bird.log" all;
+router id {ROUTER};
+protocol device {{}}
+protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; merge paths yes limit 16; }}
+protocol bgp speaker {{
+  local {ROUTER} as {ROUTER_AS};
+  neighbor {SPEAKER} as {SPEAKER_AS};
+  hold time {HOLD};
+  error wait time 1,1;
+  connect delay time 1;
+  {f'password "{password}";' if password else ""}
+  ipv4 {{ import all; export none; }};
+}}
+"""
+        )
+        pidfile = self.workdir / "bird.pid"
+        run(
+            "ip",
+            "netns",
+            "exec",
+            self.router,
+            "bird",
+            "-c",
+            str(conf),
+            "-s",
+            self.bird_socket,
+            "-P",
+            str(pidfile),
+        )
+        self.bird_pid = int(pidfile.read_text())
+
+    def birdc(self, *command: str) -> str:
+        return run("birdc", "-s", self.bird_socket, *command)
+
+    def routes(self) -> dict[str, set[str]]:
+        """The router's kernel routes that BIRD installed: destination -> gateways."""
+        found: dict[str, set[str]] = {}
+        for route in json.loads(run("ip", "-n", self.router, "-j", "route", "show")):
+            if route.get("protocol") == "bird":
+                hops = route.get("nexthops", [route])
+                found[route["dst"]] = {hop["gateway"] for hop in hops}
+        return found
+
+    @contextlib.contextmanager
+    def inside_speaker(self) -> Iterator[None]:
+        """Run this thread (so the speaker and the ExaBGP it forks) in the speaker namespace."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{self.speaker}", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns into the speaker namespace")
+            try:
+                yield
+            finally:
+                if libc.setns(home, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back home")
+        finally:
+            os.close(home)
+            os.close(target)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    require_lab()
+    prefix = f"bgpt{secrets.token_hex(3)}"
+    # short: the API socket path must fit in sun_path
+    lab = Lab(prefix, Path(tempfile.mkdtemp(prefix=f"{prefix}-")))
+    try:
+        run("ip", "netns", "add", lab.router)
+        run("ip", "netns", "add", lab.speaker)
+        run(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            lab.router,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            lab.speaker,
+        )
+        for ns, address in ((lab.router, ROUTER), (lab.speaker, SPEAKER)):
+            run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield lab
+    finally:
+        for pid in [*lab.exabgp_pids, lab.bird_pid]:
+            # only what is still ours: a pid of a process that ended may name another one by now
+            with contextlib.suppress(OSError):
+                if pid is not None and lab.prefix in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+        for ns in (lab.router, lab.speaker):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        shutil.rmtree(lab.workdir, ignore_errors=True)
+
+
+def bgp_settings(password: str | None = None) -> model.Bgp:
+    peer = model.Peer(address=ROUTER, peer_as=ROUTER_AS, hold_time=HOLD, password=password)
+    return model.Bgp(local_as=SPEAKER_AS, router_id=SPEAKER, peers=(peer,))
+
+
+def by_prefix(*announcements: Announcement) -> dict[str, Announcement]:
+    return {a.prefix: a for a in announcements}
+
+
+def host(prefix: str) -> str:
+    return prefix.removesuffix("/32")
+
+
+async def until(what: str, predicate: Callable[[], T | None], timeout: float = 10.0) -> T:
+    """Poll until `predicate` gives something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def with_speaker(
+    lab: Lab,
+    bgp: model.Bgp,
+    body: Callable[[ExaBgpSpeaker, list[str]], Awaitable[None]],
+    **options: float,
+) -> None:
+    """Run `body` with a started speaker in the speaker namespace; stop it whatever happens.
+
+    `body` also gets the router's state as seen by the speaker at every on_change call.
+    """
+    changes: list[str] = []
+
+    async def main() -> None:
+        speaker = ExaBgpSpeaker(
+            bgp,
+            str(lab.workdir / "run"),
+            on_change=lambda: changes.append(speaker.peers()[str(ROUTER)]),
+            **options,  # type: ignore[arg-type]
+        )
+        try:
+            await speaker.start()
+            if speaker.exabgp_pid is not None:
+                lab.exabgp_pids.add(speaker.exabgp_pid)
+            await body(speaker, changes)
+        finally:
+            await speaker.stop()
+
+    with lab.inside_speaker():
+        asyncio.run(main())
+
+
+A = Announcement("192.0.2.10/32", med=10, communities=("64512:100",))
+B = Announcement("192.0.2.11/32")
+C = Announcement("192.0.2.12/32", med=30)
+
+
+def test_announce_diff_withdraw(lab: Lab) -> None:
+    lab.start_bird()
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await until("the session", lambda: speaker.peers()[str(ROUTER)] == "up")
+        assert changes, "on_change fires on connect and on neighbor state changes"
+
+        started = time.monotonic()
+        await speaker.apply(by_prefix(A, B))
+        assert speaker.announced() == by_prefix(A, B)
+        await until("A and B in the kernel", lambda: {host(A.prefix), host(B.prefix)} <= lab.routes().keys())
+        print(f"apply -> routes in the router's kernel: {time.monotonic() - started:.3f} s")
+        assert lab.routes()[host(A.prefix)] == {str(SPEAKER)}
+        detail = lab.birdc("show", "route", "all", A.prefix)
+        assert "BGP.med: 10" in detail
+        assert "(64512,100)" in detail
+
+        changed_a = replace(A, med=20)
+        await speaker.apply(by_prefix(changed_a, C))
+        assert speaker.announced() == by_prefix(changed_a, C)
+        await until(
+            "B gone, C in", lambda: host(B.prefix) not in lab.routes() and host(C.prefix) in lab.routes()
+        )
+        await until(
+            "A's new MED at the router", lambda: "BGP.med: 20" in lab.birdc("show", "route", "all", A.prefix)
+        )
+
+        started = time.monotonic()
+        await speaker.apply(by_prefix(changed_a))
+        await until("C withdrawn", lambda: host(C.prefix) not in lab.routes())
+        print(f"withdraw -> route gone: {(time.monotonic() - started) * 1000:.0f} ms")
+        assert host(A.prefix) in lab.routes()
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def test_router_session_flap_gets_routes_again(lab: Lab) -> None:
+    lab.start_bird()
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(by_prefix(A))
+        await until("A in the kernel", lambda: host(A.prefix) in lab.routes())
+        seen = len(changes)
+        lab.birdc("restart", "speaker")
+        await until(
+            "the session to go down and up", lambda: changes[seen:].count("up") and "down" in changes[seen:]
+        )
+        # ExaBGP re-sends its adj-rib-out: nobody had to apply again.
+        await until("A back in the kernel", lambda: host(A.prefix) in lab.routes())
+        assert speaker.announced() == by_prefix(A)
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def test_killed_exabgp_is_restarted_and_routes_come_back(lab: Lab) -> None:
+    lab.start_bird()
+    desired = by_prefix(A, B)
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(desired)
+        await until("A and B in the kernel", lambda: {host(A.prefix), host(B.prefix)} <= lab.routes().keys())
+        first = speaker.exabgp_pid
+        assert first is not None
+        seen = len(changes)
+
+        os.kill(first, signal.SIGKILL)
+        await until("the loss noticed", lambda: speaker.announced() == {} and len(changes) > seen)
+        await until("the routes withdrawn by the router", lambda: not lab.routes(), timeout=HOLD + 2)
+        second = await until(
+            "a new ExaBGP", lambda: speaker.exabgp_pid if speaker.exabgp_pid != first else None
+        )
+        lab.exabgp_pids.add(second)
+        assert await speaker.wait_connected(15)
+        assert speaker.announced() == {}, "a new instance has announced nothing yet"
+
+        # What the agent does on on_change: apply its desired set again.
+        await speaker.apply(desired)
+        await until("A and B back", lambda: {host(A.prefix), host(B.prefix)} <= lab.routes().keys())
+        assert speaker.announced() == desired
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+def test_killed_bridge_restarts_exabgp(lab: Lab) -> None:
+    lab.start_bird()
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(by_prefix(A))
+        first = speaker.exabgp_pid
+        assert first is not None
+        (bridge,) = children(first)
+        os.kill(bridge, signal.SIGKILL)
+        # The link to ExaBGP is gone, so ExaBGP cannot be trusted to match announced(): restart it.
+        second = await until(
+            "a new ExaBGP", lambda: speaker.exabgp_pid not in (first, None) and speaker.exabgp_pid
+        )
+        lab.exabgp_pids.add(second)
+        assert await speaker.wait_connected(15)
+        assert speaker.announced() == {}
+        await speaker.apply(by_prefix(A))
+        await until("A in the kernel", lambda: host(A.prefix) in lab.routes())
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def test_unanswered_command_restarts_exabgp(lab: Lab) -> None:
+    lab.start_bird()
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(by_prefix(A))
+        hung = speaker.exabgp_pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(BgpNotConnected, match="no answer"):
+            await speaker.apply(by_prefix(A, B))
+        assert 1.0 <= time.monotonic() - started < 3
+        assert speaker.announced() == {}
+        # SIGTERM stays pending on a stopped process: the speaker has to escalate to SIGKILL.
+        second = await until(
+            "a new ExaBGP", lambda: speaker.exabgp_pid not in (hung, None) and speaker.exabgp_pid
+        )
+        lab.exabgp_pids.add(second)
+        assert not alive(hung)
+        assert await speaker.wait_connected(15)
+        await speaker.apply(by_prefix(A, B))
+        await until("A and B in the kernel", lambda: {host(A.prefix), host(B.prefix)} <= lab.routes().keys())
+
+    with_speaker(lab, bgp_settings(), body, ack_timeout=1.0, stop_timeout=1.0)
+
+
+def test_missing_exabgp_is_retried_not_fatal(lab: Lab) -> None:
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        assert speaker.exabgp_pid is None
+        with pytest.raises(BgpNotConnected):
+            await speaker.apply(by_prefix(A))
+
+    with_speaker(lab, replace(bgp_settings(), exabgp="/nonexistent/exabgp"), body, connect_timeout=0.5)
+
+
+def test_md5_and_reconfigure(lab: Lab) -> None:
+    lab.start_bird(password="s3cr et;#x")
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        # ExaBGP acknowledges into its RIB even while the session is down.
+        await speaker.apply(by_prefix(A))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert speaker.peers()[str(ROUTER)] != "up", "a session without the password must not come up"
+            await asyncio.sleep(0.1)
+        assert not lab.routes()
+
+        pid = speaker.exabgp_pid
+        await speaker.reconfigure(bgp_settings(password="wrong"))
+        assert speaker.exabgp_pid == pid, "unchanged settings do not restart ExaBGP"
+
+        await speaker.reconfigure(bgp_settings(password="s3cr et;#x"))
+        assert speaker.exabgp_pid not in (pid, None)
+        lab.exabgp_pids.add(speaker.exabgp_pid)  # type: ignore[arg-type]
+        assert speaker.announced() == by_prefix(A), "reconfigure re-announces"
+        await until("the MD5 session", lambda: speaker.peers()[str(ROUTER)] == "up")
+        await until("A in the kernel", lambda: host(A.prefix) in lab.routes())
+
+    with_speaker(lab, bgp_settings(password="wrong"), body)
+
+
+def test_withdraw_all_and_stop(lab: Lab) -> None:
+    lab.start_bird()
+    pids: list[int] = []
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(by_prefix(A, B, C))
+        await until("all three", lambda: len(lab.routes()) == 3)
+        await speaker.withdraw_all()
+        assert speaker.announced() == {}
+        await until("all gone", lambda: not lab.routes())
+        pid = speaker.exabgp_pid
+        assert pid is not None
+        pids.append(pid)
+
+    with_speaker(lab, bgp_settings(), body)
+    assert not alive(pids[0]), "stop() leaves no ExaBGP behind"
+    assert not (lab.workdir / "run" / "exabgp-api.sock").exists()
+
+
+def test_not_connected_raises(lab: Lab) -> None:
+    lab.start_bird()
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await speaker.apply(by_prefix(A))
+        await speaker.stop()
+        with pytest.raises(BgpError):
+            await speaker.apply(by_prefix(A, B))
+        assert speaker.announced() == {}
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def test_bridge_keeps_reading_exabgp_while_the_agent_does_not(tmp_path: Path) -> None:
+    socket_path = str(tmp_path / "api.sock")
+    blob = b"".join(b'{ "line": %d }\n' % i for i in range(200_000))  # ~3 MB, far beyond pipe buffers
+
+    async def main() -> None:
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        server = await asyncio.start_unix_server(
+            lambda r, w: accepted.put_nowait((r, w)), path=socket_path, limit=1 << 20
+        )
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lbagent.apply.exabgp_bridge",
+            socket_path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert bridge.stdin is not None and bridge.stdout is not None
+        try:
+            reader, writer = await asyncio.wait_for(accepted.get(), 10)
+            # "ExaBGP" writes everything while "the agent" reads nothing: the bridge must not block.
+            bridge.stdin.write(blob)
+            await asyncio.wait_for(bridge.stdin.drain(), 10)
+            assert await asyncio.wait_for(reader.readexactly(len(blob)), 10) == blob
+            writer.write(b"announce route 192.0.2.10/32 next-hop self\n")
+            await writer.drain()
+            line = await asyncio.wait_for(bridge.stdout.readline(), 10)
+            assert line == b"announce route 192.0.2.10/32 next-hop self\n"
+            writer.close()
+            assert await asyncio.wait_for(bridge.wait(), 10) == 0, "the agent closing ends the bridge"
+        finally:
+            if bridge.returncode is None:
+                bridge.kill()
+                await bridge.wait()
+            server.close()
+
+    asyncio.run(main())

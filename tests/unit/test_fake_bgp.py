@@ -1,0 +1,188 @@
+"""FakeBgpSpeaker keeps the BgpSpeaker promises the real one is held to in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from ipaddress import ip_address
+
+import pytest
+
+from lbagent import model
+from lbagent.apply.bgp import BgpCommandError, BgpNotConnected, BgpSpeaker, FakeBgpSpeaker, diff
+from lbagent.plan import Announcement
+
+BGP = model.Bgp(
+    local_as=64513,
+    router_id=ip_address("198.51.100.2"),  # type: ignore[arg-type]
+    peers=(model.Peer(address=ip_address("198.51.100.1"), peer_as=64512, hold_time=9),),
+)
+A = Announcement("192.0.2.10/32", med=10, communities=("64512:100",))
+B = Announcement("192.0.2.11/32")
+C = Announcement("192.0.2.12/32", local_pref=200)
+V6 = Announcement("2001:db8::10/128")
+
+
+def by_prefix(*announcements: Announcement) -> dict[str, Announcement]:
+    return {a.prefix: a for a in announcements}
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def make() -> tuple[FakeBgpSpeaker, Changes]:
+    changes = Changes()
+    return FakeBgpSpeaker(BGP, changes), changes
+
+
+def test_fake_is_a_bgp_speaker() -> None:
+    speaker: BgpSpeaker = FakeBgpSpeaker(BGP)
+    assert speaker.peers() == {"198.51.100.1": "unknown"}
+
+
+def test_announce_then_diff() -> None:
+    speaker, _ = make()
+
+    async def scenario() -> None:
+        await speaker.start()
+        await speaker.apply(by_prefix(A, B))
+        assert speaker.announced() == by_prefix(A, B)
+        assert speaker.commands == [
+            "neighbor 198.51.100.1 announce route 192.0.2.10/32 next-hop self med 10 community [64512:100]",
+            "neighbor 198.51.100.1 announce route 192.0.2.11/32 next-hop self",
+        ]
+        speaker.commands.clear()
+        await speaker.apply(by_prefix(A, B))
+        assert speaker.commands == [], "an unchanged set sends nothing"
+        changed_a = replace(A, med=20)
+        await speaker.apply(by_prefix(changed_a, C))
+        assert speaker.commands == [
+            "neighbor 198.51.100.1 withdraw route 192.0.2.11/32",
+            "neighbor 198.51.100.1 announce route 192.0.2.10/32 next-hop self med 20 community [64512:100]",
+            "neighbor 198.51.100.1 announce route 192.0.2.12/32 next-hop self local-preference 200",
+        ]
+        assert speaker.announced() == by_prefix(changed_a, C)
+
+    asyncio.run(scenario())
+
+
+def test_refused_announcement_raises_and_is_not_announced() -> None:
+    speaker, _ = make()
+    speaker.refuse.add(B.prefix)
+
+    async def scenario() -> None:
+        with pytest.raises(BgpCommandError, match=r"192\.0\.2\.11/32"):
+            await speaker.apply(by_prefix(A, B, C))
+        assert speaker.announced() == by_prefix(A, C), "the others still went through"
+        assert "neighbor 198.51.100.1 withdraw route 192.0.2.11/32" in speaker.commands
+        speaker.refuse.clear()
+        await speaker.apply(by_prefix(A, B, C))
+        assert speaker.announced() == by_prefix(A, B, C)
+
+    asyncio.run(scenario())
+
+
+def test_disconnected_raises_and_reconnect_starts_empty() -> None:
+    speaker, changes = make()
+
+    async def scenario() -> None:
+        await speaker.apply(by_prefix(A))
+        speaker.disconnect()
+        assert changes.count == 1
+        assert speaker.announced() == {}
+        assert speaker.peers() == {"198.51.100.1": "down"}
+        with pytest.raises(BgpNotConnected):
+            await speaker.apply(by_prefix(A))
+        speaker.restart()
+        assert changes.count == 2
+        assert speaker.announced() == {}, "a new ExaBGP instance has announced nothing"
+        await speaker.apply(by_prefix(A))
+        assert speaker.announced() == by_prefix(A)
+
+    asyncio.run(scenario())
+
+
+def test_withdraw_all() -> None:
+    speaker, _ = make()
+
+    async def scenario() -> None:
+        await speaker.apply(by_prefix(A, B))
+        await speaker.withdraw_all()
+        assert speaker.announced() == {}
+        assert speaker.commands[-2:] == [
+            "neighbor 198.51.100.1 withdraw route 192.0.2.10/32",
+            "neighbor 198.51.100.1 withdraw route 192.0.2.11/32",
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_reconfigure_restarts_only_on_change_and_reannounces() -> None:
+    speaker, changes = make()
+
+    async def scenario() -> None:
+        await speaker.apply(by_prefix(A))
+        await speaker.reconfigure(BGP)
+        assert speaker.restarts == 0
+        await speaker.reconfigure(replace(BGP, graceful_restart=120))
+        assert speaker.restarts == 1
+        assert changes.count == 1
+        assert speaker.announced() == by_prefix(A)
+
+    asyncio.run(scenario())
+
+
+def test_neighbor_state_reports_change() -> None:
+    speaker, changes = make()
+    speaker.set_peer_state("198.51.100.1", "up")
+    assert speaker.peers() == {"198.51.100.1": "up"}
+    assert changes.count == 1
+
+
+def test_prefix_without_a_peer_of_its_family() -> None:
+    speaker, _ = make()
+
+    async def scenario() -> None:
+        with pytest.raises(BgpCommandError, match="no IPv6 peer"):
+            await speaker.apply(by_prefix(A, V6))
+        assert speaker.announced() == by_prefix(A)
+
+    asyncio.run(scenario())
+
+
+def test_prefixes_go_to_the_peers_of_their_family() -> None:
+    v6_peer = model.Peer(address=ip_address("2001:db8::1"), peer_as=64512, hold_time=9)
+    speaker = FakeBgpSpeaker(replace(BGP, peers=(*BGP.peers, v6_peer)))
+
+    async def scenario() -> None:
+        await speaker.apply(by_prefix(B, V6))
+        assert speaker.commands == [
+            "neighbor 198.51.100.1 announce route 192.0.2.11/32 next-hop self",
+            "neighbor 2001:db8::1 announce route 2001:db8::10/128 next-hop self",
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_bad_values_are_refused_before_anything_is_sent() -> None:
+    speaker, _ = make()
+    bad = Announcement("192.0.2.13/32", communities=("1:2\nwithdraw route 192.0.2.10/32",))
+
+    async def scenario() -> None:
+        with pytest.raises(ValueError):
+            await speaker.apply(by_prefix(A, bad))
+        with pytest.raises(ValueError):
+            await speaker.apply({"192.0.2.99/32": A})
+        assert speaker.commands == []
+
+    asyncio.run(scenario())
+
+
+def test_diff() -> None:
+    assert diff(by_prefix(A, B), by_prefix(replace(A, med=1), C)) == ([B], [replace(A, med=1), C])
+    assert diff(by_prefix(A), by_prefix(A)) == ([], [])
