@@ -29,14 +29,14 @@ class VipError(RuntimeError):
 class VipBinder:
     """Makes the interface hold exactly the desired VIPs among the addresses tagged as lbagent's."""
 
-    def __init__(self, interface: str, netns: str | None = None) -> None:
+    def __init__(self, interface: str) -> None:
         self.interface = interface
-        self._netns = netns
 
     def _ipr(self) -> AsyncIPRoute:
         # The asyncio flavour: pyroute2 0.9's synchronous IPRoute runs an event loop of its own,
-        # which cannot nest inside the agent's.
-        return AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
+        # which cannot nest inside the agent's. The agent runs inside its network namespace, so no
+        # netns= here (pyroute2 may fork to reach another namespace).
+        return AsyncIPRoute()
 
     async def _index(self, ipr: AsyncIPRoute) -> int:
         links = await ipr.link_lookup(ifname=self.interface)

@@ -1,18 +1,40 @@
-"""VipBinder against the real kernel, in a network namespace the test makes: lbagent touches only its own VIPs."""
+"""VipBinder against the real kernel, in a network namespace the test makes: lbagent touches only its own VIPs.
+
+Each step runs in its own process inside the namespace (`ip netns exec`), as the agent does, so adopting
+the VIPs a previous process bound is exercised for real.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
-from ipaddress import ip_address
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from lbagent.apply.vips import VipBinder, VipError, apply_sysctls
+from lbagent.apply.vips import VipError, apply_sysctls
+
+REPO = Path(__file__).resolve().parents[2]
+STEP = """
+import asyncio, json, sys
+from ipaddress import ip_address
+from lbagent.apply.vips import VipBinder, VipError
+op, interface, desired, keep = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+binder = VipBinder(interface)
+try:
+    if op == "bound":
+        result = asyncio.run(binder.bound())
+    else:
+        result = asyncio.run(binder.sync([ip_address(a) for a in desired], keep=[ip_address(a) for a in keep]))
+except VipError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"vips": sorted(map(str, result))}))
+"""
 
 
 @pytest.fixture
@@ -27,6 +49,18 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def step(
+    ns: str, op: str, desired: Sequence[str] = (), keep: Sequence[str] = (), interface: str = "lo"
+) -> dict[str, object]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", STEP, op, interface, json.dumps(list(desired)),
+         json.dumps(list(keep))],
+        capture_output=True, text=True, check=True, cwd=REPO, timeout=60,
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
 def _addresses(ns: str) -> set[str]:
     out = subprocess.run(["ip", "-n", ns, "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True,
                          check=True).stdout
@@ -35,32 +69,30 @@ def _addresses(ns: str) -> set[str]:
 
 def test_bind_adopt_and_unbind_only_own_vips(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "addr", "add", "192.0.2.99/32", "dev", "lo"], check=True)  # the operator's
-    binder = VipBinder("lo", netns=netns)
-    v4, v6, other = ip_address("192.0.2.10"), ip_address("2001:db8::10"), ip_address("192.0.2.11")
-    assert asyncio.run(binder.sync([v4, v6, other])) == {v4, v6, other}
+    v4, v6, other = "192.0.2.10", "2001:db8::10", "192.0.2.11"
+    assert step(netns, "sync", [v4, v6, other]) == {"vips": sorted([v4, v6, other])}
     assert {"192.0.2.10/32", "2001:db8::10/128", "192.0.2.11/32", "192.0.2.99/32"} <= _addresses(netns)
-    # a second agent (a restart) sees the same VIPs as its own and changes nothing
-    assert asyncio.run(VipBinder("lo", netns=netns).bound()) == {v4, v6, other}
+    # a new process (an agent restart) recognises the VIPs as its own, and not the operator's address
+    assert step(netns, "bound") == {"vips": sorted([v4, v6, other])}
     # `other` is no longer desired but still announced: kept until withdrawn
-    assert asyncio.run(binder.sync([v4, v6], keep=[other])) == {v4, v6, other}
-    assert asyncio.run(binder.sync([v4])) == {v4}
+    assert step(netns, "sync", [v4, v6], keep=[other]) == {"vips": sorted([v4, v6, other])}
+    assert step(netns, "sync", [v4]) == {"vips": [v4]}
     assert "2001:db8::10/128" not in _addresses(netns) and "192.0.2.11/32" not in _addresses(netns)
-    asyncio.run(binder.sync([]))
+    assert step(netns, "sync", []) == {"vips": []}
     assert "192.0.2.99/32" in _addresses(netns)  # never removes what it did not add
     assert "192.0.2.10/32" not in _addresses(netns)
 
 
 def test_vip_already_bound_by_the_operator_counts_as_bound_and_stays(netns: str) -> None:
     subprocess.run(["ip", "-n", netns, "addr", "add", "192.0.2.10/32", "dev", "lo"], check=True)
-    binder = VipBinder("lo", netns=netns)
-    assert asyncio.run(binder.sync([ip_address("192.0.2.10")])) == {ip_address("192.0.2.10")}
-    asyncio.run(binder.sync([]))
+    assert step(netns, "sync", ["192.0.2.10"]) == {"vips": ["192.0.2.10"]}
+    step(netns, "sync", [])
     assert "192.0.2.10/32" in _addresses(netns)
 
 
 def test_missing_interface_is_a_clear_error(netns: str) -> None:
-    with pytest.raises(VipError, match="vipInterface 'vip0' does not exist"):
-        asyncio.run(VipBinder("vip0", netns=netns).sync([ip_address("192.0.2.10")]))
+    result = step(netns, "sync", ["192.0.2.10"], interface="vip0")
+    assert "vipInterface 'vip0' does not exist" in str(result["error"])
 
 
 def test_sysctls_written_only_when_different(tmp_path: Path) -> None:
