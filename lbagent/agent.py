@@ -176,6 +176,7 @@ class Agent:
         try:
             async with asyncio.timeout(5):
                 await self.speaker.withdraw_all()
+            self._log_decisions(self.current_plan())
             event(log, logging.INFO, "withdrew_all", drain_seconds=self.model.agent.drain_seconds)
         except Exception as exc:
             event(log, logging.ERROR, "withdraw_all_failed", error=f"{type(exc).__name__}: {exc}")

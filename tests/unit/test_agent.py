@@ -1,0 +1,203 @@
+"""The agent's sequencing with every side effect faked: health -> plan -> VIPs, nftables, BGP; reload; stop.
+
+The real counterparts: tests/lab/test_skeleton.py runs the same behaviours with BIRD, ExaBGP and nft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lbagent import config, model
+from lbagent.agent import Agent
+from lbagent.apply.bgp import FakeBgpSpeaker
+from lbagent.apply.nftables import NftForwarder
+from lbagent.apply.vips import VipBinder, VipError
+
+CONFIG = {
+    "node": {"name": "lb1"},
+    "agent": {"drain": 0, "resync": "60s", "minSyncInterval": 0, "retry": "50ms", "runtimeDir": "/nonexistent"},
+    "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
+    "healthCheckDefaults": {"interval": "20ms", "timeout": "20ms", "rise": 1, "fall": 2},
+    "nodes": [{"name": f"node{i}", "addresses": [f"203.0.113.1{i}"]} for i in (1, 2, 3)],
+    "services": [{"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}],
+}
+
+
+class FakeForwarder(NftForwarder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+        self.fail = False
+
+    async def apply(self, script: str, force: bool = False) -> bool:
+        if self.fail:
+            raise RuntimeError("nft refused")
+        if script != self.applied or force:
+            self.scripts.append(script)
+        self.applied = script
+        return True
+
+
+class FakeBinder(VipBinder):
+    def __init__(self) -> None:
+        super().__init__("lo")
+        self.vips: set[model.IPAddress] = set()
+        self.broken = False
+
+    async def bound(self) -> set[model.IPAddress]:
+        return set(self.vips)
+
+    async def sync(
+        self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()
+    ) -> set[model.IPAddress]:
+        if self.broken:
+            raise VipError("cannot bind VIP: netlink said no")
+        self.vips = (self.vips & (set(desired) | set(keep))) | set(desired)
+        return set(self.vips)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "lbagent.yaml"
+        self.path.write_text(yaml.safe_dump(CONFIG))
+        self.sysctls = tmp_path / "sys"
+        for key in ("net/ipv4/ip_forward", "net/ipv4/conf/all/arp_ignore", "net/ipv4/conf/all/arp_announce"):
+            (self.sysctls / key).parent.mkdir(parents=True, exist_ok=True)
+            (self.sysctls / key).write_text("0")
+        self.down: set[str] = set()
+        self.speaker: FakeBgpSpeaker | None = None
+        self.forwarder = FakeForwarder()
+        self.binder = FakeBinder()
+
+        async def prober(address: model.IPAddress, port: int, timeout: float) -> str | None:
+            return "connection refused" if str(address) in self.down else None
+
+        def speaker(bgp: model.Bgp, runtime_dir: str, on_change: Callable[[], None]) -> FakeBgpSpeaker:
+            self.speaker = FakeBgpSpeaker(bgp, on_change)
+            return self.speaker
+
+        self.agent = Agent(self.path, config.load(self.path), speaker_factory=speaker, forwarder=self.forwarder,
+                           binder=self.binder, prober=prober, sysctl_root=self.sysctls)
+
+    def announced(self) -> set[str]:
+        assert self.speaker is not None
+        return set(self.speaker.announced())
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling fakes that offer no event
+            await asyncio.sleep(0.005)
+
+
+def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> int:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        assert {str(v) for v in h.binder.vips} == {"192.0.2.10"}
+        assert all(f"203.0.113.1{i} . 30080" in (h.forwarder.applied or "") for i in (1, 2, 3))
+        assert (h.sysctls / "net/ipv4/ip_forward").read_text() == "1"
+
+        h.down.add("203.0.113.12")
+        await until(lambda: "203.0.113.12" not in (h.forwarder.applied or ""))
+        assert h.announced() == {"192.0.2.10/32"}
+
+        h.down.update({"203.0.113.11", "203.0.113.13"})
+        await until(lambda: h.announced() == set())
+        assert "192.0.2.10 . tcp . 80" not in (h.forwarder.applied or "")  # no frontend: refused at the LB
+
+        h.down.clear()
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        h.agent.stop("test")
+        return await run
+
+    assert asyncio.run(scenario()) == 0
+    assert h.speaker is not None and h.speaker.stopped
+    assert "withdraw route 192.0.2.10/32" in h.speaker.commands[-1]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.index("withdrew_all") < messages.index("agent_stopped")
+    withdrawn = [r for r in caplog.records if r.getMessage() == "vip_withdrawn"]
+    assert [r.lbagent_fields["reason"] for r in withdrawn] == ["noHealthyNodes", "draining"]  # type: ignore[attr-defined]
+
+
+def test_nothing_is_announced_while_the_vip_cannot_be_bound_or_programmed(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.binder.broken = True
+    h.forwarder.fail = True
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.agent.runners["dataplane"].failures >= 2)
+        assert h.announced() == set()
+        h.binder.broken = False
+        await until(lambda: bool(h.binder.vips))
+        failed = h.agent.runners["dataplane"].failures
+        await until(lambda: h.agent.runners["dataplane"].failures >= failed + 2)  # retries, still failing
+        assert h.announced() == set()
+        h.forwarder.fail = False
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
+def test_reload_refuses_a_bad_file_and_applies_a_good_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        before = (h.agent.model.digest(), h.forwarder.applied)
+
+        h.path.write_text(h.path.read_text().replace("nodePort: 30080", "nodePort: 0"))
+        assert await h.agent.reload() is False
+        assert (h.agent.model.digest(), h.forwarder.applied) == before
+        assert h.announced() == {"192.0.2.10/32"}
+
+        restart_only = yaml.safe_load(yaml.safe_dump(CONFIG))
+        restart_only["node"]["vipInterface"] = "eth9"
+        h.path.write_text(yaml.safe_dump(restart_only))
+        assert await h.agent.reload() is False
+
+        bigger = yaml.safe_load(yaml.safe_dump(CONFIG))
+        bigger["services"].append({"name": "api", "vip": "192.0.2.20", "ports": [{"port": 443, "nodePort": 30443}]})
+        h.path.write_text(yaml.safe_dump(bigger))
+        assert await h.agent.reload() is True
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.20/32"})
+        assert h.speaker is not None and h.speaker.restarts == 0  # BGP settings unchanged: no session reset
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+    problems = [r for r in caplog.records if r.getMessage() == "config_problem"]
+    assert problems[0].lbagent_fields["field"] == "services[0].ports[0].nodePort"  # type: ignore[attr-defined]
+    assert problems[0].lbagent_fields["value"] == "0"  # type: ignore[attr-defined]
+    rejected = [r for r in caplog.records if r.getMessage() == "config_rejected"]
+    assert rejected[1].lbagent_fields["field"] == "node.vipInterface"  # type: ignore[attr-defined]
+
+
+def test_bgp_restart_is_reannounced(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        assert h.speaker is not None
+        h.speaker.restart()  # a new ExaBGP instance: it knows nothing
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
