@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 from lbagent import model
 
@@ -129,6 +129,13 @@ class ServiceEntry(_Strict):
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
     bgp: ServiceBgpEntry = Field(default_factory=ServiceBgpEntry)
 
+    @field_validator("external_traffic_policy")
+    @classmethod
+    def _policy_built(cls, value: str) -> str:
+        if value == "Local":
+            raise ValueError("externalTrafficPolicy Local is not supported yet: use Cluster")
+        return value
+
 
 class ConfigFile(_Strict):
     node: NodeSection
@@ -226,7 +233,7 @@ def parse(text: str, source: str = "<config>") -> model.Model:
             Problem(
                 _format_path(err["loc"]),
                 "nothing" if err["type"] == "missing" else _short(err.get("input")),
-                err["msg"],
+                err["msg"].removeprefix("Value error, "),
                 lines.line(err["loc"]),
             )
             for err in exc.errors()
@@ -280,9 +287,6 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             yield Problem(f"services[{i}].name", _short(svc.name),
                           f"duplicate service {key} (also services[{seen_services[key]}])")
         seen_services.setdefault(key, i)
-        if svc.external_traffic_policy == "Local":
-            yield Problem(f"services[{i}].externalTrafficPolicy", "'Local'",
-                          "externalTrafficPolicy Local is not supported yet: use Cluster")
         if svc.vip.version not in families:
             yield Problem(f"services[{i}].vip", _short(str(svc.vip)),
                           f"no node has an IPv{svc.vip.version} address to forward this VIP to")
