@@ -14,7 +14,7 @@ from lbagent import config, model
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
 from lbagent.apply.nftables import NftForwarder
 from lbagent.apply.vips import VipBinder, apply_sysctls
-from lbagent.health import HealthChecker, Prober, tcp_probe
+from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
 from lbagent.plan import Plan, ServiceDecision, plan
 from lbagent.render import nftables
@@ -47,7 +47,7 @@ class Agent:
         speaker_factory: SpeakerFactory = _default_speaker,
         forwarder: NftForwarder | None = None,
         binder: VipBinder | None = None,
-        prober: Prober = tcp_probe,
+        prober: Prober = probe,
         sysctl_root: Path = Path("/proc/sys"),
     ) -> None:
         self.config_path = Path(config_path)
@@ -100,9 +100,8 @@ class Agent:
 
     async def _sync_dataplane(self, resync: bool) -> None:
         p = self.current_plan()
-        script = nftables.render(p.frontends, p.vips, self.model.dataplane)
-        await self.forwarder.apply(script, force=resync)
-        programmed = {f.vip for f in p.frontends if f.backends}
+        await self.forwarder.apply(nftables.build(p.frontends, p.vips, self.model.dataplane), force=resync)
+        programmed = {f.vip for f in p.frontends if f.active}
         if programmed != self._programmed:
             self._programmed = programmed
             self.runners["bgp"].mark_dirty()
@@ -129,8 +128,9 @@ class Agent:
             event(
                 log, logging.INFO if decision.announce else logging.WARNING,
                 "vip_announced" if decision.announce else "vip_withdrawn",
-                service=key, vip=decision.vip, reason=decision.reason.value,
+                service=key, vips=decision.vips, reason=decision.reason.value,
                 healthy_nodes=decision.healthy_nodes or "-", unhealthy_nodes=decision.unhealthy_nodes or "-",
+                draining_nodes=decision.draining_nodes or "-",
             )
         self._decisions = current
 

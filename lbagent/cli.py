@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from dataclasses import asdict
+from ipaddress import ip_address
 from typing import Any
 
 from lbagent import __version__, config, model
@@ -40,13 +42,16 @@ def _plan_document(m: model.Model) -> dict[str, Any]:
         "configHash": m.digest(),
         "vips": [{"address": str(v), "interface": m.vip_interface} for v in p.vips],
         "decisions": [
-            {"service": d.service, "vip": str(d.vip), "announce": d.announce, "reason": d.reason.value,
-             "healthyNodes": list(d.healthy_nodes)}
+            {"service": d.service, "vips": [str(v) for v in d.vips], "announce": d.announce,
+             "reason": d.reason.value, "healthyNodes": list(d.healthy_nodes), "drainingNodes": list(d.draining_nodes)}
             for d in p.decisions
         ],
         "frontends": [
             {"service": f.service, "port": f.port_name, "vip": str(f.vip), "protocol": f.protocol.value,
-             "listen": f.port, "backends": [f"{b.node}={b.address}:{b.port}" for b in f.backends]}
+             "listen": f.port, "mode": f.mode.value, "affinityTimeout": f.affinity_timeout,
+             "sourceRanges": [str(n) for n in f.source_ranges],
+             "backends": [f"{b.node}={b.address}:{b.port}" + (f"*{b.weight}" if b.weight != 1 else "")
+                          for b in f.backends]}
             for f in p.frontends
         ],
         "bgp": {
@@ -61,10 +66,51 @@ def _plan_document(m: model.Model) -> dict[str, Any]:
     }
 
 
+_ENDPOINT = re.compile(r"^\[?(?P<host>[0-9A-Fa-f:.]+?)\]?:(?P<port>\d{1,5})$")
+
+
+def _endpoint(text: str) -> tuple[model.IPAddress, int]:
+    match = _ENDPOINT.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} in {text!r} is out of range")
+    return ip_address(match["host"]), port
+
+
+def cmd_flow(m: model.Model, flow: str) -> int:
+    """Which node a new flow goes to, as the nftables data plane decides it (all nodes assumed healthy)."""
+    try:
+        parts = [p.strip() for p in flow.split(",")]
+        if len(parts) not in (2, 3):
+            raise ValueError("expected CLIENT:PORT,VIP:PORT[,tcp|udp]")
+        (source, source_port), (vip, port) = _endpoint(parts[0]), _endpoint(parts[1])
+        protocol = model.Protocol((parts[2] if len(parts) == 3 else "tcp").upper())
+    except ValueError as exc:
+        print(f"--flow {flow!r}: {exc}", file=sys.stderr)
+        return 2
+    p = plan(m, all_healthy(m))
+    frontend = next((f for f in p.frontends if f.vip == vip and f.port == port and f.protocol is protocol), None)
+    if frontend is None:
+        print(f"no service listens on {protocol.value} {vip} port {port}: the LB refuses the flow")
+        return 1
+    backend = nftables.predict(frontend, source, source_port, m.dataplane.maglev_table_size)
+    if backend is None:
+        print(f"{frontend.service}: no node takes new flows")
+        return 1
+    how = "client address (session affinity)" if frontend.affinity_timeout else "client address and port"
+    print(f"{protocol.value} {parts[0]} -> {parts[1]} ({frontend.service}) goes to {backend.node} "
+          f"{backend.address}:{backend.port} (Maglev slot by jhash of the {how}; every LB node agrees)")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config)
     if m is None:
         return 1
+    if args.flow:
+        return cmd_flow(m, args.flow)
     doc = _plan_document(m)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -77,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for d in doc["decisions"]:
         verdict = "announce" if d["announce"] else "withdraw"
         nodes = ", ".join(d["healthyNodes"]) or "-"
-        print(f"  {d['service']:<32} {d['vip']:<20} {verdict} ({d['reason']}) nodes: {nodes}")
+        print(f"  {d['service']:<32} {','.join(d['vips']):<20} {verdict} ({d['reason']}) nodes: {nodes}")
     print("\n## BGP (ExaBGP API commands, sent to every peer)")
     for peer in doc["bgp"]["peers"]:
         print(f"  peer {peer['address']} AS {peer['peer_as']} hold {peer['hold_time']}s")
@@ -144,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     plan_cmd = sub.add_parser("plan", help="print what would be programmed (needs no root)")
     plan_cmd.add_argument("-c", "--config", required=True)
     plan_cmd.add_argument("--json", action="store_true")
+    plan_cmd.add_argument("--flow", metavar="CLIENT:PORT,VIP:PORT[,tcp|udp]",
+                          help="say which node this new flow goes to (nftables data plane, all nodes healthy)")
     plan_cmd.set_defaults(func=cmd_plan)
     cleanup = sub.add_parser("cleanup", help="remove lbagent's nftables table and the VIPs it bound")
     cleanup.add_argument("-c", "--config", required=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from lbagent import model
 
@@ -42,6 +42,22 @@ def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
 
 
 IPAddress = Annotated[IPv4Address | IPv6Address, PlainValidator(_parse_ip)]
+
+
+def _parse_cidr(value: Any) -> IPv4Network | IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR such as 198.51.100.0/24 as a string")
+    try:
+        return ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a valid CIDR: {exc}") from None
+
+
+CIDR = Annotated[IPv4Network | IPv6Network, PlainValidator(_parse_cidr)]
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=3600)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
@@ -89,10 +105,20 @@ class BgpSection(_Strict):
 
 
 class DataplaneSection(_Strict):
-    kind: Literal["nftables"] = "nftables"
+    kind: Literal["nftables", "iptables", "ipvs"] = "nftables"
     table: str = Field("lbagent", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
     masquerade_mark: int = Field(0x00200000, alias="masqueradeMark", ge=1, le=0xFFFFFFFF)
     manage_sysctls: bool = Field(True, alias="manageSysctls")
+    forwarding_mode: Literal["masquerade", "nat"] = Field("masquerade", alias="forwardingMode")
+    maglev_table_size: int = Field(1021, alias="maglevTableSize", ge=7, le=65521)
+
+    @model_validator(mode="after")
+    def _prime_table(self) -> DataplaneSection:
+        if not _is_prime(self.maglev_table_size):
+            raise ValueError(f"maglevTableSize must be a prime number (got {self.maglev_table_size})")
+        if self.masquerade_mark & (self.masquerade_mark - 1):
+            raise ValueError(f"masqueradeMark must be a single bit (got {self.masquerade_mark:#x})")
+        return self
 
 
 class HealthCheckSection(_Strict):
@@ -100,11 +126,15 @@ class HealthCheckSection(_Strict):
     timeout: Duration | None = None
     rise: int | None = Field(None, ge=1, le=100)
     fall: int | None = Field(None, ge=1, le=100)
+    kube_proxy_healthz: bool | None = Field(None, alias="kubeProxyHealthz")
+    kube_proxy_port: Port | None = Field(None, alias="kubeProxyPort")
 
 
 class NodeEntry(_Strict):
     name: str = Field(pattern=_NAME)
     addresses: list[IPAddress] = Field(min_length=1, max_length=2)
+    weight: int = Field(1, ge=1, le=100)
+    draining: bool = False
 
 
 class PortEntry(_Strict):
@@ -120,21 +150,41 @@ class ServiceBgpEntry(_Strict):
     communities: list[Annotated[str, Field(pattern=_COMMUNITY)]] = []
 
 
+class ClientIPConfig(_Strict):
+    timeout_seconds: int = Field(10800, alias="timeoutSeconds", ge=1, le=86400)
+
+
+class SessionAffinityConfig(_Strict):
+    client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
+
+
 class ServiceEntry(_Strict):
     name: str = Field(pattern=_NAME)
     namespace: str = Field("default", pattern=_NAME)
-    vip: IPAddress
+    vip: IPAddress | None = None
+    vips: list[IPAddress] | None = Field(None, min_length=1, max_length=2)
     external_traffic_policy: Literal["Cluster", "Local"] = Field("Cluster", alias="externalTrafficPolicy")
+    health_check_node_port: Port | None = Field(None, alias="healthCheckNodePort")
     ports: list[PortEntry] = Field(min_length=1)
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
     bgp: ServiceBgpEntry = Field(default_factory=ServiceBgpEntry)
+    forwarding_mode: Literal["masquerade", "nat"] | None = Field(None, alias="forwardingMode")
+    session_affinity: Literal["None", "ClientIP"] = Field("None", alias="sessionAffinity")
+    session_affinity_config: SessionAffinityConfig = Field(
+        default_factory=SessionAffinityConfig, alias="sessionAffinityConfig"
+    )
+    load_balancer_source_ranges: list[CIDR] = Field([], alias="loadBalancerSourceRanges")
+    ipvs_scheduler: Literal["rr", "wrr", "lc", "sh", "mh"] = Field("mh", alias="ipvsScheduler")
 
-    @field_validator("external_traffic_policy")
-    @classmethod
-    def _policy_built(cls, value: str) -> str:
-        if value == "Local":
-            raise ValueError("externalTrafficPolicy Local is not supported yet: use Cluster")
-        return value
+    @model_validator(mode="after")
+    def _one_way_to_say_vips(self) -> ServiceEntry:
+        if (self.vip is None) == (self.vips is None):
+            raise ValueError("give either `vip` (one address) or `vips` (one per family for dual stack)")
+        return self
+
+    @property
+    def all_vips(self) -> list[IPv4Address | IPv6Address]:
+        return [self.vip] if self.vip is not None else list(self.vips or [])
 
 
 class ConfigFile(_Strict):
@@ -287,16 +337,17 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             yield Problem(f"services[{i}].name", _short(svc.name),
                           f"duplicate service {key} (also services[{seen_services[key]}])")
         seen_services.setdefault(key, i)
-        if svc.vip.version not in families:
-            yield Problem(f"services[{i}].vip", _short(str(svc.vip)),
-                          f"no node has an IPv{svc.vip.version} address to forward this VIP to")
-        first = vip_attributes.setdefault(str(svc.vip), (i, svc.bgp))
-        if first[1] != svc.bgp:
-            yield Problem(f"services[{i}].bgp", _short(svc.bgp.model_dump(by_alias=True)),
-                          f"services sharing VIP {svc.vip} must announce it with the same attributes "
-                          f"as services[{first[0]}]")
-        if svc.vip.is_loopback or svc.vip.is_multicast or svc.vip.is_unspecified or svc.vip.is_link_local:
-            yield Problem(f"services[{i}].vip", _short(str(svc.vip)), "a VIP must be a unicast, routable address")
+        yield from _check_vips(i, svc, families, vip_attributes)
+        if svc.external_traffic_policy == "Local" and svc.health_check_node_port is None:
+            yield Problem(f"services[{i}].healthCheckNodePort", "nothing",
+                          "externalTrafficPolicy Local needs the Service's healthCheckNodePort (kube-proxy's "
+                          "answer says which nodes have a ready endpoint)")
+        if svc.health_check_node_port is not None:
+            hc = ("TCP", svc.health_check_node_port)
+            if hc in seen_node_ports:
+                yield Problem(f"services[{i}].healthCheckNodePort", str(svc.health_check_node_port),
+                              f"port {svc.health_check_node_port} is already used by {seen_node_ports[hc]}")
+            seen_node_ports.setdefault(hc, key)
         port_names: set[str] = set()
         for j, port in enumerate(svc.ports):
             where = f"services[{i}].ports[{j}]"
@@ -305,12 +356,13 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             if port.name and port.name in port_names:
                 yield Problem(f"{where}.name", _short(port.name), "duplicate port name in this service")
             port_names.add(port.name)
-            frontend = (str(svc.vip), port.protocol, port.port)
-            if frontend in seen_frontends:
-                yield Problem(f"{where}.port", str(port.port),
-                              f"{port.protocol} {svc.vip} port {port.port} is already used by "
-                              f"{seen_frontends[frontend]}")
-            seen_frontends.setdefault(frontend, key)
+            for vip in svc.all_vips:
+                frontend = (str(vip), port.protocol, port.port)
+                if frontend in seen_frontends:
+                    yield Problem(f"{where}.port", str(port.port),
+                                  f"{port.protocol} {vip} port {port.port} is already used by "
+                                  f"{seen_frontends[frontend]}")
+                seen_frontends.setdefault(frontend, key)
             node_port = (port.protocol, port.node_port)
             if node_port in seen_node_ports:
                 yield Problem(f"{where}.nodePort", str(port.node_port),
@@ -319,12 +371,36 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             seen_node_ports.setdefault(node_port, key)
 
 
+def _check_vips(
+    i: int, svc: ServiceEntry, families: set[int], vip_attributes: dict[str, tuple[int, ServiceBgpEntry]]
+) -> Iterable[Problem]:
+    field = "vip" if svc.vip is not None else "vips"
+    vips = svc.all_vips
+    if len({v.version for v in vips}) != len(vips):
+        yield Problem(f"services[{i}].vips", _short([str(v) for v in vips]), "at most one VIP per family")
+    for vip in vips:
+        if vip.version not in families:
+            yield Problem(f"services[{i}].{field}", _short(str(vip)),
+                          f"no node has an IPv{vip.version} address to forward this VIP to")
+        if vip.is_loopback or vip.is_multicast or vip.is_unspecified or vip.is_link_local:
+            yield Problem(f"services[{i}].{field}", _short(str(vip)), "a VIP must be a unicast, routable address")
+        first = vip_attributes.setdefault(str(vip), (i, svc.bgp))
+        if first[1] != svc.bgp:
+            yield Problem(f"services[{i}].bgp", _short(svc.bgp.model_dump(by_alias=True)),
+                          f"services sharing VIP {vip} must announce it with the same attributes "
+                          f"as services[{first[0]}]")
+
+
 def _health(defaults: model.HealthCheck, section: HealthCheckSection) -> model.HealthCheck:
     return model.HealthCheck(
         interval=section.interval if section.interval is not None else defaults.interval,
         timeout=section.timeout if section.timeout is not None else defaults.timeout,
         rise=section.rise if section.rise is not None else defaults.rise,
         fall=section.fall if section.fall is not None else defaults.fall,
+        kube_proxy_healthz=(
+            section.kube_proxy_healthz if section.kube_proxy_healthz is not None else defaults.kube_proxy_healthz
+        ),
+        kube_proxy_port=section.kube_proxy_port if section.kube_proxy_port is not None else defaults.kube_proxy_port,
     )
 
 
@@ -351,26 +427,37 @@ def _to_model(config: ConfigFile) -> model.Model:
             graceful_restart=config.bgp.graceful_restart,
             exabgp=config.bgp.exabgp,
         ),
-        nodes=tuple(model.Node(name=n.name, addresses=tuple(n.addresses)) for n in config.nodes),
+        nodes=tuple(
+            model.Node(name=n.name, addresses=tuple(n.addresses), weight=n.weight, draining=n.draining)
+            for n in config.nodes
+        ),
         services=tuple(
             model.Service(
                 namespace=s.namespace,
                 name=s.name,
-                vip=s.vip,
+                vips=tuple(s.all_vips),
                 ports=tuple(
                     model.ServicePort(p.name, model.Protocol(p.protocol), p.port, p.node_port) for p in s.ports
                 ),
                 external_traffic_policy=model.TrafficPolicy(s.external_traffic_policy),
                 health_check=_health(defaults, s.health_check),
                 bgp=model.BgpAttributes(s.bgp.med, s.bgp.local_pref, tuple(s.bgp.communities)),
+                health_check_node_port=s.health_check_node_port,
+                forwarding_mode=model.ForwardingMode(s.forwarding_mode or config.dataplane.forwarding_mode),
+                session_affinity_timeout=(
+                    s.session_affinity_config.client_ip.timeout_seconds if s.session_affinity == "ClientIP" else None
+                ),
+                source_ranges=tuple(s.load_balancer_source_ranges),
+                ipvs_scheduler=s.ipvs_scheduler,
             )
             for s in config.services
         ),
         dataplane=model.Dataplane(
-            kind=config.dataplane.kind,
+            kind=model.DataplaneKind(config.dataplane.kind),
             table=config.dataplane.table,
             masquerade_mark=config.dataplane.masquerade_mark,
             manage_sysctls=config.dataplane.manage_sysctls,
+            maglev_table_size=config.dataplane.maglev_table_size,
         ),
         agent=model.Agent(
             drain_seconds=config.agent.drain_seconds,

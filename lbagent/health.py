@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -14,8 +15,6 @@ from lbagent.logfmt import event
 
 log = logging.getLogger("lbagent.health")
 
-# Returns None when the probe passed, else a short reason ("connection refused", "timeout").
-Prober = Callable[[model.IPAddress, int, float], Awaitable[str | None]]
 HealthKey = tuple[str, str]  # (service key, node name)
 
 
@@ -48,12 +47,13 @@ class ProbeState:
 
 @dataclass(frozen=True)
 class Target:
-    """What is probed for one (service, node): the node's address of the VIP's family and the TCP nodePorts."""
+    """What is probed for one (service, node): how, at which node address, on which ports."""
 
     service: str
     node: str
+    kind: model.ProbeKind
     address: model.IPAddress
-    ports: tuple[int, ...]
+    ports: tuple[int, ...]  # TCP nodePorts, or the one HTTP port (healthCheckNodePort, kube-proxy's healthz)
     check: model.HealthCheck
 
     @property
@@ -62,14 +62,23 @@ class Target:
 
 
 def targets(m: model.Model) -> dict[HealthKey, Target]:
-    """Every probe the model calls for. UDP cannot be connect-probed: a UDP-only service probes nothing."""
+    """Every probe the model calls for. A UDP-only Cluster service has nothing to connect to: it probes
+    nothing unless kube-proxy's healthz is enabled (recommended for UDP)."""
     out: dict[HealthKey, Target] = {}
     for service in m.services:
-        tcp_ports = tuple(p.node_port for p in service.ports if p.protocol is model.Protocol.TCP)
+        kind = service.probe
+        if kind is model.ProbeKind.HEALTH_CHECK_NODE_PORT:
+            ports: tuple[int, ...] = (service.health_check_node_port or 0,)
+        elif kind is model.ProbeKind.KUBE_PROXY:
+            ports = (service.health_check.kube_proxy_port,)
+        else:
+            ports = tuple(p.node_port for p in service.ports if p.protocol is model.Protocol.TCP)
         for node in m.nodes:
-            address = node.address_for(service.vip)
+            # Node health does not depend on the family: probe the address of the service's first VIP family.
+            address = next((a for v in service.vips if (a := node.address_for(v)) is not None), None)
             if address is not None:
-                out[(service.key, node.name)] = Target(service.key, node.name, address, tcp_ports, service.health_check)
+                out[(service.key, node.name)] = Target(service.key, node.name, kind, address, ports,
+                                                       service.health_check)
     return out
 
 
@@ -88,6 +97,64 @@ async def tcp_probe(address: model.IPAddress, port: int, timeout: float) -> str 
     return None
 
 
+async def http_probe(address: model.IPAddress, port: int, path: str, timeout: float) -> tuple[int, bytes] | str:
+    """GET http://address:port/path; the status and body, or a short reason it failed."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(str(address), port)
+            try:
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: lbagent\r\n\r\n".encode())
+                await writer.drain()
+                response = await reader.read(65536)
+            finally:
+                writer.close()
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__).lower()
+    head, _, body = response.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return "not an HTTP answer"
+    return int(parts[1]), body
+
+
+def _local_endpoints(body: bytes) -> int | None:
+    try:
+        doc = json.loads(body)
+        return int(doc["localEndpoints"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def probe(target: Target) -> str | None:
+    """One probe round for a (service, node) pair: None when it passed, else the reason it failed."""
+    timeout = target.check.timeout
+    if target.kind is model.ProbeKind.NODE_PORT:
+        for port in target.ports:
+            error = await tcp_probe(target.address, port, timeout)
+            if error is not None:
+                return f"{target.address}:{port} {error}"
+        return None
+    path = "/healthz" if target.kind is model.ProbeKind.KUBE_PROXY else "/"
+    result = await http_probe(target.address, target.ports[0], path, timeout)
+    where = f"{target.address}:{target.ports[0]}{path}"
+    if isinstance(result, str):
+        return f"{where} {result}"
+    status, body = result
+    if target.kind is model.ProbeKind.HEALTH_CHECK_NODE_PORT:
+        # kube-proxy: 200 with localEndpoints > 0 when the node has a ready endpoint of the service, else 503.
+        count = _local_endpoints(body)
+        if status == 200 and (count is None or count > 0):
+            return None
+        return f"{where} noLocalEndpoints (HTTP {status}, localEndpoints {count})"
+    return None if status == 200 else f"{where} HTTP {status}"
+
+
+Prober = Callable[[Target], Awaitable[str | None]]
+
+
 @dataclass
 class _Probe:
     target: Target
@@ -98,7 +165,7 @@ class _Probe:
 class HealthChecker:
     """Runs one probe loop per target and tells `on_change` whenever a verdict flips."""
 
-    def __init__(self, on_change: Callable[[], None], prober: Prober = tcp_probe) -> None:
+    def __init__(self, on_change: Callable[[], None], prober: Prober = probe) -> None:
         self._on_change = on_change
         self._prober = prober
         self._probes: dict[HealthKey, _Probe] = {}
@@ -144,15 +211,13 @@ class HealthChecker:
         await self._complete.wait()
 
     async def probe_once(self, key: HealthKey) -> None:
-        """One probe round for a pair: every TCP nodePort must answer."""
+        """One probe round for a pair, then the hysteresis."""
         probe = self._probes[key]
         target = probe.target
-        error: str | None = None
-        for port in target.ports:
-            error = await self._prober(target.address, port, target.check.timeout)
-            if error is not None:
-                error = f"{target.address}:{port} {error}"
-                break
+        try:
+            error = await self._prober(target)
+        except Exception as exc:  # a probe that breaks is a failed probe, never a dead probe loop
+            error = f"probe error: {type(exc).__name__}: {exc}"
         was = probe.state.healthy
         flipped = probe.state.observe(error)
         if self.complete():

@@ -6,9 +6,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv6Address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 
 class Protocol(StrEnum):
@@ -21,6 +22,27 @@ class TrafficPolicy(StrEnum):
     LOCAL = "Local"
 
 
+class ForwardingMode(StrEnum):
+    """How the client's address reaches the node: hidden behind the LB's (masquerade) or kept (nat)."""
+
+    MASQUERADE = "masquerade"
+    NAT = "nat"
+
+
+class DataplaneKind(StrEnum):
+    NFTABLES = "nftables"
+    IPTABLES = "iptables"
+    IPVS = "ipvs"
+
+
+class ProbeKind(StrEnum):
+    """What is asked of a node to decide whether it takes a service's traffic."""
+
+    NODE_PORT = "nodePort"  # TCP connect to each TCP nodePort
+    KUBE_PROXY = "kubeProxyHealthz"  # kube-proxy's /healthz (503 while the node drains)
+    HEALTH_CHECK_NODE_PORT = "healthCheckNodePort"  # Local: kube-proxy says the node has a ready endpoint
+
+
 @dataclass(frozen=True)
 class HealthCheck:
     """How a node is probed for one service: every `interval`, give up after `timeout`, hysteresis."""
@@ -29,6 +51,8 @@ class HealthCheck:
     timeout: float
     rise: int
     fall: int
+    kube_proxy_healthz: bool = False
+    kube_proxy_port: int = 10256
 
     @property
     def window(self) -> float:
@@ -57,11 +81,16 @@ class BgpAttributes:
 class Service:
     namespace: str
     name: str
-    vip: IPAddress
+    vips: tuple[IPAddress, ...]  # one per family: dual stack when both
     ports: tuple[ServicePort, ...]
     external_traffic_policy: TrafficPolicy
     health_check: HealthCheck
     bgp: BgpAttributes = field(default_factory=BgpAttributes)
+    health_check_node_port: int | None = None
+    forwarding_mode: ForwardingMode = ForwardingMode.MASQUERADE
+    session_affinity_timeout: int | None = None  # ClientIP affinity when set
+    source_ranges: tuple[IPNetwork, ...] = ()  # loadBalancerSourceRanges; empty: everyone
+    ipvs_scheduler: str = "mh"
 
     @property
     def key(self) -> str:
@@ -69,9 +98,15 @@ class Service:
         return f"{self.namespace}/{self.name}"
 
     @property
-    def prefix(self) -> str:
-        """The host route announced for the VIP: /32 or /128."""
-        return str(ip_network(self.vip))
+    def probe(self) -> ProbeKind:
+        if self.external_traffic_policy is TrafficPolicy.LOCAL:
+            return ProbeKind.HEALTH_CHECK_NODE_PORT
+        return ProbeKind.KUBE_PROXY if self.health_check.kube_proxy_healthz else ProbeKind.NODE_PORT
+
+
+def host_prefix(vip: IPAddress) -> str:
+    """The host route announced for a VIP: /32 or /128."""
+    return str(ip_network(vip))
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,8 @@ class Node:
 
     name: str
     addresses: tuple[IPAddress, ...]
+    weight: int = 1  # share of new flows relative to the other nodes
+    draining: bool = False  # no new flows; established ones continue
 
     def address_for(self, vip: IPAddress) -> IPAddress | None:
         """The node's address of the VIP's family: NAT cannot cross families."""
@@ -115,10 +152,11 @@ class Bgp:
 class Dataplane:
     """The L4 forwarder's settings."""
 
-    kind: str = "nftables"
+    kind: DataplaneKind = DataplaneKind.NFTABLES
     table: str = "lbagent"
     masquerade_mark: int = 0x00200000
     manage_sysctls: bool = True
+    maglev_table_size: int = 1021  # prime; slots per Maglev lookup table
 
 
 @dataclass(frozen=True)

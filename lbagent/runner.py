@@ -53,8 +53,11 @@ class BoundedFrequencyRunner:
         while True:
             timeout = max(0.0, next_deadline - self._clock())
             if not self._dirty.is_set():
+                # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancellation that
+                # races with the event being set, and the agent would then never finish stopping.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._dirty.wait()
             resync = not self._dirty.is_set()
             if self._last_start is not None:
                 gap = self._min_interval - (self._clock() - self._last_start)

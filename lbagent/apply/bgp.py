@@ -297,7 +297,9 @@ class ExaBgpSpeaker:
         try:
             conn.writer.write(line.encode("ascii") + b"\n")
             await conn.writer.drain()
-            result = await asyncio.wait_for(answer, self._ack_timeout)
+            # asyncio.timeout rather than wait_for, which in Python 3.11 can swallow a racing cancellation.
+            async with asyncio.timeout(self._ack_timeout):
+                result = await answer
         except TimeoutError:
             self._log.error("ExaBGP did not answer within %g s: restarting it", self._ack_timeout)
             # A late answer would be taken for the next command's: this instance cannot be trusted.
@@ -444,7 +446,8 @@ class ExaBgpSpeaker:
                 delay = low
             self._log.warning("restarting ExaBGP in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._kick.wait()
             delay = min(delay * 2, high)
 
     async def _spawn(self) -> asyncio.subprocess.Process:
@@ -560,7 +563,8 @@ class ExaBgpSpeaker:
             if remaining <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pulse.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._pulse.wait()
         return True
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import shutil
 
 from lbagent.logfmt import event
+from lbagent.render.nftables import Ruleset, render_delta, render_full
 
 log = logging.getLogger("lbagent.dataplane")
 
@@ -30,21 +32,32 @@ async def run_nft(args: list[str], script: str | None = None) -> str:
 
 
 class NftForwarder:
-    """Owns one `table inet <name>`; skips a script identical to the last one applied, except on a resync."""
+    """Owns one `table inet <name>`: sends only what changed, and the whole table on a resync or a refusal."""
 
     def __init__(self) -> None:
-        self.applied: str | None = None
+        self.applied: Ruleset | None = None
 
-    async def apply(self, script: str, force: bool = False) -> bool:
-        """Apply the script; True when nft was run."""
-        if script == self.applied and not force:
-            return False
-        await run_nft(["-f", "-"], script)
-        changed = script != self.applied
-        self.applied = script
+    async def apply(self, ruleset: Ruleset, force: bool = False) -> str:
+        """Bring the kernel to `ruleset`; returns what was done: "full", "delta" or "unchanged"."""
+        delta = None if force or self.applied is None else render_delta(self.applied, ruleset)
+        if delta == "":
+            return "unchanged"
+        how = "full"
+        if delta is not None:
+            try:
+                await run_nft(["-f", "-"], delta)
+                how = "delta"
+            except NftError as exc:
+                # The kernel kept the old state (all or nothing): repair by replacing the whole table.
+                event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
+        if how == "full":
+            await run_nft(["-f", "-"], render_full(ruleset))
+        changed = self.applied != ruleset
+        self.applied = copy.deepcopy(ruleset)
         if changed:
-            event(log, logging.INFO, "dataplane_applied", kind="nftables", bytes=len(script))
-        return True
+            event(log, logging.INFO, "dataplane_applied", kind="nftables", how=how,
+                  frontends=sum(len(d) for d in ruleset.dispatch.values()), lookup_tables=len(ruleset.tables))
+        return how
 
     async def listing(self, table: str) -> str:
         return await run_nft(["list", "table", "inet", table])

@@ -2,6 +2,7 @@
 
 from tests.lab.lab import (
     HOSTS,
+    KUBE_PROXY_PORT,
     LBS,
     NODES,
     CommandError,
@@ -9,12 +10,14 @@ from tests.lab.lab import (
     LabError,
     LabTimeout,
     address,
+    address6,
     check_requirements,
     wait_for,
 )
 
 __all__ = [
     "HOSTS",
+    "KUBE_PROXY_PORT",
     "LBS",
     "NODES",
     "CommandError",
@@ -22,6 +25,7 @@ __all__ = [
     "LabError",
     "LabTimeout",
     "address",
+    "address6",
     "check_requirements",
     "wait_for",
 ]

@@ -40,7 +40,7 @@ def _attach(prefix: str | None) -> Lab:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = Lab(prefix=args.prefix, start_agents=not args.no_agents)
+    lab = Lab(prefix=args.prefix, start_agents=not args.no_agents, ipv6=args.ipv6, return_path=not args.no_return_path)
     lab.up()
     lab.detach()
     print(json.dumps(lab.topology(), indent=2))
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="build a lab, print its topology, leave it running")
     p.add_argument("--prefix", help="namespace prefix (default: lab + 4 random hex digits)")
     p.add_argument("--no-agents", action="store_true", help="do not start lbagent on the LBs")
+    p.add_argument("--ipv6", action="store_true", help="dual stack: IPv6 addresses, routes and BGP sessions too")
+    p.add_argument("--no-return-path", action="store_true",
+                   help="no mark-based return path on the nodes (only masquerade mode works then)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("exec", help="run a command in a lab host: exec HOST -- CMD ...")

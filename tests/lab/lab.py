@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ BACKEND = Path(__file__).resolve().with_name("backend.py")
 ROUTER_AS = 64500
 LB_AS = 64512
 ROUTER_UPLINK = "198.51.100.1"
+ROUTER_UPLINK6 = "2001:db8:1::1"
+KUBE_PROXY_PORT = 10256  # kube-proxy's /healthz, served by every node's backend
+RETURN_TABLES = {"lb1": 101, "lb2": 102}  # nat return path: fwmark N (and routing table 100 + N) per LB
+RETURN_MARKS = {"lb1": 1, "lb2": 2}
 DEFAULT_SERVICES: list[dict[str, Any]] = [
     {
         "name": "web",
@@ -96,16 +102,23 @@ def wait_for(
 
 @dataclass(frozen=True)
 class Host:
-    """One namespace of the lab: its role, its interfaces (name -> address/prefix) and default gateway."""
+    """One namespace of the lab: its role, its interfaces (name -> address/prefix) and default gateway, the
+    same for IPv6 (configured only in a Lab(ipv6=True))."""
 
     name: str
     role: str
     interfaces: dict[str, str] = field(default_factory=dict)
     gateway: str | None = None
+    interfaces6: dict[str, str] = field(default_factory=dict)
+    gateway6: str | None = None
 
     @property
     def addresses(self) -> list[str]:
         return [cidr.split("/")[0] for cidr in self.interfaces.values()]
+
+    @property
+    def addresses6(self) -> list[str]:
+        return [cidr.split("/")[0] for cidr in self.interfaces6.values()]
 
 
 @dataclass(frozen=True)
@@ -125,13 +138,17 @@ HOSTS: dict[str, Host] = {
     h.name: h
     for h in (
         Host("sw", "switch"),
-        Host("client", "client", {"eth0": "192.0.2.130/25"}, "192.0.2.129"),
-        Host("router", "router", {"client": "192.0.2.129/25", "uplink": f"{ROUTER_UPLINK}/24"}),
-        Host("lb1", "lb", {"uplink": "198.51.100.11/24", "cluster": "203.0.113.2/24"}, ROUTER_UPLINK),
-        Host("lb2", "lb", {"uplink": "198.51.100.12/24", "cluster": "203.0.113.3/24"}, ROUTER_UPLINK),
-        Host("node1", "node", {"eth0": "203.0.113.11/24"}),
-        Host("node2", "node", {"eth0": "203.0.113.12/24"}),
-        Host("node3", "node", {"eth0": "203.0.113.13/24"}),
+        Host("client", "client", {"eth0": "192.0.2.130/25"}, "192.0.2.129",
+             {"eth0": "2001:db8:c::130/64"}, "2001:db8:c::129"),
+        Host("router", "router", {"client": "192.0.2.129/25", "uplink": f"{ROUTER_UPLINK}/24"}, None,
+             {"client": "2001:db8:c::129/64", "uplink": f"{ROUTER_UPLINK6}/64"}),
+        Host("lb1", "lb", {"uplink": "198.51.100.11/24", "cluster": "203.0.113.2/24"}, ROUTER_UPLINK,
+             {"uplink": "2001:db8:1::11/64", "cluster": "2001:db8:2::2/64"}, ROUTER_UPLINK6),
+        Host("lb2", "lb", {"uplink": "198.51.100.12/24", "cluster": "203.0.113.3/24"}, ROUTER_UPLINK,
+             {"uplink": "2001:db8:1::12/64", "cluster": "2001:db8:2::3/64"}, ROUTER_UPLINK6),
+        Host("node1", "node", {"eth0": "203.0.113.11/24"}, None, {"eth0": "2001:db8:2::11/64"}),
+        Host("node2", "node", {"eth0": "203.0.113.12/24"}, None, {"eth0": "2001:db8:2::12/64"}),
+        Host("node3", "node", {"eth0": "203.0.113.13/24"}, None, {"eth0": "2001:db8:2::13/64"}),
     )
 }
 BRIDGES = ("br-uplink", "br-cluster")
@@ -143,6 +160,8 @@ CABLES: tuple[Cable, ...] = (
     *(Cable(node, "eth0", "sw", f"cl-{node}", "br-cluster") for node in NODES),
 )
 SYSCTLS: dict[str, tuple[str, ...]] = {
+    # No TIME_WAIT on the client: request(local_port=N) can reuse a source port at once.
+    "client": ("net.ipv4.tcp_max_tw_buckets=0",),
     "router": ("net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"),
     "lb1": ("net.ipv4.ip_forward=1",),
     "lb2": ("net.ipv4.ip_forward=1",),
@@ -152,6 +171,22 @@ SYSCTLS: dict[str, tuple[str, ...]] = {
         "net.bridge.bridge-nf-call-arptables=0",
     ),
 }
+SYSCTLS6: dict[str, tuple[str, ...]] = {
+    "router": ("net.ipv6.conf.all.forwarding=1", "net.ipv6.fib_multipath_hash_policy=1"),
+    "lb1": ("net.ipv6.conf.all.forwarding=1",),
+    "lb2": ("net.ipv6.conf.all.forwarding=1",),
+}
+# On the nodes with the nat return path: no reverse-path filter (the client's address is reachable only through
+# the mark's table), marks count in source validation, and TCP/ICMP answers are routed with the request's mark.
+RETURN_PATH_SYSCTLS = (
+    "net.ipv4.conf.all.rp_filter=0",
+    "net.ipv4.conf.default.rp_filter=0",
+    "net.ipv4.conf.eth0.rp_filter=0",
+    "net.ipv4.conf.all.src_valid_mark=1",
+    "net.ipv4.tcp_fwmark_accept=1",
+    "net.ipv4.fwmark_reflect=1",
+    "net.ipv6.fwmark_reflect=1",
+)
 
 
 def address(host: str, ifname: str | None = None) -> str:
@@ -159,6 +194,31 @@ def address(host: str, ifname: str | None = None) -> str:
     interfaces = HOSTS[host].interfaces
     cidr = interfaces[ifname] if ifname is not None else next(iter(interfaces.values()))
     return cidr.split("/")[0]
+
+
+def address6(host: str, ifname: str | None = None) -> str:
+    """A host's IPv6 address (configured in a Lab(ipv6=True)) without prefix length: the interface's, or its first."""
+    interfaces = HOSTS[host].interfaces6
+    cidr = interfaces[ifname] if ifname is not None else next(iter(interfaces.values()))
+    return cidr.split("/")[0]
+
+
+def link_local(host: str, ifname: str) -> str:
+    """The fixed link-local address of an interface in a Lab(ipv6=True): fe80:: plus its global address's
+    interface identifier (fe80::11 for 2001:db8:1::11), added without DAD like the global one."""
+    iid = int(ipaddress.IPv6Address(address6(host, ifname))) & ((1 << 64) - 1)
+    return str(ipaddress.IPv6Address((0xFE80 << 112) | iid))
+
+
+def mac_address(host: str, ifname: str) -> str:
+    """The fixed MAC of an addressed interface: 02:00 (locally administered) then its IPv4 address in hex."""
+    octets = ipaddress.IPv4Address(address(host, ifname)).packed
+    return "02:00:" + ":".join(f"{b:02x}" for b in octets)
+
+
+def service_key(service: Mapping[str, Any]) -> str:
+    """A service's `namespace/name` (namespace defaults to "default"), as lbagent and kube-proxy name it."""
+    return f"{service.get('namespace') or 'default'}/{service['name']}"
 
 
 def _env() -> dict[str, str]:
@@ -300,6 +360,8 @@ class Lab:
         router_hold_time: int = 9,
         router_passive: bool = True,
         run_root: Path = RUN_ROOT,
+        ipv6: bool = False,
+        return_path: bool = True,
     ) -> None:
         self._random_prefix = prefix is None
         self.prefix = prefix if prefix is not None else _random_prefix(run_root)
@@ -309,9 +371,15 @@ class Lab:
         self.start_agents = start_agents
         self.repo = Path(repo)
         self.router_as = router_as
-        self.bgp_peers: dict[str, int] = dict(
-            bgp_peers if bgp_peers is not None else {address(lb, "uplink"): LB_AS for lb in LBS}
-        )
+        self.ipv6 = ipv6
+        self.return_path = return_path
+        default_peers = {address(lb, "uplink"): LB_AS for lb in LBS}
+        if ipv6:
+            default_peers.update({address6(lb, "uplink"): LB_AS for lb in LBS})
+        self.bgp_peers: dict[str, int] = dict(bgp_peers if bgp_peers is not None else default_peers)
+        if not ipv6 and any(":" in peer for peer in self.bgp_peers):
+            raise LabError("IPv6 BGP peers need Lab(ipv6=True)")
+        self._check_ports()
         self.router_hold_time = router_hold_time
         self.router_passive = router_passive
         self.run_root = Path(run_root)
@@ -320,6 +388,7 @@ class Lab:
         self._pids: dict[str, int] = {}  # "host/name" -> pid, for every process the lab started
         self._log_offsets: dict[str, int] = {}  # "host/name" -> where its latest start began in its log
         self._atexit_registered = False
+        self._health_lock = threading.Lock()
 
     # ----- lifecycle -------------------------------------------------------------------------------
 
@@ -341,6 +410,8 @@ class Lab:
             router_hold_time=state["routerHoldTime"],
             router_passive=state["routerPassive"],
             run_root=run_root,
+            ipv6=state.get("ipv6", False),
+            return_path=state.get("returnPath", False),
         )
         lab._pids = {k: int(v) for k, v in state["pids"].items()}
         lab._log_offsets = {k: int(v) for k, v in state["logOffsets"].items()}
@@ -427,21 +498,31 @@ class Lab:
             (self.state_dir / host).mkdir()
         self._save_state()
         _run(["ip", "-batch", "-"], "".join(f"netns add {ns}\n" for ns in self.namespaces()))
+        # Each veth end gets its own ifindex (100 + i here, 200 + i there): when both ends of a pair share one,
+        # the kernel's linkwatch treats the carrier change as not urgent and delays it up to a second, and
+        # IPv6 (operstate) or the first packets (qdisc) wait for it.
         _run(
             ["ip", "-batch", "-"],
             "".join(
-                f"link add name {c.ifname} netns {self.ns(c.host)} type veth "
-                f"peer name {c.peer_ifname} netns {self.ns(c.peer)}\n"
-                for c in CABLES
+                f"link add name {c.ifname} index {100 + i} address {mac_address(c.host, c.ifname)} "
+                f"netns {self.ns(c.host)} type veth peer name {c.peer_ifname} index {200 + i} netns {self.ns(c.peer)}\n"
+                for i, c in enumerate(CABLES)
             ),
         )
+        for node in NODES:
+            _atomic_write(self.health_state_path(node), json.dumps(_DEFAULT_HEALTH_STATE) + "\n")
         jobs: list[tuple[Sequence[str], str | None]] = [
             (["ip", "-n", self.ns(host), "-batch", "-"], self._link_script(host)) for host in HOSTS
         ]
         jobs += [
             (["ip", "netns", "exec", self.ns(host), "sysctl", "-q", "-e", "-w", *values], None)
-            for host, values in SYSCTLS.items()
+            for host, values in self._sysctls().items()
         ]
+        if self.return_path:
+            for node in NODES:
+                jobs.append((["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], self.return_path_ruleset()))
+                if self.ipv6:
+                    jobs.append((["ip", "-6", "-n", self.ns(node), "-batch", "-"], self._return_rules6()))
         _run_all(jobs)
         self._write_bird_config()
         self.spawn("router", "bird", self._bird_argv())
@@ -459,20 +540,89 @@ class Lab:
         self._save_state()
 
     def _link_script(self, host: str) -> str:
+        """`ip -batch` lines that set up a host: bridges, addresses, default routes, the return path's tables."""
         lines = ["link set dev lo up"]
         if host == "sw":
             for bridge in BRIDGES:
-                lines += [f"link add name {bridge} type bridge", f"link set dev {bridge} up"]
+                lines.append(f"link add name {bridge} type bridge mcast_snooping 0")
+                if self.ipv6:
+                    lines.append(f"link set dev {bridge} addrgenmode none")
+                lines.append(f"link set dev {bridge} up")
         for cable in CABLES:
             if cable.peer == host:
                 if cable.bridge is not None:
                     lines.append(f"link set dev {cable.peer_ifname} master {cable.bridge}")
+                if self.ipv6:
+                    lines.append(f"link set dev {cable.peer_ifname} addrgenmode none")
                 lines.append(f"link set dev {cable.peer_ifname} up")
-        for ifname, cidr in HOSTS[host].interfaces.items():
-            lines += [f"addr add {cidr} dev {ifname}", f"link set dev {ifname} up"]
-        gateway = HOSTS[host].gateway
-        if gateway is not None:
-            lines.append(f"route add default via {gateway}")
+        h = HOSTS[host]
+        for ifname, cidr in h.interfaces.items():
+            lines.append(f"addr add {cidr} dev {ifname}")
+            if self.ipv6:  # no DAD (usable at once), and a fixed link-local address instead of a generated one
+                lines += [
+                    f"link set dev {ifname} addrgenmode none",
+                    f"addr add {h.interfaces6[ifname]} dev {ifname} nodad",
+                    f"addr add {link_local(host, ifname)}/64 dev {ifname} nodad",
+                ]
+            lines.append(f"link set dev {ifname} up")
+        if h.gateway is not None:
+            lines.append(f"route add default via {h.gateway}")
+        if self.ipv6 and h.gateway6 is not None:
+            lines.append(f"route add default via {h.gateway6}")
+        if host in NODES and self.return_path:
+            for lb in LBS:
+                lines += [
+                    f"rule add fwmark {RETURN_MARKS[lb]} table {RETURN_TABLES[lb]}",
+                    f"route add default via {address(lb, 'cluster')} table {RETURN_TABLES[lb]}",
+                ]
+                if self.ipv6:
+                    lines.append(f"route add default via {address6(lb, 'cluster')} table {RETURN_TABLES[lb]}")
+            # The last-resort table `default` (rule 32767, after main): a UDP answer's first route lookup uses the
+            # socket's mark (0) and needs *a* route to the client before the output hook re-routes it by the
+            # connection's mark. (TCP and ICMP answers carry the request's mark from the start: fwmark_accept,
+            # fwmark_reflect.) Main stays without a default route.
+            lines.append(f"route add default via {address(LBS[0], 'cluster')} table default")
+            if self.ipv6:
+                lines.append(f"route add default via {address6(LBS[0], 'cluster')} table default")
+        return "".join(line + "\n" for line in lines)
+
+    @staticmethod
+    def _return_rules6() -> str:
+        """IPv6 policy rules of the return path (`ip -6 -batch`): the marks' tables, and the last-resort table
+        `default` after main as IPv4 has it built in."""
+        lines = [f"rule add fwmark {RETURN_MARKS[lb]} table {RETURN_TABLES[lb]}" for lb in LBS]
+        lines.append("rule add priority 32767 table default")
+        return "".join(line + "\n" for line in lines)
+
+    def _sysctls(self) -> dict[str, tuple[str, ...]]:
+        sysctls = dict(SYSCTLS)
+        if self.ipv6:
+            for host, values in SYSCTLS6.items():
+                sysctls[host] = sysctls.get(host, ()) + values
+        if self.return_path:
+            for node in NODES:
+                sysctls[node] = sysctls.get(node, ()) + RETURN_PATH_SYSCTLS
+        return sysctls
+
+    def return_path_ruleset(self) -> str:
+        """The nftables table the nodes get for the nat return path (Lab(return_path=True)).
+
+        Every packet from an LB's MAC stamps the connection with that LB's mark (so it follows the LB that
+        forwarded its latest packet); the mark is copied onto the packets of the connection in both
+        directions, and `ip rule fwmark N table 100+N` routes the answers back through that LB."""
+        lines = [
+            "table inet lab_return {",
+            "    chain prerouting {",
+            "        type filter hook prerouting priority mangle; policy accept;",
+            *(f"        ether saddr {mac_address(lb, 'cluster')} ct mark set {RETURN_MARKS[lb]}" for lb in LBS),
+            "        ct mark != 0 meta mark set ct mark",
+            "    }",
+            "    chain output {",
+            "        type route hook output priority mangle; policy accept;",
+            "        ct mark != 0 meta mark set ct mark",
+            "    }",
+            "}",
+        ]
         return "".join(line + "\n" for line in lines)
 
     def _save_state(self) -> None:
@@ -486,6 +636,8 @@ class Lab:
             "bgpPeers": self.bgp_peers,
             "routerHoldTime": self.router_hold_time,
             "routerPassive": self.router_passive,
+            "ipv6": self.ipv6,
+            "returnPath": self.return_path,
             "services": self.services,
             "startAgents": self.start_agents,
             "topology": self.topology(),
@@ -597,27 +749,36 @@ class Lab:
         return ["bird", "-f", "-c", str(d / "bird.conf"), "-s", str(self.bird_socket), "-P", str(d / "bird.pid")]
 
     def bird_protocol_name(self, peer: str) -> str:
-        """The BIRD protocol of a BGP peer: the LB's name for an LB address, else peer_<address>."""
+        """The BIRD protocol of a BGP peer: the LB's name for an LB address (`lb1`; `lb1v6` for its IPv6
+        address), else peer_<address>."""
         for lb in LBS:
             if address(lb, "uplink") == peer:
                 return lb
+            if address6(lb, "uplink") == peer:
+                return f"{lb}v6"
         return "peer_" + re.sub(r"[^0-9A-Za-z]", "_", peer)
 
     def _write_bird_config(self) -> None:
         peers = "".join(
             f"""
 protocol bgp {self.bird_protocol_name(peer)} {{
-    local {ROUTER_UPLINK} as {self.router_as};
+    local {ROUTER_UPLINK6 if ":" in peer else ROUTER_UPLINK} as {self.router_as};
     neighbor {peer} as {peer_as};
     passive {"on" if self.router_passive else "off"};
     hold time {self.router_hold_time};
     connect delay time 1;
     error wait time 1, 1;
-    ipv4 {{ import all; export none; }};
+    {"ipv6" if ":" in peer else "ipv4"} {{ import all; export none; }};
 }}
 """
             for peer, peer_as in self.bgp_peers.items()
         )
+        kernel6 = """
+protocol kernel kernel6 {
+    ipv6 { export where source = RTS_BGP; };
+    merge paths yes limit 16;
+}
+""" if self.ipv6 else ""
         text = f"""# generated by tests/lab for lab {self.prefix}
 log stderr all;
 timeformat protocol "%T";
@@ -629,7 +790,7 @@ protocol kernel {{
     ipv4 {{ export where source = RTS_BGP; }};
     merge paths yes limit 16;
 }}
-{peers}"""
+{kernel6}{peers}"""
         _atomic_write(self.state_dir / "router" / "bird.conf", text)
 
     def _bird_ready(self) -> bool:
@@ -657,10 +818,14 @@ protocol kernel {{
         return sessions
 
     def router_nexthops(self, prefix: str) -> set[str]:
-        """Next-hop gateways of the route for `prefix` in the router's kernel table (empty when there is none)."""
+        """Next-hop gateways of the route for `prefix` (IPv4 or IPv6; a bare address means /32 or /128) in the
+        router's kernel table (empty when there is none)."""
         if "/" not in prefix:
             prefix += "/128" if ":" in prefix else "/32"
-        routes = json.loads(_run(["ip", "-n", self.ns("router"), "-j", "route", "show", "exact", prefix]) or "[]")
+        family = "-6" if ":" in prefix else "-4"
+        routes = json.loads(
+            _run(["ip", family, "-n", self.ns("router"), "-j", "route", "show", "exact", prefix]) or "[]"
+        )
         hops: set[str] = set()
         for route in routes:
             if "gateway" in route:
@@ -672,7 +837,8 @@ protocol kernel {{
         """The router's kernel route for `prefix` as `ip route` prints it (multipath spans several lines)."""
         if "/" not in prefix:
             prefix += "/128" if ":" in prefix else "/32"
-        return _run(["ip", "-n", self.ns("router"), "route", "show", "exact", prefix]).rstrip()
+        family = "-6" if ":" in prefix else "-4"
+        return _run(["ip", family, "-n", self.ns("router"), "route", "show", "exact", prefix]).rstrip()
 
     # ----- hosts -----------------------------------------------------------------------------------
 
@@ -684,17 +850,28 @@ protocol kernel {{
     def address(self, host: str, ifname: str | None = None) -> str:
         return address(host, ifname)
 
+    def address6(self, host: str, ifname: str | None = None) -> str:
+        """A host's IPv6 address; LabError unless the lab was built with ipv6=True."""
+        if not self.ipv6:
+            raise LabError("this lab has no IPv6 addresses: build it with Lab(ipv6=True)")
+        return address6(host, ifname)
+
     def topology(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "stateDir": str(self.state_dir),
+            "ipv6": self.ipv6,
+            "returnPath": self.return_path,
             "hosts": {
                 h.name: {
                     "role": h.role,
                     "namespace": self.ns(h.name),
-                    "addresses": h.addresses,
+                    "addresses": h.addresses + (h.addresses6 if self.ipv6 else []),
                     "interfaces": dict(h.interfaces),
+                    **({"interfaces6": dict(h.interfaces6)} if self.ipv6 and h.interfaces6 else {}),
+                    **({"macs": {i: mac_address(h.name, i) for i in h.interfaces}} if h.interfaces else {}),
                     **({"gateway": h.gateway} if h.gateway else {}),
+                    **({"gateway6": h.gateway6} if self.ipv6 and h.gateway6 else {}),
                     **({"bridges": {b: [c.peer_ifname for c in CABLES if c.bridge == b] for b in BRIDGES}}
                        if h.role == "switch" else {}),
                 }
@@ -707,21 +884,32 @@ protocol kernel {{
                 "birdSocket": str(self.bird_socket),
             },
             "services": self.services,
+            "healthCheckNodePorts": self.health_check_node_ports(),
+            "kubeProxyPort": KUBE_PROXY_PORT,
         }
 
     def exec(
-        self, host: str, argv: Sequence[str], check: bool = True, timeout: float = 30
+        self, host: str, argv: Sequence[str], check: bool = True, timeout: float = 30, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in a host's namespace and capture its output; CommandError on failure when `check`."""
+        """Run a command in a host's namespace (with `stdin` as its input) and capture its output; CommandError
+        on failure when `check`."""
         cmd = ["ip", "netns", "exec", self.ns(host), *argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=_env())
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=_env())
         if check and proc.returncode != 0:
             raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
-    def request(self, url: str, timeout: float = 2, host: str = "client") -> dict[str, Any] | None:
-        """GET `url` with curl from `host`; the JSON answer, or None on any failure."""
-        argv = ["curl", "-sS", "--noproxy", "*", "--connect-timeout", f"{timeout:g}", "--max-time", f"{timeout:g}", url]
+    def request(
+        self, url: str, timeout: float = 2, host: str = "client", local_port: int | None = None
+    ) -> dict[str, Any] | None:
+        """GET `url` (IPv6 literals as `http://[2001:db8::10]/`) with curl from `host`, from source port
+        `local_port` when given; the JSON answer, or None on any failure."""
+        argv = ["curl", "-sS", "-g", "--noproxy", "*", "--connect-timeout", f"{timeout:g}",
+                "--max-time", f"{timeout:g}"]
+        if local_port is not None:
+            argv += ["--local-port", str(local_port)]
+        argv.append(url)
         try:
             proc = self.exec(host, argv, check=False, timeout=timeout + 5)
         except subprocess.TimeoutExpired:
@@ -734,8 +922,33 @@ protocol kernel {{
             return None
         return body if isinstance(body, dict) else None
 
+    def request_udp(
+        self,
+        addr: str,
+        port: int,
+        payload: bytes | str = b"",
+        host: str = "client",
+        timeout: float = 2,
+        local_port: int | None = None,
+    ) -> dict[str, Any] | None:
+        """Send one datagram from `host` (from `local_port` when given) to addr:port and wait for one answer;
+        the backend's JSON answer, or None on a timeout or anything that is not JSON."""
+        data = payload.encode() if isinstance(payload, str) else payload
+        argv = [sys.executable, "-c", _UDP_CLIENT, addr, str(port), data.hex(), f"{timeout:g}", str(local_port or 0)]
+        try:
+            proc = self.exec(host, argv, check=False, timeout=timeout + 10)
+        except subprocess.TimeoutExpired:
+            return None
+        if proc.returncode != 0:
+            return None
+        try:
+            body = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
     def ping(self, host: str, target: str, timeout: float = 2) -> bool:
-        """One ICMP echo from `host` to `target`, answered within `timeout`."""
+        """One ICMP echo from `host` to `target` (IPv4 or IPv6), answered within `timeout`."""
         proc = self.exec(host, ["ping", "-n", "-q", "-c", "1", "-W", f"{timeout:g}", target], check=False,
                          timeout=timeout + 5)
         return proc.returncode == 0
@@ -751,12 +964,32 @@ protocol kernel {{
             {int(p["nodePort"]) for s in self.services for p in s["ports"] if p.get("protocol", "TCP") == protocol}
         )
 
+    def health_check_node_ports(self) -> dict[str, int]:
+        """`namespace/name` -> healthCheckNodePort, for every service that has one (each node serves it)."""
+        return {service_key(s): int(s["healthCheckNodePort"]) for s in self.services if s.get("healthCheckNodePort")}
+
+    def _check_ports(self) -> None:
+        """Every TCP port a backend binds (nodePorts, healthCheckNodePorts, kube-proxy's) must be distinct."""
+        seen: dict[int, str] = {KUBE_PROXY_PORT: "kube-proxy's healthz"}
+        for port in self.node_ports("TCP"):
+            if port in seen:
+                raise LabError(f"TCP nodePort {port} is also {seen[port]}")
+            seen[port] = "a TCP nodePort"
+        for key, port in self.health_check_node_ports().items():
+            if port in seen:
+                raise LabError(f"healthCheckNodePort {port} of {key} is also {seen[port]}")
+            seen[port] = f"the healthCheckNodePort of {key}"
+
     def _spawn_backend(self, node: str) -> None:
         ready = self.state_dir / node / "backend.ready"
         ready.unlink(missing_ok=True)
         argv = [sys.executable, str(BACKEND), "--name", node, "--ready-file", str(ready)]
         argv += [a for port in self.node_ports("TCP") for a in ("--tcp", str(port))]
         argv += [a for port in self.node_ports("UDP") for a in ("--udp", str(port))]
+        argv += [a for key, port in self.health_check_node_ports().items() for a in ("--health", f"{key}={port}")]
+        argv += ["--kube-proxy-port", str(KUBE_PROXY_PORT), "--state-file", str(self.health_state_path(node))]
+        if self.ipv6:
+            argv.append("--dual-stack")
         self.spawn(node, "backend", argv)
 
     def _wait_backend(self, node: str) -> None:
@@ -788,6 +1021,52 @@ protocol kernel {{
     def backend_log(self, node: str) -> str:
         return self.process_log(node, "backend")
 
+    # ----- kube-proxy health, as the nodes' backends fake it -----------------------------------------
+
+    def health_state_path(self, node: str) -> Path:
+        """The node's health state, which its backend reads on every health request (see backend.py)."""
+        if node not in NODES:
+            raise LabError(f"{node!r} is not a node (nodes: {', '.join(NODES)})")
+        return self.state_dir / node / "health.json"
+
+    def health_state(self, node: str) -> dict[str, Any]:
+        """A node's health state: {"localEndpoints": {"ns/name": count}, "kubeProxyHealthy": bool}."""
+        try:
+            state = json.loads(self.health_state_path(node).read_text())
+        except FileNotFoundError:
+            state = {}
+        return {**json.loads(json.dumps(_DEFAULT_HEALTH_STATE)), **state}
+
+    def _update_health_state(self, node: str, update: Callable[[dict[str, Any]], None]) -> None:
+        with self._health_lock:
+            state = self.health_state(node)
+            update(state)
+            _atomic_write(self.health_state_path(node), json.dumps(state, sort_keys=True) + "\n")
+
+    def set_local_endpoints(self, node: str, service: str, count: int) -> None:
+        """How many ready endpoints of `service` ("namespace/name", or "name" in "default") `node` has: its
+        healthCheckNodePort answers 200 when count > 0, else 503. Every node starts with 1. The very next
+        request sees the change."""
+        key = service if "/" in service else f"default/{service}"
+        if key not in self.health_check_node_ports():
+            raise LabError(f"no service {key!r} with a healthCheckNodePort in this lab "
+                           f"(have: {', '.join(self.health_check_node_ports()) or 'none'})")
+        if count < 0:
+            raise LabError(f"a count of endpoints cannot be negative: {count}")
+        self._update_health_state(node, lambda state: state["localEndpoints"].__setitem__(key, count))
+
+    def local_endpoints(self, node: str, service: str) -> int:
+        key = service if "/" in service else f"default/{service}"
+        return int(self.health_state(node)["localEndpoints"].get(key, 1))
+
+    def set_kube_proxy_healthy(self, node: str, healthy: bool) -> None:
+        """Whether kube-proxy's /healthz on `node` (port 10256) answers 200, or 503 as while the node drains.
+        Every node starts healthy. The very next request sees the change."""
+        self._update_health_state(node, lambda state: state.__setitem__("kubeProxyHealthy", bool(healthy)))
+
+    def kube_proxy_healthy(self, node: str) -> bool:
+        return bool(self.health_state(node)["kubeProxyHealthy"])
+
     # ----- agents ----------------------------------------------------------------------------------
 
     def agent_config_path(self, lb: str) -> Path:
@@ -795,7 +1074,8 @@ protocol kernel {{
         return self.state_dir / lb / "lbagent.yaml"
 
     def default_agent_config(self, lb: str) -> dict[str, Any]:
-        """The lab's lbagent config for an LB, as a dict in the config file's (camelCase) format."""
+        """The lab's lbagent config for an LB, as a dict in the config file's (camelCase) format. With ipv6 it
+        also peers with the router's IPv6 address and lists each node's IPv6 address after its IPv4 one."""
         self._check_lb(lb)
         uplink = address(lb, "uplink")
         return {
@@ -805,11 +1085,17 @@ protocol kernel {{
                 "localAS": self.bgp_peers.get(uplink, LB_AS),
                 "routerID": uplink,
                 "exabgp": str(self.repo / ".venv" / "bin" / "exabgp"),
-                "peers": [{"address": ROUTER_UPLINK, "peerAS": self.router_as, "holdTime": 3}],
+                "peers": [
+                    {"address": ROUTER_UPLINK, "peerAS": self.router_as, "holdTime": 3},
+                    *([{"address": ROUTER_UPLINK6, "peerAS": self.router_as, "holdTime": 3}] if self.ipv6 else []),
+                ],
             },
             "dataplane": {"kind": "nftables", "table": "lbagent", "manageSysctls": True},
             "healthCheckDefaults": {"interval": "0.5s", "timeout": "0.5s", "rise": 2, "fall": 2},
-            "nodes": [{"name": node, "addresses": [address(node)]} for node in NODES],
+            "nodes": [
+                {"name": node, "addresses": [address(node), *([address6(node)] if self.ipv6 else [])]}
+                for node in NODES
+            ],
             "services": json.loads(json.dumps(self.services)),
         }
 
@@ -883,6 +1169,25 @@ def _random_prefix(run_root: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+_DEFAULT_HEALTH_STATE: dict[str, Any] = {"localEndpoints": {}, "kubeProxyHealthy": True}
+
+# Run in a lab host by request_udp: argv = address, port, payload (hex), timeout, local port (0: any).
+_UDP_CLIENT = """
+import socket, sys
+addr, port, payload = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+timeout, local = float(sys.argv[4]), int(sys.argv[5])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+if local:
+    s.bind(("::" if ":" in addr else "0.0.0.0", local))
+s.sendto(payload, (addr, port))
+try:
+    sys.stdout.write(s.recvfrom(65535)[0].decode(errors="replace"))
+except socket.timeout:
+    sys.exit(1)
+"""

@@ -10,8 +10,9 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,9 @@ from tests.lab.lab import (
     LabError,
     LabTimeout,
     address,
+    address6,
     check_requirements,
+    link_local,
     pids_in_netns,
     process_state,
     wait_for,
@@ -158,7 +161,7 @@ def test_generated_agent_configs_are_valid(bare_lab: Lab) -> None:
         assert [n.name for n in model.nodes] == list(NODES)
         assert model.agent.drain_seconds == 1.0
         assert model.agent.runtime_dir == str(bare_lab.state_dir / lb / "run")
-        assert [str(s.vip) for s in model.services] == ["192.0.2.10"]
+        assert [str(v) for s in model.services for v in s.vips] == ["192.0.2.10"]
         assert model.services[0].health_check.interval == 0.5
         assert bare_lab.agent_config(lb) == bare_lab.default_agent_config(lb)
 
@@ -182,7 +185,7 @@ def test_custom_services_and_peers(lab_factory: Callable[..., Lab]) -> None:
          "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "nodePort": 30053},
                    {"name": "dns-tcp", "protocol": "TCP", "port": 53, "nodePort": 30054}]},
     ]
-    lab = lab_factory(start_agents=False, services=services,
+    lab = lab_factory(start_agents=False, services=services, return_path=False,
                       bgp_peers={"198.51.100.11": 64512, "198.51.100.12": 64513, "198.51.100.99": 64999})
     assert set(lab.bgp_sessions()) == {"lb1", "lb2", "peer_198_51_100_99"}
     assert lab.default_agent_config("lb2")["bgp"]["localAS"] == 64513
@@ -201,6 +204,12 @@ def test_custom_services_and_peers(lab_factory: Callable[..., Lab]) -> None:
     answer = json.loads(udp.stdout)
     assert answer["node"] == "node2" and answer["protocol"] == "UDP"
     assert answer["client"].startswith("203.0.113.2:")
+    answer2 = lab.request_udp(address("node1"), 30053, "ping", host="lb2")
+    assert answer2 is not None and answer2["node"] == "node1" and answer2["payload"] == "ping"
+    # return_path=False: the nodes have no mark rules or extra tables (masquerade needs none)
+    assert lab.exec("node1", ["nft", "list", "ruleset"]).stdout.strip() == ""
+    assert "fwmark" not in lab.exec("node1", ["ip", "rule"]).stdout
+    assert lab.topology()["returnPath"] is False and Lab.attach(lab.prefix).return_path is False
 
 
 EXABGP_CONFIG = """\
@@ -418,3 +427,290 @@ def test_a_dying_process_tears_its_lab_down(how: str) -> None:
             proc.kill()
             proc.wait()
         Lab(prefix=prefix, start_agents=False).down()
+
+
+# ----- kube-proxy's health endpoints, the nat return path, dual stack ---------------------------------------
+
+DUAL_SERVICES = [
+    {"name": "web", "vips": ["192.0.2.10", "2001:db8::10"], "healthCheckNodePort": 32000,
+     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "nodePort": 30080}]},
+    {"name": "dns", "namespace": "kube-system", "vip": "192.0.2.53", "healthCheckNodePort": 32001,
+     "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "nodePort": 30053}]},
+]
+
+
+@pytest.fixture(scope="module")
+def dual_lab() -> Iterator[Lab]:
+    """A dual-stack lab without agents, with healthCheckNodePorts and a UDP service: leave it as you found it."""
+    with Lab(start_agents=False, ipv6=True, services=DUAL_SERVICES) as lab:
+        yield lab
+
+
+def _get(lab: Lab, url: str, host: str = "lb1") -> tuple[int, Any]:
+    """Status and body (JSON when it parses, else text) of a GET with curl from `host`."""
+    proc = lab.exec(host, ["curl", "-sS", "-g", "--max-time", "2", "-o", "-", "-w", "\n%{http_code}", url])
+    text, _, status = proc.stdout.rpartition("\n")
+    try:
+        return int(status), json.loads(text)
+    except ValueError:
+        return int(status), text
+
+
+def _url(ip: str, port: int, path: str = "/") -> str:
+    return f"http://[{ip}]:{port}{path}" if ":" in ip else f"http://{ip}:{port}{path}"
+
+
+def test_health_check_node_ports_answer_like_kube_proxy_and_flip(dual_lab: Lab) -> None:
+    lab = dual_lab
+    assert lab.health_check_node_ports() == {"default/web": 32000, "kube-system/dns": 32001}
+    web = {"namespace": "default", "name": "web"}
+    for node in NODES:
+        for ip in (address(node), address6(node)):
+            status, body = _get(lab, _url(ip, 32000, "/any/path?x=1"))
+            assert (status, body) == (200, {"service": web, "localEndpoints": 1, "serviceProxyHealthy": True})
+        status, body = _get(lab, _url(address(node), 32001), host="lb2")
+        assert status == 200 and body["service"] == {"namespace": "kube-system", "name": "dns"}
+    try:
+        lab.set_local_endpoints("node2", "default/web", 0)  # no sleep: the very next request sees it
+        assert _get(lab, _url(address("node2"), 32000)) == (
+            503, {"service": web, "localEndpoints": 0, "serviceProxyHealthy": True})
+        assert _get(lab, _url(address6("node2"), 32000))[0] == 503
+        assert _get(lab, _url(address("node1"), 32000))[0] == 200  # other nodes and services keep theirs
+        assert _get(lab, _url(address("node2"), 32001))[0] == 200
+        lab.set_local_endpoints("node2", "web", 3)  # a bare name means namespace "default"
+        assert _get(lab, _url(address("node2"), 32000)) == (
+            200, {"service": web, "localEndpoints": 3, "serviceProxyHealthy": True})
+        assert lab.local_endpoints("node2", "default/web") == 3
+        lab.set_local_endpoints("node3", "kube-system/dns", 0)
+        lab.stop_backend("node3")  # the state outlives a backend restart
+        lab.start_backend("node3")
+        assert _get(lab, _url(address("node3"), 32001))[0] == 503
+    finally:
+        for node in NODES:
+            lab.set_local_endpoints(node, "default/web", 1)
+            lab.set_local_endpoints(node, "kube-system/dns", 1)
+    with pytest.raises(LabError, match="no service 'default/nope'"):
+        lab.set_local_endpoints("node1", "nope", 0)
+    with pytest.raises(LabError, match="not a node"):
+        lab.set_local_endpoints("lb1", "web", 0)
+
+
+def test_kube_proxy_healthz_answers_and_flips(dual_lab: Lab) -> None:
+    lab = dual_lab
+    for node in NODES:
+        status, body = _get(lab, _url(address(node), 10256, "/healthz"))
+        assert status == 200 and body["nodeEligible"] is True, body
+        assert set(body) == {"lastUpdated", "currentTime", "nodeEligible"}
+        assert _get(lab, _url(address6(node), 10256, "/healthz"), host="lb2")[0] == 200
+    assert _get(lab, _url(address("node1"), 10256, "/other"))[0] == 404
+    try:
+        lab.set_kube_proxy_healthy("node1", False)
+        status, body = _get(lab, _url(address("node1"), 10256, "/healthz"))
+        assert status == 503 and body["nodeEligible"] is False
+        assert _get(lab, _url(address6("node1"), 10256, "/healthz"))[0] == 503
+        assert _get(lab, _url(address("node2"), 10256, "/healthz"))[0] == 200
+        assert not lab.kube_proxy_healthy("node1") and lab.kube_proxy_healthy("node2")
+        lab.set_kube_proxy_healthy("node1", True)
+        assert _get(lab, _url(address("node1"), 10256, "/healthz"))[0] == 200
+    finally:
+        lab.set_kube_proxy_healthy("node1", True)
+
+
+def test_health_ports_must_not_collide() -> None:
+    web = {"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}
+    with pytest.raises(LabError, match="healthCheckNodePort 30080 of default/web is also a TCP nodePort"):
+        Lab(start_agents=False, services=[{**web, "healthCheckNodePort": 30080}])
+    with pytest.raises(LabError, match="kube-proxy"):
+        Lab(start_agents=False, services=[{**web, "healthCheckNodePort": 10256}])
+
+
+def test_nodes_carry_the_return_path_rules(bare_lab: Lab) -> None:
+    lab = bare_lab
+    for node in NODES:
+        ruleset = lab.exec(node, ["nft", "list", "table", "inet", "lab_return"]).stdout
+        assert "ether saddr 02:00:cb:00:71:02 ct mark set 0x00000001" in ruleset, ruleset
+        assert "ether saddr 02:00:cb:00:71:03 ct mark set 0x00000002" in ruleset, ruleset
+        rules = lab.exec(node, ["ip", "rule"]).stdout
+        assert "fwmark 0x1 lookup 101" in rules and "fwmark 0x2 lookup 102" in rules, rules
+        routes = {t: lab.exec(node, ["ip", "route", "show", "table", t]).stdout.split()[:3] for t in ("101", "102")}
+        assert routes == {"101": ["default", "via", "203.0.113.2"], "102": ["default", "via", "203.0.113.3"]}
+        sysctl = lab.exec(node, ["sysctl", "-n", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.eth0.rp_filter",
+                                 "net.ipv4.conf.all.src_valid_mark", "net.ipv4.tcp_fwmark_accept"])
+        assert sysctl.stdout.split() == ["0", "0", "1", "1"]
+    assert [lab.topology()["hosts"][lb]["macs"]["cluster"] for lb in LBS] == ["02:00:cb:00:71:02", "02:00:cb:00:71:03"]
+
+
+TEST_VIPS = {"lb1": ("192.0.2.99", "2001:db8::99"), "lb2": ("192.0.2.98", "2001:db8::98")}
+
+
+def _manual_dnat_ruleset(vip: str, vip6: str) -> str:
+    """On an LB: DNAT a test VIP (TCP 80, UDP 53) to node1 without masquerade, and count the answers."""
+    node, node6 = address("node1"), address6("node1")
+    return textwrap.dedent(f"""\
+        table inet labtest {{
+            counter answers {{ }}
+            chain prerouting {{
+                type nat hook prerouting priority dstnat; policy accept;
+                ip daddr {vip} tcp dport 80 dnat ip to {node}:30080
+                ip daddr {vip} udp dport 53 dnat ip to {node}:30053
+                ip6 daddr {vip6} tcp dport 80 dnat ip6 to [{node6}]:30080
+                ip6 daddr {vip6} udp dport 53 dnat ip6 to [{node6}]:30053
+            }}
+            chain forward {{
+                type filter hook forward priority filter; policy accept;
+                ct direction reply ip saddr {node} counter name answers
+                ct direction reply ip6 saddr {node6} counter name answers
+            }}
+        }}
+    """)
+
+
+def _answers_counted(lab: Lab, lb: str) -> int:
+    out = json.loads(lab.exec(lb, ["nft", "-j", "list", "counter", "inet", "labtest", "answers"]).stdout)
+    return sum(int(item["counter"]["packets"]) for item in out["nftables"] if "counter" in item)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_nat_answers_return_through_the_lb_that_forwarded(dual_lab: Lab, family: int) -> None:
+    """Without lbagent: each LB DNATs its own test VIP to node1 and keeps the client's address; node1 sees
+    192.0.2.130 and its answers go back through the LB that forwarded the request (counted there)."""
+    lab = dual_lab
+    client = address("client") if family == 4 else address6("client")
+    try:
+        for lb, (vip, vip6) in TEST_VIPS.items():
+            route = ["ip", "route", "replace", f"{vip}/32", "via", address(lb, "uplink")]
+            route6 = ["ip", "-6", "route", "replace", f"{vip6}/128", "via", address6(lb, "uplink")]
+            lab.exec("router", route)
+            lab.exec("router", route6)
+            lab.exec(lb, ["nft", "-f", "-"], stdin=_manual_dnat_ruleset(vip, vip6))
+        for lb, vips in TEST_VIPS.items():
+            other = next(x for x in LBS if x != lb)
+            vip = vips[0] if family == 4 else vips[1]
+            before = {x: _answers_counted(lab, x) for x in LBS}
+            body = lab.request(_url(vip, 80))
+            assert body is not None, f"no answer through {lb}"
+            assert body["node"] == "node1" and body["client"].rsplit(":", 1)[0] == client, body
+            udp = lab.request_udp(vip, 53, f"via {lb}")
+            assert udp is not None and udp["client"].rsplit(":", 1)[0] == client and udp["payload"] == f"via {lb}"
+            after = {x: _answers_counted(lab, x) for x in LBS}
+            assert after[lb] > before[lb] and after[other] == before[other], (lb, before, after)
+            # a chosen source port, twice in a row (the client keeps no TIME_WAIT)
+            for _ in range(2):
+                body = lab.request(_url(vip, 80), local_port=40123)
+                assert body is not None and body["client"] == f"{client}:40123", body
+            udp = lab.request_udp(vip, 53, "port", local_port=40124)
+            assert udp is not None and udp["client"] == f"{client}:40124", udp
+    finally:
+        for lb, (vip, vip6) in TEST_VIPS.items():
+            lab.exec("router", ["ip", "route", "del", f"{vip}/32"], check=False)
+            lab.exec("router", ["ip", "-6", "route", "del", f"{vip6}/128"], check=False)
+            lab.exec(lb, ["nft", "delete", "table", "inet", "labtest"], check=False)
+    assert lab.router_nexthops(TEST_VIPS["lb1"][0]) == set()
+    assert "labtest" not in lab.nft_ruleset("lb1")
+
+
+def test_dual_stack_addresses_routes_and_reachability(dual_lab: Lab) -> None:
+    lab = dual_lab
+    for host, info in lab.topology()["hosts"].items():
+        want = set(HOSTS[host].addresses6) | {link_local(host, i) for i in HOSTS[host].interfaces}
+        out = json.loads(lab.exec(host, ["ip", "-j", "-6", "addr", "show"]).stdout)
+        configured = {a["local"]: a for link in out for a in link["addr_info"] if a["local"] != "::1"}
+        assert set(configured) == want, host
+        assert not any(a.get("tentative") or a.get("dadfailed") for a in configured.values()), configured
+        assert info["addresses"] == HOSTS[host].addresses + HOSTS[host].addresses6
+    assert lab.topology()["hosts"]["lb2"]["addresses"] == ["198.51.100.12", "203.0.113.3", "2001:db8:1::12",
+                                                            "2001:db8:2::3"]
+    for host, gateway in (("client", "2001:db8:c::129"), ("lb1", "2001:db8:1::1"), ("lb2", "2001:db8:1::1")):
+        routes = json.loads(lab.exec(host, ["ip", "-j", "-6", "route", "show", "default"]).stdout)
+        assert [r["gateway"] for r in routes] == [gateway], host
+    forwarding = ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]
+    assert [lab.exec(h, forwarding).stdout.strip() for h in ("router", "lb1", "lb2", "node1")] == ["1", "1", "1", "0"]
+    assert lab.ping("client", "2001:db8:c::129")
+    assert lab.ping("client", "2001:db8:1::1")
+    assert lab.ping("client", address6("lb2", "uplink"))  # through the router
+    for lb in LBS:
+        for node in NODES:
+            assert lab.ping(lb, address6(node)), (lb, node)
+            body = lab.request(_url(address6(node), 30080, "/v6"), host=lb)
+            assert body is not None and body["node"] == node and body["path"] == "/v6", (lb, node)
+            assert body["client"].rsplit(":", 1)[0] == address6(lb, "cluster")
+        # IPv4 still works on the same dual-stack sockets, with the plain IPv4 address as the client
+        body = lab.request(_url(address("node1"), 30080), host=lb)
+        assert body is not None and body["client"].rsplit(":", 1)[0] == address(lb, "cluster")
+        udp = lab.request_udp(address6("node2"), 30053, "six", host=lb)
+        assert udp is not None and udp["client"].rsplit(":", 1)[0] == address6(lb, "cluster")
+    assert not lab.ping("client", address6("node1"), timeout=0.3)  # the cluster segment is not routed
+
+
+def test_bird_has_ipv6_kernel_and_bgp_protocols(dual_lab: Lab) -> None:
+    lab = dual_lab
+    assert set(lab.bgp_sessions()) == {"lb1", "lb2", "lb1v6", "lb2v6"}
+    assert "kernel6" in lab.birdc("show", "protocols")
+    detail = lab.birdc("show", "protocols", "all", "lb2v6")
+    assert "2001:db8:1::12" in detail and "64512" in detail and "ipv6" in detail, detail
+    config = (lab.state_dir / "router" / "bird.conf").read_text()
+    assert "local 2001:db8:1::1 as 64500;" in config and "ipv6 { export where source = RTS_BGP; };" in config
+    assert lab.router_nexthops("2001:db8::10") == set() == lab.router_nexthops("2001:db8::10/128")
+    peers = lab.topology()["router"]["peers"]
+    assert peers["2001:db8:1::11"] == {"as": 64512, "protocol": "lb1v6"}
+
+
+def test_dual_stack_agent_config(dual_lab: Lab) -> None:
+    config = dual_lab.default_agent_config("lb1")
+    assert config["bgp"]["peers"] == [
+        {"address": "198.51.100.1", "peerAS": 64500, "holdTime": 3},
+        {"address": "2001:db8:1::1", "peerAS": 64500, "holdTime": 3},
+    ]
+    assert config["nodes"][0] == {"name": "node1", "addresses": ["203.0.113.11", "2001:db8:2::11"]}
+    model = lbconfig.parse(dual_lab.agent_config_path("lb1").read_text())
+    assert [str(p.address) for p in model.bgp.peers] == ["198.51.100.1", "2001:db8:1::1"]
+    assert [[str(a) for a in n.addresses] for n in model.nodes][2] == ["203.0.113.13", "2001:db8:2::13"]
+    with pytest.raises(LabError, match="Lab\\(ipv6=True\\)"):
+        Lab(start_agents=False, bgp_peers={"2001:db8:1::11": 64512})
+    with pytest.raises(LabError, match="no IPv6"):
+        Lab(start_agents=False).address6("lb1")
+
+
+EXABGP6_CONFIG = """\
+neighbor 2001:db8:1::1 {{
+    router-id {router_id};
+    local-address {me};
+    local-as 64512;
+    peer-as 64500;
+    hold-time 3;
+    family {{ ipv6 unicast; }}
+    static {{ route 2001:db8::10/128 next-hop self; }}
+}}
+"""
+
+
+def test_router_learns_an_ipv6_vip_from_both_lbs_and_spreads_flows(dual_lab: Lab) -> None:
+    """The IPv6 BGP sessions with plain ExaBGP: ECMP over both LBs, which answer on the VIP themselves."""
+    lab = dual_lab
+    vip = "2001:db8::10"
+    try:
+        for lb in LBS:
+            conf = lab.state_dir / lb / "exabgp6-test.conf"
+            conf.write_text(EXABGP6_CONFIG.format(router_id=address(lb, "uplink"), me=address6(lb, "uplink")))
+            lab.exec(lb, ["ip", "addr", "add", f"{vip}/128", "dev", "lo"])
+            env = {"exabgp.daemon.user": "root", "exabgp.daemon.daemonize": "false", "exabgp.tcp.bind": "",
+                   "exabgp.log.destination": "stderr", "EXABGP_ENVFILE": str(conf.with_suffix(".env"))}
+            lab.spawn(lb, "exabgp6", [str(REPO / ".venv" / "bin" / "exabgp"), "server", str(conf)], env=env)
+            lab.spawn(lb, "web6", [sys.executable, str(BACKEND), "--name", lb, "--tcp", "80", "--dual-stack"])
+        lbs = {address6(lb, "uplink") for lb in LBS}
+        wait_for(lambda: lab.router_nexthops(vip) == lbs, 20, 0.1, "both LBs as IPv6 next hops",
+                 ignore=(CommandError,))
+        sessions = lab.bgp_sessions()
+        assert sessions["lb1v6"] == sessions["lb2v6"] == "Established", sessions
+        route = lab.router_route(vip)
+        assert "nexthop via 2001:db8:1::11" in route and "nexthop via 2001:db8:1::12" in route, route
+        for lb in LBS:
+            wait_for(lambda: lab.request(f"http://[{vip}]/", host=lb), 10, message=f"the web server on {lb}")  # noqa: B023
+        answers = Counter(str((lab.request(f"http://[{vip}]/") or {}).get("node")) for _ in range(30))
+        assert set(answers) == set(LBS), answers
+    finally:
+        for lb in LBS:
+            lab.stop_process(lb, "exabgp6")
+            lab.stop_process(lb, "web6")
+            lab.exec(lb, ["ip", "addr", "del", f"{vip}/128", "dev", "lo"], check=False)
+    wait_for(lambda: lab.router_nexthops(vip) == set(), 10, 0.05, "the IPv6 VIP withdrawn from the router")

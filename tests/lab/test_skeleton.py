@@ -122,7 +122,7 @@ def test_all_backends_dead_withdraws_the_vip_with_its_reason(lab: Lab) -> None:
     for node in sorted(NODES):
         lab.stop_backend(node)
     wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(), timeout=10, message="the VIP to be withdrawn")
-    assert re.search(r"event=vip_withdrawn service=default/web vip=192.0.2.10 reason=noHealthyNodes",
+    assert re.search(r"event=vip_withdrawn service=default/web vips=192.0.2.10 reason=noHealthyNodes",
                      lab.agent_log("lb1"))
     # still bound, so a straggler is refused at once rather than black-holed
     assert VIP in lab.exec("lb1", ["ip", "-o", "addr", "show", "dev", "lo"]).stdout

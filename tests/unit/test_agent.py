@@ -18,6 +18,8 @@ from lbagent.agent import Agent
 from lbagent.apply.bgp import FakeBgpSpeaker
 from lbagent.apply.nftables import NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
+from lbagent.health import Target
+from lbagent.render.nftables import Ruleset, render_full
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -32,16 +34,15 @@ CONFIG = {
 class FakeForwarder(NftForwarder):
     def __init__(self) -> None:
         super().__init__()
-        self.scripts: list[str] = []
         self.fail = False
+        self.text = ""
 
-    async def apply(self, script: str, force: bool = False) -> bool:
+    async def apply(self, ruleset: Ruleset, force: bool = False) -> str:
         if self.fail:
             raise RuntimeError("nft refused")
-        if script != self.applied or force:
-            self.scripts.append(script)
-        self.applied = script
-        return True
+        self.applied = ruleset
+        self.text = render_full(ruleset)
+        return "full"
 
 
 class FakeBinder(VipBinder):
@@ -75,8 +76,8 @@ class Harness:
         self.forwarder = FakeForwarder()
         self.binder = FakeBinder()
 
-        async def prober(address: model.IPAddress, port: int, timeout: float) -> str | None:
-            return "connection refused" if str(address) in self.down else None
+        async def prober(target: Target) -> str | None:
+            return "connection refused" if str(target.address) in self.down else None
 
         def speaker(bgp: model.Bgp, runtime_dir: str, on_change: Callable[[], None]) -> FakeBgpSpeaker:
             self.speaker = FakeBgpSpeaker(bgp, on_change)
@@ -84,6 +85,14 @@ class Harness:
 
         self.agent = Agent(self.path, config.load(self.path), speaker_factory=speaker, forwarder=self.forwarder,
                            binder=self.binder, prober=prober, sysctl_root=self.sysctls)
+
+    def rotation(self) -> set[str]:
+        """Node addresses in the lookup tables the dispatch map points at."""
+        rs = self.forwarder.applied
+        if rs is None:
+            return set()
+        tables = {rs.chains[c][0] for d in rs.dispatch.values() for c in d.values()}
+        return {a for t in tables for a in rs.tables[t].slots}
 
     def announced(self) -> set[str]:
         assert self.speaker is not None
@@ -105,16 +114,16 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
         run = asyncio.create_task(h.agent.run())
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         assert {str(v) for v in h.binder.vips} == {"192.0.2.10"}
-        assert all(f"203.0.113.1{i} . 30080" in (h.forwarder.applied or "") for i in (1, 2, 3))
+        assert h.rotation() == {"203.0.113.11", "203.0.113.12", "203.0.113.13"}
         assert (h.sysctls / "net/ipv4/ip_forward").read_text() == "1"
 
         h.down.add("203.0.113.12")
-        await until(lambda: "203.0.113.12" not in (h.forwarder.applied or ""))
+        await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
         assert h.announced() == {"192.0.2.10/32"}
 
         h.down.update({"203.0.113.11", "203.0.113.13"})
         await until(lambda: h.announced() == set())
-        assert "192.0.2.10 . tcp . 80" not in (h.forwarder.applied or "")  # no frontend: refused at the LB
+        assert "192.0.2.10 . tcp . 80" not in h.forwarder.text  # no frontend: refused at the LB
 
         h.down.clear()
         await until(lambda: h.announced() == {"192.0.2.10/32"})
@@ -159,11 +168,11 @@ def test_reload_refuses_a_bad_file_and_applies_a_good_one(tmp_path: Path, caplog
     async def scenario() -> None:
         run = asyncio.create_task(h.agent.run())
         await until(lambda: h.announced() == {"192.0.2.10/32"})
-        before = (h.agent.model.digest(), h.forwarder.applied)
+        before = (h.agent.model.digest(), h.forwarder.text)
 
         h.path.write_text(h.path.read_text().replace("nodePort: 30080", "nodePort: 0"))
         assert await h.agent.reload() is False
-        assert (h.agent.model.digest(), h.forwarder.applied) == before
+        assert (h.agent.model.digest(), h.forwarder.text) == before
         assert h.announced() == {"192.0.2.10/32"}
 
         restart_only = yaml.safe_load(yaml.safe_dump(CONFIG))

@@ -50,7 +50,7 @@ def test_example_config_is_valid_and_reads_as_documented() -> None:
     assert m.node_name == "lb1"
     assert m.vip_interface == "lo"
     web = m.service("default/web")
-    assert web.vip == ip_address("192.0.2.10")
+    assert web.vips == (ip_address("192.0.2.10"),)
     assert [(p.name, p.port, p.node_port) for p in web.ports] == [("http", 80, 30080), ("https", 443, 30443)]
     assert web.health_check == model.HealthCheck(interval=1.0, timeout=1.0, rise=2, fall=3)
     assert web.bgp.communities == ("64512:100",)
@@ -105,10 +105,66 @@ def test_missing_field_is_named() -> None:
     assert p.value == "nothing"
 
 
-def test_local_traffic_policy_is_not_supported_yet() -> None:
+def test_local_traffic_policy_needs_health_check_node_port() -> None:
     [p] = problems(edit(services__0__externalTrafficPolicy="Local"))
-    assert p.path == "services[0].externalTrafficPolicy"
-    assert "not supported yet" in p.message
+    assert p.path == "services[0].healthCheckNodePort"
+    assert "Local needs" in p.message
+    m = config.parse(edit(services__0__externalTrafficPolicy="Local", services__0__healthCheckNodePort=32000))
+    assert m.services[0].probe is model.ProbeKind.HEALTH_CHECK_NODE_PORT
+    assert m.services[0].health_check_node_port == 32000
+
+
+def test_service_features_read_as_kubernetes_spells_them() -> None:
+    doc = yaml.safe_load(MINIMAL)
+    doc["nodes"][0]["addresses"].append("2001:db8:2::11")
+    doc["nodes"].append({"name": "node2", "addresses": ["203.0.113.12"], "weight": 3, "draining": True})
+    doc["services"][0] |= {
+        "vip": None, "vips": ["192.0.2.10", "2001:db8::10"], "forwardingMode": "nat",
+        "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
+        "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/64"], "ipvsScheduler": "wrr",
+        "healthCheck": {"kubeProxyHealthz": True},
+    }
+    del doc["services"][0]["vip"]
+    svc = config.parse(yaml.safe_dump(doc)).services[0]
+    assert [str(v) for v in svc.vips] == ["192.0.2.10", "2001:db8::10"]
+    assert svc.forwarding_mode is model.ForwardingMode.NAT
+    assert svc.session_affinity_timeout == 600
+    assert [str(n) for n in svc.source_ranges] == ["198.51.100.0/24", "2001:db8:c::/64"]
+    assert svc.ipvs_scheduler == "wrr"
+    assert svc.probe is model.ProbeKind.KUBE_PROXY
+    node2 = config.parse(yaml.safe_dump(doc)).nodes[1]
+    assert (node2.weight, node2.draining) == (3, True)
+    affinity_default = edit(services__0__sessionAffinity="ClientIP")
+    assert config.parse(affinity_default).services[0].session_affinity_timeout == 10800
+
+
+@pytest.mark.parametrize(
+    ("changes", "path", "words"),
+    [
+        ({"services__0__vips": ["192.0.2.11"]}, "services[0]", "either `vip`"),
+        ({"services__0__loadBalancerSourceRanges": ["198.51.100.7/24"]}, "services[0].loadBalancerSourceRanges[0]",
+         "host bits set"),
+        ({"services__0__sessionAffinity": "Sticky"}, "services[0].sessionAffinity", "ClientIP"),
+        ({"dataplane": {"maglevTableSize": 1000}}, "dataplane", "prime"),
+        ({"dataplane": {"masqueradeMark": 3}}, "dataplane", "single bit"),
+        ({"dataplane": {"kind": "bpf"}}, "dataplane.kind", "nftables"),
+        ({"nodes__0__weight": 0}, "nodes[0].weight", "greater than or equal to 1"),
+    ],
+)
+def test_new_fields_refuse_bad_values(changes: dict[str, object], path: str, words: str) -> None:
+    found = problems(edit(**changes))
+    assert any(p.path == path and words in p.message for p in found), found
+
+
+def test_dual_stack_vips_need_nodes_of_each_family() -> None:
+    doc = yaml.safe_load(MINIMAL)
+    del doc["services"][0]["vip"]
+    doc["services"][0]["vips"] = ["192.0.2.10", "2001:db8::10", "192.0.2.11"]
+    found = {p.path: p.message for p in problems(yaml.safe_dump(doc))}
+    assert "at most 2" in found["services[0].vips"]
+    doc["services"][0]["vips"] = ["192.0.2.10", "2001:db8::10"]
+    [p] = problems(yaml.safe_dump(doc))
+    assert p.path == "services[0].vips" and "IPv6" in p.message
 
 
 def test_cross_field_checks() -> None:

@@ -9,7 +9,7 @@ from ipaddress import ip_address
 import yaml
 
 from lbagent import config, model
-from lbagent.health import HealthChecker, ProbeState, targets, tcp_probe
+from lbagent.health import HealthChecker, ProbeState, Target, probe, targets, tcp_probe
 from tests.unit.test_config import MINIMAL
 
 
@@ -53,9 +53,12 @@ def test_probe_round_needs_every_port_and_reports_changes() -> None:
     calls: list[tuple[str, int]] = []
     changes: list[int] = []
 
-    async def prober(address: model.IPAddress, port: int, timeout: float) -> str | None:
-        calls.append((str(address), port))
-        return answers.get((str(address), port))
+    async def prober(target: Target) -> str | None:
+        for port in target.ports:
+            calls.append((str(target.address), port))
+            if (str(target.address), port) in answers:
+                return f"{target.address}:{port} {answers[(str(target.address), port)]}"
+        return None
 
     async def scenario() -> None:
         checker = HealthChecker(lambda: changes.append(1), prober)
@@ -78,7 +81,7 @@ def test_probe_round_needs_every_port_and_reports_changes() -> None:
 
 
 def test_update_keeps_state_of_unchanged_pairs_and_drops_removed() -> None:
-    async def ok(address: model.IPAddress, port: int, timeout: float) -> str | None:
+    async def ok(target: Target) -> str | None:
         return None
 
     async def scenario() -> None:
@@ -110,3 +113,58 @@ def test_real_tcp_probe_on_loopback() -> None:
         assert error == "connection refused"
 
     asyncio.run(scenario())
+
+
+def _target(kind: model.ProbeKind, port: int) -> Target:
+    check = model.HealthCheck(interval=1, timeout=1, rise=1, fall=1)
+    return Target("default/web", "node1", kind, ip_address("127.0.0.1"), (port,), check)
+
+
+def test_http_probes_against_kube_proxy_like_answers() -> None:
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        path = request.split(b" ")[1].decode()
+        status, body = answers[path]
+        writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n\r\n%s" % (status, body))
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> list[str | None]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        results = []
+        local = _target(model.ProbeKind.HEALTH_CHECK_NODE_PORT, port)
+        answers["/"] = (200, b'{"service": {"namespace": "default", "name": "web"}, "localEndpoints": 2}')
+        results.append(await probe(local))
+        answers["/"] = (503, b'{"service": {"namespace": "default", "name": "web"}, "localEndpoints": 0}')
+        results.append(await probe(local))
+        kube_proxy = _target(model.ProbeKind.KUBE_PROXY, port)
+        answers["/healthz"] = (200, b'{"nodeEligible": true}')
+        results.append(await probe(kube_proxy))
+        answers["/healthz"] = (503, b'{"nodeEligible": false}')
+        results.append(await probe(kube_proxy))
+        server.close()
+        await server.wait_closed()
+        results.append(await probe(local))  # nothing listens any more
+        return results
+
+    ok, no_endpoints, healthz_ok, healthz_draining, gone = asyncio.run(scenario())
+    assert ok is None and healthz_ok is None
+    assert no_endpoints is not None and "noLocalEndpoints (HTTP 503, localEndpoints 0)" in no_endpoints
+    assert healthz_draining is not None and healthz_draining.endswith("/healthz HTTP 503")
+    assert gone is not None and "connection refused" in gone
+
+
+def test_a_prober_that_raises_counts_as_a_failed_probe() -> None:
+    async def broken(target: Target) -> str | None:
+        raise RuntimeError("bug")
+
+    async def scenario() -> dict[tuple[str, str], bool]:
+        checker = HealthChecker(lambda: None, broken)
+        checker.update(_model())
+        await checker.probe_once(("default/web", "node1"))
+        return checker.snapshot()
+
+    assert asyncio.run(scenario())[("default/web", "node1")] is False

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import uuid
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -29,7 +32,11 @@ THREE_NODES = yaml.safe_load(MINIMAL) | {
          "ports": [{"name": "http", "port": 80, "nodePort": 30080}, {"name": "https", "port": 443, "nodePort": 30443}]},
         {"name": "dns", "namespace": "kube-system", "vip": "192.0.2.11",
          "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "nodePort": 30053}]},
-        {"name": "web6", "vip": "2001:db8::10", "ports": [{"port": 80, "nodePort": 30081}]},
+        {"name": "web6", "vip": "2001:db8::10", "ports": [{"port": 80, "nodePort": 30081}],
+         "forwardingMode": "nat", "sessionAffinity": "ClientIP",
+         "loadBalancerSourceRanges": ["2001:db8:c::/64"]},
+        {"name": "admin", "vip": "192.0.2.12", "ports": [{"port": 22, "nodePort": 30022}],
+         "loadBalancerSourceRanges": ["198.51.100.0/24", "192.0.2.128/25"]},
     ],
 }
 
@@ -47,7 +54,7 @@ def test_all_healthy_plan_spreads_over_every_node_of_the_vip_family() -> None:
     assert (str(first.address), first.port) == ("203.0.113.11", 30443)
     # IPv6 VIP: only the nodes with an IPv6 address
     assert [b.node for b in by_port[("default/web6", 80)].backends] == ["node1", "node2"]
-    assert set(p.announcements) == {"192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128"}
+    assert set(p.announcements) == {"192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128", "192.0.2.12/32"}
     assert p.announcements["192.0.2.10/32"].med == 10
     assert p.announcements["192.0.2.10/32"].communities == ("64512:100",)
     assert all(d.reason is Reason.ANNOUNCED for d in p.decisions)
@@ -70,8 +77,8 @@ def test_no_healthy_node_withdraws_with_reason_and_unknown_counts_as_unhealthy()
     p = plan(m, health)
     reasons = {d.service: d.reason for d in p.decisions}
     assert reasons == {"default/web": Reason.NO_HEALTHY_NODES, "kube-system/dns": Reason.NO_HEALTHY_NODES,
-                       "default/web6": Reason.ANNOUNCED}
-    assert set(p.announcements) == {"2001:db8::10/128"}
+                       "default/web6": Reason.ANNOUNCED, "default/admin": Reason.ANNOUNCED}
+    assert set(p.announcements) == {"2001:db8::10/128", "192.0.2.12/32"}
     # the VIPs stay bound: a withdrawn VIP still answers (with a refusal) until routers have moved away
     assert ip_address("192.0.2.10") in p.vips
 
@@ -82,6 +89,32 @@ def test_draining_withdraws_everything() -> None:
     assert p.announcements == {}
     assert {d.reason for d in p.decisions} == {Reason.DRAINING}
     assert all(f.backends for f in p.frontends)  # forwarding continues while draining
+
+
+def test_weights_and_draining_nodes() -> None:
+    doc = yaml.safe_load(yaml.safe_dump(THREE_NODES))
+    doc["nodes"][0]["weight"] = 3
+    doc["nodes"][1]["draining"] = True
+    m = config.parse(yaml.safe_dump(doc))
+    p = plan(m, all_healthy(m))
+    web80 = next(f for f in p.frontends if f.service == "default/web" and f.port == 80)
+    assert [(b.node, b.weight) for b in web80.backends] == [("node1", 3), ("node2", 0), ("node3", 1)]
+    assert [b.node for b in web80.active] == ["node1", "node3"]
+    decision = next(d for d in p.decisions if d.service == "default/web")
+    assert decision.draining_nodes == ("node2",) and decision.announce
+    table = nftables.lookup_table(web80, m.dataplane.maglev_table_size)
+    assert table.slots.count("203.0.113.11") == 3 * table.slots.count("203.0.113.13") + 1 or \
+        abs(table.slots.count("203.0.113.11") / table.slots.count("203.0.113.13") - 3) < 0.05
+    assert "203.0.113.12" not in table.slots
+
+
+def test_local_service_without_ready_endpoints_says_so() -> None:
+    doc = yaml.safe_load(yaml.safe_dump(THREE_NODES))
+    doc["services"][0] |= {"externalTrafficPolicy": "Local", "healthCheckNodePort": 32000}
+    m = config.parse(yaml.safe_dump(doc))
+    p = plan(m, {k: k[0] != "default/web" for k in all_healthy(m)})
+    decision = next(d for d in p.decisions if d.service == "default/web")
+    assert (decision.announce, decision.reason) == (False, Reason.NO_LOCAL_ENDPOINTS)
 
 
 def test_sysctls() -> None:
@@ -138,3 +171,92 @@ def test_empty_config_renders_a_valid_empty_table() -> None:
     _golden("no-services.nft", text)
     _nft_check(text)
     _nft_check(nftables.render_delete(m.dataplane))
+
+
+def test_shared_lookup_tables_and_features_in_the_ruleset() -> None:
+    m = three_nodes()
+    rs = nftables.build(plan(m, all_healthy(m)).frontends, plan(m, {}).vips, m.dataplane)
+    # web:80, web:443, dns, admin share one IPv4 table (same nodes); web6 has its own, hashed by client only
+    assert len([t for t in rs.tables.values() if t.version == 4]) == 1
+    assert set(rs.chains.values()) == {(n, False) for n in rs.tables if n.startswith("mg4")} | {
+        (n, True) for n in rs.tables if n.startswith("mg6")}
+    assert ("2001:db8::10", "tcp", 80) not in rs.masquerade[6]  # nat mode: client address kept
+    assert ("192.0.2.10", "tcp", 80) in rs.masquerade[4]
+    admin = ("192.0.2.12", "tcp", 22)
+    assert rs.allowed[4] == {(admin, "198.51.100.0/24"), (admin, "192.0.2.128/25")}
+
+
+def test_predict_matches_the_table_and_ignores_the_port_with_affinity() -> None:
+    m = three_nodes()
+    p = plan(m, all_healthy(m))
+    web = next(f for f in p.frontends if f.service == "default/web" and f.port == 80)
+    web6 = next(f for f in p.frontends if f.service == "default/web6")
+    size = m.dataplane.maglev_table_size
+    chosen = {nftables.predict(web, ip_address("192.0.2.130"), sport, size) for sport in range(40000, 40300)}
+    assert {b.node for b in chosen if b} == {"node1", "node2", "node3"}
+    sticky = {nftables.predict(web6, ip_address("2001:db8:c::130"), sport, size) for sport in range(40000, 40100)}
+    assert len(sticky) == 1
+
+
+def _canonical(listing: str) -> Any:
+    """`nft -j list table` with handles dropped and element lists sorted, to compare two kernels' content."""
+    doc = json.loads(listing)["nftables"]
+    out = []
+    for item in doc:
+        for kind, body in item.items():
+            if kind == "metainfo":
+                continue
+            kept = {k: v for k, v in body.items() if k != "handle"}
+            if "elem" in kept:
+                kept["elem"] = sorted(json.dumps(e, sort_keys=True) for e in kept["elem"])
+            out.append(json.dumps({kind: kept}, sort_keys=True))
+    return sorted(out)
+
+
+def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
+    m = three_nodes()
+    health = all_healthy(m)
+    steps = [
+        health,
+        health | {("default/web", "node2"): False},  # one service's node set changes: a new lookup table
+        {k: False for k in health},  # nothing healthy: every frontend leaves dispatch, tables go
+        health,
+    ]
+    doc = yaml.safe_load(yaml.safe_dump(THREE_NODES))
+    doc["services"][0]["ports"][0]["nodePort"] = 31080  # a changed nodePort element
+    doc["services"][3]["loadBalancerSourceRanges"] = ["203.0.113.0/24"]
+    changed = config.parse(yaml.safe_dump(doc))
+    names = [f"nftd{uuid.uuid4().hex[:6]}", f"nftf{uuid.uuid4().hex[:6]}"]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        def nft(ns: str, script: str) -> str:
+            r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True,
+                               capture_output=True, check=False)
+            assert r.returncode == 0, f"{r.stderr}\n{script[:2000]}"
+            return r.stdout
+
+        def listing(ns: str) -> Any:
+            out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "lbagent"],
+                                 capture_output=True, text=True, check=True).stdout
+            return _canonical(out)
+
+        previous = None
+        for model_, snapshot in [(m, s) for s in steps] + [(changed, health)]:
+            p = plan(model_, snapshot)
+            rs = nftables.build(p.frontends, p.vips, model_.dataplane)
+            if previous is None:
+                nft(names[0], nftables.render_full(rs))
+            else:
+                delta = nftables.render_delta(previous, rs)
+                assert delta is not None
+                if delta:
+                    nft(names[0], delta)
+            nft(names[1], nftables.render_full(rs))
+            assert listing(names[0]) == listing(names[1])
+            previous = rs
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
