@@ -12,12 +12,11 @@ from pathlib import Path
 
 from lbagent import config, model
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
-from lbagent.apply.nftables import NftForwarder
+from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
 from lbagent.plan import Plan, ServiceDecision, plan
-from lbagent.render import nftables
 from lbagent.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("lbagent.agent")
@@ -29,6 +28,7 @@ _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "node.vipInterface": lambda m: m.vip_interface,
     "agent.runtimeDir": lambda m: m.agent.runtime_dir,
     "dataplane.table": lambda m: m.dataplane.table,
+    "dataplane.kind": lambda m: m.dataplane.kind,
 }
 
 
@@ -45,7 +45,7 @@ class Agent:
         initial: model.Model,
         *,
         speaker_factory: SpeakerFactory = _default_speaker,
-        forwarder: NftForwarder | None = None,
+        forwarder: Forwarder | None = None,
         binder: VipBinder | None = None,
         prober: Prober = probe,
         sysctl_root: Path = Path("/proc/sys"),
@@ -55,7 +55,7 @@ class Agent:
         self.draining = False
         self.health = HealthChecker(self._health_changed, prober)
         self.speaker = speaker_factory(initial.bgp, initial.agent.runtime_dir, self._bgp_changed)
-        self.forwarder = forwarder or NftForwarder()
+        self.forwarder = forwarder or make_forwarder(initial.dataplane)
         self.binder = binder or VipBinder(initial.vip_interface)
         self._sysctl_root = sysctl_root
         self._bound: set[model.IPAddress] = set()
@@ -100,8 +100,8 @@ class Agent:
 
     async def _sync_dataplane(self, resync: bool) -> None:
         p = self.current_plan()
-        await self.forwarder.apply(nftables.build(p.frontends, p.vips, self.model.dataplane), force=resync)
-        programmed = {f.vip for f in p.frontends if f.active}
+        await self.forwarder.apply(p.frontends, p.vips, force=resync)
+        programmed = self.forwarder.programmed()
         if programmed != self._programmed:
             self._programmed = programmed
             self.runners["bgp"].mark_dirty()

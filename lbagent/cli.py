@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from lbagent.apply.nftables import NftError, run_nft
+    from lbagent.apply.forwarder import make_forwarder
+    from lbagent.apply.nftables import NftError
     from lbagent.apply.vips import VipBinder
 
     m = _load_or_report(args.config)
@@ -159,15 +160,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         binder = VipBinder(m.vip_interface)
         removed = await binder.bound()
         await binder.sync([])
-        await run_nft(["-f", "-"], nftables.render_delete(m.dataplane))
+        await make_forwarder(m.dataplane).cleanup()
         return removed
 
     try:
         removed = asyncio.run(cleanup())
     except NftError as exc:
-        print(f"cannot remove table inet {m.dataplane.table}: {exc}", file=sys.stderr)
+        print(f"cannot remove the {m.dataplane.kind.value} data plane: {exc}", file=sys.stderr)
         return 1
-    print(f"removed table inet {m.dataplane.table} and VIPs {', '.join(map(str, sorted(removed, key=str))) or '-'}")
+    print(f"removed lbagent's {m.dataplane.kind.value} data plane and VIPs {', '.join(map(str, sorted(removed, key=str))) or '-'}")
     return 0
 
 

@@ -6,9 +6,13 @@ import asyncio
 import copy
 import logging
 import shutil
+from collections.abc import Sequence
+from ipaddress import ip_address
 
 from lbagent.logfmt import event
-from lbagent.render.nftables import Ruleset, render_delta, render_full
+from lbagent import model
+from lbagent.plan import Frontend
+from lbagent.render.nftables import Ruleset, build, render_delete, render_delta, render_full
 
 log = logging.getLogger("lbagent.dataplane")
 
@@ -34,10 +38,25 @@ async def run_nft(args: list[str], script: str | None = None) -> str:
 class NftForwarder:
     """Owns one `table inet <name>`: sends only what changed, and the whole table on a resync or a refusal."""
 
-    def __init__(self) -> None:
+    kind = model.DataplaneKind.NFTABLES
+
+    def __init__(self, dataplane: model.Dataplane) -> None:
+        self.dataplane = dataplane
         self.applied: Ruleset | None = None
 
-    async def apply(self, ruleset: Ruleset, force: bool = False) -> str:
+    async def apply(self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False) -> str:
+        return await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
+
+    def programmed(self) -> set[model.IPAddress]:
+        if self.applied is None:
+            return set()
+        return {ip_address(key[0]) for by_family in self.applied.dispatch.values() for key in by_family}
+
+    async def cleanup(self) -> None:
+        await run_nft(["-f", "-"], render_delete(self.dataplane))
+        self.applied = None
+
+    async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
         """Bring the kernel to `ruleset`; returns what was done: "full", "delta" or "unchanged"."""
         delta = None if force or self.applied is None else render_delta(self.applied, ruleset)
         if delta == "":

@@ -32,12 +32,14 @@ CONFIG = {
 
 
 class FakeForwarder(NftForwarder):
+    """The real ruleset building, with the kernel left out."""
+
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(model.Dataplane())
         self.fail = False
         self.text = ""
 
-    async def apply(self, ruleset: Ruleset, force: bool = False) -> str:
+    async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
         if self.fail:
             raise RuntimeError("nft refused")
         self.applied = ruleset

@@ -1,0 +1,35 @@
+"""The L4 forwarder interface every data plane implements (nftables, iptables, IPVS), and how one is chosen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from lbagent import model
+from lbagent.plan import Frontend
+
+
+class Forwarder(Protocol):
+    """Brings the kernel's forwarding to the given frontends. Implementations own their kernel objects only
+    (a table, chains, IPVS services they created) and are the only code with side effects for them."""
+
+    kind: model.DataplaneKind
+
+    async def apply(self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False) -> str:
+        """Make the kernel match; `force` re-applies everything (periodic resync). Returns "full", "delta" or
+        "unchanged". Raises on failure, leaving the kernel as it was or repaired on the next call."""
+
+    def programmed(self) -> set[model.IPAddress]:
+        """VIPs whose forwarding is in the kernel now (with at least one backend taking new flows)."""
+
+    async def cleanup(self) -> None:
+        """Remove everything this forwarder programmed (`lbagent cleanup`)."""
+
+
+def make_forwarder(dataplane: model.Dataplane) -> Forwarder:
+    """The forwarder for the configured data plane kind."""
+    from lbagent.apply.nftables import NftForwarder  # noqa: PLC0415 - each data plane loads only its own tools
+
+    if dataplane.kind is model.DataplaneKind.NFTABLES:
+        return NftForwarder(dataplane)
+    raise NotImplementedError(f"dataplane.kind {dataplane.kind.value!r} is not built yet")
