@@ -168,7 +168,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     except NftError as exc:
         print(f"cannot remove the {m.dataplane.kind.value} data plane: {exc}", file=sys.stderr)
         return 1
-    print(f"removed lbagent's {m.dataplane.kind.value} data plane and VIPs {', '.join(map(str, sorted(removed, key=str))) or '-'}")
+    vips = ", ".join(map(str, sorted(removed, key=str))) or "-"
+    print(f"removed lbagent's {m.dataplane.kind.value} data plane and VIPs {vips}")
     return 0
 
 

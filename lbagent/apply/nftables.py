@@ -9,8 +9,8 @@ import shutil
 from collections.abc import Sequence
 from ipaddress import ip_address
 
-from lbagent.logfmt import event
 from lbagent import model
+from lbagent.logfmt import event
 from lbagent.plan import Frontend
 from lbagent.render.nftables import Ruleset, build, render_delete, render_delta, render_full
 
