@@ -111,6 +111,7 @@ class DataplaneSection(_Strict):
     manage_sysctls: bool = Field(True, alias="manageSysctls")
     forwarding_mode: Literal["masquerade", "nat"] = Field("masquerade", alias="forwardingMode")
     maglev_table_size: int = Field(1021, alias="maglevTableSize", ge=7, le=65521)
+    iptables_variant: Literal["nft", "legacy"] = Field("nft", alias="iptablesVariant")
 
     @model_validator(mode="after")
     def _prime_table(self) -> DataplaneSection:
@@ -458,6 +459,7 @@ def _to_model(config: ConfigFile) -> model.Model:
             masquerade_mark=config.dataplane.masquerade_mark,
             manage_sysctls=config.dataplane.manage_sysctls,
             maglev_table_size=config.dataplane.maglev_table_size,
+            iptables_variant=config.dataplane.iptables_variant,
         ),
         agent=model.Agent(
             drain_seconds=config.agent.drain_seconds,

@@ -157,6 +157,7 @@ class Dataplane:
     masquerade_mark: int = 0x00200000
     manage_sysctls: bool = True
     maglev_table_size: int = 1021  # prime; slots per Maglev lookup table
+    iptables_variant: str = "nft"  # which iptables: "nft" (iptables-nft) or "legacy" (iptables-legacy)
 
 
 @dataclass(frozen=True)
