@@ -12,11 +12,12 @@ from pathlib import Path
 
 from lbagent import config, model
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
+from lbagent.apply.conntrack import clear_udp
 from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
-from lbagent.plan import Plan, ServiceDecision, plan
+from lbagent.plan import Frontend, Plan, ServiceDecision, plan, stale_udp_flows
 from lbagent.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("lbagent.agent")
@@ -60,6 +61,8 @@ class Agent:
         self._sysctl_root = sysctl_root
         self._bound: set[model.IPAddress] = set()
         self._programmed: set[model.IPAddress] = set()
+        self._frontends: tuple[Frontend, ...] = ()
+        self.clear_udp = clear_udp
         self._decisions: dict[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +104,9 @@ class Agent:
     async def _sync_dataplane(self, resync: bool) -> None:
         p = self.current_plan()
         await self.forwarder.apply(p.frontends, p.vips, force=resync)
+        for stale in stale_udp_flows(self._frontends, p.frontends):
+            await self.clear_udp(stale)
+        self._frontends = p.frontends
         programmed = self.forwarder.programmed()
         if programmed != self._programmed:
             self._programmed = programmed

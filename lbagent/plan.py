@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address
@@ -167,3 +167,27 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
         decisions=tuple(decisions),
         sysctls=sysctls(m),
     )
+
+
+@dataclass(frozen=True)
+class StaleFlows:
+    """UDP conntrack entries to delete: toward a node that no longer takes a frontend's flows. UDP has no
+    connection end, so without this a client that keeps sending stays NATed to the dead node forever."""
+
+    vip: model.IPAddress
+    port: int
+    node_address: model.IPAddress
+    node_port: int
+
+
+def stale_udp_flows(before: Iterable[Frontend], after: Iterable[Frontend]) -> list[StaleFlows]:
+    """What left each UDP frontend's active backends between two plans (a node removed or drained)."""
+    now = {(f.vip, f.port): {(b.address, b.port) for b in f.active} for f in after
+           if f.protocol is model.Protocol.UDP}
+    out = []
+    for f in before:
+        if f.protocol is not model.Protocol.UDP:
+            continue
+        kept = now.get((f.vip, f.port), set())
+        out += [StaleFlows(f.vip, f.port, b.address, b.port) for b in f.active if (b.address, b.port) not in kept]
+    return out

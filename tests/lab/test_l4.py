@@ -1,0 +1,133 @@
+"""L4 through the running agents with real packets: Local policy, client address modes, flow prediction,
+dual stack, UDP. The per-data-plane packet behaviour is in tests/dataplane/."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.lab.lab import Lab, address, address6, wait_for
+
+pytestmark = pytest.mark.lab
+
+LBS = ("lb1", "lb2")
+UPLINKS = {address("lb1", "uplink"), address("lb2", "uplink")}
+CLIENT = address("client")
+
+
+def _service(name: str, vip: str, node_port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "vip": vip, "ports": [{"port": 80, "nodePort": node_port}], **extra}
+
+
+def _announced(lab: Lab, prefix: str, by: set[str] = UPLINKS, timeout: float = 20) -> None:
+    wait_for(lambda: lab.router_nexthops(prefix) == by, timeout=timeout, message=f"{prefix} via {sorted(by)}")
+
+
+def _in_rotation(lab: Lab, node: str) -> bool:
+    return all(address(node) in lab.nft_ruleset(lb) for lb in LBS)
+
+
+def _nodes(lab: Lab, url: str, count: int = 30) -> Counter[str]:
+    answers = [lab.request(url) for _ in range(count)]
+    assert all(a is not None for a in answers), "every request is answered"
+    return Counter(a["node"] for a in answers if a is not None)
+
+
+def test_local_policy_sends_only_to_nodes_with_local_endpoints(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(services=[_service("web", "192.0.2.10", 30080, externalTrafficPolicy="Local",
+                                         healthCheckNodePort=32000, forwardingMode="nat")])
+    _announced(lab, "192.0.2.10/32")
+    lab.set_local_endpoints("node2", "default/web", 0)
+    wait_for(lambda: not _in_rotation(lab, "node2"), timeout=5, message="node2 to leave rotation")
+    answers = [lab.request("http://192.0.2.10/") for _ in range(30)]
+    assert {a["node"] for a in answers if a} == {"node1", "node3"} and all(answers)
+    # Local keeps the client's address (nat mode): the node saw the client itself
+    assert {a["client"].rsplit(":", 1)[0] for a in answers if a} == {CLIENT}
+
+    for node in ("node1", "node3"):
+        lab.set_local_endpoints(node, "default/web", 0)
+    _announced(lab, "192.0.2.10/32", by=set())
+    log = lab.agent_log("lb1")
+    assert "event=vip_withdrawn service=default/web vips=192.0.2.10 reason=noLocalEndpoints" in log
+    assert "noLocalEndpoints (HTTP 503, localEndpoints 0)" in log
+
+    lab.set_local_endpoints("node3", "default/web", 1)
+    _announced(lab, "192.0.2.10/32")
+    assert set(_nodes(lab, "http://192.0.2.10/", 10)) == {"node3"}
+
+
+def test_kube_proxy_healthz_takes_a_draining_node_out(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(services=[_service("web", "192.0.2.10", 30080, healthCheck={"kubeProxyHealthz": True})])
+    _announced(lab, "192.0.2.10/32")
+    assert set(_nodes(lab, "http://192.0.2.10/", 40)) == {"node1", "node2", "node3"}
+    lab.set_kube_proxy_healthy("node3", False)
+    wait_for(lambda: not _in_rotation(lab, "node3"), timeout=5, message="node3 to leave rotation")
+    assert set(_nodes(lab, "http://192.0.2.10/")) == {"node1", "node2"}
+    assert "node=node3 healthy=false" in lab.agent_log("lb1") and "/healthz HTTP 503" in lab.agent_log("lb1")
+
+
+def test_client_address_masquerade_versus_nat(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(services=[_service("masq", "192.0.2.10", 30080),
+                                _service("keep", "192.0.2.11", 30081, forwardingMode="nat")])
+    _announced(lab, "192.0.2.10/32")
+    _announced(lab, "192.0.2.11/32")
+    masq = [lab.request("http://192.0.2.10/") for _ in range(30)]
+    kept = [lab.request("http://192.0.2.11/") for _ in range(30)]
+    assert all(masq) and all(kept), "both modes answer every request, through both LBs"
+    lb_cluster = {address("lb1", "cluster"), address("lb2", "cluster")}
+    assert {a["client"].rsplit(":", 1)[0] for a in masq if a} == lb_cluster
+    assert {a["client"].rsplit(":", 1)[0] for a in kept if a} == {CLIENT}
+
+
+def test_plan_flow_names_the_node_a_real_flow_reaches(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory()
+    _announced(lab, "192.0.2.10/32")
+    config = str(lab.agent_config_path("lb1"))
+    seen_lbs = set()
+    for sport in range(41000, 41024):
+        said = subprocess.run([str(lab.repo / ".venv/bin/lbagent"), "plan", "-c", config, "--flow",
+                               f"{CLIENT}:{sport},192.0.2.10:80"], capture_output=True, text=True, check=True).stdout
+        predicted = said.split(" goes to ")[1].split()[0]
+        answer = lab.request("http://192.0.2.10/", local_port=sport)
+        assert answer is not None
+        assert answer["node"] == predicted, f"client port {sport}: plan said {predicted}, {answer['node']} answered"
+        seen_lbs.add(answer["client"].rsplit(":", 1)[0])
+    # the router spread these flows over both LBs, and each LB chose the predicted node: they agree
+    assert seen_lbs == {address("lb1", "cluster"), address("lb2", "cluster")}
+
+
+def test_dual_stack_vip_is_announced_and_served_in_both_families(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(ipv6=True, services=[{"name": "web", "vips": ["192.0.2.10", "2001:db8::10"],
+                                            "ports": [{"port": 80, "nodePort": 30080}]}])
+    _announced(lab, "192.0.2.10/32")
+    _announced(lab, "2001:db8::10/128", by={address6("lb1", "uplink"), address6("lb2", "uplink")})
+    assert set(_nodes(lab, "http://[2001:db8::10]/", 40)) == {"node1", "node2", "node3"}
+    answer = lab.request("http://[2001:db8::10]/")
+    assert answer is not None and answer["client"].rsplit(":", 1)[0] in {address6("lb1", "cluster"),
+                                                                        address6("lb2", "cluster")}
+
+
+def test_udp_flows_move_off_a_node_that_left(lab_factory: Callable[..., Lab]) -> None:
+    dns = {"name": "dns", "vip": "192.0.2.12", "healthCheck": {"kubeProxyHealthz": True},
+           "ports": [{"protocol": "UDP", "port": 53, "nodePort": 30053}]}
+    lab = lab_factory(services=[dns])
+    _announced(lab, "192.0.2.12/32")
+    first = lab.request_udp("192.0.2.12", 53, b"q", local_port=45000)
+    assert first is not None
+    node = first["node"]
+    for _ in range(5):  # the flow is sticky while nothing changes
+        again = lab.request_udp("192.0.2.12", 53, b"q", local_port=45000)
+        assert again is not None and again["node"] == node
+    lab.set_kube_proxy_healthy(node, False)  # the node's backend still answers: only the LB's choice changes
+    wait_for(lambda: not _in_rotation(lab, node), timeout=5, message=f"{node} to leave rotation")
+
+    def moved() -> bool:
+        answer = lab.request_udp("192.0.2.12", 53, b"q", local_port=45000)
+        return answer is not None and answer["node"] != node
+
+    wait_for(moved, timeout=5, message="the client's UDP flow to move to a node in rotation")
+    assert "event=udp_flows_cleared" in lab.agent_log("lb1") + lab.agent_log("lb2")
