@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ipaddress import ip_interface
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
-from lbagent.plan import Frontend, Plan, ServiceDecision, plan, stale_udp_flows
+from lbagent.plan import Frontend, Plan, ServiceDecision, plan, replan, stale_udp_flows
 from lbagent.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("lbagent.agent")
@@ -61,8 +61,13 @@ class Agent:
         self._sysctl_root = sysctl_root
         self._bound: set[model.IPAddress] = set()
         self._programmed: set[model.IPAddress] = set()
-        self._frontends: tuple[Frontend, ...] = ()
+        self._applied: Mapping[str, tuple[Frontend, ...]] = {}
         self.clear_udp = clear_udp
+        self._plan: Plan | None = None
+        self._plan_draining = False
+        self._replan_all = True
+        self._replan: set[str] = set()
+        self._dataplane_dirty: set[str] | None = None  # services changed since the last apply; None: all
         self._decisions: dict[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -75,11 +80,26 @@ class Agent:
     # -- deciding -------------------------------------------------------------------------------------
 
     def current_plan(self) -> Plan:
-        return plan(self.model, self.health.snapshot(), self.draining)
+        """The plan for the current model and verdicts: recomputed whole after a reload or a change of the
+        draining state, and only for the services whose health changed otherwise."""
+        if self._plan is None or self._replan_all or self._plan_draining != self.draining:
+            self._plan = plan(self.model, self.health.verdicts, self.draining)
+        elif self._replan:
+            self._plan = replan(self._plan, self.model, self.health.verdicts, self._replan, self.draining)
+        self._replan_all, self._replan, self._plan_draining = False, set(), self.draining
+        return self._plan
+
+    def _invalidate(self) -> None:
+        """Everything is decided and applied afresh (a reload)."""
+        self._replan_all = True
+        self._dataplane_dirty = None
 
     # -- events ---------------------------------------------------------------------------------------
 
-    def _health_changed(self) -> None:
+    def _health_changed(self, key: tuple[str, str]) -> None:
+        self._replan.add(key[0])
+        if self._dataplane_dirty is not None:
+            self._dataplane_dirty.add(key[0])
         self.runners["dataplane"].mark_dirty()
         self.runners["bgp"].mark_dirty()
 
@@ -103,10 +123,18 @@ class Agent:
 
     async def _sync_dataplane(self, resync: bool) -> None:
         p = self.current_plan()
-        await self.forwarder.apply(p.frontends, p.vips, force=resync)
-        for stale in stale_udp_flows(self._frontends, p.frontends):
-            await self.clear_udp(stale)
-        self._frontends = p.frontends
+        dirty, self._dataplane_dirty = self._dataplane_dirty, set()
+        changed = None if resync or dirty is None else {k: p.by_service.get(k, ()) for k in dirty}
+        try:
+            await self.forwarder.apply(p.frontends, p.vips, force=resync, changed=changed)
+        except BaseException:
+            self._dataplane_dirty = None  # whatever happened, the next sync applies everything
+            raise
+        keys = self._applied.keys() | p.by_service.keys() if changed is None else changed.keys()
+        for key in keys:
+            for stale in stale_udp_flows(self._applied.get(key, ()), p.by_service.get(key, ())):
+                await self.clear_udp(stale)
+        self._applied = p.by_service
         programmed = self.forwarder.programmed()
         if programmed != self._programmed:
             self._programmed = programmed
@@ -228,8 +256,9 @@ class Agent:
             event(log, logging.INFO, "config_unchanged", config_hash=new.digest())
             return True
         old, self.model = self.model, new
-        apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         self.health.update(new)
+        self._invalidate()
+        apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         if new.bgp != old.bgp:
             await self.speaker.reconfigure(new.bgp)
         self.mark_all_dirty()

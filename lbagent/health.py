@@ -165,10 +165,12 @@ class _Probe:
 class HealthChecker:
     """Runs one probe loop per target and tells `on_change` whenever a verdict flips."""
 
-    def __init__(self, on_change: Callable[[], None], prober: Prober = probe) -> None:
+    def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe) -> None:
         self._on_change = on_change
         self._prober = prober
         self._probes: dict[HealthKey, _Probe] = {}
+        self.verdicts: dict[HealthKey, bool] = {}
+        """Live verdicts, kept current as probes flip: what the planner reads (never copied per sync)."""
         self._running = False
         self._complete = asyncio.Event()
 
@@ -197,8 +199,8 @@ class HealthChecker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def snapshot(self) -> dict[HealthKey, bool]:
-        """The verdicts known so far; a pair not probed yet is absent."""
-        return {k: p.state.healthy for k, p in self._probes.items() if p.state.healthy is not None}
+        """A copy of the verdicts known so far; a pair not probed yet is absent."""
+        return dict(self.verdicts)
 
     def reasons(self) -> dict[HealthKey, str]:
         return {k: p.state.reason for k, p in self._probes.items()}
@@ -220,21 +222,26 @@ class HealthChecker:
             error = f"probe error: {type(exc).__name__}: {exc}"
         was = probe.state.healthy
         flipped = probe.state.observe(error)
-        if self.complete():
+        if self._probes.get(key) is not probe:
+            return  # the pair was removed by a reload while this probe was in flight
+        if probe.state.healthy is not None:
+            self.verdicts[key] = probe.state.healthy
+        if not self._complete.is_set() and self.complete():
             self._complete.set()
-        if flipped and self._probes.get(key) is probe:
+        if flipped:
             event(
                 log, logging.INFO if probe.state.healthy else logging.WARNING, "health_changed",
                 service=target.service, node=target.node,
                 healthy=probe.state.healthy, was=was, reason=probe.state.reason,
             )
-            self._on_change()
+            self._on_change(key)
 
     def _start(self, key: HealthKey) -> None:
         probe = self._probes[key]
         probe.task = asyncio.get_running_loop().create_task(self._loop(key), name=f"health {key}")
 
     def _cancel(self, key: HealthKey) -> None:
+        self.verdicts.pop(key, None)
         probe = self._probes.pop(key)
         if probe.task is not None:
             probe.task.cancel()

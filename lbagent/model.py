@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 IPAddress = IPv4Address | IPv6Address
@@ -185,8 +186,18 @@ class Model:
         """A stable hash of the whole model: the loaded config's identity in logs and metrics."""
         return hashlib.sha256(json.dumps(asdict(self), default=str, sort_keys=True).encode()).hexdigest()[:16]
 
+    @cached_property
+    def _service_index(self) -> dict[str, Service]:
+        return {s.key: s for s in self.services}
+
+    @cached_property
+    def services_by_vip(self) -> dict[IPAddress, list[str]]:
+        """Each VIP and the services on it, in config order."""
+        out: dict[IPAddress, list[str]] = {}
+        for s in self.services:
+            for vip in s.vips:
+                out.setdefault(vip, []).append(s.key)
+        return out
+
     def service(self, key: str) -> Service:
-        for service in self.services:
-            if service.key == key:
-                return service
-        raise KeyError(key)
+        return self._service_index[key]

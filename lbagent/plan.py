@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from lbagent import model
 
@@ -31,8 +32,7 @@ class Announcement:
     communities: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(NamedTuple):
     """Where forwarded traffic lands: a node's address and the service port's nodePort.
 
     Weight 0 means draining: no new flows, but flows already there continue (IPVS keeps the real server
@@ -45,7 +45,7 @@ class Backend:
     weight: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """One VIP:port/protocol and the backends it spreads over (none with weight > 0: nothing healthy)."""
 
@@ -63,6 +63,8 @@ class Frontend:
     @property
     def active(self) -> tuple[Backend, ...]:
         """The backends that take new flows."""
+        if all(b.weight > 0 for b in self.backends):
+            return self.backends
         return tuple(b for b in self.backends if b.weight > 0)
 
 
@@ -84,6 +86,8 @@ class Plan:
     announcements: Mapping[str, Announcement]
     decisions: tuple[ServiceDecision, ...]
     sysctls: Mapping[str, str]
+    by_service: Mapping[str, tuple[Frontend, ...]] = field(default_factory=dict)
+    decision_by_service: Mapping[str, ServiceDecision] = field(default_factory=dict)
 
 
 def all_healthy(m: model.Model) -> dict[tuple[str, str], bool]:
@@ -113,59 +117,96 @@ def sysctls(m: model.Model) -> dict[str, str]:
     return out
 
 
+def plan_service(
+    service: model.Service, nodes: Sequence[model.Node], health: HealthSnapshot, draining: bool
+) -> tuple[tuple[Frontend, ...], ServiceDecision]:
+    """One service's frontends and announce decision: services are planned independently of each other."""
+    key = service.key
+    healthy = [n for n in nodes if health.get((key, n.name), False)]
+    taking = [n for n in healthy if not n.draining]
+    frontends = []
+    for vip in service.vips:
+        targets = [(n.name, a, 0 if n.draining else n.weight) for n in healthy if (a := n.address_for(vip)) is not None]
+        for port in service.ports:
+            frontends.append(
+                Frontend(
+                    service=key, port_name=port.name, vip=vip, protocol=port.protocol, port=port.port,
+                    backends=tuple(Backend(name, address, port.node_port, weight) for name, address, weight in targets),
+                    mode=service.forwarding_mode, affinity_timeout=service.session_affinity_timeout,
+                    source_ranges=service.source_ranges, scheduler=service.ipvs_scheduler,
+                )
+            )
+    if draining:
+        reason = Reason.DRAINING
+    elif not taking:
+        local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
+        reason = Reason.NO_LOCAL_ENDPOINTS if local else Reason.NO_HEALTHY_NODES
+    else:
+        reason = Reason.ANNOUNCED
+    decision = ServiceDecision(
+        key, service.vips, reason is Reason.ANNOUNCED, reason, tuple(n.name for n in taking),
+        tuple(n.name for n in nodes if not health.get((key, n.name), False)),
+        tuple(n.name for n in healthy if n.draining),
+    )
+    return tuple(frontends), decision
+
+
+def _announcement(
+    m: model.Model, vip: model.IPAddress, decisions: Mapping[str, ServiceDecision]
+) -> Announcement | None:
+    """A VIP is announced while any service on it is. Services sharing a VIP carry the same attributes
+    (the config checks it), so the first of them speaks for it."""
+    keys = m.services_by_vip[vip]
+    if not any(decisions[k].announce for k in keys):
+        return None
+    bgp = m.service(keys[0]).bgp
+    return Announcement(model.host_prefix(vip), bgp.med, bgp.local_pref, bgp.communities)
+
+
 def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan:
     """Decide everything. A pair missing from `health` counts as unhealthy."""
-    frontends: list[Frontend] = []
-    decisions: list[ServiceDecision] = []
-    announce_by_vip: dict[model.IPAddress, Announcement] = {}
+    by_service: dict[str, tuple[Frontend, ...]] = {}
+    decisions: dict[str, ServiceDecision] = {}
     for service in m.services:
-        healthy = [n for n in m.nodes if health.get((service.key, n.name), False)]
-        unhealthy = tuple(n.name for n in m.nodes if not health.get((service.key, n.name), False))
-        taking = [n for n in healthy if not n.draining]
-        for vip in service.vips:
-            for port in service.ports:
-                backends = tuple(
-                    Backend(n.name, address, port.node_port, 0 if n.draining else n.weight)
-                    for n in healthy
-                    if (address := n.address_for(vip)) is not None
-                )
-                frontends.append(
-                    Frontend(
-                        service=service.key, port_name=port.name, vip=vip, protocol=port.protocol,
-                        port=port.port, backends=backends, mode=service.forwarding_mode,
-                        affinity_timeout=service.session_affinity_timeout, source_ranges=service.source_ranges,
-                        scheduler=service.ipvs_scheduler,
-                    )
-                )
-        if draining:
-            reason = Reason.DRAINING
-        elif not taking:
-            local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
-            reason = Reason.NO_LOCAL_ENDPOINTS if local else Reason.NO_HEALTHY_NODES
-        else:
-            reason = Reason.ANNOUNCED
-        decisions.append(
-            ServiceDecision(
-                service.key, service.vips, reason is Reason.ANNOUNCED, reason,
-                tuple(n.name for n in taking), unhealthy, tuple(n.name for n in healthy if n.draining),
-            )
-        )
-        if reason is Reason.ANNOUNCED:
-            for vip in service.vips:
-                # Services sharing a VIP carry the same attributes (checked), so any one of them speaks for it.
-                announce_by_vip.setdefault(
-                    vip,
-                    Announcement(
-                        model.host_prefix(vip), service.bgp.med, service.bgp.local_pref, service.bgp.communities
-                    ),
-                )
-    vips = tuple(sorted({v for s in m.services for v in s.vips}, key=lambda a: (a.version, int(a))))
+        by_service[service.key], decisions[service.key] = plan_service(service, m.nodes, health, draining)
+    announcements = {}
+    for vip in m.services_by_vip:
+        if (a := _announcement(m, vip, decisions)) is not None:
+            announcements[a.prefix] = a
     return Plan(
-        vips=vips,
-        frontends=tuple(frontends),
-        announcements={a.prefix: a for a in announce_by_vip.values()},
-        decisions=tuple(decisions),
+        vips=tuple(sorted(m.services_by_vip, key=lambda a: (a.version, int(a)))),
+        frontends=tuple(f for fs in by_service.values() for f in fs),
+        announcements=announcements,
+        decisions=tuple(decisions.values()),
         sysctls=sysctls(m),
+        by_service=by_service,
+        decision_by_service=decisions,
+    )
+
+
+def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterable[str], draining: bool = False) -> Plan:
+    """`plan()` again for a few services whose health changed, reusing everything else from `prev` (same model,
+    same draining state): the cost grows with the services changed, not with how many there are."""
+    by_service = dict(prev.by_service)
+    decisions = dict(prev.decision_by_service)
+    touched: set[model.IPAddress] = set()
+    for key in services:
+        service = m.service(key)
+        by_service[key], decisions[key] = plan_service(service, m.nodes, health, draining)
+        touched.update(service.vips)
+    announcements = dict(prev.announcements)
+    for vip in touched:
+        announcements.pop(model.host_prefix(vip), None)
+        if (a := _announcement(m, vip, decisions)) is not None:
+            announcements[a.prefix] = a
+    return Plan(
+        vips=prev.vips,
+        frontends=tuple(f for fs in by_service.values() for f in fs),
+        announcements=announcements,
+        decisions=tuple(decisions.values()),
+        sysctls=prev.sysctls,
+        by_service=by_service,
+        decision_by_service=decisions,
     )
 
 

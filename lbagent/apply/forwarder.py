@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from lbagent import model
@@ -15,9 +15,14 @@ class Forwarder(Protocol):
 
     kind: model.DataplaneKind
 
-    async def apply(self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False) -> str:
-        """Make the kernel match; `force` re-applies everything (periodic resync). Returns "full", "delta" or
-        "unchanged". Raises on failure, leaving the kernel as it was or repaired on the next call."""
+    async def apply(
+        self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
+        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+    ) -> str:
+        """Make the kernel match; `force` re-applies everything (periodic resync). `changed`, when given, holds
+        the new frontends of the only services that changed since the last call: an implementation may use it
+        to do less. Returns "full", "delta" or "unchanged". Raises on failure, leaving the kernel as it was or
+        repaired on the next call."""
 
     def programmed(self) -> set[model.IPAddress]:
         """VIPs whose forwarding is in the kernel now (with at least one backend taking new flows)."""

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from ipaddress import ip_address
 
 from lbagent import model
 from lbagent.logfmt import event
 from lbagent.plan import Frontend
-from lbagent.render.nftables import Ruleset, build, render_delete, render_delta, render_full
+from lbagent.render.nftables import Ruleset, build, render_delete, render_delta, render_full, update
 
 log = logging.getLogger("lbagent.dataplane")
 
@@ -43,9 +42,38 @@ class NftForwarder:
     def __init__(self, dataplane: model.Dataplane) -> None:
         self.dataplane = dataplane
         self.applied: Ruleset | None = None
+        self._by_service: dict[str, tuple[Frontend, ...]] = {}
+        self._vips: set[model.IPAddress] = set()
 
-    async def apply(self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False) -> str:
-        return await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
+    async def apply(
+        self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
+        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+    ) -> str:
+        """`changed`: the new frontends of the only services that changed since the last apply (their health):
+        then the ruleset is updated in place and only those elements go to the kernel."""
+        if changed is not None and not force and self.applied is not None and self._vips == set(vips):
+            old = [f for key in changed for f in self._by_service.get(key, ())]
+            script = update(self.applied, old, [f for fs in changed.values() for f in fs])
+            self._by_service.update(changed)
+            if not script:
+                return "unchanged"
+            try:
+                await self._run(script)
+            except NftError as exc:
+                # The ruleset in memory is ahead of the kernel now: forget it and replace the whole table.
+                event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
+                self.applied = None
+            else:
+                event(log, logging.INFO, "dataplane_applied", kind="nftables", how="update",
+                      services=len(changed), bytes=len(script))
+                return "delta"
+        how = await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
+        self._by_service = {}
+        for f in frontends:
+            self._by_service.setdefault(f.service, ())
+            self._by_service[f.service] += (f,)
+        self._vips = set(vips)
+        return how
 
     def programmed(self) -> set[model.IPAddress]:
         if self.applied is None:
@@ -53,30 +81,31 @@ class NftForwarder:
         return {ip_address(key[0]) for by_family in self.applied.dispatch.values() for key in by_family}
 
     async def cleanup(self) -> None:
-        await run_nft(["-f", "-"], render_delete(self.dataplane))
+        await self._run(render_delete(self.dataplane))
         self.applied = None
 
+    async def _run(self, script: str) -> None:
+        """The one place this forwarder touches the kernel."""
+        await run_nft(["-f", "-"], script)
+
     async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
-        """Bring the kernel to `ruleset`; returns what was done: "full", "delta" or "unchanged"."""
+        """Bring the kernel to `ruleset` (a fresh object this forwarder keeps): "full", "delta" or "unchanged"."""
         delta = None if force or self.applied is None else render_delta(self.applied, ruleset)
         if delta == "":
             return "unchanged"
         how = "full"
         if delta is not None:
             try:
-                await run_nft(["-f", "-"], delta)
+                await self._run(delta)
                 how = "delta"
             except NftError as exc:
                 # The kernel kept the old state (all or nothing): repair by replacing the whole table.
                 event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
         if how == "full":
-            await run_nft(["-f", "-"], render_full(ruleset))
+            await self._run(render_full(ruleset))
         changed = self.applied != ruleset
-        self.applied = copy.deepcopy(ruleset)
+        self.applied = ruleset
         if changed:
             event(log, logging.INFO, "dataplane_applied", kind="nftables", how=how,
                   frontends=sum(len(d) for d in ruleset.dispatch.values()), lookup_tables=len(ruleset.tables))
         return how
-
-    async def listing(self, table: str) -> str:
-        return await run_nft(["list", "table", "inet", table])

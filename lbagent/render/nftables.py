@@ -10,7 +10,8 @@ changes whatever the number of services, and a resync can still replace the whol
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lbagent import maglev, model
@@ -48,6 +49,7 @@ class Ruleset:
     allowed: dict[int, set[tuple[FrontendKey, str]]] = field(default_factory=lambda: {4: set(), 6: set()})
     tables: dict[str, LookupTable] = field(default_factory=dict)
     chains: dict[str, tuple[str, bool]] = field(default_factory=dict)  # chain -> (lookup table, by client only)
+    users: Counter[str] = field(default_factory=Counter)  # dispatch entries per chain and per lookup table
 
 
 def _key(f: Frontend) -> FrontendKey:
@@ -56,12 +58,15 @@ def _key(f: Frontend) -> FrontendKey:
 
 def lookup_table(frontend: Frontend, size: int) -> LookupTable:
     """The Maglev table of a frontend's active backends, named by its content so equal tables are shared."""
-    active = frontend.active
+    return _lookup_table(frontend.active, frontend.vip.version, size)
+
+
+def _lookup_table(active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
     order = maglev.table([(b.node, b.weight) for b in active], size)
     slots = tuple(str(active[i].address) for i in order)
     digest = hashlib.blake2b(repr((size, [(b.node, str(b.address), b.weight) for b in active])).encode(),
                              digest_size=6).hexdigest()
-    return LookupTable(f"mg{frontend.vip.version}_{digest}", frontend.vip.version, slots)
+    return LookupTable(f"mg{version}_{digest}", version, slots)
 
 
 def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane) -> Ruleset:
@@ -71,27 +76,106 @@ def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datapl
     rs = Ruleset(dataplane.table, dataplane.masquerade_mark, dataplane.maglev_table_size)
     for vip in vips:
         rs.vips[vip.version].add(str(vip))
-    tables: dict[tuple[tuple[str, str, int], ...], LookupTable] = {}
+    tables: _TableCache = {}
     for f in frontends:
-        if not f.active:
-            continue
-        v, key = f.vip.version, _key(f)
-        identity = tuple((b.node, str(b.address), b.weight) for b in f.active)
-        if identity not in tables:
-            tables[identity] = lookup_table(f, rs.size)
-        table = tables[identity]
-        rs.tables[table.name] = table
-        by_client = f.affinity_timeout is not None
-        chain = table.name + ("_c" if by_client else "")
-        rs.chains[chain] = (table.name, by_client)
-        rs.dispatch[v][key] = chain
-        rs.node_ports[v][key] = f.active[0].port
-        if f.mode is model.ForwardingMode.MASQUERADE:
-            rs.masquerade[v].add(key)
-        if f.source_ranges:
-            rs.ranged[v].add(key)
-            rs.allowed[v].update((key, str(net)) for net in f.source_ranges if net.version == v)
+        _insert(rs, f, tables)
     return rs
+
+
+_TableCache = dict[tuple[tuple[str, model.IPAddress, int], ...], LookupTable]
+
+
+def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
+    active = f.active
+    if not active:
+        return
+    v, key = f.vip.version, _key(f)
+    identity = tuple((b.node, b.address, b.weight) for b in active)
+    table = tables.get(identity)
+    if table is None:
+        table = tables[identity] = _lookup_table(active, v, rs.size)
+    rs.tables.setdefault(table.name, table)
+    by_client = f.affinity_timeout is not None
+    chain = table.name + ("_c" if by_client else "")
+    rs.chains[chain] = (table.name, by_client)
+    rs.users[chain] += 1
+    rs.users[table.name] += 1
+    rs.dispatch[v][key] = chain
+    rs.node_ports[v][key] = active[0].port
+    if f.mode is model.ForwardingMode.MASQUERADE:
+        rs.masquerade[v].add(key)
+    if f.source_ranges:
+        rs.ranged[v].add(key)
+        rs.allowed[v].update((key, str(net)) for net in f.source_ranges if net.version == v)
+
+
+def _remove(rs: Ruleset, f: Frontend) -> None:
+    v, key = f.vip.version, _key(f)
+    chain = rs.dispatch[v].pop(key, None)
+    if chain is None:
+        return
+    rs.users[chain] -= 1
+    rs.users[rs.chains[chain][0]] -= 1
+    rs.node_ports[v].pop(key, None)
+    rs.masquerade[v].discard(key)
+    rs.ranged[v].discard(key)
+    rs.allowed[v] -= {(key, str(net)) for net in f.source_ranges}
+
+
+def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> set[tuple[str, str]]:
+    """(container, element) pairs the given frontends hold in the ruleset now."""
+    out: set[tuple[str, str]] = set()
+    for f in frontends:
+        v, key = f.vip.version, _key(f)
+        chain = rs.dispatch[v].get(key)
+        if chain is None:
+            continue
+        k = _frontend(key)
+        out.add((f"dispatch_v{v}", f"{k} : goto {chain}"))
+        out.add((f"node_ports_v{v}", f"{k} : {rs.node_ports[v][key]}"))
+        if key in rs.masquerade[v]:
+            out.add((f"masquerade_v{v}", k))
+        if key in rs.ranged[v]:
+            out.add((f"ranged_v{v}", k))
+            out.update((f"allowed_v{v}", f"{k} . {net}") for kk, net in rs.allowed[v] if kk == key)
+    return out
+
+
+def update(rs: Ruleset, old: Sequence[Frontend], new: Sequence[Frontend]) -> str:
+    """Replace some frontends (those of the services that changed) in `rs`, in place, and return the nft
+    transaction that does the same in the kernel. Costs what changed, whatever the size of `rs`."""
+    before = _elements_of(rs, old)
+    tables_before, chains_before = set(rs.tables), set(rs.chains)
+    for f in old:
+        _remove(rs, f)
+    cache: _TableCache = {}
+    for f in new:
+        _insert(rs, f, cache)
+    after = _elements_of(rs, new)
+    dead_chains = sorted(c for c in rs.chains if rs.users[c] <= 0)
+    dead_tables = sorted(t for t in rs.tables if rs.users[t] <= 0)
+    for name in dead_chains:
+        del rs.chains[name], rs.users[name]
+    for name in dead_tables:
+        del rs.tables[name], rs.users[name]
+    t = rs.table
+    lines = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {t} ', 1)}"
+             for n in sorted(set(rs.tables) - tables_before)]
+    for name in sorted(set(rs.chains) - chains_before):
+        lines.append(f"add chain inet {t} {name}")
+        lines += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(rs, name)]
+    lines += _element_lines("delete", t, before - after)
+    lines += _element_lines("add", t, after - before)
+    lines += [f"delete chain inet {t} {name}" for name in dead_chains if name in chains_before]
+    lines += [f"delete map inet {t} {name}" for name in dead_tables if name in tables_before]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _element_lines(verb: str, table: str, pairs: set[tuple[str, str]]) -> list[str]:
+    by_container: dict[str, list[str]] = {}
+    for container, element in pairs:
+        by_container.setdefault(container, []).append(element)
+    return [f"{verb} element inet {table} {c} {{ {', '.join(sorted(e))} }}" for c, e in sorted(by_container.items())]
 
 
 # -- text ---------------------------------------------------------------------------------------------

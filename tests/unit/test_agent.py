@@ -16,10 +16,10 @@ import yaml
 from lbagent import config, model
 from lbagent.agent import Agent
 from lbagent.apply.bgp import FakeBgpSpeaker
-from lbagent.apply.nftables import NftForwarder
+from lbagent.apply.nftables import NftError, NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
 from lbagent.health import Target
-from lbagent.render.nftables import Ruleset, render_full
+from lbagent.render.nftables import render_full
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -32,19 +32,21 @@ CONFIG = {
 
 
 class FakeForwarder(NftForwarder):
-    """The real ruleset building, with the kernel left out."""
+    """The real nftables forwarder (full and incremental paths) with the kernel left out."""
 
     def __init__(self) -> None:
         super().__init__(model.Dataplane())
         self.fail = False
-        self.text = ""
+        self.scripts: list[str] = []
 
-    async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
+    async def _run(self, script: str) -> None:
         if self.fail:
-            raise RuntimeError("nft refused")
-        self.applied = ruleset
-        self.text = render_full(ruleset)
-        return "full"
+            raise NftError("nft refused")
+        self.scripts.append(script)
+
+    @property
+    def text(self) -> str:
+        return render_full(self.applied) if self.applied is not None else ""
 
 
 class FakeBinder(VipBinder):
@@ -122,6 +124,9 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
         h.down.add("203.0.113.12")
         await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
         assert h.announced() == {"192.0.2.10/32"}
+        # one node's health changed: only that service's elements went to the kernel, not the whole table
+        assert "delete table" not in h.forwarder.scripts[-1]
+        assert "add element inet lbagent dispatch_v4" in h.forwarder.scripts[-1]
 
         h.down.update({"203.0.113.11", "203.0.113.13"})
         await until(lambda: h.announced() == set())

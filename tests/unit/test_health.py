@@ -61,7 +61,7 @@ def test_probe_round_needs_every_port_and_reports_changes() -> None:
         return None
 
     async def scenario() -> None:
-        checker = HealthChecker(lambda: changes.append(1), prober)
+        checker = HealthChecker(lambda key: changes.append(1), prober)
         checker.update(_model())
         assert not checker.complete()
         await checker.probe_once(("default/web", "node1"))
@@ -85,7 +85,7 @@ def test_update_keeps_state_of_unchanged_pairs_and_drops_removed() -> None:
         return None
 
     async def scenario() -> None:
-        checker = HealthChecker(lambda: None, ok)
+        checker = HealthChecker(lambda key: None, ok)
         checker.update(_model())
         await checker.probe_once(("default/web", "node1"))
         checker.update(_model([{"name": "api", "vip": "192.0.2.12", "ports": [{"port": 80, "nodePort": 30090}]}]))
@@ -162,7 +162,7 @@ def test_a_prober_that_raises_counts_as_a_failed_probe() -> None:
         raise RuntimeError("bug")
 
     async def scenario() -> dict[tuple[str, str], bool]:
-        checker = HealthChecker(lambda: None, broken)
+        checker = HealthChecker(lambda key: None, broken)
         checker.update(_model())
         await checker.probe_once(("default/web", "node1"))
         return checker.snapshot()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import uuid
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from lbagent import config, model
-from lbagent.plan import Reason, all_healthy, plan
+from lbagent.plan import Reason, all_healthy, plan, replan
 from lbagent.render import nftables
 from tests.unit.test_config import MINIMAL
 
@@ -257,6 +258,65 @@ def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
             nft(names[1], nftables.render_full(rs))
             assert listing(names[0]) == listing(names[1])
             previous = rs
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_replan_of_changed_services_equals_a_fresh_plan() -> None:
+    m = three_nodes()
+    health = all_healthy(m)
+    p = plan(m, health)
+    rng = random.Random(7)
+    keys = sorted(health)
+    for _ in range(30):
+        changed_keys = rng.sample(keys, 3)
+        for k in changed_keys:
+            health[k] = not health[k]
+        p = replan(p, m, health, {k[0] for k in changed_keys})
+        fresh = plan(m, health)
+        assert (p.frontends, p.decisions, dict(p.announcements)) == (
+            fresh.frontends, fresh.decisions, dict(fresh.announcements))
+
+
+def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
+    m = three_nodes()
+    health = all_healthy(m)
+    p = plan(m, health)
+    rs = nftables.build(p.frontends, p.vips, m.dataplane)
+    names = [f"nftu{uuid.uuid4().hex[:6]}", f"nftg{uuid.uuid4().hex[:6]}"]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    rng = random.Random(11)
+    try:
+        def nft(ns: str, script: str) -> None:
+            r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True,
+                               capture_output=True, check=False)
+            assert r.returncode == 0, f"{r.stderr}\n{script[:3000]}"
+
+        def listing(ns: str) -> Any:
+            out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "lbagent"],
+                                 capture_output=True, text=True, check=True).stdout
+            return _canonical(out)
+
+        nft(names[0], nftables.render_full(rs))
+        keys = sorted(health)
+        for _ in range(12):
+            changed_keys = rng.sample(keys, 2)
+            for k in changed_keys:
+                health[k] = not health[k]
+            services = {k[0] for k in changed_keys}
+            p2 = replan(p, m, health, services)
+            script = nftables.update(rs, [f for s in services for f in p.by_service[s]],
+                                     [f for s in services for f in p2.by_service[s]])
+            if script:
+                nft(names[0], script)
+            nft(names[1], nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))
+            assert listing(names[0]) == listing(names[1])
+            assert rs == nftables.build(p2.frontends, p2.vips, m.dataplane)
+            p = p2
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)
