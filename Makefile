@@ -6,7 +6,7 @@ VENV := .venv
 APT_PACKAGES := bird2 nftables iptables conntrack iproute2 curl procps psmisc python3-venv python3-pip ca-certificates \
 	qemu-system-x86 ipvsadm
 
-.PHONY: all apt-deps deps venv lint unit test demo lab-down clean
+.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean
 
 all: test
 
@@ -30,7 +30,7 @@ deps: apt-deps $(VENV)/.installed
 venv: $(VENV)/.installed
 
 lint: deps
-	$(VENV)/bin/ruff check lbagent tests
+	$(VENV)/bin/ruff check lbagent tests bench
 	$(VENV)/bin/mypy
 
 unit: deps
@@ -42,6 +42,13 @@ test: lint
 
 demo: deps
 	$(VENV)/bin/python -m tests.lab demo
+
+# Benchmarks (numbers in docs/benchmarks.md); they need wrk and nginx besides the test packages.
+bench: deps
+	@dpkg-query -W wrk nginx-light >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light)
+	$(VENV)/bin/python bench/scale.py --services 1000 10000 --repeat 5
+	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
 
 # Tears down every namespace lab left behind (for example after a killed test run).
 lab-down: deps

@@ -9,7 +9,6 @@ Usage: .venv/bin/python bench/scale.py [--services 10000] [--nodes 20] [--repeat
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import resource
@@ -20,15 +19,15 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable
-from ipaddress import ip_address
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lbagent import model  # noqa: E402
-from lbagent.plan import plan, replan  # noqa: E402
-from lbagent.render import nftables  # noqa: E402
+from lbagent import model
+from lbagent.plan import plan, replan
+from lbagent.render import nftables
 
 POOL = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
 
@@ -43,7 +42,7 @@ def build_model(services: int, nodes: int) -> model.Model:
         ports = (model.ServicePort("http", model.Protocol.TCP, base, 20000 + 2 * i),
                  model.ServicePort("https", model.Protocol.TCP, base + 1, 20001 + 2 * i))
         svcs.append(model.Service("bench", f"svc{i}", (vip,), ports, model.TrafficPolicy.CLUSTER, check))
-    bgp = model.Bgp(64512, ip_address("198.51.100.11"), (model.Peer(ip_address("198.51.100.1"), 64500, 9),))
+    bgp = model.Bgp(64512, IPv4Address("198.51.100.11"), (model.Peer(ip_address("198.51.100.1"), 64500, 9),))
     return model.Model("lb1", "lo", bgp, node_list, tuple(svcs))
 
 
