@@ -21,7 +21,7 @@ def lbagent(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_accepts_the_example() -> None:
     result = lbagent("check", "-c", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
-    assert "ok (1 services, 3 nodes, 1 BGP peers" in result.stdout
+    assert "ok (2 services, 3 nodes, 1 BGP peers" in result.stdout
 
 
 def test_check_lists_every_problem_with_line_field_and_value(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ def test_plan_shows_vips_decisions_bgp_and_the_ruleset() -> None:
 def test_plan_json_is_machine_readable() -> None:
     result = lbagent("plan", "-c", str(EXAMPLE), "--json")
     doc = json.loads(result.stdout)
-    assert doc["vips"] == [{"address": "192.0.2.10", "interface": "lo"}]
+    assert doc["vips"] == [{"address": a, "interface": "lo"} for a in ("192.0.2.10", "192.0.2.11", "2001:db8::11")]
     assert doc["decisions"][0]["reason"] == "announced"
     frontends = {(f["listen"], tuple(f["backends"])) for f in doc["frontends"]}
     assert (80, ("node1=203.0.113.11:30080", "node2=203.0.113.12:30080", "node3=203.0.113.13:30080")) in frontends
