@@ -1,25 +1,13 @@
-"""Fixtures for the lab tests: a shared agent-less lab, a factory for more, and SIGTERM that still cleans up."""
+"""Fixtures for the lab tests: a shared agent-less lab and a factory for more (SIGTERM handling: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 import pytest
 
 from tests.lab.lab import Lab
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """SIGTERM unwinds like Ctrl-C, so fixtures (and the labs' atexit hooks) tear every lab down."""
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="module")
