@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import ip_interface
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
+from lbagent.metrics import Metrics
 from lbagent.plan import Frontend, Plan, ServiceDecision, plan, replan, stale_udp_flows
 from lbagent.runner import BoundedFrequencyRunner
 
@@ -28,6 +30,7 @@ SpeakerFactory = Callable[[model.Bgp, str, Callable[[], None]], BgpSpeaker]
 _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "node.vipInterface": lambda m: m.vip_interface,
     "agent.runtimeDir": lambda m: m.agent.runtime_dir,
+    "agent.metricsAddress": lambda m: m.agent.metrics_address,
     "dataplane.table": lambda m: m.dataplane.table,
     "dataplane.kind": lambda m: m.dataplane.kind,
 }
@@ -50,9 +53,11 @@ class Agent:
         binder: VipBinder | None = None,
         prober: Prober = probe,
         sysctl_root: Path = Path("/proc/sys"),
+        metrics: Metrics | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.model = initial
+        self.metrics = metrics or Metrics()
         self.draining = False
         self.health = HealthChecker(self._health_changed, prober)
         self.speaker = speaker_factory(initial.bgp, initial.agent.runtime_dir, self._bgp_changed)
@@ -73,9 +78,24 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         a = initial.agent
         self.runners = {
-            name: BoundedFrequencyRunner(name, fn, a.min_sync_interval, a.resync_seconds, a.retry_seconds)
+            name: BoundedFrequencyRunner(name, self._measured(name, fn), a.min_sync_interval, a.resync_seconds,
+                                         a.retry_seconds)
             for name, fn in (("vips", self._sync_vips), ("dataplane", self._sync_dataplane), ("bgp", self._sync_bgp))
         }
+
+    def _measured(self, name: str, sync: Callable[[bool], Awaitable[None]]) -> Callable[[bool], Awaitable[None]]:
+        async def run(resync: bool) -> None:
+            started = time.monotonic()
+            try:
+                await sync(resync)
+            except Exception:
+                self.metrics.sync_errors.labels(name).inc()
+                raise
+            finally:
+                self.metrics.sync_duration.labels(name).observe(time.monotonic() - started)
+            self.metrics.last_sync.labels(name).set(time.time())
+
+        return run
 
     # -- deciding -------------------------------------------------------------------------------------
 
@@ -97,6 +117,8 @@ class Agent:
     # -- events ---------------------------------------------------------------------------------------
 
     def _health_changed(self, key: tuple[str, str]) -> None:
+        if key in self.health.verdicts:
+            self.metrics.node_healthy.labels(*key).set(1 if self.health.verdicts[key] else 0)
         self._replan.add(key[0])
         if self._dataplane_dirty is not None:
             self._dataplane_dirty.add(key[0])
@@ -150,6 +172,8 @@ class Agent:
         before = set(self.speaker.announced())
         await self.speaker.apply(desired)
         self._log_decisions(p)
+        self.metrics.decisions(p)
+        self.metrics.bgp(self.speaker.peers(), len(self.speaker.announced()))
         if before - set(self.speaker.announced()):
             self.runners["vips"].mark_dirty()
 
@@ -170,8 +194,12 @@ class Agent:
 
     # -- life cycle -----------------------------------------------------------------------------------
 
-    async def run(self) -> int:
+    async def run(self, serve_metrics: bool = False) -> int:
         loop = asyncio.get_running_loop()
+        self.metrics.config_loaded(self.model.digest())
+        if serve_metrics and self.model.agent.metrics_address:
+            host, _, port = self.model.agent.metrics_address.rpartition(":")
+            self.metrics.serve(host.strip("[]"), int(port))
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
@@ -241,6 +269,7 @@ class Agent:
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:
+            self.metrics.config_load_errors.inc()
             for problem in exc.problems:
                 event(log, logging.ERROR, "config_problem", file=exc.source, line=problem.line or "-",
                       field=problem.path, value=problem.value, error=problem.message)
@@ -249,6 +278,7 @@ class Agent:
             return False
         for name, get in _RESTART_ONLY.items():
             if get(new) != get(self.model):
+                self.metrics.config_load_errors.inc()
                 event(log, logging.ERROR, "config_rejected", file=self.config_path, field=name,
                       value=get(new), error="changing this field needs a restart", kept_hash=self.model.digest())
                 return False
@@ -257,6 +287,8 @@ class Agent:
             return True
         old, self.model = self.model, new
         self.health.update(new)
+        self.metrics.health(self.health.verdicts, self.health.reasons())
+        self.metrics.config_loaded(new.digest())
         self._invalidate()
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         if new.bgp != old.bgp:

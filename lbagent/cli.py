@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config)
     if m is None:
         return 1
-    return asyncio.run(Agent(args.config, m).run())
+    return asyncio.run(Agent(args.config, m).run(serve_metrics=True))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -84,6 +84,8 @@ class AgentSection(_Strict):
     )
     retry_seconds: Duration = Field(1.0, alias="retry")
     runtime_dir: str = Field("/run/lbagent", alias="runtimeDir")
+    metrics_address: str | None = Field("127.0.0.1:9469", alias="metricsAddress",
+                                        pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):\d{1,5}$")
 
 
 class PeerSection(_Strict):
@@ -467,5 +469,6 @@ def _to_model(config: ConfigFile) -> model.Model:
             min_sync_interval=config.agent.min_sync_interval,
             retry_seconds=config.agent.retry_seconds,
             runtime_dir=config.agent.runtime_dir,
+            metrics_address=config.agent.metrics_address,
         ),
     )

@@ -170,6 +170,7 @@ class Agent:
     min_sync_interval: float = 0.1
     retry_seconds: float = 1.0
     runtime_dir: str = "/run/lbagent"
+    metrics_address: str | None = "127.0.0.1:9469"  # host:port for /metrics; None: not served
 
 
 @dataclass(frozen=True)

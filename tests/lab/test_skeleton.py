@@ -118,10 +118,25 @@ def test_killed_backend_leaves_rotation_within_the_health_window(lab: Lab) -> No
              message="node2 to re-enter rotation")
 
 
+def metrics(lab: Lab, lb: str) -> str:
+    """lbagent's /metrics, scraped inside the LB's namespace (it listens on localhost by default)."""
+    return lab.exec(lb, ["curl", "-sf", "http://127.0.0.1:9469/metrics"]).stdout
+
+
 def test_all_backends_dead_withdraws_the_vip_with_its_reason(lab: Lab) -> None:
+    before = metrics(lab, "lb1")
+    assert 'lbagent_vip_announced{reason="announced",service="default/web"} 1.0' in before
+    assert 'lbagent_bgp_session_up{peer="198.51.100.1"} 1.0' in before
+    assert "lbagent_announced_prefixes 1.0" in before
     for node in sorted(NODES):
         lab.stop_backend(node)
     wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(), timeout=10, message="the VIP to be withdrawn")
+    wait_for(lambda: "lbagent_announced_prefixes 0.0" in metrics(lab, "lb1"), timeout=5, message="metrics")
+    after = metrics(lab, "lb1")
+    assert 'lbagent_vip_announced{reason="noHealthyNodes",service="default/web"} 0.0' in after
+    assert 'reason="announced"' not in after  # one series per service: the reason moved
+    assert 'lbagent_node_healthy{node="node2",service="default/web"} 0.0' in after
+    assert 'lbagent_sync_duration_seconds_count{subsystem="dataplane"}' in after
     assert re.search(r"event=vip_withdrawn service=default/web vips=192.0.2.10 reason=noHealthyNodes",
                      lab.agent_log("lb1"))
     # still bound, so a straggler is refused at once rather than black-holed

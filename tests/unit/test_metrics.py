@@ -1,0 +1,39 @@
+"""The metrics module: one announce series per service that follows its reason, health pairs, BGP state."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from lbagent.metrics import Metrics
+from lbagent.plan import all_healthy, plan
+from tests.unit.test_plan_render import three_nodes
+
+
+def text(m: Metrics) -> str:
+    return generate_latest(m.registry).decode()
+
+
+def test_vip_announced_keeps_one_series_per_service_with_its_reason() -> None:
+    model = three_nodes()
+    metrics = Metrics()
+    metrics.decisions(plan(model, all_healthy(model)))
+    assert 'lbagent_vip_announced{reason="announced",service="default/web"} 1.0' in text(metrics)
+    metrics.decisions(plan(model, {}))
+    out = text(metrics)
+    assert 'lbagent_vip_announced{reason="noHealthyNodes",service="default/web"} 0.0' in out
+    assert 'reason="announced",service="default/web"' not in out
+
+
+def test_health_bgp_and_config() -> None:
+    metrics = Metrics()
+    metrics.health({("default/web", "node1"): True, ("default/web", "node2"): False},
+                   [("default/web", "node1"), ("default/web", "node2"), ("default/web", "node3")])
+    metrics.bgp({"198.51.100.1": "up", "198.51.100.2": "connected"}, 3)
+    metrics.config_loaded("abc")
+    metrics.config_loaded("def")
+    out = text(metrics)
+    assert 'lbagent_node_healthy{node="node2",service="default/web"} 0.0' in out
+    assert 'node="node3"' not in out  # not probed yet: no verdict to report
+    assert 'lbagent_bgp_session_up{peer="198.51.100.2"} 0.0' in out
+    assert "lbagent_announced_prefixes 3.0" in out
+    assert 'lbagent_config_info{hash="def"} 1.0' in out and 'hash="abc"' not in out
