@@ -10,8 +10,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import ip_interface
 from pathlib import Path
+from typing import Any
 
-from lbagent import config, model
+from lbagent import __version__, config, model
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
 from lbagent.apply.conntrack import clear_udp
 from lbagent.apply.forwarder import Forwarder, make_forwarder
@@ -21,6 +22,7 @@ from lbagent.logfmt import event
 from lbagent.metrics import Metrics
 from lbagent.plan import Frontend, Plan, ServiceDecision, plan, replan, stale_udp_flows
 from lbagent.runner import BoundedFrequencyRunner
+from lbagent.status import SOCKET_NAME, StatusServer
 
 log = logging.getLogger("lbagent.agent")
 
@@ -192,6 +194,32 @@ class Agent:
             )
         self._decisions = current
 
+    # -- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `lbagent status` shows: read from the state the agent acts on, never recomputed for show."""
+        p = self._plan or self.current_plan()
+        announced = set(self.speaker.announced())
+        verdicts, reasons = self.health.verdicts, self.health.reasons()
+        now = time.monotonic()
+        return {
+            "version": __version__, "node": self.model.node_name, "configHash": self.model.digest(),
+            "dataplane": self.model.dataplane.kind.value, "draining": self.draining,
+            "peers": dict(self.speaker.peers()),
+            "vips": [{"prefix": model.host_prefix(v), "announced": model.host_prefix(v) in announced,
+                      "bound": v in self._bound} for v in p.vips],
+            "services": [
+                {"service": d.service, "vips": [str(v) for v in d.vips], "announce": d.announce,
+                 "reason": d.reason.value,
+                 "nodes": [{"node": n.name, "healthy": verdicts.get((d.service, n.name)),
+                            "reason": reasons.get((d.service, n.name), "notProbed")} for n in self.model.nodes]}
+                for d in p.decisions
+            ],
+            "sync": {name: {"secondsAgo": None if r.last_success is None else now - r.last_success,
+                            "lastError": r.last_error, "runs": r.runs, "failures": r.failures}
+                     for name, r in self.runners.items()},
+        }
+
     # -- life cycle -----------------------------------------------------------------------------------
 
     async def run(self, serve_metrics: bool = False) -> int:
@@ -200,6 +228,8 @@ class Agent:
         if serve_metrics and self.model.agent.metrics_address:
             host, _, port = self.model.agent.metrics_address.rpartition(":")
             self.metrics.serve(host.strip("[]"), int(port))
+        status = StatusServer(Path(self.model.agent.runtime_dir) / SOCKET_NAME, self.status)
+        await status.start()
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
@@ -215,6 +245,7 @@ class Agent:
         event(log, logging.INFO, "agent_started", node=self.model.node_name)
         await self._stop.wait()
         await self._shutdown()
+        await status.stop()
         return 0
 
     async def _first_snapshot(self) -> None:

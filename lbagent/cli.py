@@ -9,6 +9,7 @@ import re
 import sys
 from dataclasses import asdict
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 from lbagent import __version__, config, model
@@ -173,6 +174,25 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from lbagent import status
+
+    if args.socket:
+        path = Path(args.socket)
+    else:
+        m = _load_or_report(args.config)
+        if m is None:
+            return 1
+        path = Path(m.agent.runtime_dir) / status.SOCKET_NAME
+    try:
+        doc = status.query(path)
+    except OSError as exc:
+        print(f"cannot reach the agent at {path}: {exc} (is `lbagent run` up, and are you root?)", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else status.render(doc))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"lbagent {__version__}")
     return 0
@@ -198,6 +218,12 @@ def parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove lbagent's nftables table and the VIPs it bound")
     cleanup.add_argument("-c", "--config", required=True)
     cleanup.set_defaults(func=cmd_cleanup)
+    status_cmd = sub.add_parser("status", help="ask the running agent what it is doing")
+    where = status_cmd.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="the agent's config (for agent.runtimeDir)")
+    where.add_argument("--socket", help="the status socket itself")
+    status_cmd.add_argument("--json", action="store_true")
+    status_cmd.set_defaults(func=cmd_status)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return top

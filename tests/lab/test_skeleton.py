@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -176,3 +177,18 @@ def test_good_config_on_sighup_is_applied(lab: Lab) -> None:
     wait_for(lambda: lab.request(f"http://{VIP}:8080/") is not None, timeout=5, message="the new port to forward")
     assert lab.request(URL) is None  # port 80 is no longer a frontend: refused at the LB
     assert lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values())  # no BGP flap for a port change
+
+
+def test_status_shows_peers_vips_and_node_health(lab: Lab) -> None:
+    lab.stop_backend("node3")
+    wait_for(lambda: address("node3") not in lab.nft_ruleset("lb1"), timeout=10, message="node3 out of rotation")
+    lbagent = str(lab.repo / ".venv/bin/lbagent")
+    config = str(lab.agent_config_path("lb1"))
+    out = lab.exec("lb1", [lbagent, "status", "-c", config]).stdout
+    assert re.search(r"198\.51\.100\.1\s+up", out), out
+    assert re.search(r"192\.0\.2\.10/32\s+announced\s+bound=yes", out), out
+    assert re.search(r"node3\s+unhealthy\s+203\.0\.113\.13:30080 connection refused", out), out
+    doc = json.loads(lab.exec("lb1", [lbagent, "status", "-c", config, "--json"]).stdout)
+    assert doc["node"] == "lb1" and doc["dataplane"] == "nftables"
+    assert doc["services"][0]["reason"] == "announced"
+    assert doc["sync"]["dataplane"]["secondsAgo"] is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbagent import config, model
+from lbagent import config, model, status
 from lbagent.agent import Agent
 from lbagent.apply.bgp import FakeBgpSpeaker
 from lbagent.apply.nftables import NftError, NftForwarder
@@ -23,7 +23,7 @@ from lbagent.render.nftables import render_full
 
 CONFIG = {
     "node": {"name": "lb1"},
-    "agent": {"drain": 0, "resync": "60s", "minSyncInterval": 0, "retry": "50ms", "runtimeDir": "/nonexistent"},
+    "agent": {"drain": 0, "resync": "60s", "minSyncInterval": 0, "retry": "50ms", "runtimeDir": "set-per-test"},
     "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
     "healthCheckDefaults": {"interval": "20ms", "timeout": "20ms", "rise": 1, "fall": 2},
     "nodes": [{"name": f"node{i}", "addresses": [f"203.0.113.1{i}"]} for i in (1, 2, 3)],
@@ -70,7 +70,9 @@ class FakeBinder(VipBinder):
 class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.path = tmp_path / "lbagent.yaml"
-        self.path.write_text(yaml.safe_dump(CONFIG))
+        config_ = yaml.safe_load(yaml.safe_dump(CONFIG))
+        config_["agent"]["runtimeDir"] = str(tmp_path / "run")
+        self.path.write_text(yaml.safe_dump(config_))
         self.sysctls = tmp_path / "sys"
         for key in ("net/ipv4/ip_forward", "net/ipv4/conf/all/arp_ignore", "net/ipv4/conf/all/arp_announce"):
             (self.sysctls / key).parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,16 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
 
         h.down.add("203.0.113.12")
         await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
+        # `lbagent status` over the agent's socket (root-only) sees the same
+        sock = h.path.parent / "run" / "status.sock"
+        assert sock.stat().st_mode & 0o777 == 0o600
+        doc = await asyncio.to_thread(status.query, sock)
+        web = doc["services"][0]
+        assert (web["service"], web["announce"], web["reason"]) == ("default/web", True, "announced")
+        assert {n["node"]: n["healthy"] for n in web["nodes"]} == {"node1": True, "node2": False, "node3": True}
+        assert "connection refused" in next(n["reason"] for n in web["nodes"] if n["node"] == "node2")
+        assert doc["vips"] == [{"prefix": "192.0.2.10/32", "announced": True, "bound": True}]
+        assert "node2" in status.render(doc) and "unhealthy" in status.render(doc)
         assert h.announced() == {"192.0.2.10/32"}
         # one node's health changed: only that service's elements went to the kernel, not the whole table
         assert "delete table" not in h.forwarder.scripts[-1]
@@ -177,17 +189,19 @@ def test_reload_refuses_a_bad_file_and_applies_a_good_one(tmp_path: Path, caplog
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         before = (h.agent.model.digest(), h.forwarder.text)
 
-        h.path.write_text(h.path.read_text().replace("nodePort: 30080", "nodePort: 0"))
+        good = h.path.read_text()
+        h.path.write_text(good.replace("nodePort: 30080", "nodePort: 0"))
         assert await h.agent.reload() is False
         assert (h.agent.model.digest(), h.forwarder.text) == before
         assert h.announced() == {"192.0.2.10/32"}
 
-        restart_only = yaml.safe_load(yaml.safe_dump(CONFIG))
+        loaded = good
+        restart_only = yaml.safe_load(loaded)
         restart_only["node"]["vipInterface"] = "eth9"
         h.path.write_text(yaml.safe_dump(restart_only))
         assert await h.agent.reload() is False
 
-        bigger = yaml.safe_load(yaml.safe_dump(CONFIG))
+        bigger = yaml.safe_load(loaded)
         bigger["services"].append({"name": "api", "vip": "192.0.2.20", "ports": [{"port": 443, "nodePort": 30443}]})
         h.path.write_text(yaml.safe_dump(bigger))
         assert await h.agent.reload() is True
