@@ -151,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from lbagent.apply.forwarder import make_forwarder
+    from lbagent.apply.ipvs import IpvsError
     from lbagent.apply.nftables import NftError
     from lbagent.apply.vips import VipBinder
 
@@ -166,7 +167,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     try:
         removed = asyncio.run(cleanup())
-    except NftError as exc:
+    except (NftError, IpvsError, OSError) as exc:
         print(f"cannot remove the {m.dataplane.kind.value} data plane: {exc}", file=sys.stderr)
         return 1
     vips = ", ".join(map(str, sorted(removed, key=str))) or "-"
@@ -215,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--flow", metavar="CLIENT:PORT,VIP:PORT[,tcp|udp]",
                           help="say which node this new flow goes to (nftables data plane, all nodes healthy)")
     plan_cmd.set_defaults(func=cmd_plan)
-    cleanup = sub.add_parser("cleanup", help="remove lbagent's nftables table and the VIPs it bound")
+    cleanup = sub.add_parser("cleanup", help="remove what lbagent programmed in its data plane and the VIPs it bound")
     cleanup.add_argument("-c", "--config", required=True)
     cleanup.set_defaults(func=cmd_cleanup)
     status_cmd = sub.add_parser("status", help="ask the running agent what it is doing")

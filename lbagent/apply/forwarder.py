@@ -37,4 +37,10 @@ def make_forwarder(dataplane: model.Dataplane) -> Forwarder:
 
     if dataplane.kind is model.DataplaneKind.NFTABLES:
         return NftForwarder(dataplane)
+    if dataplane.kind is model.DataplaneKind.IPVS:
+        from lbagent.apply.ipvs import IpvsForwarder, load_ipvs  # noqa: PLC0415
+
+        # The agent writes the net.ipv4.vs.* sysctls before the first apply; they exist once ip_vs is loaded.
+        load_ipvs()
+        return IpvsForwarder(dataplane)
     raise NotImplementedError(f"dataplane.kind {dataplane.kind.value!r} is not built yet")

@@ -1,0 +1,379 @@
+"""The IPVS rendering: desired services, the diff with graceful removal, ownership, and the companion nft table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import replace
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from lbagent import model
+from lbagent.plan import Backend, Frontend
+from lbagent.render import ipvs
+from lbagent.render.ipvs import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
+
+VIP = ip_address("198.51.100.80")
+VIP6 = ip_address("2001:db8::80")
+NODES = {"node1": "203.0.113.11", "node2": "203.0.113.12", "node3": "203.0.113.13"}
+TCP, UDP = model.Protocol.TCP, model.Protocol.UDP
+
+
+def frontend(
+    port: int = 80, nodes: tuple[str, ...] = tuple(NODES), protocol: model.Protocol = TCP, scheduler: str = "rr",
+    mode: model.ForwardingMode = model.ForwardingMode.NAT, affinity_timeout: int | None = None,
+    source_ranges: tuple[model.IPNetwork, ...] = (), backends: tuple[Backend, ...] | None = None,
+) -> Frontend:
+    """A frontend on VIP:port whose nodes serve nodePort 30000 + port."""
+    if backends is None:
+        backends = tuple(Backend(n, ip_address(NODES[n]), 30000 + port) for n in nodes)
+    return Frontend(f"default/svc{port}", "http", VIP, protocol, port, backends, mode=mode,
+                    affinity_timeout=affinity_timeout, source_ranges=source_ranges, scheduler=scheduler)
+
+
+def key(port: int = 80, protocol: model.Protocol = TCP, vip: model.IPAddress = VIP) -> ServiceKey:
+    return ServiceKey(vip.version, protocol, vip, port)
+
+
+def dest(node: str, port: int = 30080) -> DestKey:
+    return DestKey(ip_address(NODES[node]), port)
+
+
+def with_conns(
+    state: ipvs.State, k: ServiceKey, node: str, active: int, inactive: int = 0
+) -> dict[ServiceKey, Service]:
+    """The state as the kernel would report it with these connection counts on one real server."""
+    service = state[k]
+    dests = dict(service.dests)
+    dests[dest(node, k.port + 30000)] = replace(dests[dest(node, k.port + 30000)], active=active, inactive=inactive)
+    return {**state, k: replace(service, dests=dests)}
+
+
+def converge(actual: ipvs.State, want: ipvs.State) -> dict[ServiceKey, Service]:
+    return ipvs.after(actual, ipvs.diff(actual, want))
+
+
+# -- desired state ---------------------------------------------------------------------------------------------
+
+def test_one_service_per_frontend_with_the_backends_taking_new_flows() -> None:
+    draining = frontend(backends=(Backend("node1", ip_address(NODES["node1"]), 30080, 2),
+                                  Backend("node2", ip_address(NODES["node2"]), 30080, 0)))
+    want = ipvs.desired([draining, frontend(81, nodes=())])
+    assert want[key()].dests == {dest("node1"): Dest(2)}
+    assert want[key(81)].dests == {}  # no backend: the service drains and goes (see the diff tests)
+
+
+@pytest.mark.parametrize(("scheduler", "affinity", "flags", "timeout"), [
+    ("rr", None, 0, 0),
+    ("wrr", 10800, ipvs.F_PERSISTENT, 10800),
+    # mh: fallback past weight-0 nodes, and the source port hashed too unless there is affinity.
+    ("mh", None, ipvs.F_SCHED1 | ipvs.F_SCHED2, 0),
+    ("mh", 60, ipvs.F_PERSISTENT | ipvs.F_SCHED1, 60),
+    ("sh", None, ipvs.F_SCHED1, 0),
+    ("lc", 0, ipvs.F_PERSISTENT, 1),
+])
+def test_attributes_from_scheduler_and_affinity(scheduler: str, affinity: int | None, flags: int, timeout: int) -> None:
+    attrs = ipvs.attributes(frontend(scheduler=scheduler, affinity_timeout=affinity))
+    assert (attrs.scheduler, attrs.flags, attrs.timeout) == (scheduler, flags, timeout)
+    assert attrs.netmask == "255.255.255.255"
+
+
+def test_ipv6_service_key_and_netmask() -> None:
+    f = Frontend("default/v6", "http", VIP6, TCP, 443, (Backend("node1", ip_address("2001:db8:1::11"), 30443),),
+                 scheduler="rr")
+    assert ipvs.key_of(f) == ServiceKey(6, TCP, VIP6, 443)
+    # IPVS reads the IPv6 "netmask" as a prefix length; these bytes are 128 to the kernel.
+    assert ipvs.attributes(f).netmask == "128.0.0.0"
+    [op, add] = ipvs.diff({}, ipvs.desired([f]))
+    assert str(op) == "add-service tcp/[2001:db8::80]:443 rr"
+    assert str(add) == "add-dest tcp/[2001:db8::80]:443 [2001:db8:1::11]:30443 weight 1"
+
+
+# -- diff ------------------------------------------------------------------------------------------------------
+
+def test_from_nothing_services_then_their_real_servers_and_nothing_for_a_frontend_without_backends() -> None:
+    ops = ipvs.diff({}, ipvs.desired([frontend(81), frontend(80), frontend(82, nodes=())]))
+    assert [str(op) for op in ops] == [
+        "add-service tcp/198.51.100.80:80 rr",
+        *(f"add-dest tcp/198.51.100.80:80 {a}:30080 weight 1" for a in NODES.values()),
+        "add-service tcp/198.51.100.80:81 rr",
+        *(f"add-dest tcp/198.51.100.80:81 {a}:30081 weight 1" for a in NODES.values()),
+    ]
+
+
+def test_applying_the_ops_converges_and_a_second_diff_is_empty() -> None:
+    want = ipvs.desired([frontend(80), frontend(53, protocol=UDP, scheduler="mh"), frontend(82, nodes=("node1",))])
+    state = converge({}, want)
+    assert state == want
+    assert ipvs.diff(state, want) == []
+
+
+def test_graceful_removal_weight_zero_then_deleted_once_connections_end() -> None:
+    state = converge({}, ipvs.desired([frontend()]))
+    state = with_conns(state, key(), "node2", active=2)
+    want = ipvs.desired([frontend(nodes=("node1", "node3"))])
+
+    ops = ipvs.diff(state, want)
+    assert ops == [Op(OpKind.SET_DEST, key(), dest=dest("node2"), weight=0)]
+    state = ipvs.after(state, ops)
+    assert state[key()].dests[dest("node2")] == Dest(0, active=2)
+    assert ipvs.draining(state, want) == {key()}
+    assert ipvs.diff(state, want) == []  # established connections: nothing to do yet
+    state = with_conns(state, key(), "node2", active=0, inactive=1)  # FIN_WAIT, TIME_WAIT, CLOSE count too
+    assert ipvs.diff(state, want) == []
+    state = with_conns(state, key(), "node2", active=0)
+
+    ops = ipvs.diff(state, want)
+    assert ops == [Op(OpKind.DEL_DEST, key(), dest=dest("node2"))]
+    state = ipvs.after(state, ops)
+    assert ipvs.diff(state, want) == []
+    assert ipvs.draining(state, want) == set()
+
+
+def test_a_leaving_server_goes_to_weight_zero_first_even_without_connections() -> None:
+    """A connection could be scheduled to it between the dump and the deletion: weight 0 closes that window."""
+    state = converge({}, ipvs.desired([frontend()]))
+    want = ipvs.desired([frontend(nodes=("node1",))])
+    first = ipvs.diff(state, want)
+    assert {(op.kind, op.weight) for op in first} == {(OpKind.SET_DEST, 0)}
+    second = ipvs.diff(ipvs.after(state, first), want)
+    assert [op.kind for op in second] == [OpKind.DEL_DEST, OpKind.DEL_DEST]
+
+
+def test_udp_real_servers_and_services_go_at_once() -> None:
+    """UDP never ends a connection: waiting would keep a client that keeps sending on the leaving node."""
+    state = converge({}, ipvs.desired([frontend(53, protocol=UDP)]))
+    state = with_conns(state, key(53, UDP), "node2", active=0, inactive=5)
+    assert ipvs.diff(state, ipvs.desired([frontend(53, protocol=UDP, nodes=("node1", "node3"))])) == [
+        Op(OpKind.DEL_DEST, key(53, UDP), dest=dest("node2", 30053))
+    ]
+    assert ipvs.diff(state, ipvs.desired([frontend(53, protocol=UDP, nodes=())])) == [
+        Op(OpKind.DEL_SERVICE, key(53, UDP))
+    ]
+
+
+def test_a_node_back_while_draining_gets_its_weight_back_and_new_ones_come_before_removals() -> None:
+    state = converge({}, ipvs.desired([frontend(nodes=("node1", "node2"))]))
+    state = ipvs.after(state, ipvs.diff(state, ipvs.desired([frontend(nodes=("node1",))])))
+    state = with_conns(state, key(), "node2", active=1)
+    ops = ipvs.diff(state, ipvs.desired([frontend(nodes=("node2", "node3"))]))
+    assert [str(op) for op in ops] == [
+        "add-dest tcp/198.51.100.80:80 203.0.113.13:30080 weight 1",
+        "set-dest tcp/198.51.100.80:80 203.0.113.12:30080 weight 1",
+        "set-dest tcp/198.51.100.80:80 203.0.113.11:30080 weight 0",
+    ]
+
+
+def test_weight_change_is_one_set_dest() -> None:
+    state = converge({}, ipvs.desired([frontend(scheduler="wrr")]))
+    heavier = frontend(scheduler="wrr")
+    heavier = replace(heavier, backends=tuple(b._replace(weight=5) if b.node == "node3" else b
+                                              for b in heavier.backends))
+    assert ipvs.diff(state, ipvs.desired([heavier])) == [Op(OpKind.SET_DEST, key(), dest=dest("node3"), weight=5)]
+
+
+def test_a_changed_real_server_forwarding_method_is_set_back_to_masquerading() -> None:
+    state = converge({}, ipvs.desired([frontend()]))
+    service = state[key()]
+    tampered = {**service.dests, dest("node1"): Dest(1, fwd_method=3)}  # someone made it direct routing
+    ops = ipvs.diff({key(): replace(service, dests=tampered)}, state)
+    assert ops == [Op(OpKind.SET_DEST, key(), dest=dest("node1"), weight=1)]
+
+
+def test_scheduler_and_persistence_change_in_place_without_touching_real_servers() -> None:
+    state = converge({}, ipvs.desired([frontend(scheduler="rr")]))
+    for changed in (frontend(scheduler="mh"), frontend(scheduler="rr", affinity_timeout=300)):
+        ops = ipvs.diff(state, ipvs.desired([changed]))
+        assert ops == [Op(OpKind.SET_SERVICE, key(), ipvs.attributes(changed))]
+        assert ipvs.diff(ipvs.after(state, ops), ipvs.desired([changed])) == []
+
+
+def test_a_frontend_that_is_gone_loses_its_service_at_once_even_with_connections() -> None:
+    state = with_conns(converge({}, ipvs.desired([frontend(80), frontend(81)])), key(81), "node1", active=3)
+    assert ipvs.diff(state, ipvs.desired([frontend(80)])) == [Op(OpKind.DEL_SERVICE, key(81))]
+
+
+def test_a_frontend_left_without_backends_drains_then_loses_its_service() -> None:
+    state = converge({}, ipvs.desired([frontend()]))
+    state = with_conns(state, key(), "node3", active=1)
+    want = ipvs.desired([frontend(nodes=())])
+    ops = ipvs.diff(state, want)
+    assert [(op.kind, op.weight) for op in ops] == [(OpKind.SET_DEST, 0)] * 3
+    state = ipvs.after(state, ops)
+    assert not state[key()].taking and ipvs.programmed(state) == set()
+    ops = ipvs.diff(state, want)
+    assert [str(op) for op in ops] == [
+        "del-dest tcp/198.51.100.80:80 203.0.113.11:30080", "del-dest tcp/198.51.100.80:80 203.0.113.12:30080",
+    ]
+    state = with_conns(ipvs.after(state, ops), key(), "node3", active=0)
+    assert ipvs.diff(state, want) == [Op(OpKind.DEL_SERVICE, key())]
+
+
+def test_a_service_with_no_real_server_left_and_none_wanted_is_deleted() -> None:
+    assert ipvs.diff({key(): Service(ipvs.attributes(frontend()))}, ipvs.desired([frontend(nodes=())])) == [
+        Op(OpKind.DEL_SERVICE, key())
+    ]
+
+
+def test_ownership_configured_vips_and_the_record_only() -> None:
+    foreign = ServiceKey(4, TCP, ip_address("198.51.100.99"), 80)
+    stray = key(9999)
+    old_vip = ServiceKey(4, UDP, ip_address("198.51.100.81"), 53)
+    attrs = Attributes("rr")
+    actual = {k: Service(attrs) for k in (foreign, stray, old_vip)} | converge({}, ipvs.desired([frontend()]))
+    owned = ipvs.owns({VIP, VIP6}, {old_vip})
+    assert not owned(foreign) and owned(stray) and owned(old_vip)
+    ops = ipvs.diff(actual, ipvs.desired([frontend()]), owned)
+    assert ops == [Op(OpKind.DEL_SERVICE, stray), Op(OpKind.DEL_SERVICE, old_vip)]
+
+
+def test_draining_and_programmed() -> None:
+    want = ipvs.desired([frontend(80), frontend(81, nodes=())])
+    state = converge({}, ipvs.desired([frontend(80), frontend(81)]))
+    state = ipvs.after(state, ipvs.diff(state, want))
+    assert ipvs.draining(state, want) == {key(81)}
+    assert ipvs.programmed(state) == {VIP}
+    assert ipvs.programmed({}) == set()
+
+
+# -- reading the kernel's answers ----------------------------------------------------------------------------------
+
+class _Flags(dict[str, int]):
+    """Like pyroute2's flags NLA: indexable by "flags"."""
+
+
+def test_service_and_dest_from_dumped_attributes() -> None:
+    svc = {
+        "IPVS_SVC_ATTR_AF": 10, "IPVS_SVC_ATTR_PROTOCOL": 17, "IPVS_SVC_ATTR_ADDR": "2001:db8::80",
+        "IPVS_SVC_ATTR_PORT": 53, "IPVS_SVC_ATTR_SCHED_NAME": "mh",
+        "IPVS_SVC_ATTR_FLAGS": _Flags(flags=ipvs.F_SCHED1 | ipvs.F_HASHED, mask=0xFFFFFFFF),
+        "IPVS_SVC_ATTR_TIMEOUT": 0, "IPVS_SVC_ATTR_NETMASK": "128.0.0.0",
+    }
+    assert ipvs.service_from_attrs(svc) == (
+        ServiceKey(6, UDP, VIP6, 53), Attributes("mh", ipvs.F_SCHED1, 0, "128.0.0.0"))
+    assert ipvs.service_from_attrs({**svc, "IPVS_SVC_ATTR_PROTOCOL": 132}) is None  # SCTP: never lbagent's
+    assert ipvs.service_from_attrs({"IPVS_SVC_ATTR_AF": 2, "IPVS_SVC_ATTR_PROTOCOL": 6, "IPVS_SVC_ATTR_FWMARK": 7,
+                                    "IPVS_SVC_ATTR_PORT": 0}) is None
+    d = {
+        "IPVS_DEST_ATTR_ADDR": "203.0.113.11", "IPVS_DEST_ATTR_PORT": 30080, "IPVS_DEST_ATTR_FWD_METHOD": 0,
+        "IPVS_DEST_ATTR_WEIGHT": 0, "IPVS_DEST_ATTR_ACTIVE_CONNS": 2, "IPVS_DEST_ATTR_INACT_CONNS": 7,
+    }
+    assert ipvs.dest_from_attrs(d) == (dest("node1"), Dest(0, 0, 2, 7))
+    assert Dest(0, 0, 2, 7).connections == 9
+
+
+# As the guest's 6.1 kernel writes it (ipvsadm: an mh, a persistent UDP, an IPv6 with a direct-routing server, an
+# SCTP and a fwmark service).
+PROC_IP_VS = """\
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+TCP  C6336450:0050 mh
+  -> CB00710C:7580      Masq    0      4          17
+  -> CB00710B:7580      Masq    1      0          0
+UDP  C6336450:0035 rr  persistent 15000 FFFFFFFF
+  -> CB00710D:7565      Masq    3      0          0
+TCP  [2001:0db8:0000:0000:0000:0000:0000:0080]:01BB wrr
+  -> [2001:0db8:0001:0000:0000:0000:0000:0012]:01BB      Route   1      0          0
+  -> [2001:0db8:0001:0000:0000:0000:0000:0011]:76EB      Masq    2      0          0
+SCTP  C6336450:0009 rr
+FWM  00000007 rr
+  -> CB00710E:0000      Route   1      0          0
+TCP  C6336451:0050 rr
+"""
+
+
+def test_real_servers_and_connection_counts_from_proc() -> None:
+    six = ServiceKey(6, TCP, VIP6, 443)
+    assert ipvs.parse_proc(PROC_IP_VS) == {
+        key(): {dest("node2"): Dest(0, 0, 4, 17), dest("node1"): Dest(1, 0, 0, 0)},
+        key(53, UDP): {dest("node3", 30053): Dest(3)},
+        six: {
+            DestKey(ip_address("2001:db8:1::12"), 443): Dest(1, 3),
+            DestKey(ip_address("2001:db8:1::11"), 30443): Dest(2),
+        },
+        ServiceKey(4, TCP, ip_address("198.51.100.81"), 80): {},
+    }
+
+
+def test_recorded_services_from_nft_json() -> None:
+    listing = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"table": {"family": "inet", "name": "lbagent_ipvs"}},
+        {"set": {"family": "inet", "name": "owned_v4", "table": "lbagent_ipvs",
+                 "elem": [{"concat": ["198.51.100.80", "udp", 53]}, {"concat": ["198.51.100.80", "tcp", 80]}]}},
+        {"set": {"family": "inet", "name": "owned_v6", "table": "lbagent_ipvs",
+                 "elem": [{"concat": ["2001:db8::80", "tcp", 443]}]}},
+        {"set": {"family": "inet", "name": "ranged_v4", "table": "lbagent_ipvs",
+                 "elem": [{"concat": ["198.51.100.80", "tcp", 22]}]}},
+        {"set": {"family": "inet", "name": "owned_v4", "table": "other",
+                 "elem": [{"concat": ["192.0.2.1", "tcp", 1]}]}},
+        {"set": {"family": "inet", "name": "owned_v6", "table": "lbagent_ipvs"}},
+    ]}
+    assert ipvs.recorded(json.dumps(listing), "lbagent_ipvs") == {
+        key(53, UDP), key(80), ServiceKey(6, TCP, VIP6, 443)}
+
+
+# -- the companion nftables table ----------------------------------------------------------------------------
+
+def _companion() -> ipvs.Companion:
+    fronts = [
+        frontend(80, mode=model.ForwardingMode.MASQUERADE),
+        frontend(22, source_ranges=(ip_network("192.0.2.0/25"), ip_network("2001:db8:c::/64"))),
+        frontend(23, source_ranges=(ip_network("2001:db8:c::/64"),)),  # nobody of the VIP's family allowed
+        frontend(53, protocol=UDP, nodes=(), mode=model.ForwardingMode.MASQUERADE),
+    ]
+    return ipvs.companion("lbagent_ipvs", fronts, [VIP, VIP6], [key(80), key(22), ServiceKey(6, TCP, VIP6, 443)])
+
+
+def test_companion_content() -> None:
+    c = _companion().elements
+    assert c["vips_v4"] == {"198.51.100.80"} and c["vips_v6"] == {"2001:db8::80"}
+    assert c["owned_v4"] == {"198.51.100.80 . tcp . 80", "198.51.100.80 . tcp . 22"}
+    assert c["owned_v6"] == {"2001:db8::80 . tcp . 443"}
+    # Masquerade is matched after IPVS: original destination the VIP, destination port now the nodePort.
+    assert c["masquerade_v4"] == {"198.51.100.80 . tcp . 30080"}
+    assert c["ranged_v4"] == {"198.51.100.80 . tcp . 22", "198.51.100.80 . tcp . 23"}
+    assert c["allowed_v4"] == {"198.51.100.80 . tcp . 22 . 192.0.2.0/25"}
+    assert c["ranged_v6"] == c["allowed_v6"] == frozenset()
+
+
+def test_companion_delta_and_merge() -> None:
+    old = _companion()
+    new = ipvs.companion("lbagent_ipvs", [frontend(80)], [VIP], [key(80)])
+    assert ipvs.render_companion_delta(old, old) == ""
+    delta = ipvs.render_companion_delta(old, new)
+    assert delta.splitlines() == [
+        "delete element inet lbagent_ipvs vips_v6 { 2001:db8::80 }",
+        "delete element inet lbagent_ipvs owned_v4 { 198.51.100.80 . tcp . 22 }",
+        "delete element inet lbagent_ipvs owned_v6 { 2001:db8::80 . tcp . 443 }",
+        "delete element inet lbagent_ipvs masquerade_v4 { 198.51.100.80 . tcp . 30080 }",
+        "delete element inet lbagent_ipvs ranged_v4 { 198.51.100.80 . tcp . 22, 198.51.100.80 . tcp . 23 }",
+        "delete element inet lbagent_ipvs allowed_v4 { 198.51.100.80 . tcp . 22 . 192.0.2.0/25 }",
+    ]
+    both = ipvs.merge(old, new)
+    assert ipvs.render_companion_delta(old, both) == ""
+    assert ipvs.render_companion_delta(new, both).count("add element") == 6
+
+
+def test_rendered_companion_is_accepted_by_nft() -> None:
+    """The full table and a delta on top of it, checked by the real nft (needs root: `make test` runs as root)."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.path.exists(nft):
+        pytest.fail("nft is not installed: `make test` installs it (apt package nftables)")
+    if os.geteuid() != 0:
+        pytest.fail("nft -c needs root")
+    old = _companion()
+    new = ipvs.companion("lbagent_ipvs", [frontend(80)], [VIP], [key(80)])
+    script = ipvs.render_companion(old) + ipvs.render_companion_delta(old, new)
+    script += ipvs.render_companion_delta(new, old) + ipvs.render_companion_delete("lbagent_ipvs")
+    result = subprocess.run([nft, "-c", "-f", "-"], input=script, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{result.stderr}\n{script}"
+
+
+def test_op_text() -> None:
+    assert str(Op(OpKind.DEL_SERVICE, key(53, UDP))) == "del-service udp/198.51.100.80:53"
+    assert str(Op(OpKind.DEL_DEST, key(), dest=dest("node1"))) == "del-dest tcp/198.51.100.80:80 203.0.113.11:30080"
