@@ -109,12 +109,18 @@ def sysctls(m: model.Model) -> dict[str, str]:
     if any(not isinstance(v, IPv4Address) for v in vips):
         out["net/ipv6/conf/all/forwarding"] = "1"
     if m.dataplane.kind is model.DataplaneKind.IPVS:
-        # kube-proxy's settings: connections to a removed real server are expired instead of black-holed,
-        # and persistence templates of a weight-0 server do not keep new connections on it.
-        out["net/ipv4/vs/expire_nodest_conn"] = "1"
-        out["net/ipv4/vs/expire_quiescent_template"] = "1"
-        out["net/ipv4/vs/conntrack"] = "1"
+        out |= IPVS_SYSCTLS
     return out
+
+
+# kube-proxy's IPVS settings: connections to a removed real server are expired instead of black-holed,
+# persistence templates of a weight-0 server do not keep new connections on it, and IPVS keeps conntrack
+# entries (the masquerade rule matches the connection's original VIP).
+IPVS_SYSCTLS = {
+    "net/ipv4/vs/expire_nodest_conn": "1",
+    "net/ipv4/vs/expire_quiescent_template": "1",
+    "net/ipv4/vs/conntrack": "1",
+}
 
 
 def plan_service(

@@ -37,6 +37,10 @@ def make_forwarder(dataplane: model.Dataplane) -> Forwarder:
 
     if dataplane.kind is model.DataplaneKind.NFTABLES:
         return NftForwarder(dataplane)
+    if dataplane.kind is model.DataplaneKind.IPTABLES:
+        from lbagent.apply.iptables import IptablesForwarder  # noqa: PLC0415
+
+        return IptablesForwarder(dataplane)
     if dataplane.kind is model.DataplaneKind.IPVS:
         from lbagent.apply.ipvs import IpvsForwarder, load_ipvs  # noqa: PLC0415
 

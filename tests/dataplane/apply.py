@@ -1,0 +1,93 @@
+"""Run one data plane's forwarder in this network namespace, driven by JSON lines on stdin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from lbagent import model
+from lbagent.apply.forwarder import Forwarder, make_forwarder
+from lbagent.apply.vips import apply_sysctls
+from lbagent.plan import IPVS_SYSCTLS
+from tests.dataplane.frontends import by_service, load
+
+PROTOCOL = """\
+Usage: ip netns exec NS python -m tests.dataplane.apply --kind K, then one JSON request per line, one answer each:
+  {"op": "apply", "frontends": [...], "vips": [...], "force": false, "changed": ["ns/name", ...] or null}
+      -> {"ok": true, "how": "full", "programmed": ["192.0.2.10", ...]}
+  {"op": "cleanup"} -> {"ok": true}
+  failures -> {"ok": false, "error": "..."}
+The forwarder object lives as long as the process, so its delta and update paths run as in the agent.
+"""
+
+# The data planes the suite knows, by the name tests are parameterized with.
+DATAPLANES: dict[str, model.Dataplane] = {
+    "nftables": model.Dataplane(kind=model.DataplaneKind.NFTABLES),
+    "iptables": model.Dataplane(kind=model.DataplaneKind.IPTABLES, iptables_variant="nft"),
+    "iptables-legacy": model.Dataplane(kind=model.DataplaneKind.IPTABLES, iptables_variant="legacy"),
+    "ipvs": model.Dataplane(kind=model.DataplaneKind.IPVS),
+}
+
+
+def forwarder(kind: str, size: int | None = None) -> Forwarder:
+    dataplane = DATAPLANES[kind]
+    if size is not None:
+        dataplane = dataplane_with(dataplane, maglev_table_size=size)
+    fwd = make_forwarder(dataplane)
+    if dataplane.kind is model.DataplaneKind.IPVS:
+        apply_sysctls(IPVS_SYSCTLS)  # what the agent sets before its first apply (ip_vs is loaded by now)
+    return fwd
+
+
+def dataplane_with(dataplane: model.Dataplane, **changes: Any) -> model.Dataplane:
+    return dataclasses.replace(dataplane, **changes)
+
+
+async def handle(fwd: Forwarder, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op == "apply":
+        frontends, vips = load(request)
+        keys = request.get("changed")
+        changed = None if keys is None else by_service(frontends, keys)
+        how = await fwd.apply(frontends, vips, force=bool(request.get("force")), changed=changed)
+        return {"ok": True, "how": how, "programmed": sorted(str(v) for v in fwd.programmed())}
+    if op == "cleanup":
+        await fwd.cleanup()
+        return {"ok": True}
+    raise ValueError(f"unknown op {op!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=PROTOCOL,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", required=True, choices=sorted(DATAPLANES))
+    parser.add_argument("--size", type=int, help="maglevTableSize (default: the model's)")
+    args = parser.parse_args(argv)
+    loop = asyncio.new_event_loop()
+    fwd: Forwarder | Exception
+    try:
+        fwd = forwarder(args.kind, args.size)
+    except Exception as exc:  # a data plane not built yet: every request says so
+        fwd = exc
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                if isinstance(fwd, Exception):
+                    raise fwd
+                answer = loop.run_until_complete(handle(fwd, json.loads(line)))
+            except Exception as exc:  # the caller decides: an answer per request, never a dead pipe
+                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
