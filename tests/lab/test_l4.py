@@ -27,8 +27,9 @@ def _announced(lab: Lab, prefix: str, by: set[str] = UPLINKS, timeout: float = 2
     wait_for(lambda: lab.router_nexthops(prefix) == by, timeout=timeout, message=f"{prefix} via {sorted(by)}")
 
 
-def _in_rotation(lab: Lab, node: str) -> bool:
-    return all(address(node) in lab.nft_ruleset(lb) for lb in LBS)
+def _out_of_rotation(lab: Lab, node: str) -> bool:
+    """True once no LB node has the node in any lookup table any more."""
+    return all(address(node) not in lab.nft_ruleset(lb) for lb in LBS)
 
 
 def _nodes(lab: Lab, url: str, count: int = 30) -> Counter[str]:
@@ -42,7 +43,7 @@ def test_local_policy_sends_only_to_nodes_with_local_endpoints(lab_factory: Call
                                          healthCheckNodePort=32000, forwardingMode="nat")])
     _announced(lab, "192.0.2.10/32")
     lab.set_local_endpoints("node2", "default/web", 0)
-    wait_for(lambda: not _in_rotation(lab, "node2"), timeout=5, message="node2 to leave rotation")
+    wait_for(lambda: _out_of_rotation(lab, "node2"), timeout=10, message="node2 to leave rotation")
     answers = [lab.request("http://192.0.2.10/") for _ in range(30)]
     assert {a["node"] for a in answers if a} == {"node1", "node3"} and all(answers)
     # Local keeps the client's address (nat mode): the node saw the client itself
@@ -65,7 +66,7 @@ def test_kube_proxy_healthz_takes_a_draining_node_out(lab_factory: Callable[...,
     _announced(lab, "192.0.2.10/32")
     assert set(_nodes(lab, "http://192.0.2.10/", 40)) == {"node1", "node2", "node3"}
     lab.set_kube_proxy_healthy("node3", False)
-    wait_for(lambda: not _in_rotation(lab, "node3"), timeout=5, message="node3 to leave rotation")
+    wait_for(lambda: _out_of_rotation(lab, "node3"), timeout=10, message="node3 to leave rotation")
     assert set(_nodes(lab, "http://192.0.2.10/")) == {"node1", "node2"}
     assert "node=node3 healthy=false" in lab.agent_log("lb1") and "/healthz HTTP 503" in lab.agent_log("lb1")
 
@@ -123,7 +124,7 @@ def test_udp_flows_move_off_a_node_that_left(lab_factory: Callable[..., Lab]) ->
         again = lab.request_udp("192.0.2.12", 53, b"q", local_port=45000)
         assert again is not None and again["node"] == node
     lab.set_kube_proxy_healthy(node, False)  # the node's backend still answers: only the LB's choice changes
-    wait_for(lambda: not _in_rotation(lab, node), timeout=5, message=f"{node} to leave rotation")
+    wait_for(lambda: _out_of_rotation(lab, node), timeout=10, message=f"{node} to leave rotation")
 
     def moved() -> bool:
         answer = lab.request_udp("192.0.2.12", 53, b"q", local_port=45000)
