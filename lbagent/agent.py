@@ -22,6 +22,7 @@ from lbagent.logfmt import event
 from lbagent.metrics import Metrics
 from lbagent.plan import Frontend, Plan, ServiceDecision, plan, replan, stale_udp_flows
 from lbagent.runner import BoundedFrequencyRunner
+from lbagent.sdnotify import Notifier
 from lbagent.status import SOCKET_NAME, StatusServer
 
 log = logging.getLogger("lbagent.agent")
@@ -56,10 +57,12 @@ class Agent:
         prober: Prober = probe,
         sysctl_root: Path = Path("/proc/sys"),
         metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.model = initial
         self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier()
         self.draining = False
         self.health = HealthChecker(self._health_changed, prober)
         self.speaker = speaker_factory(initial.bgp, initial.agent.runtime_dir, self._bgp_changed)
@@ -242,6 +245,9 @@ class Agent:
         await self.speaker.start()
         for runner in self.runners.values():
             self._spawn(runner.run_forever())
+        self._spawn(self.notifier.feed_watchdog())
+        await self._first_syncs()
+        self.notifier.ready(f"serving {len(self.model.services)} services")
         event(log, logging.INFO, "agent_started", node=self.model.node_name)
         await self._stop.wait()
         await self._shutdown()
@@ -257,8 +263,20 @@ class Agent:
         event(log, logging.INFO, "first_health_snapshot", complete=self.health.complete(),
               healthy=sum(self.health.snapshot().values()), pairs=len(self.health.reasons()))
 
+    async def _first_syncs(self) -> None:
+        """Ready (for systemd) once VIPs and forwarding are programmed; BGP may take as long as the peers need."""
+        async def synced() -> None:
+            await self.runners["vips"].wait_synced()
+            await self.runners["dataplane"].wait_synced()
+
+        waits = [asyncio.ensure_future(synced()), asyncio.ensure_future(self._stop.wait())]
+        await asyncio.wait(waits, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+
     def stop(self, why: str = "request") -> None:
         if not self._stop.is_set():
+            self.notifier.stopping()
             event(log, logging.INFO, "agent_stopping", signal=why)
             self._stop.set()
 
@@ -297,6 +315,13 @@ class Agent:
 
     async def reload(self) -> bool:
         """SIGHUP: load the file again. A bad file is refused and the running config stays as it was."""
+        self.notifier.reloading()
+        try:
+            return await self._reload()
+        finally:
+            self.notifier.ready(f"serving {len(self.model.services)} services, config {self.model.digest()}")
+
+    async def _reload(self) -> bool:
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:

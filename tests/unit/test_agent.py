@@ -6,7 +6,9 @@ The real counterparts: tests/lab/test_skeleton.py runs the same behaviours with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from lbagent.apply.nftables import NftError, NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
 from lbagent.health import Target
 from lbagent.render.nftables import render_full
+from lbagent.sdnotify import Notifier
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -231,3 +234,46 @@ def test_bgp_restart_is_reannounced(tmp_path: Path) -> None:
         await run
 
     asyncio.run(scenario())
+
+
+def test_systemd_notify_ready_watchdog_reload_and_stopping(tmp_path: Path) -> None:
+    """The agent under a supervisor speaking systemd's notify protocol (a real datagram socket)."""
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    listener.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "40000"})  # keep-alive every 20 ms
+    h = Harness(tmp_path)
+    h.agent.notifier = notifier
+    messages: list[str] = []
+
+    def drain() -> list[str]:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(listener.recv(4096).decode())
+        return messages
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: any(m.startswith("READY=1") for m in drain()))
+        ready_at = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+        assert h.binder.vips and h.forwarder.applied is not None  # ready only once VIPs and forwarding are in
+        await until(lambda: sum(m == "WATCHDOG=1" for m in drain()) >= 3)
+        assert await h.agent.reload() is True
+        drain()
+        assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in messages[ready_at:])
+        h.agent.stop("test")
+        await run
+        assert drain()[-1] in ("STOPPING=1", "WATCHDOG=1") and "STOPPING=1" in messages
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+
+
+def test_notifier_is_silent_without_a_supervisor() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.ready("x")  # no socket: nothing happens
+    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
