@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install lbagent on a Debian/Ubuntu LB node: system packages, a virtualenv in /opt/lbagent, the systemd unit,
+# and a config in /etc/lbagent/ (kept if present). Used by the Vagrant lab's provisioning.
+#
+#   sudo systemd/install.sh [--config FILE] [--start] [--no-packages]
+#
+# DESTDIR=/some/root stages everything under that root instead (for tests and packaging); it implies
+# --no-packages and never touches systemctl.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+destdir=${DESTDIR:-}
+config=""
+start=no
+packages=yes
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) config=$2; shift 2 ;;
+    --start) start=yes; shift ;;
+    --no-packages) packages=no; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$destdir" ] && packages=no && start=no
+[ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+
+prefix=/opt/lbagent
+if [ "$packages" = yes ]; then
+  # The agent's own tools: nft (and iptables, ipvsadm for the other data planes), conntrack, ip.
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    python3 python3-venv nftables iptables ipvsadm conntrack iproute2 ca-certificates
+fi
+
+python3 -m venv "$destdir$prefix"
+"$destdir$prefix/bin/pip" install -q --disable-pip-version-check "$here"
+# The virtualenv's scripts name their interpreter by its staged path: fix them for the real root.
+if [ -n "$destdir" ]; then
+  grep -rl --null "$destdir$prefix" "$destdir$prefix/bin" | xargs -0 -r sed -i "s#$destdir$prefix#$prefix#g"
+fi
+
+install -D -m 0644 "$here/systemd/lbagent.service" "$destdir/etc/systemd/system/lbagent.service"
+install -d -m 0755 "$destdir/etc/lbagent"
+if [ -n "$config" ]; then
+  install -m 0600 "$config" "$destdir/etc/lbagent/lbagent.yaml"
+elif [ ! -e "$destdir/etc/lbagent/lbagent.yaml" ]; then
+  install -m 0600 "$here/configs/lbagent.example.yaml" "$destdir/etc/lbagent/lbagent.yaml"
+  echo "install.sh: installed the example config at /etc/lbagent/lbagent.yaml: edit it before starting"
+fi
+
+if [ -z "$destdir" ]; then
+  "$prefix/bin/lbagent" check -c /etc/lbagent/lbagent.yaml
+  systemctl daemon-reload
+  systemctl enable lbagent.service
+  [ "$start" = yes ] && systemctl restart lbagent.service
+fi
+echo "install.sh: lbagent $("$destdir$prefix/bin/python" -c 'import lbagent; print(lbagent.__version__)') in ${destdir:-}$prefix"
