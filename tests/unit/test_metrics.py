@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from prometheus_client import generate_latest
 
 from lbagent.metrics import Metrics
@@ -37,3 +41,14 @@ def test_health_bgp_and_config() -> None:
     assert 'lbagent_bgp_session_up{peer="198.51.100.2"} 0.0' in out
     assert "lbagent_announced_prefixes 3.0" in out
     assert 'lbagent_config_info{hash="def"} 1.0' in out and 'hash="abc"' not in out
+
+
+def test_grafana_dashboard_queries_only_metrics_the_agent_exports() -> None:
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "configs" / "grafana-dashboard.json").read_text())
+    exported = set()
+    for family in Metrics().registry.collect():  # every family, with or without series yet
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        exported.update(family.name + suffix for suffix in suffixes)
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"lbagent_\w+", target["expr"])}
+    assert used and used <= exported, used - exported
