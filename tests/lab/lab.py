@@ -910,17 +910,7 @@ protocol kernel {{
         if local_port is not None:
             argv += ["--local-port", str(local_port)]
         argv.append(url)
-        try:
-            proc = self.exec(host, argv, check=False, timeout=timeout + 5)
-        except subprocess.TimeoutExpired:
-            return None
-        if proc.returncode != 0:
-            return None
-        try:
-            body = json.loads(proc.stdout)
-        except ValueError:
-            return None
-        return body if isinstance(body, dict) else None
+        return self._json_answer(host, argv, timeout + 5)
 
     def request_udp(
         self,
@@ -935,8 +925,12 @@ protocol kernel {{
         the backend's JSON answer, or None on a timeout or anything that is not JSON."""
         data = payload.encode() if isinstance(payload, str) else payload
         argv = [sys.executable, "-c", _UDP_CLIENT, addr, str(port), data.hex(), f"{timeout:g}", str(local_port or 0)]
+        return self._json_answer(host, argv, timeout + 10)
+
+    def _json_answer(self, host: str, argv: list[str], timeout: float) -> dict[str, Any] | None:
+        """Run a client in `host`; the JSON object it printed, or None on any failure."""
         try:
-            proc = self.exec(host, argv, check=False, timeout=timeout + 10)
+            proc = self.exec(host, argv, check=False, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
         if proc.returncode != 0:

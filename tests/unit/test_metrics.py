@@ -45,7 +45,7 @@ def test_health_bgp_and_config() -> None:
 
 def test_grafana_dashboard_queries_only_metrics_the_agent_exports() -> None:
     dashboard = json.loads((Path(__file__).resolve().parents[2] / "configs" / "grafana-dashboard.json").read_text())
-    exported = set()
+    exported: set[str] = set()
     for family in Metrics().registry.collect():  # every family, with or without series yet
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
         exported.update(family.name + suffix for suffix in suffixes)
