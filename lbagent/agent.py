@@ -72,6 +72,7 @@ class Agent:
         self._bound: set[model.IPAddress] = set()
         self._programmed: set[model.IPAddress] = set()
         self._applied: Mapping[str, tuple[Frontend, ...]] = {}
+        self._speaker_restarts = 0
         self.clear_udp = clear_udp
         self._plan: Plan | None = None
         self._plan_draining = False
@@ -179,6 +180,9 @@ class Agent:
         self._log_decisions(p)
         self.metrics.decisions(p)
         self.metrics.bgp(self.speaker.peers(), len(self.speaker.announced()))
+        if self.speaker.restarts > self._speaker_restarts:
+            self.metrics.process_restarts.labels("exabgp").inc(self.speaker.restarts - self._speaker_restarts)
+            self._speaker_restarts = self.speaker.restarts
         if before - set(self.speaker.announced()):
             self.runners["vips"].mark_dirty()
 

@@ -47,6 +47,7 @@ class BgpCommandError(BgpError):
 class BgpSpeaker(Protocol):
     """Announces VIP prefixes to the configured BGP peers."""
 
+    restarts: int  # speaker processes started after the first
     async def start(self) -> None: ...
 
     async def apply(self, desired: Mapping[str, Announcement]) -> None:
@@ -187,6 +188,8 @@ class ExaBgpSpeaker:
         self._pulse = asyncio.Event()
         self._stopping = False
         self._restart_now = False
+        self.restarts = 0
+        """ExaBGP instances started after the first (crashes, lost API bridges, hung commands, new settings)."""
 
     @property
     def socket_path(self) -> str:
@@ -421,7 +424,11 @@ class ExaBgpSpeaker:
         low, high = self._backoff
         delay = low
         loop = asyncio.get_running_loop()
+        first = True
         while not self._stopping:
+            if not first:
+                self.restarts += 1
+            first = False
             self._kick.clear()
             self._restart_now = False
             started = loop.time()

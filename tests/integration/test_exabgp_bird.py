@@ -312,6 +312,7 @@ def test_killed_exabgp_is_restarted_and_routes_come_back(lab: Lab) -> None:
             "a new ExaBGP", lambda: speaker.exabgp_pid if speaker.exabgp_pid != first else None
         )
         lab.exabgp_pids.add(second)
+        assert speaker.restarts == 1
         assert await speaker.wait_connected(15)
         assert speaker.announced() == {}, "a new instance has announced nothing yet"
 

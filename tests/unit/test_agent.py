@@ -230,6 +230,8 @@ def test_bgp_restart_is_reannounced(tmp_path: Path) -> None:
         assert h.speaker is not None
         h.speaker.restart()  # a new ExaBGP instance: it knows nothing
         await until(lambda: h.announced() == {"192.0.2.10/32"})
+        registry = h.agent.metrics.registry
+        assert registry.get_sample_value("lbagent_process_restarts_total", {"process": "exabgp"}) == 1
         h.agent.stop("test")
         await run
 
