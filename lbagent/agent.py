@@ -79,7 +79,7 @@ class Agent:
         self._replan_all = True
         self._replan: set[str] = set()
         self._dataplane_dirty: set[str] | None = None  # services changed since the last apply; None: all
-        self._decisions: dict[str, ServiceDecision] = {}
+        self._decisions: Mapping[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         a = initial.agent
@@ -178,7 +178,6 @@ class Agent:
         before = set(self.speaker.announced())
         await self.speaker.apply(desired)
         self._log_decisions(p)
-        self.metrics.decisions(p)
         self.metrics.bgp(self.speaker.peers(), len(self.speaker.announced()))
         if self.speaker.restarts > self._speaker_restarts:
             self.metrics.process_restarts.labels("exabgp").inc(self.speaker.restarts - self._speaker_restarts)
@@ -187,11 +186,16 @@ class Agent:
             self.runners["vips"].mark_dirty()
 
     def _log_decisions(self, p: Plan) -> None:
-        current = {d.service: d for d in p.decisions}
+        """Log and export the services whose announce decision changed since the last call, and only those."""
+        current = p.decision_by_service
+        changed = []
         for key, decision in current.items():
             previous = self._decisions.get(key)
+            if previous is decision:  # replan keeps the decisions of services it did not touch
+                continue
             if previous is not None and (previous.announce, previous.reason) == (decision.announce, decision.reason):
                 continue
+            changed.append(decision)
             event(
                 log, logging.INFO if decision.announce else logging.WARNING,
                 "vip_announced" if decision.announce else "vip_withdrawn",
@@ -199,6 +203,7 @@ class Agent:
                 healthy_nodes=decision.healthy_nodes or "-", unhealthy_nodes=decision.unhealthy_nodes or "-",
                 draining_nodes=decision.draining_nodes or "-",
             )
+        self.metrics.decisions(changed, self._decisions.keys() - current.keys())
         self._decisions = current
 
     # -- status ---------------------------------------------------------------------------------------

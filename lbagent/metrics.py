@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from lbagent.plan import Plan
+from lbagent.plan import ServiceDecision
 
 # Sync durations span a one-element nft change (milliseconds) to a full resync of a large table (seconds).
 _SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -51,16 +51,18 @@ class Metrics:
         self.config_info.clear()
         self.config_info.labels(digest).set(1)
 
-    def decisions(self, plan: Plan) -> None:
-        """Each service's announce state with its reason: exactly one series per service."""
-        current = {d.service: d for d in plan.decisions}
-        for service, reason in list(self._vip_labels.items()):
-            if service not in current or current[service].reason.value != reason:
+    def decisions(self, changed: Iterable[ServiceDecision], removed: Iterable[str] = ()) -> None:
+        """The announce state with its reason of the services whose decision changed, and forget removed ones:
+        exactly one series per service, and a health change costs what changed, not the number of services."""
+        for service in removed:
+            if (reason := self._vip_labels.pop(service, None)) is not None:
                 self.vip_announced.remove(service, reason)
-                del self._vip_labels[service]
-        for service, d in current.items():
-            self.vip_announced.labels(service, d.reason.value).set(1 if d.announce else 0)
-            self._vip_labels[service] = d.reason.value
+        for d in changed:
+            old = self._vip_labels.get(d.service)
+            if old is not None and old != d.reason.value:
+                self.vip_announced.remove(d.service, old)
+            self.vip_announced.labels(d.service, d.reason.value).set(1 if d.announce else 0)
+            self._vip_labels[d.service] = d.reason.value
 
     def health(self, verdicts: Mapping[tuple[str, str], bool], pairs: Iterable[tuple[str, str]]) -> None:
         """Node health per service, for the pairs that exist now (removed pairs disappear)."""

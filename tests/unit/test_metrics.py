@@ -20,9 +20,9 @@ def text(m: Metrics) -> str:
 def test_vip_announced_keeps_one_series_per_service_with_its_reason() -> None:
     model = three_nodes()
     metrics = Metrics()
-    metrics.decisions(plan(model, all_healthy(model)))
+    metrics.decisions(plan(model, all_healthy(model)).decisions)
     assert 'lbagent_vip_announced{reason="announced",service="default/web"} 1.0' in text(metrics)
-    metrics.decisions(plan(model, {}))
+    metrics.decisions(plan(model, {}).decisions)
     out = text(metrics)
     assert 'lbagent_vip_announced{reason="noHealthyNodes",service="default/web"} 0.0' in out
     assert 'reason="announced",service="default/web"' not in out
