@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler
 from ipaddress import ip_address, ip_network
 from typing import Any, TypeVar
 
@@ -26,7 +24,7 @@ from lbagent import model
 from lbagent.apply.ipvs import IpvsForwarder, load_ipvs
 from lbagent.plan import Backend, Frontend
 from lbagent.render import ipvs as render
-from tests.guest.ipvs_smoke import Namespaces, ip, netns
+from tests.guest.ipvs_smoke import EchoHandler, NamedServer, Namespaces, ip, netns
 
 # Documentation addresses only. client -- l0 [lb: VIPs on lo, IPVS] br0 -- be1, be2, be3 (the "nodes").
 CLIENT = "192.0.2.2"
@@ -66,10 +64,7 @@ def log(message: str) -> None:
 
 # -- the nodes: HTTP (keep-alive) and UDP, answering their name and the client address they saw -----------------
 
-class _Http(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Http(NamedServer):
     def __init__(self, name: str, addr: str, port: int) -> None:
         self.name = name
         self.address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -79,20 +74,8 @@ class _Http(socketserver.ThreadingTCPServer):
         """Quiet: the client resets every connection on purpose (see Connection)."""
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Http
+class _Handler(EchoHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: several requests on one connection
-
-    def do_GET(self) -> None:
-        body = json.dumps({"backend": self.server.name, "client": self.client_address[0]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: stdout carries the JSON report."""
 
 
 def _udp_server(name: str, sock: socket.socket) -> None:

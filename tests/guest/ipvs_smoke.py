@@ -113,19 +113,26 @@ def _add_service(ipvs: Any, port: int, scheduler: str, weights: dict[str, int]) 
                   dest=IPVSDest(addr=addr, port=BACKEND_PORT, fwd_method=MASQUERADE, weight=weight))
 
 
-class _Backend(socketserver.ThreadingTCPServer):
-    """A tiny HTTP server naming itself and the client it saw; never resolves names (the guest has no DNS)."""
+class NamedServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server that knows which backend it plays."""
 
     daemon_threads = True
     allow_reuse_address = True
+    name: str
+
+
+class _Backend(NamedServer):
+    """A tiny HTTP server naming itself and the client it saw; never resolves names (the guest has no DNS)."""
 
     def __init__(self, name: str, addr: str) -> None:
         self.name = name
-        super().__init__((addr, BACKEND_PORT), _Handler)
+        super().__init__((addr, BACKEND_PORT), EchoHandler)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Backend
+class EchoHandler(BaseHTTPRequestHandler):
+    """Answers every GET with the backend's name and the client address it saw, as JSON."""
+
+    server: NamedServer
 
     def do_GET(self) -> None:
         body = json.dumps({"backend": self.server.name, "client": self.client_address[0]}).encode()
