@@ -106,7 +106,13 @@ protocol bgp speaker {{
             "-P",
             str(pidfile),
         )
-        self.bird_pid = int(pidfile.read_text())
+        # BIRD's daemonised child writes the pid file after the parent has returned: poll for it.
+        deadline = time.monotonic() + 10
+        while not (text := pidfile.read_text().strip() if pidfile.exists() else ""):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"BIRD wrote no pid to {pidfile} within 10 s")
+            time.sleep(0.01)
+        self.bird_pid = int(text)
 
     def birdc(self, *command: str) -> str:
         return run("birdc", "-s", self.bird_socket, *command)
