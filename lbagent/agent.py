@@ -1,4 +1,4 @@
-"""The daemon: health feeds the plan, three runners (VIPs, data plane, BGP) apply it; signals reload and stop."""
+"""The daemon: health feeds the plan, four runners (VIPs, data plane, BGP, HAProxy) apply it; signals reload, stop."""
 
 from __future__ import annotations
 
@@ -12,15 +12,27 @@ from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
-from lbagent import __version__, config, model
+from lbagent import __version__, config, model, plan_http
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
+from lbagent.apply.certs import CertificateStore
 from lbagent.apply.conntrack import clear_udp
 from lbagent.apply.forwarder import Forwarder, make_forwarder
+from lbagent.apply.haproxy import HaproxyProcess, ProxyError, ProxyLayer
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
 from lbagent.metrics import Metrics
-from lbagent.plan import Frontend, Plan, ServiceDecision, plan, replan, stale_udp_flows
+from lbagent.plan import (
+    Frontend,
+    Plan,
+    ServiceDecision,
+    listener_decision,
+    plan,
+    replan,
+    stale_udp_flows,
+    with_listeners,
+)
+from lbagent.render import haproxy as render_haproxy
 from lbagent.runner import BoundedFrequencyRunner
 from lbagent.sdnotify import Notifier
 from lbagent.status import SOCKET_NAME, StatusServer
@@ -28,6 +40,7 @@ from lbagent.status import SOCKET_NAME, StatusServer
 log = logging.getLogger("lbagent.agent")
 
 SpeakerFactory = Callable[[model.Bgp, str, Callable[[], None]], BgpSpeaker]
+ProxyFactory = Callable[[model.Proxy, str, Callable[[], None]], ProxyLayer]
 
 # Fields whose change would need lbagent to move state it owns somewhere else: refused on reload.
 _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
@@ -36,11 +49,16 @@ _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "agent.metricsAddress": lambda m: m.agent.metrics_address,
     "dataplane.table": lambda m: m.dataplane.table,
     "dataplane.kind": lambda m: m.dataplane.kind,
+    "proxy.haproxy": lambda m: m.proxy.haproxy,
 }
 
 
 def _default_speaker(bgp: model.Bgp, runtime_dir: str, on_change: Callable[[], None]) -> BgpSpeaker:
     return ExaBgpSpeaker(bgp, runtime_dir, on_change)
+
+
+def _default_proxy(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None]) -> ProxyLayer:
+    return HaproxyProcess(proxy.haproxy, runtime_dir, on_change)
 
 
 class Agent:
@@ -58,6 +76,7 @@ class Agent:
         sysctl_root: Path = Path("/proc/sys"),
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
+        proxy_factory: ProxyFactory = _default_proxy,
     ) -> None:
         self.config_path = Path(config_path)
         self.model = initial
@@ -68,6 +87,12 @@ class Agent:
         self.speaker = speaker_factory(initial.bgp, initial.agent.runtime_dir, self._bgp_changed)
         self.forwarder = forwarder or make_forwarder(initial.dataplane)
         self.binder = binder or VipBinder(initial.vip_interface)
+        self._proxy_factory = proxy_factory
+        self._proxy: ProxyLayer | None = None  # made when the first listener is configured
+        self.certificates = CertificateStore(Path(initial.agent.runtime_dir) / "haproxy" / "certs")
+        self._proxy_plan: plan_http.ProxyPlan | None = None  # what HAProxy runs now (None: not running)
+        self._proxy_rejected: str | None = None  # the last config HAProxy's validation refused
+        self._proxy_restarts = 0
         self._sysctl_root = sysctl_root
         self._bound: set[model.IPAddress] = set()
         self._programmed: set[model.IPAddress] = set()
@@ -86,7 +111,8 @@ class Agent:
         self.runners = {
             name: BoundedFrequencyRunner(name, self._measured(name, fn), a.min_sync_interval, a.resync_seconds,
                                          a.retry_seconds)
-            for name, fn in (("vips", self._sync_vips), ("dataplane", self._sync_dataplane), ("bgp", self._sync_bgp))
+            for name, fn in (("vips", self._sync_vips), ("dataplane", self._sync_dataplane), ("bgp", self._sync_bgp),
+                             ("proxy", self._sync_proxy))
         }
 
     def _measured(self, name: str, sync: Callable[[bool], Awaitable[None]]) -> Callable[[bool], Awaitable[None]]:
@@ -113,7 +139,30 @@ class Agent:
         elif self._replan:
             self._plan = replan(self._plan, self.model, self.health.verdicts, self._replan, self.draining)
         self._replan_all, self._replan, self._plan_draining = False, set(), self.draining
+        if self.model.listeners:
+            self._plan = with_listeners(self._plan, self.model, self._listener_decisions())
         return self._plan
+
+    @property
+    def proxy(self) -> ProxyLayer:
+        if self._proxy is None:
+            self._proxy = self._proxy_factory(self.model.proxy, self.model.agent.runtime_dir, self._proxy_changed)
+        return self._proxy
+
+    def _proxy_up(self) -> bool:
+        return self._proxy is not None and self._proxy.up()
+
+    def _listener_decisions(self) -> list[ServiceDecision]:
+        """Each listener from what HAProxy serves now: announced while it runs and a backend can answer."""
+        running = self._proxy_plan
+        up = running is not None and self._proxy_up()
+        fronts = {f.listener: f for f in running.frontends} if running is not None else {}
+        out = []
+        for listener in self.model.listeners:
+            front = fronts.get(listener.name)
+            usable, unusable = plan_http.listener_serves(front, running) if front and running else ([], [])
+            out.append(listener_decision(listener, usable, unusable, up and front is not None, self.draining))
+        return out
 
     def _invalidate(self) -> None:
         """Everything is decided and applied afresh (a reload)."""
@@ -129,6 +178,13 @@ class Agent:
         if self._dataplane_dirty is not None:
             self._dataplane_dirty.add(key[0])
         self.runners["dataplane"].mark_dirty()
+        self.runners["bgp"].mark_dirty()
+        if self.model.listeners:
+            self.runners["proxy"].mark_dirty()
+
+    def _proxy_changed(self) -> None:
+        """HAProxy went down or came back: its listeners' announcements follow."""
+        self.runners["proxy"].mark_dirty()
         self.runners["bgp"].mark_dirty()
 
     def _bgp_changed(self) -> None:
@@ -154,7 +210,7 @@ class Agent:
         dirty, self._dataplane_dirty = self._dataplane_dirty, set()
         changed = None if resync or dirty is None else {k: p.by_service.get(k, ()) for k in dirty}
         try:
-            await self.forwarder.apply(p.frontends, p.vips, force=resync, changed=changed)
+            await self.forwarder.apply(p.frontends, p.l4_vips, force=resync, changed=changed)
         except BaseException:
             self._dataplane_dirty = None  # whatever happened, the next sync applies everything
             raise
@@ -171,9 +227,10 @@ class Agent:
     async def _sync_bgp(self, resync: bool) -> None:
         p = self.current_plan()
         # Never attract traffic this node cannot serve yet: the VIP must be bound and its forwarding programmed.
+        served = self._programmed | self._proxy_vips()
         desired = {
             prefix: a for prefix, a in p.announcements.items()
-            if ip_interface(prefix).ip in self._bound and ip_interface(prefix).ip in self._programmed
+            if ip_interface(prefix).ip in self._bound and ip_interface(prefix).ip in served
         }
         before = set(self.speaker.announced())
         await self.speaker.apply(desired)
@@ -184,6 +241,62 @@ class Agent:
             self._speaker_restarts = self.speaker.restarts
         if before - set(self.speaker.announced()):
             self.runners["vips"].mark_dirty()
+
+    def _proxy_vips(self) -> set[model.IPAddress]:
+        """The VIPs HAProxy listens on now."""
+        if self._proxy_plan is None or not self._proxy_up():
+            return set()
+        return {v for f in self._proxy_plan.frontends for v in f.vips}
+
+    async def _sync_proxy(self, resync: bool) -> None:
+        """HAProxy as the plan wants it: started, reloaded seamlessly for a structural change, runtime API for
+        server weights and states, runtime API for replaced certificates. A config HAProxy refuses is logged and
+        the running one stays."""
+        m = self.model
+        if not m.listeners:
+            if self._proxy_plan is not None:
+                await self.proxy.stop(m.agent.drain_seconds)
+                self._proxy_plan = None
+                event(log, logging.INFO, "haproxy_stopped", reason="no listeners configured")
+            return
+        paths = self.certificates.sync(m.listeners)
+        planned = plan_http.plan_proxy(m, self.health.verdicts, paths)
+        text = render_haproxy.render(planned, m.proxy, self.proxy.runtime_socket)
+        structure = render_haproxy.render(plan_http.structural(planned), m.proxy, self.proxy.runtime_socket)
+        kind, detail = plan_http.changes(self._proxy_plan if self._proxy_up() else None, planned)
+        try:
+            result = await self.proxy.apply(text, structure, planned.runtime(), kind)
+        except ProxyError as exc:
+            if self._proxy_rejected != text:
+                self._proxy_rejected = text
+                self.metrics.haproxy_reload_failures.inc()
+                event(log, logging.ERROR, "haproxy_config_rejected", error=str(exc), kept="running config")
+            return
+        self._proxy_rejected = None
+        if result.reloaded or result.started:
+            self.metrics.haproxy_reloads.labels(kind).inc()
+            self.certificates.take_pending()  # HAProxy has just read every file
+            event(log, logging.INFO, "haproxy_started" if result.started else "haproxy_reloaded", reason=kind,
+                  changed=detail)
+        for replaced in self.certificates.take_pending():
+            await self.proxy.set_certificate(replaced.path, replaced.pem)
+            self.metrics.certificate_updates.inc()
+            event(log, logging.INFO, "certificate_replaced", file=replaced.path, how="runtime API")
+        if result.runtime_updates:
+            self.metrics.haproxy_runtime_updates.inc(result.runtime_updates)
+        self.metrics.haproxy_up.set(1 if self._proxy_up() else 0)
+        if self.proxy.restarts > self._proxy_restarts:
+            self.metrics.process_restarts.labels("haproxy").inc(self.proxy.restarts - self._proxy_restarts)
+            self._proxy_restarts = self.proxy.restarts
+        self._proxy_plan = planned
+        self.runners["bgp"].mark_dirty()
+
+    async def _watch_certificates(self) -> None:
+        """Certificate files replaced on disk reach HAProxy through its runtime API, without a reload."""
+        while True:
+            await asyncio.sleep(self.model.proxy.certificate_check_interval)
+            if self.model.listeners and self.certificates.look():
+                self.runners["proxy"].mark_dirty()
 
     def _log_decisions(self, p: Plan) -> None:
         """Log and export the services whose announce decision changed since the last call, and only those."""
@@ -198,7 +311,8 @@ class Agent:
             changed.append(decision)
             event(
                 log, logging.INFO if decision.announce else logging.WARNING,
-                "vip_announced" if decision.announce else "vip_withdrawn",
+                ("vip_announced" if decision.announce else "vip_withdrawn") if decision.vips
+                else ("backend_ready" if decision.announce else "backend_unavailable"),
                 service=key, vips=decision.vips, reason=decision.reason.value,
                 healthy_nodes=decision.healthy_nodes or "-", unhealthy_nodes=decision.unhealthy_nodes or "-",
                 draining_nodes=decision.draining_nodes or "-",
@@ -213,6 +327,7 @@ class Agent:
         p = self._plan or self.current_plan()
         announced = set(self.speaker.announced())
         verdicts, reasons = self.health.verdicts, self.health.reasons()
+        listeners = {listener.key for listener in self.model.listeners}
         now = time.monotonic()
         return {
             "version": __version__, "node": self.model.node_name, "configHash": self.model.digest(),
@@ -225,8 +340,18 @@ class Agent:
                  "reason": d.reason.value,
                  "nodes": [{"node": n.name, "healthy": verdicts.get((d.service, n.name)),
                             "reason": reasons.get((d.service, n.name), "notProbed")} for n in self.model.nodes]}
-                for d in p.decisions
+                for d in p.decisions if d.service not in listeners
             ],
+            "listeners": [
+                {"listener": d.service.removeprefix("listener:"), "vips": [str(v) for v in d.vips],
+                 "announce": d.announce, "reason": d.reason.value, "backendsServing": list(d.healthy_nodes),
+                 "backendsDown": list(d.unhealthy_nodes)}
+                for d in p.decisions if d.service in listeners
+            ],
+            "proxy": None if not self.model.listeners else {
+                "up": self._proxy_up(), "reloads": dict(self.proxy.reloads),
+                "runtimeUpdates": self.proxy.runtime_updates, "restarts": self.proxy.restarts,
+            },
             "sync": {name: {"secondsAgo": None if r.last_success is None else now - r.last_success,
                             "lastError": r.last_error, "runs": r.runs, "failures": r.failures}
                      for name, r in self.runners.items()},
@@ -255,6 +380,7 @@ class Agent:
         for runner in self.runners.values():
             self._spawn(runner.run_forever())
         self._spawn(self.notifier.feed_watchdog())
+        self._spawn(self._watch_certificates())
         await self._first_syncs()
         self.notifier.ready(f"serving {len(self.model.services)} services")
         event(log, logging.INFO, "agent_started", node=self.model.node_name)
@@ -277,6 +403,8 @@ class Agent:
         async def synced() -> None:
             await self.runners["vips"].wait_synced()
             await self.runners["dataplane"].wait_synced()
+            if self.model.listeners:
+                await self.runners["proxy"].wait_synced()
 
         waits = [asyncio.ensure_future(synced()), asyncio.ensure_future(self._stop.wait())]
         await asyncio.wait(waits, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -306,6 +434,9 @@ class Agent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.health.stop()
         await self.speaker.stop()
+        if self._proxy_plan is not None:
+            # Withdrawn and drained: HAProxy finishes what it has in flight, then goes.
+            await self.proxy.stop(self.model.agent.drain_seconds)
         # The VIPs and the nftables table stay: connections still in flight keep working, and a restarted
         # agent adopts them without a gap. `lbagent cleanup` removes them.
         event(log, logging.INFO, "agent_stopped")

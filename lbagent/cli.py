@@ -12,9 +12,9 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from lbagent import __version__, config, model
-from lbagent.plan import all_healthy, plan
-from lbagent.render import exabgp, nftables
+from lbagent import __version__, config, model, plan_http
+from lbagent.plan import all_healthy, listener_decision, plan, with_listeners
+from lbagent.render import exabgp, haproxy, nftables
 
 
 def _load_or_report(path: str) -> model.Model | None:
@@ -37,7 +37,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _plan_document(m: model.Model) -> dict[str, Any]:
-    p = plan(m, all_healthy(m))
+    healthy = all_healthy(m)
+    p = plan(m, healthy)
+    proxy = plan_http.plan_proxy(m, healthy, {
+        listener.name: tuple(f"{m.agent.runtime_dir}/haproxy/certs/{listener.name}-{i}.pem"
+                             for i in range(len(listener.certificates)))
+        for listener in m.listeners if listener.certificates})
+    fronts = {f.listener: f for f in proxy.frontends}
+    p = with_listeners(p, m, [listener_decision(lst, *plan_http.listener_serves(fronts[lst.name], proxy), True, False)
+                              for lst in m.listeners])
     return {
         "assumption": "every node healthy for every service (plan does not probe)",
         "configHash": m.digest(),
@@ -63,8 +71,28 @@ def _plan_document(m: model.Model) -> dict[str, Any]:
             "announcements": [exabgp.announce_command(a) for a in p.announcements.values()],
         },
         "sysctls": {k.replace("/", "."): v for k, v in p.sysctls.items()},
-        "nftables": nftables.render(p.frontends, p.vips, m.dataplane),
+        "nftables": nftables.render(p.frontends, p.l4_vips, m.dataplane),
+        "listeners": [
+            {"listener": f.listener, "vips": [str(v) for v in f.vips], "port": f.port, "protocol": f.protocol.value,
+             "redirectToHTTPS": f.redirect_to_https,
+             "routes": [{"host": e.hostname or "*", "match": _describe(e.match), "backend": e.backend,
+                         "where": e.where} for e in f.entries],
+             "defaultBackend": f.default_backend or "404"}
+            for f in proxy.frontends
+        ],
+        "haproxy": haproxy.render(proxy, m.proxy, f"{m.agent.runtime_dir}/haproxy/api.sock") if m.listeners else None,
     }
+
+
+def _describe(match: model.RouteMatch) -> str:
+    """A route match in one line, as an operator reads it."""
+    parts = [f"path {match.path.type.value} {match.path.value}"]
+    parts += [f"method {match.method}"] if match.method else []
+    parts += [f"header {h.name} {'=' if h.type is model.ValueMatchType.EXACT else '~'} {h.value}"
+              for h in match.headers]
+    parts += [f"query {q.name} {'=' if q.type is model.ValueMatchType.EXACT else '~'} {q.value}"
+              for q in match.query_params]
+    return ", ".join(parts)
 
 
 _ENDPOINT = re.compile(r"^\[?(?P<host>[0-9A-Fa-f:.]+?)\]?:(?P<port>\d{1,5})$")
@@ -135,6 +163,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {key} = {value}")
     print("\n## nftables (applied with `nft -f` in one transaction)")
     print(doc["nftables"], end="")
+    if doc["haproxy"] is not None:
+        print("\n## HTTP listeners (routes in precedence order: the first that matches takes the request)")
+        for listener in doc["listeners"]:
+            vips = ",".join(listener["vips"])
+            redirect = listener["redirectToHTTPS"]
+            print(f"  {listener['listener']} {listener['protocol']} {vips} port {listener['port']}"
+                  + (f" -> redirect to HTTPS port {redirect}" if redirect else ""))
+            for route in listener["routes"]:
+                print(f"    {route['host']:<24} {route['match']:<40} -> {route['backend']}  ({route['where']})")
+            if not listener["redirectToHTTPS"]:
+                print(f"    {'*':<24} {'anything else':<40} -> {listener['defaultBackend']}")
+        print("\n## haproxy.cfg (checked with `haproxy -c`, applied by seamless reload or the runtime API)")
+        print(doc["haproxy"], end="")
     return 0
 
 

@@ -4,77 +4,37 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from lbagent import model
+from lbagent import config_http, model, plan_http
+from lbagent.config_base import (
+    _COMMUNITY,
+    _NAME,
+    CIDR,
+    AsNumber,
+    Duration,
+    IPAddress,
+    Port,
+    Problem,
+    Strict,
+    _is_prime,
+    _parse_duration,
+    short,
+)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-_COMMUNITY = r"^\d{1,5}:\d{1,5}$"
+__all__ = ["ConfigError", "Problem", "load", "parse"]
 
-
-def _parse_duration(value: Any) -> Any:
-    """Durations read as numbers of seconds or as strings with a unit: `500ms`, `2s`, `1m`."""
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            raise ValueError("expected a duration such as 500ms, 2s or 1m")
-        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return value
-
-
-def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
-    if isinstance(value, (IPv4Address, IPv6Address)):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected an IPv4 or IPv6 address as a string")
-    try:
-        return ip_address(value.strip())
-    except ValueError:
-        raise ValueError("not a valid IPv4 or IPv6 address") from None
-
-
-IPAddress = Annotated[IPv4Address | IPv6Address, PlainValidator(_parse_ip)]
-
-
-def _parse_cidr(value: Any) -> IPv4Network | IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError("expected a CIDR such as 198.51.100.0/24 as a string")
-    try:
-        return ip_network(value.strip(), strict=True)
-    except ValueError as exc:
-        raise ValueError(f"not a valid CIDR: {exc}") from None
-
-
-CIDR = Annotated[IPv4Network | IPv6Network, PlainValidator(_parse_cidr)]
-
-
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=3600)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
-
-
-class _Strict(BaseModel):
-    """Every file model refuses unknown keys and reads camelCase names, as Kubernetes objects do."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
-
-
-class NodeSection(_Strict):
+class NodeSection(Strict):
     name: str = Field(pattern=_NAME)
     vip_interface: str = Field("lo", alias="vipInterface", pattern=r"^[^\s/]{1,15}$")
 
 
-class AgentSection(_Strict):
+class AgentSection(Strict):
     drain_seconds: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, le=600)] = Field(
         2.0, alias="drain"
     )
@@ -88,7 +48,7 @@ class AgentSection(_Strict):
                                         pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):\d{1,5}$")
 
 
-class PeerSection(_Strict):
+class PeerSection(Strict):
     address: IPAddress
     peer_as: AsNumber = Field(alias="peerAS")
     hold_time: int = Field(9, alias="holdTime", ge=3, le=65535)
@@ -98,7 +58,7 @@ class PeerSection(_Strict):
     port: Port = 179
 
 
-class BgpSection(_Strict):
+class BgpSection(Strict):
     local_as: AsNumber = Field(alias="localAS")
     router_id: IPv4Address = Field(alias="routerID")
     peers: list[PeerSection] = Field(min_length=1)
@@ -106,7 +66,7 @@ class BgpSection(_Strict):
     exabgp: str = Field("exabgp", description="the exabgp executable: a path, or a name looked up in PATH")
 
 
-class DataplaneSection(_Strict):
+class DataplaneSection(Strict):
     kind: Literal["nftables", "iptables", "ipvs"] = "nftables"
     table: str = Field("lbagent", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
     masquerade_mark: int = Field(0x00200000, alias="masqueradeMark", ge=1, le=0xFFFFFFFF)
@@ -124,7 +84,7 @@ class DataplaneSection(_Strict):
         return self
 
 
-class HealthCheckSection(_Strict):
+class HealthCheckSection(Strict):
     interval: Duration | None = None
     timeout: Duration | None = None
     rise: int | None = Field(None, ge=1, le=100)
@@ -133,35 +93,35 @@ class HealthCheckSection(_Strict):
     kube_proxy_port: Port | None = Field(None, alias="kubeProxyPort")
 
 
-class NodeEntry(_Strict):
+class NodeEntry(Strict):
     name: str = Field(pattern=_NAME)
     addresses: list[IPAddress] = Field(min_length=1, max_length=2)
     weight: int = Field(1, ge=1, le=100)
     draining: bool = False
 
 
-class PortEntry(_Strict):
+class PortEntry(Strict):
     name: str = Field("", pattern=r"^([a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?)?$")
     protocol: Literal["TCP", "UDP"] = "TCP"
     port: Port
     node_port: Port = Field(alias="nodePort")
 
 
-class ServiceBgpEntry(_Strict):
+class ServiceBgpEntry(Strict):
     med: int | None = Field(None, ge=0, le=4294967295)
     local_pref: int | None = Field(None, alias="localPref", ge=0, le=4294967295)
     communities: list[Annotated[str, Field(pattern=_COMMUNITY)]] = []
 
 
-class ClientIPConfig(_Strict):
+class ClientIPConfig(Strict):
     timeout_seconds: int = Field(10800, alias="timeoutSeconds", ge=1, le=86400)
 
 
-class SessionAffinityConfig(_Strict):
+class SessionAffinityConfig(Strict):
     client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
 
 
-class ServiceEntry(_Strict):
+class ServiceEntry(Strict):
     name: str = Field(pattern=_NAME)
     namespace: str = Field("default", pattern=_NAME)
     vip: IPAddress | None = None
@@ -181,16 +141,20 @@ class ServiceEntry(_Strict):
 
     @model_validator(mode="after")
     def _one_way_to_say_vips(self) -> ServiceEntry:
-        if (self.vip is None) == (self.vips is None):
-            raise ValueError("give either `vip` (one address) or `vips` (one per family for dual stack)")
+        if self.vip is not None and self.vips is not None:
+            raise ValueError("give either `vip` (one address) or `vips` (one per family for dual stack), not both")
         return self
 
     @property
-    def all_vips(self) -> list[IPv4Address | IPv6Address]:
+    def all_vips(self) -> list[model.IPAddress]:
         return [self.vip] if self.vip is not None else list(self.vips or [])
 
 
-class ConfigFile(_Strict):
+class BackendEntry(config_http.StaticBackendEntry):
+    health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
+
+
+class ConfigFile(Strict):
     node: NodeSection
     agent: AgentSection = Field(default_factory=AgentSection)
     bgp: BgpSection
@@ -200,23 +164,13 @@ class ConfigFile(_Strict):
     )
     nodes: list[NodeEntry] = Field(min_length=1)
     services: list[ServiceEntry] = []
+    proxy: config_http.ProxySection = Field(default_factory=config_http.ProxySection)
+    listeners: list[config_http.ListenerEntry] = []
+    routes: list[config_http.RouteEntry] = []
+    backends: list[BackendEntry] = []
 
 
 _DEFAULT_HEALTH = model.HealthCheck(interval=2.0, timeout=1.0, rise=2, fall=3)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the file: where (field path and line), the value found, and what is wrong."""
-
-    path: str
-    value: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"line {self.line}: " if self.line is not None else ""
-        return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
 
 
 class ConfigError(Exception):
@@ -236,11 +190,6 @@ def _format_path(loc: Iterable[int | str]) -> str:
         else:
             out += f".{part}" if out else part
     return out
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _LineIndex:
@@ -277,7 +226,7 @@ def parse(text: str, source: str = "<config>") -> model.Model:
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(source, [Problem("", "invalid YAML", str(exc).replace("\n", " "), line)]) from exc
     if not isinstance(data, dict):
-        raise ConfigError(source, [Problem("", _short(data), "the file must be a YAML mapping")])
+        raise ConfigError(source, [Problem("", short(data), "the file must be a YAML mapping")])
     lines = _LineIndex(text)
     try:
         config = ConfigFile.model_validate(data)
@@ -285,7 +234,7 @@ def parse(text: str, source: str = "<config>") -> model.Model:
         problems = [
             Problem(
                 _format_path(err["loc"]),
-                "nothing" if err["type"] == "missing" else _short(err.get("input")),
+                "nothing" if err["type"] == "missing" else short(err.get("input")),
                 err["msg"].removeprefix("Value error, "),
                 lines.line(err["loc"]),
             )
@@ -295,7 +244,14 @@ def parse(text: str, source: str = "<config>") -> model.Model:
     problems = list(_cross_checks(config))
     if problems:
         raise ConfigError(source, [Problem(p.path, p.value, p.message, lines.line(_loc(p.path))) for p in problems])
-    return _to_model(config)
+    result = _to_model(config)
+    shadowed = [Problem(where, "a route match", f"can never match on listener {listener}: {by} always takes "
+                                               f"precedence (it matches every request this one does)",
+                        lines.line(_loc(where)))
+                for where, listener, by in plan_http.unreachable(result)]
+    if shadowed:
+        raise ConfigError(source, shadowed)
+    return result
 
 
 def load(path: str | Path) -> model.Model:
@@ -321,12 +277,12 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     families: set[int] = set()
     for i, node in enumerate(config.nodes):
         if node.name in seen_nodes:
-            yield Problem(f"nodes[{i}].name", _short(node.name),
+            yield Problem(f"nodes[{i}].name", short(node.name),
                           f"duplicate node name (also nodes[{seen_nodes[node.name]}])")
         seen_nodes.setdefault(node.name, i)
         node_families = [a.version for a in node.addresses]
         if len(set(node_families)) != len(node_families):
-            yield Problem(f"nodes[{i}].addresses", _short([str(a) for a in node.addresses]),
+            yield Problem(f"nodes[{i}].addresses", short([str(a) for a in node.addresses]),
                           "at most one address per family (one IPv4, one IPv6)")
         families.update(node_families)
 
@@ -337,7 +293,7 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     for i, svc in enumerate(config.services):
         key = f"{svc.namespace}/{svc.name}"
         if key in seen_services:
-            yield Problem(f"services[{i}].name", _short(svc.name),
+            yield Problem(f"services[{i}].name", short(svc.name),
                           f"duplicate service {key} (also services[{seen_services[key]}])")
         seen_services.setdefault(key, i)
         yield from _check_vips(i, svc, families, vip_attributes)
@@ -357,7 +313,7 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             if len(svc.ports) > 1 and not port.name:
                 yield Problem(f"{where}.name", "''", "every port needs a name when a service has several")
             if port.name and port.name in port_names:
-                yield Problem(f"{where}.name", _short(port.name), "duplicate port name in this service")
+                yield Problem(f"{where}.name", short(port.name), "duplicate port name in this service")
             port_names.add(port.name)
             for vip in svc.all_vips:
                 frontend = (str(vip), port.protocol, port.port)
@@ -372,6 +328,31 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
                               f"{port.protocol} nodePort {port.node_port} is already used by "
                               f"{seen_node_ports[node_port]}")
             seen_node_ports.setdefault(node_port, key)
+    yield from _http_checks(config)
+
+
+def _http_checks(config: ConfigFile) -> Iterable[Problem]:
+    services = {f"{s.namespace}/{s.name}": (i, {p.port for p in s.ports if p.protocol == "TCP"})
+                for i, s in enumerate(config.services)}
+    l4_vips = {str(v) for s in config.services for v in s.all_vips}
+    yield from config_http.cross_checks(config.listeners, config.routes, list(config.backends), services, l4_vips)
+    if config.listeners and (not config.routes and all(lst.default_backend is None and not lst.redirect_to_https
+                                                       for lst in config.listeners)):
+        yield Problem("routes", "[]", "listeners are configured but no route or default backend serves them")
+    for i, listener in enumerate(config.listeners):
+        if listener.tls is None:
+            continue
+        certs = ([listener.tls.default_certificate] if listener.tls.default_certificate else [])
+        certs += listener.tls.certificates
+        where = [f"listeners[{i}].tls.defaultCertificate"] if listener.tls.default_certificate else []
+        where += [f"listeners[{i}].tls.certificates[{j}]" for j in range(len(listener.tls.certificates))]
+        cert_problems = [p for w, c in zip(where, certs, strict=True) for p in config_http.certificate_problems(w, c)]
+        yield from cert_problems
+        if cert_problems:
+            continue
+        hostnames = [(f"routes[{r}].hostnames[{h}]", name) for r, route in enumerate(config.routes)
+                     if listener.name in route.listeners for h, name in enumerate(route.hostnames)]
+        yield from config_http.hostname_coverage(listener.name, hostnames, certs)
 
 
 def _check_vips(
@@ -380,16 +361,16 @@ def _check_vips(
     field = "vip" if svc.vip is not None else "vips"
     vips = svc.all_vips
     if len({v.version for v in vips}) != len(vips):
-        yield Problem(f"services[{i}].vips", _short([str(v) for v in vips]), "at most one VIP per family")
+        yield Problem(f"services[{i}].vips", short([str(v) for v in vips]), "at most one VIP per family")
     for vip in vips:
         if vip.version not in families:
-            yield Problem(f"services[{i}].{field}", _short(str(vip)),
+            yield Problem(f"services[{i}].{field}", short(str(vip)),
                           f"no node has an IPv{vip.version} address to forward this VIP to")
         if vip.is_loopback or vip.is_multicast or vip.is_unspecified or vip.is_link_local:
-            yield Problem(f"services[{i}].{field}", _short(str(vip)), "a VIP must be a unicast, routable address")
+            yield Problem(f"services[{i}].{field}", short(str(vip)), "a VIP must be a unicast, routable address")
         first = vip_attributes.setdefault(str(vip), (i, svc.bgp))
         if first[1] != svc.bgp:
-            yield Problem(f"services[{i}].bgp", _short(svc.bgp.model_dump(by_alias=True)),
+            yield Problem(f"services[{i}].bgp", short(svc.bgp.model_dump(by_alias=True)),
                           f"services sharing VIP {vip} must announce it with the same attributes "
                           f"as services[{first[0]}]")
 
@@ -471,4 +452,9 @@ def _to_model(config: ConfigFile) -> model.Model:
             runtime_dir=config.agent.runtime_dir,
             metrics_address=config.agent.metrics_address,
         ),
+        proxy=config_http.proxy_model(config.proxy),
+        listeners=config_http.listeners_model(config.listeners),
+        routes=config_http.routes_model(config.routes),
+        backends=tuple(model.StaticBackend(b.name, tuple(b.endpoints), _health(defaults, b.health_check))
+                       for b in config.backends),
     )

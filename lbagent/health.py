@@ -74,11 +74,17 @@ def targets(m: model.Model) -> dict[HealthKey, Target]:
         else:
             ports = tuple(p.node_port for p in service.ports if p.protocol is model.Protocol.TCP)
         for node in m.nodes:
-            # Node health does not depend on the family: probe the address of the service's first VIP family.
-            address = next((a for v in service.vips if (a := node.address_for(v)) is not None), None)
+            # Node health does not depend on the family: probe the address of the service's first VIP family
+            # (a service only HAProxy reaches has no VIP: its node's first address, the one HAProxy dials).
+            address = next((a for v in service.vips if (a := node.address_for(v)) is not None),
+                           None if service.vips else node.addresses[0])
             if address is not None:
                 out[(service.key, node.name)] = Target(service.key, node.name, kind, address, ports,
                                                        service.health_check)
+    for backend in m.backends:
+        for endpoint in backend.endpoints:
+            out[(backend.key, str(endpoint))] = Target(backend.key, str(endpoint), model.ProbeKind.NODE_PORT,
+                                                       endpoint.address, (endpoint.port,), backend.health_check)
     return out
 
 

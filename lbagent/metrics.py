@@ -41,6 +41,19 @@ class Metrics:
                                         "Restarts of a child process lbagent supervises.", ["process"], registry=r)
         self.dataplane_applies = Counter("lbagent_dataplane_applies_total",
                                          "Data plane applies, by how (full, delta, unchanged).", ["how"], registry=r)
+        self.haproxy_up = Gauge("lbagent_haproxy_up", "1 while HAProxy runs with lbagent's config.", registry=r)
+        self.haproxy_reloads = Counter("lbagent_haproxy_reloads_total",
+                                       "Seamless HAProxy reloads, by reason (start, listeners, routes, settings).",
+                                       ["reason"], registry=r)
+        self.haproxy_reload_failures = Counter("lbagent_haproxy_reload_failures_total",
+                                               "HAProxy configs refused by validation (the running one stayed).",
+                                               registry=r)
+        self.haproxy_runtime_updates = Counter("lbagent_haproxy_runtime_updates_total",
+                                               "Server weight and state changes sent over HAProxy's runtime API.",
+                                               registry=r)
+        self.certificate_updates = Counter("lbagent_certificate_updates_total",
+                                           "Certificates replaced in the running HAProxy without a reload.",
+                                           registry=r)
         self._vip_labels: dict[str, str] = {}
 
     def serve(self, address: str, port: int) -> None:

@@ -173,6 +173,199 @@ class Agent:
     metrics_address: str | None = "127.0.0.1:9469"  # host:port for /metrics; None: not served
 
 
+# ---- Layer 7: HAProxy listeners, HTTP routes (Gateway API HTTPRoute semantics) and their backends ----------
+
+
+class PathMatchType(StrEnum):
+    EXACT = "Exact"
+    PATH_PREFIX = "PathPrefix"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+class ValueMatchType(StrEnum):
+    EXACT = "Exact"
+    REGULAR_EXPRESSION = "RegularExpression"
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    type: PathMatchType = PathMatchType.PATH_PREFIX
+    value: str = "/"
+
+
+@dataclass(frozen=True)
+class ValueMatch:
+    """A header or query parameter match: names of headers compare case-insensitively, values exactly."""
+
+    name: str
+    value: str
+    type: ValueMatchType = ValueMatchType.EXACT
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """One HTTPRouteMatch: every condition must hold. A rule's matches are alternatives."""
+
+    path: PathMatch = field(default_factory=PathMatch)
+    headers: tuple[ValueMatch, ...] = ()
+    query_params: tuple[ValueMatch, ...] = ()
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class HeaderModifier:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+class PathModifierType(StrEnum):
+    REPLACE_FULL_PATH = "ReplaceFullPath"
+    REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
+
+
+@dataclass(frozen=True)
+class PathModifier:
+    type: PathModifierType
+    value: str
+
+
+@dataclass(frozen=True)
+class URLRewrite:
+    hostname: str | None = None
+    path: PathModifier | None = None
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """RequestRedirect: what is not given is kept from the request (the port follows a changed scheme)."""
+
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path: PathModifier | None = None
+    status_code: int = 302
+
+
+class BackendKind(StrEnum):
+    SERVICE = "Service"  # a Kubernetes Service: its healthy nodes at the nodePort of the referenced port
+    BACKEND = "Backend"  # a fixed set of endpoints from the config's `backends`
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    kind: BackendKind
+    name: str  # a service key (namespace/name) or a static backend's name
+    port: int | None = None  # the Service port (its nodePort is dialled); None for a static backend
+    weight: int = 1
+    proxy_protocol: bool = False  # send a PROXY protocol v2 header to the servers
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 3
+    codes: tuple[int, ...] = (502, 503, 504)
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """One HTTPRoute rule; `where` is its field path in the config file (for messages and HAProxy comments)."""
+
+    where: str
+    matches: tuple[RouteMatch, ...] = (RouteMatch(),)
+    backend_refs: tuple[BackendRef, ...] = ()
+    request_headers: HeaderModifier = field(default_factory=HeaderModifier)
+    response_headers: HeaderModifier = field(default_factory=HeaderModifier)
+    rewrite: URLRewrite | None = None
+    redirect: Redirect | None = None
+    request_timeout: float | None = None  # the whole exchange with the backend (HAProxy `timeout server`)
+    retry: Retry | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """An HTTPRoute: attached to listeners by name, for some hostnames (none: every host)."""
+
+    namespace: str
+    name: str
+    listeners: tuple[str, ...]
+    hostnames: tuple[str, ...]  # exact names or `*.example.com`
+    rules: tuple[RouteRule, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class ListenerProtocol(StrEnum):
+    HTTP = "HTTP"
+    HTTPS = "HTTPS"
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate chain and its private key (the same file when it holds both)."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An HTTP or HTTPS port on VIPs, served by HAProxy."""
+
+    name: str
+    vips: tuple[IPAddress, ...]
+    port: int
+    protocol: ListenerProtocol
+    certificates: tuple[Certificate, ...] = ()  # the first one is served when SNI names none of them
+    redirect_to_https: int | None = None  # an HTTP listener that only redirects, to this HTTPS port
+    default_backend: BackendRef | None = None  # where requests no route matches go (else 404)
+    proxy_protocol: bool = False  # expect a PROXY protocol header from whatever is in front of the VIP
+
+    @property
+    def key(self) -> str:
+        return f"listener:{self.name}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StaticBackend:
+    """Fixed endpoints outside the cluster, probed like nodePorts (TCP connect)."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    health_check: HealthCheck
+
+    @property
+    def key(self) -> str:
+        return f"backend:{self.name}"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """How lbagent runs HAProxy."""
+
+    haproxy: str = "haproxy"  # the executable
+    metrics_address: str | None = "127.0.0.1:9470"  # HAProxy's own Prometheus exporter
+    connect_timeout: float = 5.0
+    client_timeout: float = 60.0
+    server_timeout: float = 60.0
+    max_connections: int = 20000
+    certificate_check_interval: float = 5.0  # how often certificate files are looked at for replacement
+
+
 @dataclass(frozen=True)
 class Model:
     node_name: str
@@ -182,6 +375,10 @@ class Model:
     services: tuple[Service, ...]
     dataplane: Dataplane = field(default_factory=Dataplane)
     agent: Agent = field(default_factory=Agent)
+    proxy: Proxy = field(default_factory=Proxy)
+    listeners: tuple[Listener, ...] = ()
+    routes: tuple[Route, ...] = ()
+    backends: tuple[StaticBackend, ...] = ()
 
     def digest(self) -> str:
         """A stable hash of the whole model: the loaded config's identity in logs and metrics."""
@@ -193,12 +390,31 @@ class Model:
 
     @cached_property
     def services_by_vip(self) -> dict[IPAddress, list[str]]:
-        """Each VIP and the services on it, in config order."""
+        """Each VIP and the services and listeners on it (keys `namespace/name`, `listener:name`), in config
+        order: services first."""
         out: dict[IPAddress, list[str]] = {}
         for s in self.services:
             for vip in s.vips:
                 out.setdefault(vip, []).append(s.key)
+        for listener in self.listeners:
+            for vip in listener.vips:
+                out.setdefault(vip, []).append(listener.key)
         return out
+
+    @cached_property
+    def l4_vips(self) -> tuple[IPAddress, ...]:
+        """The VIPs the kernel forwards (services'); a listener's VIP is HAProxy's and stays open to it."""
+        return tuple(dict.fromkeys(v for s in self.services for v in s.vips))
+
+    @cached_property
+    def _backend_index(self) -> dict[str, StaticBackend]:
+        return {b.name: b for b in self.backends}
+
+    def static_backend(self, name: str) -> StaticBackend:
+        return self._backend_index[name]
+
+    def has_service(self, key: str) -> bool:
+        return key in self._service_index
 
     def service(self, key: str) -> Service:
         return self._service_index[key]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Address
 from typing import NamedTuple
@@ -20,6 +20,8 @@ class Reason(StrEnum):
     NO_HEALTHY_NODES = "noHealthyNodes"
     NO_LOCAL_ENDPOINTS = "noLocalEndpoints"
     DRAINING = "draining"
+    PROXY_DOWN = "proxyDown"  # a listener's HAProxy is not running (or not configured yet)
+    NO_HEALTHY_BACKENDS = "noHealthyBackends"  # a listener whose every route backend would answer 503
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,13 @@ class Plan:
     sysctls: Mapping[str, str]
     by_service: Mapping[str, tuple[Frontend, ...]] = field(default_factory=dict)
     decision_by_service: Mapping[str, ServiceDecision] = field(default_factory=dict)
+    l4_vips: tuple[model.IPAddress, ...] = ()  # the VIPs the kernel forwards (the others are HAProxy's)
 
 
 def all_healthy(m: model.Model) -> dict[tuple[str, str], bool]:
     """A snapshot in which every node is healthy for every service: what `lbagent plan` shows without probing."""
-    return {(s.key, n.name): True for s in m.services for n in m.nodes}
+    healthy = {(s.key, n.name): True for s in m.services for n in m.nodes}
+    return healthy | {(b.key, str(e)): True for b in m.backends for e in b.endpoints}
 
 
 def sysctls(m: model.Model) -> dict[str, str]:
@@ -163,9 +167,9 @@ def _announcement(
     """A VIP is announced while any service on it is. Services sharing a VIP carry the same attributes
     (the config checks it), so the first of them speaks for it."""
     keys = m.services_by_vip[vip]
-    if not any(decisions[k].announce for k in keys):
+    if not any(k in decisions and decisions[k].announce for k in keys):
         return None
-    bgp = m.service(keys[0]).bgp
+    bgp = m.service(keys[0]).bgp if m.has_service(keys[0]) else model.BgpAttributes()
     return Announcement(model.host_prefix(vip), bgp.med, bgp.local_pref, bgp.communities)
 
 
@@ -181,6 +185,7 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
             announcements[a.prefix] = a
     return Plan(
         vips=tuple(sorted(m.services_by_vip, key=lambda a: (a.version, int(a)))),
+        l4_vips=tuple(sorted(m.l4_vips, key=lambda a: (a.version, int(a)))),
         frontends=tuple(f for fs in by_service.values() for f in fs),
         announcements=announcements,
         decisions=tuple(decisions.values()),
@@ -207,6 +212,7 @@ def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterabl
             announcements[a.prefix] = a
     return Plan(
         vips=prev.vips,
+        l4_vips=prev.l4_vips,
         frontends=tuple(f for fs in by_service.values() for f in fs),
         announcements=announcements,
         decisions=tuple(decisions.values()),
@@ -214,6 +220,37 @@ def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterabl
         by_service=by_service,
         decision_by_service=decisions,
     )
+
+
+def listener_decision(listener: model.Listener, usable: Sequence[str], unusable: Sequence[str], proxy_up: bool,
+                      draining: bool) -> ServiceDecision:
+    """A listener's VIPs are announced while HAProxy runs and something behind the listener can answer."""
+    if draining:
+        reason = Reason.DRAINING
+    elif not proxy_up:
+        reason = Reason.PROXY_DOWN
+    elif not usable and not listener.redirect_to_https:
+        reason = Reason.NO_HEALTHY_BACKENDS
+    else:
+        reason = Reason.ANNOUNCED
+    return ServiceDecision(listener.key, listener.vips, reason is Reason.ANNOUNCED, reason, tuple(usable),
+                           tuple(unusable))
+
+
+def with_listeners(p: Plan, m: model.Model, listener_decisions: Iterable[ServiceDecision]) -> Plan:
+    """The plan with the listeners' decisions (re)placed and the announcements of their VIPs recomputed."""
+    decisions = dict(p.decision_by_service)
+    touched: set[model.IPAddress] = set()
+    for d in listener_decisions:
+        decisions[d.service] = d
+        touched.update(d.vips)
+    announcements = dict(p.announcements)
+    for vip in touched:
+        announcements.pop(model.host_prefix(vip), None)
+        if (a := _announcement(m, vip, decisions)) is not None:
+            announcements[a.prefix] = a
+    return replace(p, decisions=tuple(decisions.values()), decision_by_service=decisions,
+                   announcements=announcements)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ class _Handler(_JSONHandler):
     def do_GET(self) -> None:
         host, port = self.client_address[:2]
         body = json.dumps(
-            {"node": self.server.node, "client": f"{_peer(host)}:{port}", "port": self.server.port, "path": self.path}
+            {"node": self.server.node, "client": f"{_peer(host)}:{port}", "port": self.server.port, "path": self.path,
+             "method": self.command, "headers": {k.lower(): v for k, v in self.headers.items()}}
         ).encode() + b"\n"
         self.reply(200, body)
 

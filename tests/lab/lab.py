@@ -362,12 +362,15 @@ class Lab:
         run_root: Path = RUN_ROOT,
         ipv6: bool = False,
         return_path: bool = True,
+        http: Mapping[str, Any] | None = None,
     ) -> None:
         self._random_prefix = prefix is None
         self.prefix = prefix if prefix is not None else _random_prefix(run_root)
         if not PREFIX_PATTERN.match(self.prefix):
             raise LabError(f"bad lab prefix {self.prefix!r}: want {PREFIX_PATTERN.pattern}")
         self.services: list[dict[str, Any]] = json.loads(json.dumps(services or DEFAULT_SERVICES))
+        # The HTTP layer's part of every agent's config (proxy, listeners, routes, backends), as is.
+        self.http: dict[str, Any] = json.loads(json.dumps(dict(http or {})))
         self.start_agents = start_agents
         self.repo = Path(repo)
         self.router_as = router_as
@@ -412,6 +415,7 @@ class Lab:
             run_root=run_root,
             ipv6=state.get("ipv6", False),
             return_path=state.get("returnPath", False),
+            http=state.get("http"),
         )
         lab._pids = {k: int(v) for k, v in state["pids"].items()}
         lab._log_offsets = {k: int(v) for k, v in state["logOffsets"].items()}
@@ -639,6 +643,7 @@ class Lab:
             "ipv6": self.ipv6,
             "returnPath": self.return_path,
             "services": self.services,
+            "http": self.http,
             "startAgents": self.start_agents,
             "topology": self.topology(),
             "pids": self._pids,
@@ -1091,6 +1096,7 @@ protocol kernel {{
                 for node in NODES
             ],
             "services": json.loads(json.dumps(self.services)),
+            **json.loads(json.dumps(self.http)),
         }
 
     def write_agent_config(self, lb: str, config: Mapping[str, Any] | str) -> Path:

@@ -1,0 +1,110 @@
+"""The certificate files HAProxy reads: each listener's certificate and key, checked and combined into one private
+PEM under the runtime directory, and noticed when the operator replaces them on disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbagent import model, tls
+from lbagent.logfmt import event
+
+log = logging.getLogger("lbagent.certs")
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the source files looked like when last read: a replaced file has another identity or time."""
+
+    cert: tuple[int, int, int, int]
+    key: tuple[int, int, int, int]
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+
+
+@dataclass(frozen=True)
+class Replaced:
+    path: str  # the combined file HAProxy reads
+    pem: str
+
+
+class CertificateStore:
+    """Combined PEM files, one per (listener, certificate), written 0600 in `directory`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._seen: dict[str, _Seen] = {}
+        self._sources: dict[str, model.Certificate] = {}
+        self._pending: dict[str, str] = {}  # combined files rewritten since HAProxy last read them
+
+    def path_for(self, listener: str, index: int) -> str:
+        return str(self.directory / f"{listener}-{index}.pem")
+
+    def sync(self, listeners: Iterable[model.Listener]) -> dict[str, tuple[str, ...]]:
+        """Each HTTPS listener's combined files, written when missing or when their sources changed. A source that
+        no longer passes the checks keeps its last good file (and says why in the log)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out: dict[str, tuple[str, ...]] = {}
+        wanted: dict[str, model.Certificate] = {}
+        for listener in listeners:
+            paths = []
+            for i, cert in enumerate(listener.certificates):
+                path = self.path_for(listener.name, i)
+                wanted[path] = cert
+                if self._sources.get(path) != cert or not Path(path).exists():
+                    self._seen.pop(path, None)
+                    self._sources[path] = cert
+                    self._refresh(path, cert)
+                if Path(path).exists():  # a listener is never given a file that is not there
+                    paths.append(path)
+            if paths:
+                out[listener.name] = tuple(paths)
+        for path in set(self._sources) - set(wanted):
+            self._sources.pop(path, None)
+            self._seen.pop(path, None)
+            Path(path).unlink(missing_ok=True)
+        return out
+
+    def look(self) -> bool:
+        """Re-read the sources that changed on disk; True when a combined file was rewritten."""
+        return any([self._refresh(path, cert) is not None for path, cert in list(self._sources.items())])
+
+    def take_pending(self) -> list[Replaced]:
+        """The combined files rewritten since the last call, for HAProxy's runtime API (a reload reads them anyway)."""
+        out = [Replaced(path, pem) for path, pem in self._pending.items()]
+        self._pending.clear()
+        return out
+
+    def _refresh(self, path: str, cert: model.Certificate) -> str | None:
+        """Re-read one source when it changed; the new combined text, or None (unchanged or refused)."""
+        seen = _Seen(_identity(cert.cert_file), _identity(cert.key_file))
+        if self._seen.get(path) == seen:
+            return None
+        self._seen[path] = seen
+        try:
+            pem = tls.combined_pem(cert.cert_file, cert.key_file)
+        except tls.TlsError as exc:
+            for problem in exc.problems:
+                event(log, logging.ERROR, "certificate_refused", file=problem.path, error=problem.message,
+                      kept=path if Path(path).exists() else "-")
+            return None
+        target = Path(path)
+        if target.exists() and target.read_text() == pem:
+            return None
+        tmp = target.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        tmp.replace(target)
+        self._pending[path] = pem
+        event(log, logging.INFO, "certificate_loaded", file=cert.cert_file, key=cert.key_file, combined=path)
+        return pem

@@ -1,0 +1,85 @@
+"""Pieces every part of the config file uses: strict models, addresses, durations, and the Problem report."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_COMMUNITY = r"^\d{1,5}:\d{1,5}$"
+
+
+def _parse_duration(value: Any) -> Any:
+    """Durations read as numbers of seconds or as strings with a unit: `500ms`, `2s`, `1m`."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError("expected a duration such as 500ms, 2s or 1m")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
+    if isinstance(value, (IPv4Address, IPv6Address)):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected an IPv4 or IPv6 address as a string")
+    try:
+        return ip_address(value.strip())
+    except ValueError:
+        raise ValueError("not a valid IPv4 or IPv6 address") from None
+
+
+IPAddress = Annotated[IPv4Address | IPv6Address, PlainValidator(_parse_ip)]
+
+
+def _parse_cidr(value: Any) -> IPv4Network | IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR such as 198.51.100.0/24 as a string")
+    try:
+        return ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a valid CIDR: {exc}") from None
+
+
+CIDR = Annotated[IPv4Network | IPv6Network, PlainValidator(_parse_cidr)]
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, le=3600)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
+
+
+class Strict(BaseModel):
+    """Every file model refuses unknown keys and reads camelCase names, as Kubernetes objects do."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file: where (field path and line), the value found, and what is wrong."""
+
+    path: str
+    value: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
+
+
+def short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,342 @@
+"""Pure planning of the HTTP layer: each listener's routes in Gateway API precedence, backends and server weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lbagent import model
+
+
+class ServerState(StrEnum):
+    """A server's administrative state in HAProxy, set over the runtime API without a reload."""
+
+    READY = "ready"  # takes new requests
+    DRAIN = "drain"  # finishes what it has, takes nothing new (a draining node)
+    MAINT = "maint"  # out (unhealthy)
+
+
+MAX_WEIGHT = 256  # HAProxy's largest server weight
+
+
+@dataclass(frozen=True)
+class Server:
+    """One HAProxy server: a node's nodePort for a Service backendRef, or one endpoint of a static backend.
+
+    `name` is stable across plans (the backendRef's index and the node's name or the endpoint's index), so
+    a change of health or weight is a runtime update of the same server, never a new one."""
+
+    name: str
+    address: model.IPAddress
+    port: int
+    weight: int  # 0..MAX_WEIGHT: the rule's canary split times the node's weight; 0: no new requests
+    state: ServerState
+    proxy_protocol: bool = False
+    source: str = ""  # what it stands for, for people: "default/shop-v1 port 80 on node1"
+
+
+@dataclass(frozen=True)
+class HttpBackend:
+    """One HAProxy backend per route rule: its servers (every backendRef's, weighted for the split), and the
+    rule's filters, applied only to the requests the rule took."""
+
+    name: str
+    where: str  # the rule's field path in the config file
+    servers: tuple[Server, ...] = ()
+    request_headers: model.HeaderModifier = field(default_factory=model.HeaderModifier)
+    response_headers: model.HeaderModifier = field(default_factory=model.HeaderModifier)
+    rewrite: model.URLRewrite | None = None
+    redirect: model.Redirect | None = None
+    prefixes: tuple[str, ...] = ()  # the rule's PathPrefix values, longest first (for ReplacePrefixMatch)
+    request_timeout: float | None = None
+    retry: model.Retry | None = None
+
+    @property
+    def usable(self) -> bool:
+        """A request sent here gets an answer other than 503: a redirect, or a server ready to take it."""
+        return self.redirect is not None or any(
+            s.state is ServerState.READY and s.weight > 0 for s in self.servers
+        )
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    """One line of a listener's routing table: a hostname (None: any) and a match, to a backend."""
+
+    backend: str
+    hostname: str | None
+    match: model.RouteMatch
+    where: str  # the match's field path in the config file
+
+
+@dataclass(frozen=True)
+class HttpFrontend:
+    """One listener: where HAProxy binds, its TLS certificates, and its routing table in precedence order."""
+
+    listener: str
+    vips: tuple[model.IPAddress, ...]
+    port: int
+    protocol: model.ListenerProtocol
+    certificates: tuple[str, ...] = ()  # combined PEM files HAProxy reads; the first is the default
+    entries: tuple[RouteEntry, ...] = ()  # first match wins
+    default_backend: str | None = None  # where unmatched requests go; None: 404
+    redirect_to_https: int | None = None  # redirect everything to https on this port
+    accept_proxy: bool = False  # expect a PROXY protocol header from the client side
+
+
+@dataclass(frozen=True)
+class ProxyPlan:
+    """Everything HAProxy must look like now. Server weights and states are its runtime part: a change of only
+    those goes through the runtime API; any other difference is structural and needs a reload."""
+
+    frontends: tuple[HttpFrontend, ...] = ()
+    backends: tuple[HttpBackend, ...] = ()
+
+    def runtime(self) -> dict[tuple[str, str], tuple[int, ServerState]]:
+        """(backend, server) -> (weight, state): what the runtime API sets."""
+        return {(b.name, s.name): (s.weight, s.state) for b in self.backends for s in b.servers}
+
+    def backend(self, name: str) -> HttpBackend:
+        return next(b for b in self.backends if b.name == name)
+
+    def usable_backends(self) -> Mapping[str, bool]:
+        return {b.name: b.usable for b in self.backends}
+
+
+def structural(plan: ProxyPlan) -> ProxyPlan:
+    """The plan with every server's runtime part set alike: two plans that differ only at runtime give equal
+    structures (and equal rendered text), so comparing renders of this tells a reload from runtime updates."""
+    return ProxyPlan(
+        plan.frontends,
+        tuple(
+            HttpBackend(**{**b.__dict__, "servers": tuple(
+                Server(s.name, s.address, s.port, 1, ServerState.READY, s.proxy_protocol, s.source)
+                for s in b.servers)})
+            for b in plan.backends
+        ),
+    )
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+
+HealthSnapshot = Mapping[tuple[str, str], bool]
+
+
+def _segments_prefix(prefix: str) -> str:
+    """A PathPrefix value as it matches: whole segments, a trailing slash ignored ("/" stays "/")."""
+    return prefix.rstrip("/") or "/"
+
+
+def path_has_prefix(path: str, prefix: str) -> bool:
+    """Gateway API PathPrefix: `/foo` matches `/foo`, `/foo/` and `/foo/bar`, never `/foobar`."""
+    p = _segments_prefix(prefix)
+    return p in ("/", path) or path.startswith(p + "/")
+
+
+def _host_rank(hostname: str | None) -> tuple[int, int]:
+    if hostname is None:
+        return (2, 0)
+    return (1 if hostname.startswith("*.") else 0, -len(hostname))
+
+
+def _match_rank(match: model.RouteMatch) -> tuple[int, int, int, int, int]:
+    """Gateway API precedence, most specific first: Exact path, then (our choice, documented) regular
+    expressions, then the longest PathPrefix; then a method; then more headers; then more query params."""
+    path = match.path
+    kind = {model.PathMatchType.EXACT: 0, model.PathMatchType.REGULAR_EXPRESSION: 1,
+            model.PathMatchType.PATH_PREFIX: 2}[path.type]
+    length = len(_segments_prefix(path.value)) if path.type is model.PathMatchType.PATH_PREFIX else len(path.value)
+    if path.type is model.PathMatchType.PATH_PREFIX and _segments_prefix(path.value) == "/":
+        length = 0
+    return (kind, -length, 0 if match.method else 1, -len(match.headers), -len(match.query_params))
+
+
+def backend_name(route: model.Route, index: int) -> str:
+    return f"{route.namespace}_{route.name}_{index}"
+
+
+def _servers(m: model.Model, ref_index: int, ref: model.BackendRef, health: HealthSnapshot) -> list[Server]:
+    """A backendRef's servers with their state; weights are filled in by the rule's split."""
+    out = []
+    if ref.kind is model.BackendKind.SERVICE:
+        service = m.service(ref.name)
+        node_port = next(p.node_port for p in service.ports
+                         if p.port == ref.port and p.protocol is model.Protocol.TCP)
+        for node in m.nodes:
+            healthy = health.get((ref.name, node.name), False)
+            state = ServerState.MAINT if not healthy else ServerState.DRAIN if node.draining else ServerState.READY
+            out.append(Server(f"{ref_index}_{node.name}", node.addresses[0], node_port, node.weight, state,
+                              ref.proxy_protocol, f"{ref.name} port {ref.port} on {node.name}"))
+    else:
+        backend = m.static_backend(ref.name)
+        for j, endpoint in enumerate(backend.endpoints):
+            healthy = health.get((backend.key, str(endpoint)), False)
+            out.append(Server(f"{ref_index}_ep{j}", endpoint.address, endpoint.port, 1,
+                              ServerState.READY if healthy else ServerState.MAINT, ref.proxy_protocol,
+                              f"backend {ref.name} endpoint {endpoint}"))
+    return out
+
+
+def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -> tuple[Server, ...]:
+    """Server weights that split the rule's requests by its backendRefs' weights, and within a backendRef by
+    node weight. A backendRef with nothing ready gives its share to the others (better than failing that
+    share of requests). Scaled so the largest weight is MAX_WEIGHT, for the finest split HAProxy can do."""
+    ready = [[s for s in group if s.state is ServerState.READY] for group in servers]
+    total = sum(r.weight for r, group in zip(refs, ready, strict=True) if group)
+    shares: dict[tuple[int, str], float] = {}
+    for i, (ref, group) in enumerate(zip(refs, ready, strict=True)):
+        node_total = sum(s.weight for s in group)
+        for s in group:
+            shares[(i, s.name)] = (ref.weight / total) * (s.weight / node_total) if total and node_total else 0.0
+    top = max(shares.values(), default=0.0)
+    out = []
+    for i, group in enumerate(servers):
+        for s in group:
+            share = shares.get((i, s.name), 0.0)
+            weight = max(1, round(share / top * MAX_WEIGHT)) if share > 0 and top > 0 else 0
+            out.append(Server(s.name, s.address, s.port, weight, s.state, s.proxy_protocol, s.source))
+    return tuple(out)
+
+
+def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSnapshot) -> HttpBackend:
+    groups = [_servers(m, i, ref, health) for i, ref in enumerate(rule.backend_refs)]
+    prefixes = sorted({_segments_prefix(x.path.value) for x in rule.matches
+                       if x.path.type is model.PathMatchType.PATH_PREFIX}, key=lambda p: (-len(p), p))
+    return HttpBackend(
+        name=name, where=rule.where, servers=_weighted(rule.backend_refs, groups),
+        request_headers=rule.request_headers, response_headers=rule.response_headers, rewrite=rule.rewrite,
+        redirect=rule.redirect, prefixes=tuple(prefixes), request_timeout=rule.request_timeout, retry=rule.retry,
+    )
+
+
+def _entries(m: model.Model, listener: model.Listener) -> list[tuple[tuple[object, ...], RouteEntry]]:
+    """The listener's routing table with its sort keys (precedence, then config order)."""
+    ranked: list[tuple[tuple[object, ...], RouteEntry]] = []
+    for ri, route in enumerate(m.routes):
+        if listener.name not in route.listeners:
+            continue
+        for k, rule in enumerate(route.rules):
+            for mi, match in enumerate(rule.matches):
+                for hostname in route.hostnames or (None,):
+                    where = f"{rule.where}.matches[{mi}]"
+                    ranked.append(((_host_rank(hostname), _match_rank(match), ri, k, mi),
+                                   RouteEntry(backend_name(route, k), hostname, match, where)))
+    ranked.sort(key=lambda item: item[0])
+    return ranked
+
+
+def plan_proxy(m: model.Model, health: HealthSnapshot, certificates: Mapping[str, tuple[str, ...]]) -> ProxyPlan:
+    """What HAProxy must serve. `certificates`: listener name -> the combined PEM files HAProxy reads."""
+    backends: dict[str, HttpBackend] = {}
+    for route in m.routes:
+        for k, rule in enumerate(route.rules):
+            name = backend_name(route, k)
+            backends[name] = _backend(m, name, rule, health)
+    frontends = []
+    for listener in m.listeners:
+        default = None
+        if listener.default_backend is not None:
+            default = f"listener_{listener.name}_default"
+            rule = model.RouteRule(f"listeners[{listener.name}].defaultBackend",
+                                   backend_refs=(listener.default_backend,))
+            backends[default] = _backend(m, default, rule, health)
+        frontends.append(HttpFrontend(
+            listener=listener.name, vips=listener.vips, port=listener.port, protocol=listener.protocol,
+            certificates=certificates.get(listener.name, ()),
+            entries=() if listener.redirect_to_https else tuple(e for _, e in _entries(m, listener)),
+            default_backend=default, redirect_to_https=listener.redirect_to_https,
+            accept_proxy=listener.proxy_protocol,
+        ))
+    used = {e.backend for f in frontends for e in f.entries} | {f.default_backend for f in frontends}
+    return ProxyPlan(tuple(frontends), tuple(b for name, b in backends.items() if name in used))
+
+
+def listener_serves(frontend: HttpFrontend, plan: ProxyPlan) -> tuple[list[str], list[str]]:
+    """The listener's backends that can answer and those that cannot (all down: 503)."""
+    names = dict.fromkeys([e.backend for e in frontend.entries] +
+                          ([frontend.default_backend] if frontend.default_backend else []))
+    usable = plan.usable_backends()
+    return [n for n in names if usable.get(n)], [n for n in names if not usable.get(n)]
+
+
+# ---- checks: rules that can never match ---------------------------------------------------------------------
+
+
+def _host_covers(first: str | None, then: str | None) -> bool:
+    if first is None:
+        return True
+    if then is None:
+        return False
+    if first.startswith("*."):
+        return then.removeprefix("*.").endswith(first[1:]) or (then.startswith("*.") and then == first)
+    return first == then
+
+
+def _path_covers(first: model.PathMatch, then: model.PathMatch) -> bool:
+    if first.type is model.PathMatchType.PATH_PREFIX:
+        if then.type is model.PathMatchType.REGULAR_EXPRESSION:
+            return _segments_prefix(first.value) == "/"
+        return path_has_prefix(_segments_prefix(then.value), first.value)
+    return first == then
+
+
+def _conditions(values: tuple[model.ValueMatch, ...]) -> set[tuple[str, str, str]]:
+    return {(v.name.lower(), v.value, v.type.value) for v in values}
+
+
+def covers(first: RouteEntry, then: RouteEntry) -> bool:
+    """Every request `then` matches, `first` matches too (so `then`, coming after, never gets one)."""
+    a, b = first.match, then.match
+    return (_host_covers(first.hostname, then.hostname) and _path_covers(a.path, b.path)
+            and (a.method is None or a.method == b.method)
+            and _conditions(a.headers) <= _conditions(b.headers)
+            and _conditions(a.query_params) <= _conditions(b.query_params))
+
+
+def unreachable(m: model.Model) -> list[tuple[str, str, str]]:
+    """(where, listener, shadowed by where) for each route match that another always takes first."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for listener in m.listeners:
+        if listener.redirect_to_https:
+            continue
+        entries = [e for _, e in _entries(m, listener)]
+        for i, entry in enumerate(entries):
+            for earlier in entries[:i]:
+                if earlier.where != entry.where and covers(earlier, entry):
+                    out.setdefault(entry.where, (entry.where, listener.name, earlier.where))
+                    break
+    return list(out.values())
+
+
+def changes(old: ProxyPlan | None, new: ProxyPlan) -> tuple[str, str]:
+    """Why a reload: a short kind for the metric label (`start`, `listeners`, `routes`, `settings`) and the
+    names of what changed, for the log."""
+    if old is None:
+        return "start", "HAProxy not running"
+    old_s, new_s = structural(old), structural(new)
+    fronts_old = {f.listener: f for f in old_s.frontends}
+    fronts_new = {f.listener: f for f in new_s.frontends}
+    backs_old = {b.name: b for b in old_s.backends}
+    backs_new = {b.name: b for b in new_s.backends}
+    listener_changes = sorted(n for n in fronts_old.keys() | fronts_new.keys()
+                              if fronts_old.get(n) != fronts_new.get(n))
+    backend_changes = sorted(n for n in backs_old.keys() | backs_new.keys() if backs_old.get(n) != backs_new.get(n))
+    detail = "; ".join(filter(None, [
+        f"listeners {', '.join(listener_changes)}" if listener_changes else "",
+        f"backends {', '.join(backend_changes)}" if backend_changes else "",
+    ])) or "global settings"
+    routing_only = all(
+        fronts_old.get(n) is not None and fronts_new.get(n) is not None
+        and _same_binds(fronts_old[n], fronts_new[n]) for n in listener_changes
+    )
+    if listener_changes and not routing_only:
+        return "listeners", detail
+    if listener_changes or backend_changes:
+        return "routes", detail
+    return "settings", detail
+
+
+def _same_binds(a: HttpFrontend, b: HttpFrontend) -> bool:
+    return (a.vips, a.port, a.protocol, a.certificates, a.accept_proxy) == (b.vips, b.port, b.protocol,
+                                                                           b.certificates, b.accept_proxy)

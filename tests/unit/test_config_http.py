@@ -1,0 +1,200 @@
+"""The HTTP layer's config, its checks (`lbagent check`), and its pure planning: precedence, weights, decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lbagent import config, model, plan_http
+from lbagent.plan import Reason, listener_decision
+from tests.certs import TestCA
+
+BASE: dict[str, Any] = {
+    "node": {"name": "lb1"},
+    "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
+    "nodes": [{"name": "node1", "addresses": ["203.0.113.11"]}, {"name": "node2", "addresses": ["203.0.113.12"]},
+              {"name": "node3", "addresses": ["203.0.113.13"], "weight": 2}],
+    "services": [
+        {"name": "shop-v1", "ports": [{"port": 80, "nodePort": 30081}]},
+        {"name": "shop-v2", "ports": [{"port": 80, "nodePort": 30082}]},
+        {"name": "httpbin", "ports": [{"port": 8000, "nodePort": 30083}]},
+    ],
+    "listeners": [{"name": "web", "vip": "192.0.2.20", "port": 80}],
+}
+
+
+def _doc(**extra: Any) -> dict[str, Any]:
+    return {**yaml.safe_load(yaml.safe_dump(BASE)), **extra}
+
+
+def _route(rules: list[dict[str, Any]], hostnames: list[str] | None = None, name: str = "shop") -> dict[str, Any]:
+    return {"name": name, "listeners": ["web"], "hostnames": hostnames or [], "rules": rules}
+
+
+def _parse(doc: dict[str, Any]) -> model.Model:
+    return config.parse(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _problems(doc: dict[str, Any]) -> list[str]:
+    with pytest.raises(config.ConfigError) as err:
+        _parse(doc)
+    return [str(p) for p in err.value.problems]
+
+
+def _healthy(m: model.Model, down: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
+             ) -> dict[tuple[str, str], bool]:
+    return {(s.key, n.name): (s.key, n.name) not in down for s in m.services for n in m.nodes}
+
+
+def test_misspelt_backend_invalid_regex_and_missing_listener_are_named() -> None:
+    problems = _problems(_doc(routes=[{
+        "name": "shop", "listeners": ["web", "webb"], "rules": [
+            {"backendRefs": [{"name": "httpbn", "port": 8000}]},
+            {"matches": [{"path": {"type": "RegularExpression", "value": "^/x(["}}],
+             "backendRefs": [{"name": "httpbin", "port": 8001}]},
+        ]}]))
+    assert any("routes[0].listeners[1]: no listener named 'webb'" in p for p in problems)
+    assert any("routes[0].rules[0].backendRefs[0].name: no service default/httpbn in `services`; did you mean "
+               "default/httpbin?" in p for p in problems)
+    assert any("routes[0].rules[1].backendRefs[0].port: service default/httpbin" in p and "no TCP port 8001" in p
+               for p in problems)
+    assert any("routes[0].rules[1].matches[0].path.value: invalid regular expression" in p for p in problems)
+    assert all(p.startswith("line ") for p in problems), problems
+
+
+def test_a_rule_that_can_never_match_is_reported_with_the_one_that_wins() -> None:
+    problems = _problems(_doc(routes=[
+        _route([{"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                 "backendRefs": [{"name": "shop-v1", "port": 80}]}], ["shop.example.com"]),
+        _route([{"matches": [{"path": {"type": "PathPrefix", "value": "/api/"}}],
+                 "backendRefs": [{"name": "shop-v2", "port": 80}]}], ["shop.example.com"], name="shop2"),
+    ]))
+    assert len(problems) == 1
+    assert "routes[1].rules[0].matches[0]: can never match on listener web: routes[0].rules[0].matches[0]" \
+        in problems[0]
+    # a wildcard host with a catch-all shadows nothing more specific: exact hosts and longer paths go first
+    _parse(_doc(routes=[
+        _route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}], ["*.example.com"]),
+        _route([{"matches": [{"path": {"value": "/x"}}], "backendRefs": [{"name": "shop-v2", "port": 80}]}],
+               ["a.example.com"], name="a"),
+    ]))
+
+
+def test_gateway_api_precedence() -> None:
+    m = _parse(_doc(routes=[
+        _route([
+            {"backendRefs": [{"name": "shop-v1", "port": 80}]},  # 0: PathPrefix /
+            {"matches": [{"path": {"value": "/api"}}], "backendRefs": [{"name": "shop-v1", "port": 80}]},  # 1
+            {"matches": [{"path": {"type": "Exact", "value": "/api"}}],  # 2
+             "backendRefs": [{"name": "shop-v1", "port": 80}]},
+            {"matches": [{"path": {"value": "/api"}, "method": "POST"}],  # 3
+             "backendRefs": [{"name": "shop-v1", "port": 80}]},
+            {"matches": [{"path": {"value": "/api"}, "headers": [{"name": "X-A", "value": "1"}]}],  # 4
+             "backendRefs": [{"name": "shop-v1", "port": 80}]},
+            {"matches": [{"path": {"value": "/api"}, "headers": [{"name": "X-A", "value": "1"}],  # 5
+                          "queryParams": [{"name": "q", "value": "1"}]}],
+             "backendRefs": [{"name": "shop-v1", "port": 80}]},
+        ], ["*.example.com"]),
+        _route([{"backendRefs": [{"name": "shop-v2", "port": 80}]}], ["shop.example.com"], name="exact"),
+        _route([{"backendRefs": [{"name": "shop-v2", "port": 80}]}], name="any"),
+    ]))
+    p = plan_http.plan_proxy(m, _healthy(m), {})
+    order = [e.backend for e in p.frontends[0].entries]
+    assert order == ["default_exact_0", "default_shop_2", "default_shop_3", "default_shop_5", "default_shop_4",
+                     "default_shop_1", "default_shop_0", "default_any_0"]
+
+
+def test_canary_annotations_become_header_rules_and_a_weighted_split() -> None:
+    m = _parse(_doc(routes=[_route([{
+        "backendRefs": [{"name": "shop-v1", "port": 80}],
+        "canary": {"backendRef": {"name": "shop-v2", "port": 80}, "nginx.ingress.kubernetes.io/canary-weight": "10",
+                   "canary-by-header": "X-Canary"}}], ["shop.example.com"])]))
+    p = plan_http.plan_proxy(m, _healthy(m), {})
+    entries = p.frontends[0].entries
+    assert [(e.match.headers, p.backend(e.backend).servers[0].source.split()[0]) for e in entries] == [
+        ((model.ValueMatch("X-Canary", "always"),), "default/shop-v2"),
+        ((model.ValueMatch("X-Canary", "never"),), "default/shop-v1"),
+        ((), "default/shop-v1"),
+    ]
+    split = p.backend(entries[2].backend)
+    share = {v: sum(s.weight for s in split.servers if s.source.startswith(v)) for v in ("default/shop-v1",
+                                                                                         "default/shop-v2")}
+    assert abs(share["default/shop-v2"] / sum(share.values()) - 0.10) < 0.005
+    # node3 has weight 2: twice node1's share within a version
+    v1 = {s.name: s.weight for s in split.servers if s.source.startswith("default/shop-v1")}
+    assert v1["0_node3"] == 2 * v1["0_node1"] == 2 * v1["0_node2"]
+
+
+def test_unhealthy_and_draining_servers_and_a_backend_ref_with_nothing_ready() -> None:
+    doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80, "weight": 50},
+                                                {"name": "shop-v2", "port": 80, "weight": 50}]}])])
+    doc["nodes"][1]["draining"] = True
+    m = _parse(doc)
+    down = {("default/shop-v1", "node1")}
+    p = plan_http.plan_proxy(m, _healthy(m, down), {})
+    servers = {s.name: (s.weight, s.state) for s in p.backends[0].servers}
+    assert servers["0_node1"] == (0, plan_http.ServerState.MAINT)
+    assert servers["0_node2"] == (0, plan_http.ServerState.DRAIN)
+    assert servers["0_node3"][1] is plan_http.ServerState.READY
+    # shop-v2 wholly down: shop-v1 takes every request instead of half of them failing
+    all_v2 = {("default/shop-v2", n) for n in ("node1", "node2", "node3")}
+    p = plan_http.plan_proxy(m, _healthy(m, all_v2), {})
+    assert {s.name for s in p.backends[0].servers if s.weight > 0} == {"0_node1", "0_node3"}
+    # a runtime-only difference keeps the structure (no reload)
+    assert plan_http.structural(p) == plan_http.structural(plan_http.plan_proxy(m, _healthy(m), {}))
+
+
+def test_listener_reasons() -> None:
+    m = _parse(_doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}])]))
+    listener = m.listeners[0]
+    every = {("default/shop-v1", n.name) for n in m.nodes}
+    p = plan_http.plan_proxy(m, _healthy(m, every), {})
+    usable, unusable = plan_http.listener_serves(p.frontends[0], p)
+    assert listener_decision(listener, usable, unusable, True, False).reason is Reason.NO_HEALTHY_BACKENDS
+    p = plan_http.plan_proxy(m, _healthy(m), {})
+    usable, unusable = plan_http.listener_serves(p.frontends[0], p)
+    assert listener_decision(listener, usable, unusable, False, False).reason is Reason.PROXY_DOWN
+    assert listener_decision(listener, usable, unusable, True, False).reason is Reason.ANNOUNCED
+    assert listener_decision(listener, usable, unusable, True, True).reason is Reason.DRAINING
+
+
+def test_listener_may_not_take_a_services_vip_or_port_twice() -> None:
+    doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}])])
+    doc["services"][0]["vip"] = "192.0.2.20"
+    doc["listeners"].append({"name": "web2", "vip": "192.0.2.20", "port": 80})
+    problems = _problems(doc)
+    assert any("listeners[0].vip: this VIP is a service's" in p for p in problems)
+    assert any("listeners[1].port: 192.0.2.20 port 80 is already used by listener web" in p for p in problems)
+
+
+def _https_doc(tmp: Path, ca: TestCA, hostnames: list[str]) -> dict[str, Any]:
+    doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}], hostnames)])
+    doc["routes"][0]["listeners"] = ["websecure"]
+    doc["listeners"].append({"name": "websecure", "vip": "192.0.2.20", "port": 443, "protocol": "HTTPS",
+                             "tls": {"certificates": [{"certFile": str(tmp / "shop.crt"),
+                                                       "keyFile": str(tmp / "shop.key")}]}})
+    return doc
+
+
+def test_certificates_missing_uncovering_or_with_an_open_key_are_refused(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    ca.issue("shop", ["shop.example.com", "*.example.org"])
+    _parse(_https_doc(tmp_path, ca, ["shop.example.com", "a.example.org"]))
+    problems = _problems(_https_doc(tmp_path, ca, ["shop.example.com", "a.b.example.org"]))
+    assert len(problems) == 1 and "routes[0].hostnames[1]: no certificate of listener websecure covers" in problems[0]
+    ca.issue("shop", ["shop.example.com"], key_mode=0o640)
+    problems = _problems(_https_doc(tmp_path, ca, ["shop.example.com"]))
+    assert any("listeners[1].tls.certificates[0].keyFile" in p and "open to group/others (mode 0640)" in p
+               for p in problems), problems
+    (tmp_path / "shop.crt").unlink()
+    problems = _problems(_https_doc(tmp_path, ca, ["shop.example.com"]))
+    assert any("listeners[1].tls.certificates[0].certFile" in p and "does not exist" in p for p in problems)
+    other = TestCA(tmp_path / "other")
+    wrong = other.issue("shop", ["shop.example.com"])
+    (tmp_path / "shop.crt").write_bytes(wrong.cert_file.read_bytes())
+    ca.issue("keep", ["x.example.com"]).key_file.replace(tmp_path / "shop.key")
+    problems = _problems(_https_doc(tmp_path, ca, ["shop.example.com"]))
+    assert any("does not belong to the certificate" in p for p in problems), problems

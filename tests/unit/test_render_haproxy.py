@@ -1,0 +1,514 @@
+"""HAProxy rendering: golden files accepted by the real `haproxy -c`, refusals, and one run of the real HAProxy
+against two echo servers that shows the routing, filters, redirects, TLS and forwarded headers doing what the
+Gateway API says."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from lbagent import model
+from lbagent.plan_http import HttpBackend, HttpFrontend, ProxyPlan, RouteEntry, Server, ServerState, structural
+from lbagent.render import haproxy
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "haproxy"
+SOCKET = "/run/lbagent/haproxy/admin.sock"
+PLACEHOLDER = "@TMP@"
+TOKEN = 'Bearer t0k%en"x\\y'  # a log-format `%`, and quotes and a backslash HAProxy's tokeniser would eat
+
+V4 = ip_address("192.0.2.80")
+V6 = ip_address("2001:db8::80")
+READY, DRAIN, MAINT = ServerState.READY, ServerState.DRAIN, ServerState.MAINT
+HTTP, HTTPS = model.ListenerProtocol.HTTP, model.ListenerProtocol.HTTPS
+EXACT, PREFIX = model.PathMatchType.EXACT, model.PathMatchType.PATH_PREFIX
+REGEX = model.PathMatchType.REGULAR_EXPRESSION
+FULL, PREFIX_MATCH = model.PathModifierType.REPLACE_FULL_PATH, model.PathModifierType.REPLACE_PREFIX_MATCH
+
+
+# ---- building plans by hand -----------------------------------------------------------------------------------
+
+
+def match(path: str = "/", kind: model.PathMatchType = PREFIX, headers: tuple[model.ValueMatch, ...] = (),
+          query: tuple[model.ValueMatch, ...] = (), method: str | None = None) -> model.RouteMatch:
+    return model.RouteMatch(model.PathMatch(kind, path), headers, query, method)
+
+
+def entry(backend: str, hostname: str | None = None, m: model.RouteMatch | None = None) -> RouteEntry:
+    return RouteEntry(backend, hostname, m or match(), f"routes[0].rules[{backend}].matches[0]")
+
+
+def server(name: str, address: str, port: int, weight: int = 256, state: ServerState = READY,
+           proxy_protocol: bool = False) -> Server:
+    return Server(name, ip_address(address), port, weight, state, proxy_protocol, f"default/svc port 80 on {name}")
+
+
+def backend(name: str, *servers: Server, **filters: object) -> HttpBackend:
+    return HttpBackend(name, f"routes[0].rules[{name}]", tuple(servers), **filters)  # type: ignore[arg-type]
+
+
+NODES = (server("0_node1", "203.0.113.11", 30080), server("0_node2", "203.0.113.12", 30080))
+
+
+def routing_plan() -> ProxyPlan:
+    """Hosts, every kind of path match, header, query and method matches; servers in every state."""
+    shop = "shop.example.com"
+    frontend = HttpFrontend(
+        listener="web", vips=(V4, V6), port=80, protocol=HTTP, accept_proxy=True,
+        entries=(
+            entry("default_shop_0", shop, match("/checkout", EXACT)),
+            entry("default_shop_1", shop, match("/items/[0-9]+", REGEX)),
+            entry("default_shop_2", shop, match(
+                "/api/", headers=(model.ValueMatch("X-Env", "canary"),
+                                  model.ValueMatch("x-trace", "abc.*", model.ValueMatchType.REGULAR_EXPRESSION)),
+                query=(model.ValueMatch("debug", "1 2"), model.ValueMatch("empty", "")), method="POST")),
+            entry("default_wild_0", "*.example.com", match("/")),
+            entry("default_static_0", None, match("/static")),
+        ),
+        default_backend="listener_web_default",
+    )
+    backends = (
+        backend("default_shop_0",
+                server("0_node1", "203.0.113.11", 30080, 256),
+                server("0_node2", "203.0.113.12", 30080, 0, DRAIN),
+                server("0_node3", "203.0.113.13", 30080, 0, MAINT),
+                server("1_node1", "2001:db8:1::11", 30081, 85, proxy_protocol=True)),
+        backend("default_shop_1", *NODES, request_timeout=2.5, retry=model.Retry(2, (503, 502, 404))),
+        backend("default_shop_2"),  # no server: 503
+        backend("default_wild_0", *NODES),
+        backend("default_static_0", *NODES),
+        backend("listener_web_default", *NODES),
+    )
+    return ProxyPlan((frontend,), backends)
+
+
+def filters_plan() -> ProxyPlan:
+    """Every filter: rewrites, header modifiers both ways, redirects of every shape; no default backend (404)."""
+    names = ["rw_prefix", "rw_prefix_to", "rw_full", "headers", "redir_scheme", "redir_host_port",
+             "redir_keep", "redir_prefix", "redir_prefix_root"]
+    frontend = HttpFrontend(listener="api", vips=(V4,), port=8080, protocol=HTTP,
+                            entries=tuple(entry(n, None, match(f"/{n}")) for n in names))
+    headers = model.HeaderModifier(set=(("Authorization", TOKEN), ("X-Spaced", "a  b"), ("X-Empty", "")),
+                                   add=(("X-Tag", "one"), ("X-Tag", "50%")), remove=("X-Internal", "Cookie"))
+    backends = (
+        backend("rw_prefix", *NODES, prefixes=("/api/httpbin", "/api"),
+                rewrite=model.URLRewrite(path=model.PathModifier(PREFIX_MATCH, "/"))),
+        backend("rw_prefix_to", *NODES, prefixes=("/foo/", "/"),
+                rewrite=model.URLRewrite(path=model.PathModifier(PREFIX_MATCH, "/v2/"))),
+        backend("rw_full", *NODES,
+                rewrite=model.URLRewrite("internal.example", model.PathModifier(FULL, "/i%20.html"))),
+        backend("headers", *NODES, request_headers=headers,
+                response_headers=model.HeaderModifier(set=(("Cache-Control", "no-store"),), add=(("X-Via", "lb"),),
+                                                      remove=("Server",))),
+        backend("redir_scheme", redirect=model.Redirect(scheme="https", status_code=301)),
+        backend("redir_host_port", redirect=model.Redirect(hostname="example.org", port=8443)),
+        backend("redir_keep", redirect=model.Redirect(path=model.PathModifier(FULL, "/new"), status_code=303)),
+        backend("redir_prefix", prefixes=("/old",),
+                redirect=model.Redirect(scheme="http", port=80, path=model.PathModifier(PREFIX_MATCH, "/new"))),
+        backend("redir_prefix_root", prefixes=("/a/b", "/a"),
+                redirect=model.Redirect(scheme="https", port=8443, path=model.PathModifier(PREFIX_MATCH, "/"),
+                                        status_code=308),
+                response_headers=model.HeaderModifier(add=(("X-Redirected", "yes"),))),
+    )
+    return ProxyPlan((frontend,), backends)
+
+
+def tls_plan(default_pem: str, shop_pem: str) -> ProxyPlan:
+    """HTTPS on two VIPs with two certificates, HTTP listeners that only redirect, one without a certificate."""
+    return ProxyPlan(
+        (
+            HttpFrontend("secure", (V4, V6), 443, HTTPS, certificates=(default_pem, shop_pem),
+                         entries=(entry("default_shop_0", "shop.example.com"),)),
+            HttpFrontend("plain", (V4, V6), 80, HTTP, redirect_to_https=443),
+            HttpFrontend("plain-alt", (V4,), 8080, HTTP, redirect_to_https=8443),
+            HttpFrontend("nocert", (V4,), 9443, HTTPS, entries=(entry("default_shop_0"),)),
+        ),
+        (backend("default_shop_0", *NODES),),
+    )
+
+
+# ---- certificates and haproxy --------------------------------------------------------------------------------
+
+
+def write_certificate(path: Path, common_name: str, names: list[str]) -> None:
+    """A throwaway self-signed certificate and its key in one PEM, as HAProxy reads them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    write_certificate(d / "default.pem", "default.test", ["default.test"])
+    write_certificate(d / "shop.pem", "shop.test", ["shop.test", "*.shop.test"])
+    for name, content in haproxy.error_pages().items():
+        (d / name).write_text(content)
+    return d
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(found):
+        pytest.fail("haproxy is not installed: `make test` installs it (apt package haproxy)")
+    return found
+
+
+def haproxy_check(text: str, directory: Path) -> None:
+    """The real HAProxy accepts the file, without a single warning."""
+    path = directory / "check.cfg"
+    path.write_text(text)
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARNING" not in output and "ALERT" not in output, output
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing; create it with UPDATE_GOLDEN=1 after checking the rendering"
+    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
+
+
+PROXY = model.Proxy(connect_timeout=5.0, client_timeout=30.0, server_timeout=60.5, max_connections=20000)
+
+
+# ---- golden files ---------------------------------------------------------------------------------------------
+
+
+def test_routing_golden_and_valid(tmp_path: Path) -> None:
+    text = haproxy.render(routing_plan(), PROXY, SOCKET)
+    golden("routing.cfg", text)
+    haproxy_check(text, tmp_path)
+
+
+def test_filters_golden_and_valid(tmp_path: Path) -> None:
+    text = haproxy.render(filters_plan(), replace(PROXY, metrics_address=None), SOCKET)
+    golden("filters.cfg", text)
+    haproxy_check(text, tmp_path)
+
+
+def test_tls_golden_and_valid(certs: Path, tmp_path: Path) -> None:
+    plan = tls_plan(str(certs / "default.pem"), str(certs / "shop.pem"))
+    text = haproxy.render(plan, replace(PROXY, metrics_address="[::1]:9470"), SOCKET, errors_dir=str(certs))
+    golden("tls.cfg", text.replace(str(certs), PLACEHOLDER))
+    haproxy_check(text, tmp_path)
+
+
+def test_empty_plan_golden_and_valid(tmp_path: Path) -> None:
+    text = haproxy.render(ProxyPlan(), model.Proxy(), SOCKET)
+    golden("empty.cfg", text)
+    haproxy_check(text, tmp_path)
+
+
+# ---- properties -----------------------------------------------------------------------------------------------
+
+
+def test_runtime_differences_render_alike_and_route_changes_do_not() -> None:
+    plan = routing_plan()
+    shop = plan.backends[0]
+    moved = replace(shop, servers=tuple(replace(s, weight=7, state=MAINT) for s in shop.servers))
+    other = ProxyPlan(plan.frontends, (moved, *plan.backends[1:]))
+    assert haproxy.render(plan, PROXY, SOCKET) != haproxy.render(other, PROXY, SOCKET)
+    assert haproxy.render(structural(plan), PROXY, SOCKET) == haproxy.render(structural(other), PROXY, SOCKET)
+    front = plan.frontends[0]
+    rerouted = ProxyPlan((replace(front, entries=(*front.entries[:-1], entry("default_static_0", None,
+                                                                              match("/assets")))),),
+                         plan.backends)
+    assert haproxy.render(structural(plan), PROXY, SOCKET) != haproxy.render(structural(rerouted), PROXY, SOCKET)
+
+
+def test_render_is_deterministic() -> None:
+    plan = filters_plan()
+    first = haproxy.render(plan, PROXY, SOCKET)
+    assert first == haproxy.render(copy.deepcopy(plan), PROXY, SOCKET)
+    assert first == haproxy.render(plan, copy.deepcopy(PROXY), SOCKET)
+
+
+@pytest.mark.parametrize("bad", ["it's", "line\nbreak", "tab\there", "nul\x00", "del\x7f"])
+def test_unquotable_values_are_refused(bad: str) -> None:
+    header_set = backend("headers", request_headers=model.HeaderModifier(set=(("X-Bad", bad),)))
+    frontend = HttpFrontend("web", (V4,), 80, HTTP, entries=(entry("headers"),))
+    with pytest.raises(ValueError, match="single quote or a control character"):
+        haproxy.render(ProxyPlan((frontend,), (header_set,)), PROXY, SOCKET)
+    header_match = entry("plain", None, match(headers=(model.ValueMatch("X-Env", bad),)))
+    with pytest.raises(ValueError, match="single quote or a control character"):
+        haproxy.render(ProxyPlan((replace(frontend, entries=(header_match,)),), (backend("plain"),)), PROXY, SOCKET)
+    path_match = entry("plain", None, match(f"/{bad}", EXACT))
+    with pytest.raises(ValueError, match="single quote or a control character"):
+        haproxy.render(ProxyPlan((replace(frontend, entries=(path_match,)),), (backend("plain"),)), PROXY, SOCKET)
+
+
+def test_refusals_of_what_haproxy_would_not_load(tmp_path: Path) -> None:
+    frontend = HttpFrontend("web", (V4,), 80, HTTP, entries=(entry("missing"),))
+    with pytest.raises(ValueError, match="unknown backends: missing"):
+        haproxy.render(ProxyPlan((frontend,), ()), PROXY, SOCKET)
+    retry = backend("b", retry=model.Retry(2, (418,)))
+    with pytest.raises(ValueError, match="cannot retry on status 418"):
+        haproxy.render(ProxyPlan((), (retry,)), PROXY, SOCKET)
+    clash = (backend("a/b"), backend("a_b"))
+    with pytest.raises(ValueError, match="the same for HAProxy"):
+        haproxy.render(ProxyPlan((), clash), PROXY, SOCKET)
+    crowded = entry("b", None, match(headers=tuple(model.ValueMatch(f"X-{i}", "v") for i in range(62))))
+    with pytest.raises(ValueError, match="at most 64 words"):
+        haproxy.render(ProxyPlan((HttpFrontend("web", (V4,), 80, HTTP, entries=(crowded,)),), (backend("b"),)),
+                       PROXY, SOCKET)
+    fits = replace(crowded, match=match(headers=crowded.match.headers[:61]))
+    haproxy_check(haproxy.render(ProxyPlan((HttpFrontend("web", (V4,), 80, HTTP, entries=(fits,)),), (backend("b"),)),
+                                 PROXY, SOCKET), tmp_path)
+    with pytest.raises(ValueError, match="weight 300"):
+        haproxy.render(ProxyPlan((), (backend("b", server("s", "203.0.113.1", 80, 300)),)), PROXY, SOCKET)
+
+
+def test_durations_and_names() -> None:
+    assert [haproxy.duration(s) for s in (5.0, 2.5, 0.1, 0.0001, 3600, 1.0005)] == [
+        "5s", "2500ms", "100ms", "1ms", "3600s", "1001ms"]
+    with pytest.raises(ValueError):
+        haproxy.duration(0)
+    assert haproxy.proxy_name("default/shop v1") == "default_shop_v1"
+    assert haproxy.proxy_name("node-1.example:x_y") == "node-1.example:x_y"
+
+
+# ---- the real thing ---------------------------------------------------------------------------------------------
+
+
+class Echo(BaseHTTPRequestHandler):
+    """Answers with what it received: the path, the headers, and which server it is."""
+
+    def do_GET(self) -> None:
+        name = self.server.server_address[1]  # type: ignore[index]
+        headers: dict[str, str] = {}
+        for key, value in self.headers.items():
+            headers[key.lower()] = f"{headers[key.lower()]}, {value}" if key.lower() in headers else value
+        body = json.dumps({"server": name, "path": self.path, "headers": headers}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Running:
+    http: int
+    https: int
+    redirect: int
+    metrics: int
+    echo_a: int
+    echo_b: int
+    certs: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def live_plan(r: Running) -> ProxyPlan:
+    lo = ip_address("127.0.0.1")
+    a = server("0_a", "127.0.0.1", r.echo_a)
+    b = server("0_b", "127.0.0.1", r.echo_b)
+    web = HttpFrontend("web", (lo,), r.http, HTTP, entries=(
+        entry("exact", None, match("/exact", EXACT)),
+        entry("canary", "app.test", match("/", headers=(model.ValueMatch("X-Canary", "yes"),))),
+        entry("wild", "*.wild.test", match("/")),
+        entry("httpbin", None, match("/api/httpbin")),
+        entry("canary", None, match("/q", query=(model.ValueMatch("v", "a b"),), method="GET")),
+        entry("httpbin", None, match("/api")),
+        entry("foo", None, match("/foo/")),
+        entry("keep", None, match("/keep", EXACT)),
+        entry("down", None, match("/down")),
+        entry("moved", None, match("/moved")),
+        entry("foo", None, match("/exact")),
+    ))
+    secure = HttpFrontend("secure", (lo,), r.https, HTTPS, entries=(entry("foo", None, match("/")),),
+                          certificates=(str(r.certs / "default.pem"), str(r.certs / "shop.pem")))
+    plain = HttpFrontend("plain", (lo,), r.redirect, HTTP, redirect_to_https=r.https)
+    backends = (
+        backend("exact", b),
+        backend("canary", b),
+        backend("wild", b),
+        backend("httpbin", a, prefixes=("/api/httpbin", "/api"),
+                rewrite=model.URLRewrite(path=model.PathModifier(PREFIX_MATCH, "/")),
+                request_headers=model.HeaderModifier(set=(("Authorization", TOKEN),)),
+                response_headers=model.HeaderModifier(add=(("X-Served-By", "lbagent 100%"),))),
+        backend("foo", a),
+        backend("down", replace(a, state=MAINT), replace(b, state=MAINT)),
+        backend("moved", prefixes=("/moved",),
+                redirect=model.Redirect(scheme="https", hostname="example.org", port=8443,
+                                        path=model.PathModifier(PREFIX_MATCH, "/new"), status_code=301)),
+        backend("keep", redirect=model.Redirect(path=model.PathModifier(FULL, "/kept"), status_code=303)),
+    )
+    return ProxyPlan((web, secure, plain), backends)
+
+
+@pytest.fixture
+def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
+    echoes = [ThreadingHTTPServer(("127.0.0.1", 0), Echo) for _ in range(2)]
+    threads = [threading.Thread(target=e.serve_forever, daemon=True) for e in echoes]
+    for t in threads:
+        t.start()
+    process: subprocess.Popen[bytes] | None = None
+    log = tmp_path / "haproxy.log"
+    try:
+        r = Running(free_port(), free_port(), free_port(), free_port(), echoes[0].server_address[1],
+                    echoes[1].server_address[1], certs)
+        # maxconn needs twice as many file descriptors, which HAProxy must be allowed to open (strict-limits)
+        proxy = replace(PROXY, metrics_address=f"127.0.0.1:{r.metrics}", max_connections=1000)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(live_plan(r), proxy, str(tmp_path / "admin.sock")))
+        with log.open("wb") as out:
+            process = subprocess.Popen([haproxy_binary(), "-f", str(cfg), "-db"], stdout=out, stderr=out)
+        deadline = time.monotonic() + 5
+        while True:
+            assert process.poll() is None, f"haproxy exited: {log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", r.metrics), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"haproxy did not listen in 5 s: {log.read_text()}"
+                time.sleep(0.02)
+        yield r
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        for e in echoes:
+            e.shutdown()
+            e.server_close()
+
+
+def request(port: int, path: str, host: str, headers: dict[str, str] | None = None, method: str = "GET",
+            context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+    try:
+        conn.request(method, path, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def echoed(port: int, path: str, host: str = "any.test", **kwargs: Any) -> dict[str, Any]:
+    status, _, body = request(port, path, host, **kwargs)
+    assert status == 200, (path, host, status, body)
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def no_verify(alpn: list[str]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(alpn)
+    return context
+
+
+def handshake(port: int, server_name: str | None) -> tuple[str, str | None]:
+    """The common name of the certificate served for the SNI name, and the protocol chosen by ALPN."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            no_verify(["h2", "http/1.1"]).wrap_socket(raw, server_hostname=server_name) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        common_name = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        return str(common_name), tls.selected_alpn_protocol()
+
+
+def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
+    r = running
+    a, b = r.echo_a, r.echo_b
+    # PathPrefix matches whole segments; Exact goes before a PathPrefix of the same path
+    assert echoed(r.http, "/foo")["server"] == a
+    assert echoed(r.http, "/foo/bar?x=1")["path"] == "/foo/bar?x=1"
+    assert request(r.http, "/foobar", "any.test")[0] == 404
+    assert request(r.http, "/", "any.test")[2] == b"no route\n"
+    assert echoed(r.http, "/exact")["server"] == b and echoed(r.http, "/exact/x")["server"] == a
+    # hosts: a wildcard takes any deeper name but not the bare domain; ports and case do not matter
+    assert echoed(r.http, "/x", "a.b.WILD.test:8080")["server"] == b
+    assert request(r.http, "/x", "wild.test")[0] == 404
+    # a header decides
+    assert echoed(r.http, "/x", "app.test", headers={"x-canary": "yes"})["server"] == b
+    assert request(r.http, "/x", "app.test", headers={"X-Canary": "no"})[0] == 404
+    # every server down: 503
+    assert request(r.http, "/down/x", "any.test")[0] == 503
+    # prefix rewrite, header set with an awkward value, and a response header added
+    status, headers, body = request(r.http, "/api/httpbin/delay/1?q=%41", "any.test")
+    seen = json.loads(body)
+    assert (status, seen["path"], seen["headers"]["authorization"]) == (200, "/delay/1?q=%41", TOKEN)
+    assert headers["x-served-by"] == "lbagent 100%"
+    assert json.loads(request(r.http, "/api/httpbin", "any.test")[2])["path"] == "/"
+    # the longest prefix is replaced, once: what it leaves is not rewritten again by a shorter one
+    assert echoed(r.http, "/api/httpbin/api/x")["path"] == "/api/x"
+    assert echoed(r.http, "/api/x/")["path"] == "/x/"
+    # a query parameter (decoded) and a method decide
+    assert echoed(r.http, "/q?v=a%20b")["server"] == b
+    assert request(r.http, "/q?v=a%20b", "any.test", method="POST")[0] == 404
+    # forwarded headers
+    forwarded = echoed(r.http, "/foo", "Shop.Test:81", headers={"X-Forwarded-Host": "evil", "X-Forwarded-Proto": "x"})
+    assert forwarded["headers"] == forwarded["headers"] | {
+        "x-forwarded-for": "127.0.0.1", "x-forwarded-proto": "http", "x-forwarded-host": "Shop.Test:81",
+        "x-forwarded-port": str(r.http), "host": "Shop.Test:81"}
+    # a redirect: its code, and a location with the prefix replaced and the query kept
+    status, headers, _ = request(r.http, "/moved/a/b?q=1", "any.test")
+    assert (status, headers["location"]) == (301, "https://example.org:8443/new/a/b?q=1")
+    # a redirect that keeps the scheme, host and port the client used, with its full path replaced
+    status, headers, _ = request(r.http, "/keep?x=1", "Any.Test")
+    assert (status, headers["location"]) == (303, f"http://any.test:{r.http}/kept?x=1")
+    assert request(r.http, "/keep", "any.test")[1]["location"] == f"http://any.test:{r.http}/kept"
+    # an HTTP listener that only redirects to HTTPS
+    status, headers, _ = request(r.redirect, "/x?y=1", "Shop.test:1234")
+    assert (status, headers["location"]) == (301, f"https://shop.test:{r.https}/x?y=1")
+    # HTTPS: forwarded headers, the certificate by SNI (the first one when SNI names none), HTTP/2 by ALPN
+    secure = echoed(r.https, "/s", "shop.test", context=no_verify(["http/1.1"]))
+    assert (secure["headers"]["x-forwarded-proto"], secure["headers"]["x-forwarded-port"]) == ("https", str(r.https))
+    assert handshake(r.https, "shop.test") == ("shop.test", "h2")
+    assert handshake(r.https, "www.shop.test")[0] == "shop.test"
+    assert handshake(r.https, "default.test")[0] == "default.test"
+    assert handshake(r.https, "unknown.test")[0] == "default.test"
+    assert handshake(r.https, None)[0] == "default.test"
+    # HAProxy's own metrics
+    status, _, body = request(r.metrics, "/metrics", "lb")
+    assert status == 200 and b"haproxy_process_" in body
+    assert request(r.metrics, "/", "lb")[0] == 404
