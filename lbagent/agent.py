@@ -276,10 +276,14 @@ class Agent:
         if result.reloaded or result.started:
             self.metrics.haproxy_reloads.labels(kind).inc()
             self.certificates.take_pending()  # HAProxy has just read every file
-            event(log, logging.INFO, "haproxy_started" if result.started else "haproxy_reloaded", reason=kind,
-                  changed=detail)
+            event(log, logging.INFO, "proxy_config_applied", how="start" if result.started else "reload",
+                  reason=kind, changed=detail)
         for replaced in self.certificates.take_pending():
-            await self.proxy.set_certificate(replaced.path, replaced.pem)
+            try:
+                await self.proxy.set_certificate(replaced.path, replaced.pem)
+            except ProxyError as exc:  # the file is written: the next reload or restart reads it anyway
+                event(log, logging.ERROR, "certificate_update_failed", file=replaced.path, error=str(exc))
+                continue
             self.metrics.certificate_updates.inc()
             event(log, logging.INFO, "certificate_replaced", file=replaced.path, how="runtime API")
         if result.runtime_updates:

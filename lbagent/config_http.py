@@ -60,7 +60,7 @@ class ProxySection(Strict):
     metrics_address: str | None = Field("127.0.0.1:9470", alias="metricsAddress",
                                         pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):\d{1,5}$")
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
-    max_connections: int = Field(20000, alias="maxConnections", ge=1, le=1_000_000)
+    max_connections: int = Field(8000, alias="maxConnections", ge=1, le=1_000_000)
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")
 
 

@@ -362,7 +362,7 @@ class Proxy:
     connect_timeout: float = 5.0
     client_timeout: float = 60.0
     server_timeout: float = 60.0
-    max_connections: int = 20000
+    max_connections: int = 8000  # HAProxy needs about twice as many file descriptors
     certificate_check_interval: float = 5.0  # how often certificate files are looked at for replacement
 
 

@@ -56,6 +56,12 @@ _SAFE_NAME = re.compile(r"[^\s;#\\]+")
 _PID_LINE = re.compile(r"^Pid:\s*(\d+)\s*$", re.MULTILINE)
 _FAILED = re.compile(r"\[failed:\s*(\d+)\]")
 _PREFIX = re.compile(r"^\[(?P<level>[A-Z]+)\]\s+\(\d+\)\s*:\s*")
+# HAProxy warnings that are the expected result of what lbagent did (a reload, a runtime command): logged as info.
+_ROUTINE = re.compile(
+    r"Proxy \S+ stopped|Former worker \(\d+\) exited with code 0|Exiting Master process"
+    r"|All workers exited\. Exiting\.\.\. \(0\)"
+    r"|Server \S+ (is going DOWN for maintenance|enters drain state|is UP/READY|is leaving drain)"
+)
 
 
 class ProxyError(Exception):
@@ -333,6 +339,7 @@ class HaproxyProcess:
         self._died = False  # a master died and none has been started since
         self._reloading = False
         self._stopping = False
+        self._reported_up = False  # what on_change last told (the agent sees for itself after apply and stop)
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -384,48 +391,54 @@ class HaproxyProcess:
             _check_name("backend", backend)
             _check_name("server", server)
         async with self._lock:
-            self._desired = dict(runtime)
-            started = reloaded = False
-            if self._master is not None and self._master.watch.exited.done():
-                raise ProxyError("HAProxy has exited; it is being restarted")
-            if self._master is None:
-                await self._adopt()
-            if self._master is None:
-                candidate = await self._checked(config)
-                os.replace(candidate, self.config_path)
-                self._config, self._structure = config, None
-                await self._launch()
-                self._structure = structure
-                started = True
-                if self._died:
-                    self._died = False
-                    self.restarts += 1
-                self._ensure_supervisor()
-            elif self._worker is None:
-                raise ProxyError("HAProxy's worker is gone; it is being restarted")
-            elif structure != self._structure:
-                candidate = await self._checked(config)
-                previous = self._config if self._config is not None else self._read_config()
-                os.replace(candidate, self.config_path)
-                try:
-                    old, new = await self._reload()
-                except ProxyError as error:
-                    # The running worker keeps the old config: so does the file a restart would read.
-                    if previous is not None:
-                        _write_private(Path(self.config_path), previous)
-                    if not isinstance(error, _ReloadRefused):
-                        self._structure = None  # not known: reload again next time
-                    raise
-                self._config, self._structure = config, structure
-                self.reloads[reason] = self.reloads.get(reason, 0) + 1
-                reloaded = True
-                event(log, logging.INFO, "haproxy_reloaded", reason=reason, worker=new, previous_worker=old)
-            updates = await self._sync_runtime()
-            if config != self._config:
-                # Only runtime values differ, and HAProxy has just taken them: a restart should start with them.
-                _write_private(Path(self.config_path), config)
-                self._config = config
-            return ApplyResult(reloaded, updates, started)
+            try:
+                return await self._apply(config, structure, runtime, reason)
+            finally:
+                self._reported_up = self.up()
+
+    async def _apply(self, config: str, structure: str, runtime: RuntimeState, reason: str) -> ApplyResult:
+        self._desired = dict(runtime)
+        started = reloaded = False
+        if self._master is not None and self._master.watch.exited.done():
+            raise ProxyError("HAProxy has exited; it is being restarted")
+        if self._master is None:
+            await self._adopt()
+        if self._master is None:
+            candidate = await self._checked(config)
+            os.replace(candidate, self.config_path)
+            self._config, self._structure = config, None
+            await self._launch()
+            self._structure = structure
+            started = True
+            if self._died:
+                self._died = False
+                self.restarts += 1
+            self._ensure_supervisor()
+        elif self._worker is None:
+            raise ProxyError("HAProxy's worker is gone; it is being restarted")
+        elif structure != self._structure:
+            candidate = await self._checked(config)
+            previous = self._config if self._config is not None else self._read_config()
+            os.replace(candidate, self.config_path)
+            try:
+                old, new = await self._reload()
+            except ProxyError as error:
+                # The running worker keeps the old config: so does the file a restart would read.
+                if previous is not None:
+                    _write_private(Path(self.config_path), previous)
+                if not isinstance(error, _ReloadRefused):
+                    self._structure = None  # not known: reload again next time
+                raise
+            self._config, self._structure = config, structure
+            self.reloads[reason] = self.reloads.get(reason, 0) + 1
+            reloaded = True
+            event(log, logging.INFO, "haproxy_reloaded", reason=reason, worker=new, previous_worker=old)
+        updates = await self._sync_runtime()
+        if config != self._config:
+            # Only runtime values differ, and HAProxy has just taken them: a restart should start with them.
+            _write_private(Path(self.config_path), config)
+            self._config = config
+        return ApplyResult(reloaded, updates, started)
 
     async def set_certificate(self, path: str, pem: str) -> None:
         _check_name("certificate path", path)
@@ -458,6 +471,7 @@ class HaproxyProcess:
                 self._structure = self._config = None
                 self._died = False
                 self._remove_files()
+                self._reported_up = False
             supervisor, self._supervisor = self._supervisor, None
             if supervisor is not None:
                 await supervisor
@@ -837,6 +851,8 @@ class HaproxyProcess:
             match = _PREFIX.match(text)
             level = {"ALERT": logging.ERROR, "WARNING": logging.WARNING}.get(match["level"] if match else "",
                                                                             logging.INFO)
+            if level == logging.WARNING and _ROUTINE.search(text):
+                level = logging.INFO
             event(log, level, "haproxy_output", master=pid, line=text)
 
     async def _words_since(self, mark: int, until: str | None) -> str:
@@ -854,6 +870,10 @@ class HaproxyProcess:
         return _haproxy_words([text for n, text in self._output if n > mark])
 
     def _changed(self) -> None:
+        """Call on_change if up() is not what it was when last reported (or when apply() or stop() returned)."""
+        if self.up() == self._reported_up:
+            return
+        self._reported_up = self.up()
         try:
             self._on_change()
         except Exception:

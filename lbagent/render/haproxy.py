@@ -179,12 +179,13 @@ def _check_names(plan: ProxyPlan) -> None:
 
 
 def _global(proxy: model.Proxy, runtime_socket: str) -> list[str]:
+    """No `log`: HAProxy's own alerts and warnings go to its standard error, which the agent logs line by line;
+    a traffic log there would cost the agent a log line per request (or per failed one, in an outage)."""
     return [
         "global",
         f"{_INDENT}stats socket {_word(runtime_socket)} mode 600 level admin expose-fd listeners",
         f"{_INDENT}maxconn {proxy.max_connections}",
         f"{_INDENT}hard-stop-after {HARD_STOP_AFTER}",
-        f"{_INDENT}log stderr format raw daemon err",
         f"{_INDENT}ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
         f"{_INDENT}ssl-default-bind-ciphers {TLS_CIPHERS}",
         f"{_INDENT}ssl-default-bind-ciphersuites {TLS_CIPHERSUITES}",
@@ -196,11 +197,10 @@ def _defaults(proxy: model.Proxy, errors_dir: str | None) -> list[str]:
     lines = [
         "defaults",
         f"{_INDENT}mode http",
-        f"{_INDENT}log global",
-        f"{_INDENT}option httplog",
-        f"{_INDENT}option dontlognull",
-        f"{_INDENT}option log-separate-errors",
         f"{_INDENT}option http-keep-alive",
+        # A reload's old worker answers an idle keep-alive client's next request (with `Connection: close`)
+        # instead of closing under it: no client sees its request dropped by a reload.
+        f"{_INDENT}option idle-close-on-response",
         f"{_INDENT}option forwardfor",
         f"{_INDENT}option redispatch 1",
         f"{_INDENT}retries {DEFAULT_RETRIES}",
@@ -213,7 +213,7 @@ def _defaults(proxy: model.Proxy, errors_dir: str | None) -> list[str]:
         f"{_INDENT}timeout tunnel {TUNNEL_TIMEOUT}",
     ]
     if errors_dir is not None:
-        base = errors_dir.rstrip("/") or ""
+        base = errors_dir.rstrip("/")
         lines += [f"{_INDENT}errorfile {code} {_word(f'{base}/{code}.http')}" for code in ERROR_CODES]
     return [*lines, ""]
 
@@ -288,7 +288,7 @@ def _route(i: int, entry: RouteEntry) -> list[str]:
     for j, header in enumerate(entry.match.headers):
         acls.append((f"r{i}_h{j}", _value_match(f"req.fhdr({header.name})", header)))
     for j, param in enumerate(entry.match.query_params):
-        acls.append((f"r{i}_q{j}", _value_match(f"url_param({param.name}),url_dec", param)))
+        acls.append((f"r{i}_q{j}", _value_match(f"url_param({param.name}),url_dec(1)", param)))
     names = list(dict.fromkeys(name for name, _ in acls))
     condition = f" if {' '.join(names)}" if names else ""
     return [f"{_INDENT}# {_comment(entry.where)}"] + [f"{_INDENT}acl {name} {test}" for name, test in acls] + [

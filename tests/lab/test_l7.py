@@ -288,15 +288,15 @@ def _changed(lab: Lab, name: str, before: dict[str, float]) -> Callable[[], bool
 def test_endpoint_and_structural_changes_under_load_fail_no_request(l7_lab: tuple[Lab, TestCA], close: bool) -> None:
     lab, _ = l7_lab
     updates, reloads = "lbagent_haproxy_runtime_updates_total", 'lbagent_haproxy_reloads_total{reason="routes"}'
-    running, finish = _wrk(lab, 30, close)
+    running, finish = _wrk(lab, 60, close)
     for i in range(50):  # endpoint changes per run (both runs: 100), every fifth with a structural change (20)
         before = {lb: _metric(lab, lb, updates) for lb in LBS}
         lab.set_local_endpoints("node2", "default/httpbin", i % 2)  # node2 loses, then regains, its endpoint
-        wait_for(_changed(lab, updates, before), timeout=10, message=f"endpoint change {i + 1} on both LBs")
+        wait_for(_changed(lab, updates, before), timeout=30, message=f"endpoint change {i + 1} on both LBs")
         if i % 5 == 4:
             before = {lb: _metric(lab, lb, reloads) for lb in LBS}
             _set_route_count(lab, (i // 5) % 3 + 1)
-            wait_for(_changed(lab, reloads, before), timeout=10, message="the reload on both LBs")
+            wait_for(_changed(lab, reloads, before), timeout=30, message="the reload on both LBs")
     assert running(), "wrk ran through every change (make the run longer if this fails)"
     lab.set_local_endpoints("node2", "default/httpbin", 1)
     result = finish()

@@ -255,6 +255,18 @@ async def spread(port: int, n: int = 20) -> Counter[str]:
     return await asyncio.to_thread(work)
 
 
+def text_of(path: str | Path) -> str:
+    return Path(path).read_text()
+
+
+def mode_of(path: str | Path) -> int:
+    return Path(path).stat().st_mode & 0o777
+
+
+def candidates(hp: HaproxyProcess) -> list[Path]:
+    return list(hp.directory.glob("*candidate*"))
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
@@ -377,11 +389,9 @@ def test_start_applies_runtime_state(haproxy: str, runtime_dir: Path, backends: 
         state = await servers(hp)
         assert (state[("app", "s1")].weight, state[("app", "s2")].weight) == (10, 0)
         assert await spread(port) == {"one": 20}, "a server at weight 0 gets no requests"
-        config = Path(hp.config_path)
-        assert config.read_text() == text and config.stat().st_mode & 0o777 == 0o600
-        assert Path(hp.master_socket).stat().st_mode & 0o777 == 0o600
-        assert Path(hp.runtime_socket).stat().st_mode & 0o777 == 0o600
-        assert list(config.parent.glob("*candidate*")) == []
+        assert text_of(hp.config_path) == text and mode_of(hp.config_path) == 0o600
+        assert mode_of(hp.master_socket) == 0o600 and mode_of(hp.runtime_socket) == 0o600
+        assert candidates(hp) == []
 
     run(hp, scenario)
 
@@ -407,7 +417,7 @@ def test_runtime_only_change_sends_only_the_differences(
         state = await servers(hp)
         assert state[("app", "s1")].state is MAINT and state[("app", "s2")].weight == 20
         assert await spread(port) == {"two": 20}, "a server in maintenance gets no requests"
-        assert Path(hp.config_path).read_text() == render(hp, port, backends, servers=maint)
+        assert text_of(hp.config_path) == render(hp, port, backends, servers=maint)
 
         drain: Runtime = {("app", "s1"): (5, DRAIN), ("app", "s2"): (20, READY)}
         assert await step(drain) == ApplyResult(False, 2, False)
@@ -475,9 +485,10 @@ def test_refused_config_changes_nothing(haproxy: str, runtime_dir: Path, backend
             await hp.apply(bad, structure(hp, port, backends, 2, frontend="    bogus_keyword on\n"), DEFAULT,
                            "routes")
         assert hp.up() and hp.worker_pid == worker and hp.reloads == {}
-        assert Path(hp.config_path).read_text() == text
-        assert list(Path(hp.config_path).parent.glob("*candidate*")) == []
-        assert await get(port) == (200, "one", "1") or await get(port) == (200, "two", "1")
+        assert text_of(hp.config_path) == text
+        assert candidates(hp) == []
+        status, _, generation = await get(port)
+        assert (status, generation) == (200, "1"), "still answered, by the running worker"
 
         # Valid for `haproxy -c`, yet the new worker cannot bind: the master keeps the running worker.
         taken = socket.socket()
@@ -489,7 +500,7 @@ def test_refused_config_changes_nothing(haproxy: str, runtime_dir: Path, backend
                 await hp.apply(render(hp, port, backends, 3, bind=extra),
                                structure(hp, port, backends, 3, bind=extra), DEFAULT, "listeners")
             assert hp.up() and hp.worker_pid == worker and hp.reloads == {}
-            assert Path(hp.config_path).read_text() == text, "the file a restart would read is the running one"
+            assert text_of(hp.config_path) == text, "the file a restart would read is the running one"
             assert (await get(port))[2] == "1"
         # The port is free now: the same change goes through.
         result = await hp.apply(render(hp, port, backends, 3, bind=extra),
@@ -541,6 +552,9 @@ def test_no_request_fails_across_reloads(haproxy: str, runtime_dir: Path, backen
             except (OSError, http.client.HTTPException) as error:
                 errors.append(f"new: {error!r}")
 
+    def saw(generation: str) -> Callable[[], bool]:
+        return lambda: all(v == generation for v in seen.values())
+
     async def scenario() -> None:
         await hp.apply(render(hp, port, backends, 0), structure(hp, port, backends, 0), DEFAULT, "start")
         clients = [threading.Thread(target=keep_alive, args=("busy", 0), daemon=True),
@@ -554,7 +568,7 @@ def test_no_request_fails_across_reloads(haproxy: str, runtime_dir: Path, backen
                 result = await hp.apply(text, structure(hp, port, backends, generation), DEFAULT, "routes")
                 assert result.reloaded
                 # Every client reaches the new worker before the next reload.
-                assert await until(lambda g=str(generation): all(v == g for v in seen.values()), 10), seen
+                assert await until(saw(str(generation)), 10), seen
         finally:
             stop.set()
             for client in clients:
@@ -593,6 +607,34 @@ def test_killed_master_is_restarted(haproxy: str, runtime_dir: Path, backends: t
         # The agent's next apply finds it running: nothing to do.
         again = await hp.apply(render(hp, port, backends), structure(hp, port, backends), desired, "start")
         assert again == ApplyResult(False, 0, False)
+
+    run(hp, scenario)
+
+
+def test_killed_worker_is_noticed_and_everything_restarted(
+    haproxy: str, runtime_dir: Path, backends: tuple[Backend, Backend]
+) -> None:
+    changes = Changes()
+    hp = HaproxyProcess(haproxy, runtime_dir, changes, backoff=(0.3, 2.0))
+    port = free_port()
+
+    async def scenario() -> None:
+        await hp.apply(render(hp, port, backends), structure(hp, port, backends), DEFAULT, "start")
+        master, worker = hp.master_pid, hp.worker_pid
+        assert master is not None and worker is not None
+        os.kill(worker, signal.SIGKILL)
+        assert await until(lambda: not hp.up(), 0.5), "up() turns false as soon as the worker is gone"
+        assert changes.count == 1
+        # The agent's next apply: HAProxy is on its way back (the master leaves with its worker), or already
+        # gone and then apply starts it itself.
+        try:
+            result = await hp.apply(render(hp, port, backends), structure(hp, port, backends), DEFAULT, "routes")
+            assert result.started
+        except ProxyError as error:
+            assert "being restarted" in str(error)
+        assert await until(hp.up, 10.0)
+        assert hp.restarts == 1 and hp.master_pid != master and not alive(master)
+        assert (await get(port))[0] == 200
 
     run(hp, scenario)
 
@@ -646,7 +688,7 @@ def test_set_certificate_replaces_the_served_one_without_reload(
         assert second.serial_number == 2002
         assert second.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "two.example"
         assert hp.worker_pid == worker and hp.reloads == {}
-        assert pem.read_text().strip() == replacement.strip() and pem.stat().st_mode & 0o777 == 0o600
+        assert text_of(pem).strip() == replacement.strip() and mode_of(pem) == 0o600
         with pytest.raises(ProxyError, match="refused the certificate"):
             await hp.set_certificate(str(runtime_dir / "unknown.pem"), replacement)
 
@@ -667,7 +709,7 @@ def test_stop_ends_every_process(haproxy: str, runtime_dir: Path, backends: tupl
         await hp.stop(5.0)
         assert loop.time() - begun < 2.0
         assert not hp.up() and not any(alive(pid) for pid in pids)
-        assert not Path(hp.pid_path).exists()
+        assert hp.pid_path not in map(str, hp.directory.iterdir())
 
         # A request in progress outlives the grace: the stop escalates, and still nothing is left.
         assert (await hp.apply(render(hp, port, backends), structure(hp, port, backends), DEFAULT, "start")).started

@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -201,7 +202,9 @@ def golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
 
 
-PROXY = model.Proxy(connect_timeout=5.0, client_timeout=30.0, server_timeout=60.5, max_connections=20000)
+# every field given: the golden files must not follow the model's defaults
+PROXY = model.Proxy(haproxy="haproxy", metrics_address="127.0.0.1:9470", connect_timeout=5.0, client_timeout=30.0,
+                    server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0)
 
 
 # ---- golden files ---------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_tls_golden_and_valid(certs: Path, tmp_path: Path) -> None:
 
 
 def test_empty_plan_golden_and_valid(tmp_path: Path) -> None:
-    text = haproxy.render(ProxyPlan(), model.Proxy(), SOCKET)
+    text = haproxy.render(ProxyPlan(), replace(PROXY, client_timeout=60.0, server_timeout=60.0), SOCKET)
     golden("empty.cfg", text)
     haproxy_check(text, tmp_path)
 
@@ -383,18 +386,19 @@ def live_plan(r: Running) -> ProxyPlan:
 @pytest.fixture
 def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
     echoes = [ThreadingHTTPServer(("127.0.0.1", 0), Echo) for _ in range(2)]
-    threads = [threading.Thread(target=e.serve_forever, daemon=True) for e in echoes]
+    threads = [threading.Thread(target=e.serve_forever, args=(0.05,), daemon=True) for e in echoes]
     for t in threads:
         t.start()
     process: subprocess.Popen[bytes] | None = None
     log = tmp_path / "haproxy.log"
+    short = tempfile.TemporaryDirectory(prefix="lbrender")  # a unix socket's path has room for 107 bytes only
     try:
         r = Running(free_port(), free_port(), free_port(), free_port(), echoes[0].server_address[1],
                     echoes[1].server_address[1], certs)
         # maxconn needs twice as many file descriptors, which HAProxy must be allowed to open (strict-limits)
         proxy = replace(PROXY, metrics_address=f"127.0.0.1:{r.metrics}", max_connections=1000)
         cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(haproxy.render(live_plan(r), proxy, str(tmp_path / "admin.sock")))
+        cfg.write_text(haproxy.render(live_plan(r), proxy, f"{short.name}/admin.sock"))
         with log.open("wb") as out:
             process = subprocess.Popen([haproxy_binary(), "-f", str(cfg), "-db"], stdout=out, stderr=out)
         deadline = time.monotonic() + 5
@@ -414,6 +418,7 @@ def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
         for e in echoes:
             e.shutdown()
             e.server_close()
+        short.cleanup()
 
 
 def request(port: int, path: str, host: str, headers: dict[str, str] | None = None, method: str = "GET",
@@ -482,8 +487,9 @@ def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
     # the longest prefix is replaced, once: what it leaves is not rewritten again by a shorter one
     assert echoed(r.http, "/api/httpbin/api/x")["path"] == "/api/x"
     assert echoed(r.http, "/api/x/")["path"] == "/x/"
-    # a query parameter (decoded) and a method decide
-    assert echoed(r.http, "/q?v=a%20b")["server"] == b
+    # a query parameter (decoded as a form: `+` is a space) and a method decide
+    assert echoed(r.http, "/q?v=a%20b")["server"] == b and echoed(r.http, "/q?x=1&v=a+b")["server"] == b
+    assert request(r.http, "/q?v=a%2Bb", "any.test")[0] == 404
     assert request(r.http, "/q?v=a%20b", "any.test", method="POST")[0] == 404
     # forwarded headers
     forwarded = echoed(r.http, "/foo", "Shop.Test:81", headers={"X-Forwarded-Host": "evil", "X-Forwarded-Proto": "x"})
