@@ -288,7 +288,7 @@ def _changed(lab: Lab, name: str, before: dict[str, float]) -> Callable[[], bool
 def test_endpoint_and_structural_changes_under_load_fail_no_request(l7_lab: tuple[Lab, TestCA], close: bool) -> None:
     lab, _ = l7_lab
     updates, reloads = "lbagent_haproxy_runtime_updates_total", 'lbagent_haproxy_reloads_total{reason="routes"}'
-    running, finish = _wrk(lab, 60, close)
+    running, finish = _wrk(lab, 100, close)  # long enough for every change on a loaded 2-core CI machine
     for i in range(50):  # endpoint changes per run (both runs: 100), every fifth with a structural change (20)
         before = {lb: _metric(lab, lb, updates) for lb in LBS}
         lab.set_local_endpoints("node2", "default/httpbin", i % 2)  # node2 loses, then regains, its endpoint
