@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from dataclasses import asdict
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +93,9 @@ def _describe(match: model.RouteMatch) -> str:
     return ", ".join(parts)
 
 
-_ENDPOINT = re.compile(r"^\[?(?P<host>[0-9A-Fa-f:.]+?)\]?:(?P<port>\d{1,5})$")
-
-
 def _endpoint(text: str) -> tuple[model.IPAddress, int]:
-    match = _ENDPOINT.match(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
-    port = int(match["port"])
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} in {text!r} is out of range")
-    return ip_address(match["host"]), port
+    endpoint = model.Endpoint.parse(text)
+    return endpoint.address, endpoint.port
 
 
 def cmd_flow(m: model.Model, flow: str) -> int:

@@ -340,16 +340,14 @@ def _http_checks(config: ConfigFile) -> Iterable[Problem]:
                                                        for lst in config.listeners)):
         yield Problem("routes", "[]", "listeners are configured but no route or default backend serves them")
     for i, listener in enumerate(config.listeners):
-        if listener.tls is None:
+        refs = listener.certificate_refs()
+        if not refs:
             continue
-        certs = ([listener.tls.default_certificate] if listener.tls.default_certificate else [])
-        certs += listener.tls.certificates
-        where = [f"listeners[{i}].tls.defaultCertificate"] if listener.tls.default_certificate else []
-        where += [f"listeners[{i}].tls.certificates[{j}]" for j in range(len(listener.tls.certificates))]
-        cert_problems = [p for w, c in zip(where, certs, strict=True) for p in config_http.certificate_problems(w, c)]
+        cert_problems = [p for w, c in refs for p in config_http.certificate_problems(f"listeners[{i}].{w}", c)]
         yield from cert_problems
         if cert_problems:
             continue
+        certs = [c for _, c in refs]
         hostnames = [(f"routes[{r}].hostnames[{h}]", name) for r, route in enumerate(config.routes)
                      if listener.name in route.listeners for h, name in enumerate(route.hostnames)]
         yield from config_http.hostname_coverage(listener.name, hostnames, certs)

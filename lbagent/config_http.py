@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,14 +32,7 @@ Hostname = Annotated[str, BeforeValidator(lambda v: v.lower() if isinstance(v, s
 def _endpoint(value: Any) -> model.Endpoint:
     if not isinstance(value, str):
         raise ValueError("expected ADDRESS:PORT as a string, e.g. 198.51.100.7:8080 or [2001:db8::7]:8080")
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError("expected ADDRESS:PORT with a port from 1 to 65535")
-    try:
-        address = ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
-    except ValueError:
-        raise ValueError("not a valid IPv4 or IPv6 address (IPv6 goes in brackets: [2001:db8::7]:8080)") from None
-    return model.Endpoint(address, int(port))
+    return model.Endpoint.parse(value)
 
 
 EndpointText = Annotated[model.Endpoint, BeforeValidator(_endpoint)]
@@ -121,6 +113,13 @@ class ListenerEntry(Strict):
     @property
     def all_vips(self) -> list[model.IPAddress]:
         return [self.vip] if self.vip is not None else list(self.vips or [])
+
+    def certificate_refs(self) -> list[tuple[str, CertificateRef]]:
+        """(field path below the listener, certificate), the default one first: the order HAProxy serves them."""
+        if self.tls is None:
+            return []
+        first = [("tls.defaultCertificate", self.tls.default_certificate)] if self.tls.default_certificate else []
+        return first + [(f"tls.certificates[{j}]", c) for j, c in enumerate(self.tls.certificates)]
 
 
 class PathMatchEntry(Strict):
@@ -493,10 +492,7 @@ def _rules(where: str, rule: RuleEntry, namespace: str) -> list[model.RouteRule]
 def listeners_model(listeners: list[ListenerEntry]) -> tuple[model.Listener, ...]:
     out = []
     for listener in listeners:
-        certs: list[CertificateRef] = []
-        if listener.tls is not None:
-            certs = ([listener.tls.default_certificate] if listener.tls.default_certificate else [])
-            certs += listener.tls.certificates
+        certs = [c for _, c in listener.certificate_refs()]
         redirect = listener.redirect_to_https
         out.append(model.Listener(
             name=listener.name, vips=tuple(listener.all_vips), port=listener.port,

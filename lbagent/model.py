@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -335,6 +335,20 @@ class Listener:
 class Endpoint:
     address: IPAddress
     port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """`198.51.100.7:8080` or `[2001:db8::7]:8080`; ValueError saying what is wrong."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} in {text!r} is out of range")
+        try:
+            address = ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        except ValueError:
+            raise ValueError(f"{text!r}: not a valid IPv4 or IPv6 address (IPv6 as [ADDRESS]:PORT)") from None
+        return cls(address, int(port))
 
     def __str__(self) -> str:
         return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"

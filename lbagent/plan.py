@@ -173,6 +173,17 @@ def _announcement(
     return Announcement(model.host_prefix(vip), bgp.med, bgp.local_pref, bgp.communities)
 
 
+def _reannounce(m: model.Model, announcements: Mapping[str, Announcement], decisions: Mapping[str, ServiceDecision],
+                touched: Iterable[model.IPAddress]) -> dict[str, Announcement]:
+    """The announcements with those of the `touched` VIPs decided again from `decisions`."""
+    out = dict(announcements)
+    for vip in touched:
+        out.pop(model.host_prefix(vip), None)
+        if (a := _announcement(m, vip, decisions)) is not None:
+            out[a.prefix] = a
+    return out
+
+
 def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan:
     """Decide everything. A pair missing from `health` counts as unhealthy."""
     by_service: dict[str, tuple[Frontend, ...]] = {}
@@ -205,11 +216,7 @@ def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterabl
         service = m.service(key)
         by_service[key], decisions[key] = plan_service(service, m.nodes, health, draining)
         touched.update(service.vips)
-    announcements = dict(prev.announcements)
-    for vip in touched:
-        announcements.pop(model.host_prefix(vip), None)
-        if (a := _announcement(m, vip, decisions)) is not None:
-            announcements[a.prefix] = a
+    announcements = _reannounce(m, prev.announcements, decisions, touched)
     return Plan(
         vips=prev.vips,
         l4_vips=prev.l4_vips,
@@ -244,11 +251,7 @@ def with_listeners(p: Plan, m: model.Model, listener_decisions: Iterable[Service
     for d in listener_decisions:
         decisions[d.service] = d
         touched.update(d.vips)
-    announcements = dict(p.announcements)
-    for vip in touched:
-        announcements.pop(model.host_prefix(vip), None)
-        if (a := _announcement(m, vip, decisions)) is not None:
-            announcements[a.prefix] = a
+    announcements = _reannounce(m, p.announcements, decisions, touched)
     return replace(p, decisions=tuple(decisions.values()), decision_by_service=decisions,
                    announcements=announcements)
 

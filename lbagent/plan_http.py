@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from lbagent import model
@@ -107,15 +107,9 @@ class ProxyPlan:
 def structural(plan: ProxyPlan) -> ProxyPlan:
     """The plan with every server's runtime part set alike: two plans that differ only at runtime give equal
     structures (and equal rendered text), so comparing renders of this tells a reload from runtime updates."""
-    return ProxyPlan(
-        plan.frontends,
-        tuple(
-            HttpBackend(**{**b.__dict__, "servers": tuple(
-                Server(s.name, s.address, s.port, 1, ServerState.READY, s.proxy_protocol, s.source)
-                for s in b.servers)})
-            for b in plan.backends
-        ),
-    )
+    return replace(plan, backends=tuple(
+        replace(b, servers=tuple(replace(s, weight=1, state=ServerState.READY) for s in b.servers))
+        for b in plan.backends))
 
 
 # ---- planning ------------------------------------------------------------------------------------------------

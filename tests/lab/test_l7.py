@@ -244,10 +244,13 @@ def test_haproxy_exporter_counts_requests_by_status_class(l7_lab: tuple[Lab, Tes
     assert 'haproxy_backend_http_responses_total{proxy="default_shop_' in text
 
 
+def _is_extra(rule: dict[str, Any]) -> bool:
+    return str(rule.get("matches", [{}])[0].get("path", {}).get("value", "")).startswith("/extra")
+
+
 def _route_count(lab: Lab) -> int:
     shop = next(r for r in lab.agent_config("lb1")["routes"] if r["name"] == "shop")
-    return sum(1 for r in shop["rules"] if str(r.get("matches", [{}])[0].get("path", {}).get("value", ""))
-               .startswith("/extra"))
+    return sum(1 for r in shop["rules"] if _is_extra(r))
 
 
 def _set_route_count(lab: Lab, extra: int) -> None:
@@ -255,8 +258,7 @@ def _set_route_count(lab: Lab, extra: int) -> None:
     for lb in LBS:
         config = lab.agent_config(lb)
         shop = next(r for r in config["routes"] if r["name"] == "shop")
-        shop["rules"] = [r for r in shop["rules"] if not str(r.get("matches", [{}])[0].get("path", {})
-                                                             .get("value", "")).startswith("/extra")]
+        shop["rules"] = [r for r in shop["rules"] if not _is_extra(r)]
         shop["rules"] += [{"matches": [{"path": {"type": "Exact", "value": f"/extra{i}"}}],
                            "backendRefs": [{"name": "shop-v1", "port": 80}]} for i in range(extra)]
         lab.write_agent_config(lb, yaml.safe_load(yaml.safe_dump(config)))
