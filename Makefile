@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 # Everything the agent, the namespace lab and the tests use from Debian.
 APT_PACKAGES := bird2 nftables iptables conntrack iproute2 curl procps psmisc python3-venv python3-pip ca-certificates \
-	qemu-system-x86 ipvsadm shellcheck systemd haproxy wrk ruby
+	qemu-system-x86 ipvsadm shellcheck systemd haproxy wrk ruby openssl
 
 .PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean
 

@@ -27,10 +27,15 @@ done
 
 prefix=/opt/lbagent
 if [ "$packages" = yes ]; then
-  # The agent's own tools: nft (and iptables, ipvsadm for the other data planes), conntrack, ip.
+  # The agent's own tools: nft (and iptables, ipvsadm for the other data planes), conntrack, ip, and the
+  # HAProxy lbagent runs itself for HTTP listeners.
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv nftables iptables ipvsadm conntrack iproute2 ca-certificates
+    python3 python3-venv nftables iptables ipvsadm conntrack iproute2 ca-certificates haproxy
+  # lbagent starts and reloads its own HAProxy; the distribution's instance would only compete for ports.
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now haproxy.service >/dev/null 2>&1 || true
+  fi
 fi
 
 python3 -m venv "$destdir$prefix"
