@@ -17,7 +17,7 @@ from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
 from lbagent.apply.certs import CertificateStore
 from lbagent.apply.conntrack import clear_udp
 from lbagent.apply.forwarder import Forwarder, make_forwarder
-from lbagent.apply.haproxy import HaproxyProcess, ProxyError, ProxyLayer
+from lbagent.apply.haproxy import ConfigRefused, HaproxyProcess, ProxyError, ProxyLayer
 from lbagent.apply.vips import VipBinder, apply_sysctls
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.logfmt import event
@@ -266,7 +266,7 @@ class Agent:
         kind, detail = plan_http.changes(self._proxy_plan if self._proxy_up() else None, planned)
         try:
             result = await self.proxy.apply(text, structure, planned.runtime(), kind)
-        except ProxyError as exc:
+        except ConfigRefused as exc:  # anything else HAProxy says fails this sync: the runner retries it
             if self._proxy_rejected != text:
                 self._proxy_rejected = text
                 self.metrics.haproxy_reload_failures.inc()

@@ -72,7 +72,12 @@ class _Unavailable(ProxyError):
     """A CLI socket did not answer (not there, refused, closed early, or too slow)."""
 
 
-class _ReloadRefused(ProxyError):
+class ConfigRefused(ProxyError):
+    """HAProxy will not take this config (validation, or a reload that fell back): trying again changes nothing
+    until the config does. Any other ProxyError is about HAProxy's state and worth retrying."""
+
+
+class _ReloadRefused(ConfigRefused):
     """The master tried the new config and went back to the previous worker."""
 
 
@@ -485,7 +490,7 @@ class HaproxyProcess:
         """The config written to a fresh 0600 candidate file that `haproxy -c` accepted."""
         declared = [line.split() for line in config.splitlines() if line.split()[:2] == ["stats", "socket"]]
         if not any(words[2:3] == [self.runtime_socket] and "admin" in words for words in declared):
-            raise ProxyError(f"the config does not declare `stats socket {self.runtime_socket} ... level admin`")
+            raise ConfigRefused(f"the config does not declare `stats socket {self.runtime_socket} ... level admin`")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         candidate = self.directory / f"haproxy.cfg.{os.getpid()}-{next(self._candidates)}.candidate"
         _write_private(candidate, config)
@@ -504,7 +509,7 @@ class HaproxyProcess:
                 await proc.wait()
                 raise ProxyError(f"`haproxy -c` did not finish within {self._check_timeout:g} s") from None
             if proc.returncode != 0:
-                raise ProxyError(f"HAProxy refused the config: {_haproxy_words(output.decode(errors='replace'))}")
+                raise ConfigRefused(f"HAProxy refused the config: {_haproxy_words(output.decode(errors='replace'))}")
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
@@ -919,7 +924,7 @@ class FakeProxy:
 
     async def validate(self, config: str) -> None:
         if self.reject is not None and self.reject in config:
-            raise ProxyError(f"HAProxy refused the config: config : parsing : {self.reject!r}")
+            raise ConfigRefused(f"HAProxy refused the config: config : parsing : {self.reject!r}")
 
     async def apply(self, config: str, structure: str, runtime: RuntimeState, reason: str) -> ApplyResult:
         started = reloaded = False
