@@ -49,6 +49,8 @@ bench: deps
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light)
 	$(VENV)/bin/python bench/scale.py --services 1000 10000 --repeat 5
 	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
+	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3
+	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3 --churn-seconds 0 --server-connection-reuse aggressive
 
 # Tears down every namespace lab left behind (for example after a killed test run).
 lab-down: deps

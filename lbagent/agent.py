@@ -49,6 +49,9 @@ _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "agent.metricsAddress": lambda m: m.agent.metrics_address,
     "dataplane.table": lambda m: m.dataplane.table,
     "dataplane.kind": lambda m: m.dataplane.kind,
+}
+# Fixed once HAProxy has been started; free to change while no listener has ever been configured.
+_RESTART_ONLY_PROXY: dict[str, Callable[[model.Model], object]] = {
     "proxy.haproxy": lambda m: m.proxy.haproxy,
 }
 
@@ -476,7 +479,8 @@ class Agent:
             event(log, logging.ERROR, "config_rejected", file=exc.source, problems=len(exc.problems),
                   kept_hash=self.model.digest())
             return False
-        for name, get in _RESTART_ONLY.items():
+        restart_only = {**_RESTART_ONLY, **(_RESTART_ONLY_PROXY if self._proxy is not None else {})}
+        for name, get in restart_only.items():
             if get(new) != get(self.model):
                 self.metrics.config_load_errors.inc()
                 event(log, logging.ERROR, "config_rejected", file=self.config_path, field=name,

@@ -54,6 +54,7 @@ class ProxySection(Strict):
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
     max_connections: int = Field(8000, alias="maxConnections", ge=1, le=1_000_000)
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")
+    server_connection_reuse: Literal["safe", "aggressive", "always"] = Field("safe", alias="serverConnectionReuse")
 
 
 class CertificateRef(Strict):
@@ -419,6 +420,7 @@ def proxy_model(section: ProxySection) -> model.Proxy:
         connect_timeout=section.timeouts.connect, client_timeout=section.timeouts.client,
         server_timeout=section.timeouts.server, max_connections=section.max_connections,
         certificate_check_interval=section.certificate_check_interval,
+        server_connection_reuse=section.server_connection_reuse,
     )
 
 

@@ -8,9 +8,11 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Literal
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
+ServerConnectionReuse = Literal["safe", "aggressive", "always"]
 
 
 class Protocol(StrEnum):
@@ -378,6 +380,9 @@ class Proxy:
     server_timeout: float = 60.0
     max_connections: int = 8000  # HAProxy needs about twice as many file descriptors
     certificate_check_interval: float = 5.0  # how often certificate files are looked at for replacement
+    # HAProxy's http-reuse: whether a client's first request may go over an idle connection to a server that
+    # earlier requests opened (aggressive: one that has carried a request already; always: any).
+    server_connection_reuse: ServerConnectionReuse = "safe"
 
 
 @dataclass(frozen=True)

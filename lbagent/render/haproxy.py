@@ -198,6 +198,7 @@ def _defaults(proxy: model.Proxy, errors_dir: str | None) -> list[str]:
         "defaults",
         f"{_INDENT}mode http",
         f"{_INDENT}option http-keep-alive",
+        f"{_INDENT}http-reuse {proxy.server_connection_reuse}",
         # A reload's old worker answers an idle keep-alive client's next request (with `Connection: close`)
         # instead of closing under it: no client sees its request dropped by a reload.
         f"{_INDENT}option idle-close-on-response",

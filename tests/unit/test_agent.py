@@ -18,6 +18,7 @@ import yaml
 from lbagent import config, model, status
 from lbagent.agent import Agent
 from lbagent.apply.bgp import FakeBgpSpeaker
+from lbagent.apply.haproxy import FakeProxy
 from lbagent.apply.nftables import NftError, NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
 from lbagent.health import Target
@@ -70,8 +71,13 @@ class FakeBinder(VipBinder):
         return set(self.vips)
 
 
+def _no_proxy(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None]) -> FakeProxy:
+    raise AssertionError("this test configures no listener: the agent must not make a proxy")
+
+
 class Harness:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, proxy_factory: Callable[[model.Proxy, str, Callable[[], None]], FakeProxy]
+                 | None = None) -> None:
         self.path = tmp_path / "lbagent.yaml"
         config_ = yaml.safe_load(yaml.safe_dump(CONFIG))
         config_["agent"]["runtimeDir"] = str(tmp_path / "run")
@@ -93,7 +99,8 @@ class Harness:
             return self.speaker
 
         self.agent = Agent(self.path, config.load(self.path), speaker_factory=speaker, forwarder=self.forwarder,
-                           binder=self.binder, prober=prober, sysctl_root=self.sysctls)
+                           binder=self.binder, prober=prober, sysctl_root=self.sysctls,
+                           proxy_factory=proxy_factory or _no_proxy)
 
     def rotation(self) -> set[str]:
         """Node addresses in the lookup tables the dispatch map points at."""
@@ -159,6 +166,48 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
     assert messages.index("withdrew_all") < messages.index("agent_stopped")
     withdrawn = [r for r in caplog.records if r.getMessage() == "vip_withdrawn"]
     assert [r.lbagent_fields["reason"] for r in withdrawn] == ["noHealthyNodes", "draining"]  # type: ignore[attr-defined]
+
+
+def test_reload_adds_the_http_layer_to_a_running_l4_agent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A running L4-only agent takes a SIGHUP that adds proxy settings, a listener and a route: HAProxy is started
+    then, and its listener VIP announced. Once it runs, its executable is restart-only.
+    Real counterpart: tests/lab/test_l7.py (and bench/l7.py adds the HTTP layer by SIGHUP)."""
+    proxies: list[tuple[str, FakeProxy]] = []
+
+    def proxy_factory(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None]) -> FakeProxy:
+        proxies.append((proxy.haproxy, FakeProxy(on_change)))
+        return proxies[-1][1]
+
+    h = Harness(tmp_path, proxy_factory)
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        assert proxies == []  # no listener: no HAProxy
+        with_http = yaml.safe_load(h.path.read_text())
+        with_http["services"].append({"name": "shop", "ports": [{"port": 80, "nodePort": 30081}]})
+        with_http["proxy"] = {"haproxy": "/usr/sbin/haproxy"}
+        with_http["listeners"] = [{"name": "web", "vip": "192.0.2.20", "port": 80}]
+        with_http["routes"] = [{"name": "shop", "listeners": ["web"], "hostnames": ["shop.example.com"],
+                                "rules": [{"backendRefs": [{"name": "shop", "port": 80}]}]}]
+        h.path.write_text(yaml.safe_dump(with_http))
+        assert await h.agent.reload() is True
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.20/32"})
+        assert [path for path, _ in proxies] == ["/usr/sbin/haproxy"]
+        config_ = proxies[0][1].config
+        assert config_ is not None and "192.0.2.20:80" in config_ and "shop.example.com" in config_
+
+        with_http["proxy"]["haproxy"] = "/opt/haproxy/sbin/haproxy"
+        h.path.write_text(yaml.safe_dump(with_http))
+        assert await h.agent.reload() is False  # HAProxy runs: its executable is fixed until a restart
+        assert h.announced() == {"192.0.2.10/32", "192.0.2.20/32"}
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+    rejected = [r for r in caplog.records if r.getMessage() == "config_rejected"]
+    assert [r.lbagent_fields["field"] for r in rejected] == ["proxy.haproxy"]  # type: ignore[attr-defined]
 
 
 def test_nothing_is_announced_while_the_vip_cannot_be_bound_or_programmed(tmp_path: Path) -> None:

@@ -170,6 +170,17 @@ def test_listener_may_not_take_a_services_vip_or_port_twice() -> None:
     assert any("listeners[1].port: 192.0.2.20 port 80 is already used by listener web" in p for p in problems)
 
 
+def test_proxy_settings_reach_the_model_and_bad_ones_are_named() -> None:
+    doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}])],
+               proxy={"serverConnectionReuse": "aggressive", "maxConnections": 20000})
+    proxy = _parse(doc).proxy
+    assert (proxy.server_connection_reuse, proxy.max_connections) == ("aggressive", 20000)
+    assert _parse({**doc, "proxy": {}}).proxy.server_connection_reuse == "safe"
+    doc["proxy"]["serverConnectionReuse"] = "sometimes"
+    problems = _problems(doc)
+    assert any("proxy.serverConnectionReuse" in p and "sometimes" in p for p in problems), problems
+
+
 def _https_doc(tmp: Path, ca: TestCA, hostnames: list[str]) -> dict[str, Any]:
     doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}], hostnames)])
     doc["routes"][0]["listeners"] = ["websecure"]

@@ -383,6 +383,25 @@ def live_plan(r: Running) -> ProxyPlan:
     return ProxyPlan((web, secure, plain), backends)
 
 
+def start_haproxy(cfg: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+    """HAProxy in the foreground on `cfg`, once it accepts connections on 127.0.0.1:`port`."""
+    with log.open("wb") as out:
+        process = subprocess.Popen([haproxy_binary(), "-f", str(cfg), "-db"], stdout=out, stderr=out)
+    deadline = time.monotonic() + 5
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"haproxy exited: {log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"haproxy did not listen in 5 s: {log.read_text()}") from None
+            time.sleep(0.02)
+
+
 @pytest.fixture
 def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
     echoes = [ThreadingHTTPServer(("127.0.0.1", 0), Echo) for _ in range(2)]
@@ -399,17 +418,7 @@ def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
         proxy = replace(PROXY, metrics_address=f"127.0.0.1:{r.metrics}", max_connections=1000)
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(haproxy.render(live_plan(r), proxy, f"{short.name}/admin.sock"))
-        with log.open("wb") as out:
-            process = subprocess.Popen([haproxy_binary(), "-f", str(cfg), "-db"], stdout=out, stderr=out)
-        deadline = time.monotonic() + 5
-        while True:
-            assert process.poll() is None, f"haproxy exited: {log.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", r.metrics), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"haproxy did not listen in 5 s: {log.read_text()}"
-                time.sleep(0.02)
+        process = start_haproxy(cfg, log, r.metrics)
         yield r
     finally:
         if process is not None:
@@ -518,3 +527,64 @@ def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
     status, _, body = request(r.metrics, "/metrics", "lb")
     assert status == 200 and b"haproxy_process_" in body
     assert request(r.metrics, "/", "lb")[0] == 404
+
+
+class PeerPort(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: answers with the source port of the connection the request came on."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = str(self.client_address[1]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # HAProxy killed at the end of a test resets its idle connections: not news
+
+
+@pytest.mark.parametrize(("reuse", "server_connections"), [("safe", 3), ("aggressive", 1), ("always", 1)])
+def test_server_connection_reuse_across_client_connections(
+        tmp_path: Path, reuse: model.ServerConnectionReuse, server_connections: int) -> None:
+    """A client sends two requests over one connection, then two clients one request each: with `safe` every
+    client's first request opens a server connection of its own; with `aggressive` (a connection that has carried
+    more than one request) or `always` (any idle one) the later clients ride the connection the first one used."""
+    echo = QuietServer(("127.0.0.1", 0), PeerPort)
+    thread = threading.Thread(target=echo.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    short = tempfile.TemporaryDirectory(prefix="lbreuse")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        web = HttpFrontend("web", (ip_address("127.0.0.1"),), port, HTTP, entries=(entry("app", None, match("/")),))
+        plan = ProxyPlan((web,), (backend("app", server("0_a", "127.0.0.1", echo.server_address[1])),))
+        proxy = replace(PROXY, metrics_address=None, max_connections=100, server_connection_reuse=reuse)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(plan, proxy, f"{short.name}/admin.sock"))
+        process = start_haproxy(cfg, tmp_path / "haproxy.log", port)
+        first = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        seen = []
+        for _ in range(2):
+            first.request("GET", "/", headers={"Host": "app.test"})
+            seen.append(first.getresponse().read())
+        first.close()
+        for _ in range(2):
+            status, _, body = request(port, "/", "app.test")
+            assert status == 200
+            seen.append(body)
+        assert seen[0] == seen[1]  # keep-alive toward the server within one client connection, whatever the mode
+        assert len(set(seen)) == server_connections, seen
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        echo.shutdown()
+        echo.server_close()
+        short.cleanup()
