@@ -248,6 +248,12 @@ def agent_metric(lab: Lab, lb: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def extra_routes(lab: Lab) -> int:
+    """How many /extraN rules the agents' config has now (each structural change sets a different number)."""
+    rules = lab.agent_config(LBS[0])["routes"][0]["rules"]
+    return sum(1 for r in rules if str(r.get("matches", [{}])[0].get("path", {}).get("value", "")).startswith("/extra"))
+
+
 def grew(lab: Lab, name: str, before: dict[str, float]) -> Callable[[], bool]:
     return lambda: all(agent_metric(lab, lb, name) > before[lb] for lb in LBS)
 
@@ -258,7 +264,7 @@ def churn(lab: Lab, tls_dir: Path, script: Path, args: argparse.Namespace, keepa
     proc = subprocess.Popen(wrk_argv(lab, script, url, args.churn_seconds, args.connections, keepalive),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     updates, reloads = "lbagent_haproxy_runtime_updates_total", 'lbagent_haproxy_reloads_total{reason="routes"}'
-    start, done, structural, extra = time.monotonic(), 0, 0, 0
+    start, done, structural, extra = time.monotonic(), 0, 0, extra_routes(lab)
     pace = args.churn_seconds * 0.85 / args.endpoint_changes
     for i in range(args.endpoint_changes):
         time.sleep(max(0.0, start + i * pace - time.monotonic()))  # pacing the changes over the run, not a wait

@@ -145,8 +145,9 @@ class ValueMatchEntry(Strict):
 
 class MatchEntry(Strict):
     path: PathMatchEntry = Field(default_factory=PathMatchEntry)
-    headers: list[ValueMatchEntry] = []
-    query_params: list[ValueMatchEntry] = Field([], alias="queryParams")
+    # at most 16 each, as in the Gateway API (and a routing line stays within HAProxy's 64 words)
+    headers: list[ValueMatchEntry] = Field([], max_length=16)
+    query_params: list[ValueMatchEntry] = Field([], alias="queryParams", max_length=16)
     method: _METHODS | None = None
 
 
@@ -276,7 +277,19 @@ class RuleEntry(Strict):
             raise ValueError("a rule needs backendRefs (or a RequestRedirect filter)")
         if self.canary is not None and len(self.backend_refs) != 1:
             raise ValueError("a canary splits one backendRef: give exactly one in backendRefs")
+        if self._replaces_prefix():
+            for k, match in enumerate(self.matches):
+                if match.path.type != "PathPrefix":
+                    raise ValueError(f"ReplacePrefixMatch replaces the PathPrefix that matched: every match of the "
+                                     f"rule must be PathPrefix (matches[{k}].path.type is {match.path.type})")
         return self
+
+    def _replaces_prefix(self) -> bool:
+        for f in self.filters:
+            body = f.url_rewrite or f.request_redirect
+            if body is not None and body.path is not None and body.path.type == "ReplacePrefixMatch":
+                return True
+        return False
 
 
 class RouteEntry(Strict):

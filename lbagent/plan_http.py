@@ -49,6 +49,10 @@ class HttpBackend:
     rewrite: model.URLRewrite | None = None
     redirect: model.Redirect | None = None
     prefixes: tuple[str, ...] = ()  # the rule's PathPrefix values, longest first (for ReplacePrefixMatch)
+    prefix_conditions: tuple[tuple[str, tuple[model.RouteMatch, ...]], ...] = ()
+    """Prefixes (of `prefixes`, never the shortest) whose every match also tests headers, query parameters or the
+    method, with those matches: a request under such a prefix came by it only when one of them holds. Under any
+    other prefix, the longest one the path is under is the one that matched (Gateway API precedence)."""
     request_timeout: float | None = None
     retry: model.Retry | None = None
 
@@ -195,12 +199,18 @@ def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -
 
 def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSnapshot) -> HttpBackend:
     groups = [_servers(m, i, ref, health) for i, ref in enumerate(rule.backend_refs)]
-    prefixes = sorted({_segments_prefix(x.path.value) for x in rule.matches
-                       if x.path.type is model.PathMatchType.PATH_PREFIX}, key=lambda p: (-len(p), p))
+    by_prefix: dict[str, list[model.RouteMatch]] = {}
+    for x in rule.matches:
+        if x.path.type is model.PathMatchType.PATH_PREFIX:
+            by_prefix.setdefault(_segments_prefix(x.path.value), []).append(x)
+    prefixes = sorted(by_prefix, key=lambda p: (-len(p), p))
+    conditional = tuple((p, tuple(by_prefix[p])) for p in prefixes[:-1]
+                        if all(x.headers or x.query_params or x.method for x in by_prefix[p]))
     return HttpBackend(
         name=name, where=rule.where, servers=_weighted(rule.backend_refs, groups),
         request_headers=rule.request_headers, response_headers=rule.response_headers, rewrite=rule.rewrite,
-        redirect=rule.redirect, prefixes=tuple(prefixes), request_timeout=rule.request_timeout, retry=rule.retry,
+        redirect=rule.redirect, prefixes=tuple(prefixes), prefix_conditions=conditional,
+        request_timeout=rule.request_timeout, retry=rule.retry,
     )
 
 

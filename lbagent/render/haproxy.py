@@ -284,16 +284,23 @@ def _route(i: int, entry: RouteEntry) -> list[str]:
     elif prefix := _prefix(path.value):
         acls.append((f"r{i}_path", f"path -m str -- {_word(prefix)}"))
         acls.append((f"r{i}_path", f"path -m beg -- {_word(prefix + '/')}"))
-    if entry.match.method is not None:
-        acls.append((f"r{i}_method", f"method {_word(entry.match.method)}"))
-    for j, header in enumerate(entry.match.headers):
-        acls.append((f"r{i}_h{j}", _value_match(f"req.fhdr({header.name})", header)))
-    for j, param in enumerate(entry.match.query_params):
-        acls.append((f"r{i}_q{j}", _value_match(f"url_param({param.name}),url_dec(1)", param)))
+    acls += _condition_acls(f"r{i}", entry.match)
     names = list(dict.fromkeys(name for name, _ in acls))
     condition = f" if {' '.join(names)}" if names else ""
     return [f"{_INDENT}# {_comment(entry.where)}"] + [f"{_INDENT}acl {name} {test}" for name, test in acls] + [
         f"{_INDENT}use_backend {proxy_name(entry.backend)}{condition}"]
+
+
+def _condition_acls(stem: str, match: model.RouteMatch) -> list[tuple[str, str]]:
+    """ACLs (name, test) for what a match tests besides the host and the path: method, headers, query."""
+    acls: list[tuple[str, str]] = []
+    if match.method is not None:
+        acls.append((f"{stem}_method", f"method {_word(match.method)}"))
+    for j, header in enumerate(match.headers):
+        acls.append((f"{stem}_h{j}", _value_match(f"req.fhdr({header.name})", header)))
+    for j, param in enumerate(match.query_params):
+        acls.append((f"{stem}_q{j}", _value_match(f"url_param({param.name}),url_dec(1)", param)))
+    return acls
 
 
 def _value_match(fetch: str, match: model.ValueMatch) -> str:
@@ -318,9 +325,9 @@ def _backend(b: HttpBackend) -> list[str]:
         if b.rewrite.hostname is not None:
             lines.append(f"{_INDENT}http-request set-header Host {_fmt(_text(b.rewrite.hostname))}")
         if b.rewrite.path is not None:
-            lines += _rewrite_path(b.rewrite.path, b.prefixes)
+            lines += _rewrite_path(b.rewrite.path, b)
     if b.redirect is not None:
-        lines += _redirect(b.redirect, b.prefixes)
+        lines += _redirect(b.redirect, b)
     # a redirect is HAProxy's own answer: only http-after-response rules see it
     lines += _headers("http-response" if b.redirect is None else "http-after-response", b.response_headers)
     for s in b.servers:
@@ -359,12 +366,14 @@ class _Choice:
     condition: str
 
 
-def _choose_prefix(prefixes: tuple[str, ...], split: bool) -> tuple[list[str], list[_Choice]]:
-    """Lines that note in txn.lb_prefix which of the rule's prefixes (longest first) the path is under, segment-wise,
-    before anything changes the path; and the choices. `split`: tell a path that is the prefix from one below it."""
+def _choose_prefix(b: HttpBackend, split: bool) -> tuple[list[str], list[_Choice]]:
+    """Lines that note in txn.lb_prefix which of the rule's prefixes (longest first) the request came by: the
+    longest the path is under, segment-wise, whose match's other conditions hold; before anything changes the path.
+    And the choices. `split`: tell a path that is the prefix from one below it."""
     lines: list[str] = []
     choices: list[_Choice] = []
-    for k, raw in enumerate(prefixes):
+    conditions = dict(b.prefix_conditions)
+    for k, raw in enumerate(b.prefixes):
         prefix = _prefix(raw)
         unset = f" !{{ {_CHOSEN} -m found }}" if k else ""
         if not prefix:  # `/`: every path, so nothing after it counts
@@ -373,18 +382,23 @@ def _choose_prefix(prefixes: tuple[str, ...], split: bool) -> tuple[list[str], l
         tests = [(f"p{k}_eq", "str", prefix), (f"p{k}_sub", "beg", prefix + "/")] if split else [
             (f"p{k}", "str", prefix), (f"p{k}", "beg", prefix + "/")]
         lines += [f"{_INDENT}acl {name} path -m {how} -- {_word(value)}" for name, how, value in tests]
+        # the prefix's matches that test more than the path: one of them must hold too (any, when none is given)
+        alternatives = [_condition_acls(f"p{k}_m{j}", m) for j, m in enumerate(conditions.get(raw, ()))] or [[]]
+        lines += [f"{_INDENT}acl {name} {test}" for acls in alternatives for name, test in acls]
         for name in dict.fromkeys(name for name, _, _ in tests):
-            lines.append(f"{_INDENT}http-request set-var(txn.lb_prefix) str({name}) if {name}{unset}")
+            for acls in alternatives:
+                also = "".join(f" {acl}" for acl, _ in acls)
+                lines.append(f"{_INDENT}http-request set-var(txn.lb_prefix) str({name}) if {name}{also}{unset}")
             whole = None if not split else name.endswith("_eq")
             choices.append(_Choice(prefix, whole, f"{{ {_CHOSEN} -m str {name} }}"))
     return lines, choices
 
 
-def _rewrite_path(modifier: model.PathModifier, prefixes: tuple[str, ...]) -> list[str]:
+def _rewrite_path(modifier: model.PathModifier, b: HttpBackend) -> list[str]:
     if modifier.type is model.PathModifierType.REPLACE_FULL_PATH:
         return [f"{_INDENT}http-request set-path {_fmt(_text(modifier.value))}"]  # the query stays
     replacement = _prefix(modifier.value)
-    lines, choices = _choose_prefix(prefixes, split=not replacement)
+    lines, choices = _choose_prefix(b, split=not replacement)
     for c in choices:
         cond = f" if {c.condition}" if c.condition else ""
         rest = f"%[path,bytes({len(c.prefix)})]" if c.prefix else "%[path]"
@@ -415,7 +429,7 @@ def _origins(redirect: model.Redirect) -> list[tuple[str, str]]:
     return out
 
 
-def _redirect(redirect: model.Redirect, prefixes: tuple[str, ...]) -> list[str]:
+def _redirect(redirect: model.Redirect, b: HttpBackend) -> list[str]:
     """`http-request redirect` lines, the first that applies answers. The query always stays."""
     code = redirect.status_code
     lines: list[str] = []
@@ -427,7 +441,7 @@ def _redirect(redirect: model.Redirect, prefixes: tuple[str, ...]) -> list[str]:
         paths.append((_text(modifier.value) + "%[pathq,regsub(^[^?]*,)]", ""))
     else:
         replacement = _text(_prefix(modifier.value))
-        choice_lines, choices = _choose_prefix(prefixes, split=not replacement)
+        choice_lines, choices = _choose_prefix(b, split=not replacement)
         lines += choice_lines
         for c in choices:
             rest = f"%[pathq,bytes({len(c.prefix)})]" if c.prefix else "%[pathq]"

@@ -181,6 +181,29 @@ def test_proxy_settings_reach_the_model_and_bad_ones_are_named() -> None:
     assert any("proxy.serverConnectionReuse" in p and "sometimes" in p for p in problems), problems
 
 
+def test_match_limits_and_replace_prefix_match_with_other_path_types_are_named() -> None:
+    many = [{"name": f"X-H{i}", "value": "1"} for i in range(17)]
+    problems = _problems(_doc(routes=[_route([{"matches": [{"headers": many}],
+                                               "backendRefs": [{"name": "shop-v1", "port": 80}]}])]))
+    assert any("routes[0].rules[0].matches[0].headers" in p and "at most 16" in p for p in problems), problems
+    rewrite = {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}
+    problems = _problems(_doc(routes=[_route([{
+        "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}, {"path": {"type": "Exact", "value": "/x"}}],
+        "filters": [rewrite], "backendRefs": [{"name": "httpbin", "port": 8000}]}])]))
+    assert any("routes[0].rules[0]" in p and "matches[1].path.type is Exact" in p for p in problems), problems
+
+
+def test_replace_prefix_match_knows_which_prefixes_need_their_other_conditions() -> None:
+    """A path under /c/long came by that prefix only when X-Long says so; /c (the shortest) needs no test."""
+    long = {"path": {"type": "PathPrefix", "value": "/c/long/"}, "headers": [{"name": "X-Long", "value": "yes"}]}
+    rewrite = {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}
+    m = _parse(_doc(routes=[_route([{"matches": [long, {"path": {"type": "PathPrefix", "value": "/c"}}],
+                                     "filters": [rewrite], "backendRefs": [{"name": "httpbin", "port": 8000}]}])]))
+    (b,) = plan_http.plan_proxy(m, _healthy(m), {}).backends
+    assert b.prefixes == ("/c/long", "/c")
+    assert [(p, [x.headers[0].name for x in ms]) for p, ms in b.prefix_conditions] == [("/c/long", ["X-Long"])]
+
+
 def _https_doc(tmp: Path, ca: TestCA, hostnames: list[str]) -> dict[str, Any]:
     doc = _doc(routes=[_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}], hostnames)])
     doc["routes"][0]["listeners"] = ["websecure"]

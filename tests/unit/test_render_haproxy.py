@@ -345,6 +345,9 @@ def free_port() -> int:
         return port
 
 
+LONG = model.ValueMatch("X-Long", "yes")
+
+
 def live_plan(r: Running) -> ProxyPlan:
     lo = ip_address("127.0.0.1")
     a = server("0_a", "127.0.0.1", r.echo_a)
@@ -361,6 +364,8 @@ def live_plan(r: Running) -> ProxyPlan:
         entry("down", None, match("/down")),
         entry("moved", None, match("/moved")),
         entry("foo", None, match("/exact")),
+        entry("cond", None, match("/c/long", headers=(LONG,))),
+        entry("cond", None, match("/c")),
     ))
     secure = HttpFrontend("secure", (lo,), r.https, HTTPS, entries=(entry("foo", None, match("/")),),
                           certificates=(str(r.certs / "default.pem"), str(r.certs / "shop.pem")))
@@ -379,6 +384,9 @@ def live_plan(r: Running) -> ProxyPlan:
                 redirect=model.Redirect(scheme="https", hostname="example.org", port=8443,
                                         path=model.PathModifier(PREFIX_MATCH, "/new"), status_code=301)),
         backend("keep", redirect=model.Redirect(path=model.PathModifier(FULL, "/kept"), status_code=303)),
+        # one rule, two prefixes: the longer one only with a header, so a path under it may come by the shorter
+        backend("cond", a, prefixes=("/c/long", "/c"), prefix_conditions=(("/c/long", (match("/c/long", headers=(
+            LONG,)),)),), rewrite=model.URLRewrite(path=model.PathModifier(PREFIX_MATCH, "/x"))),
     )
     return ProxyPlan((web, secure, plain), backends)
 
@@ -496,6 +504,10 @@ def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
     # the longest prefix is replaced, once: what it leaves is not rewritten again by a shorter one
     assert echoed(r.http, "/api/httpbin/api/x")["path"] == "/api/x"
     assert echoed(r.http, "/api/x/")["path"] == "/x/"
+    # the prefix replaced is the one the request came by, not merely the longest it is under
+    assert echoed(r.http, "/c/long/z?q=1", headers={"X-Long": "yes"})["path"] == "/x/z?q=1"
+    assert echoed(r.http, "/c/long/z?q=1", headers={"X-Long": "no"})["path"] == "/x/long/z?q=1"
+    assert echoed(r.http, "/c/long")["path"] == "/x/long"
     # a query parameter (decoded as a form: `+` is a space) and a method decide
     assert echoed(r.http, "/q?v=a%20b")["server"] == b and echoed(r.http, "/q?x=1&v=a+b")["server"] == b
     assert request(r.http, "/q?v=a%2Bb", "any.test")[0] == 404
