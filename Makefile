@@ -50,7 +50,7 @@ bench: deps
 	$(VENV)/bin/python bench/scale.py --services 1000 10000 --repeat 5
 	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3
-	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3 --churn-seconds 0 --server-connection-reuse aggressive
+	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3 --churn-seconds 0 --server-connection-reuse always
 
 # Tears down every namespace lab left behind (for example after a killed test run).
 lab-down: deps

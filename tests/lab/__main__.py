@@ -11,7 +11,27 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from types import FrameType
 
-from tests.lab.lab import LBS, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
+from tests.lab.lab import DEFAULT_SERVICES, LBS, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
+
+# The demo's HTTP layer: two versions of a shop behind one listener, with ingress-nginx's canary annotations.
+DEMO_LISTENER_VIP = "192.0.2.20"
+DEMO_HOST = "shop.example.com"
+DEMO_SERVICES = [*DEFAULT_SERVICES, {"name": "shop-v1", "ports": [{"port": 80, "nodePort": 30081}]},
+                 {"name": "shop-v2", "ports": [{"port": 80, "nodePort": 30082}]}]
+DEMO_HTTP = {
+    "listeners": [{"name": "web", "vip": DEMO_LISTENER_VIP, "port": 80}],
+    "routes": [{"name": "shop", "listeners": ["web"], "hostnames": [DEMO_HOST], "rules": [
+        {"backendRefs": [{"name": "shop-v1", "port": 80}],
+         "canary": {"backendRef": {"name": "shop-v2", "port": 80},
+                    "nginx.ingress.kubernetes.io/canary-weight": "20",
+                    "nginx.ingress.kubernetes.io/canary-by-header": "X-Canary"}},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/api/"}}],
+         "filters": [{"type": "URLRewrite",
+                      "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}],
+         "backendRefs": [{"name": "shop-v1", "port": 80}]},
+    ]}],
+}
+VERSIONS = {30081: "v1", 30082: "v2"}
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -94,7 +114,7 @@ def _step(text: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    lab = Lab(prefix=args.prefix, start_agents=True)
+    lab = Lab(prefix=args.prefix, start_agents=True, services=DEMO_SERVICES, http=DEMO_HTTP)
     services = lab.services
     vip = str(services[0]["vip"])
     port = int(services[0]["ports"][0]["port"])
@@ -144,11 +164,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  failed requests: {failures}")
         print("  every answer comes from a node, and each node saw an LB's cluster address as the client: "
               "the LBs spread the flows over the nodes and masquerade toward them.")
-        return 0 if failures == 0 and answers else 1
+        return 0 if failures == 0 and answers and _demo_http(lab, args) else 1
     finally:
         _step(f"tearing down lab {lab.prefix}")
         lab.down()
         print("  done")
+
+
+def _http_get(lab: Lab, path: str, *headers: str, host: str = DEMO_HOST) -> tuple[int, dict[str, object]]:
+    """GET http://HOST/path at the listener VIP from the client with curl: the status and the JSON body, if any."""
+    argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "5", "-w", "\n%{http_code}",
+            "--resolve", f"{host}:80:{DEMO_LISTENER_VIP}", *(a for h in headers for a in ("-H", h)),
+            f"http://{host}{path}"]
+    body, _, status = lab.exec("client", argv, check=False).stdout.rpartition("\n")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = {"body": body.strip()}
+    return int(status or 0), answer if isinstance(answer, dict) else {}
+
+
+def _demo_http(lab: Lab, args: argparse.Namespace) -> bool:
+    """The HTTP layer: HAProxy run by both agents on the listener VIP, a canary and a prefix rewrite."""
+    vip = DEMO_LISTENER_VIP
+    _step(f"HTTP: both agents run HAProxy for listener {vip}:80 and announce it while HAProxy is up")
+    wait_for(lambda: _both_lbs_announce(lab, vip), args.timeout, 0.2, f"both LBs as next hops of {vip}")
+    print("    " + "\n    ".join(lab.router_route(vip).splitlines()))
+    wait_for(lambda: _http_get(lab, "/")[0] == 200, args.timeout, 0.2, f"a first answer from {DEMO_HOST}")
+    n = max(args.requests, 50)
+    _step(f"{n} requests to http://{DEMO_HOST}/ (canary-weight 20 for shop-v2, by ingress-nginx annotation)")
+    versions: Counter[str] = Counter()
+    for _ in range(n):
+        status, answer = _http_get(lab, "/")
+        versions[VERSIONS.get(int(str(answer.get("port", 0))), f"status {status}")] += 1
+    print(f"  answers by version: {dict(sorted(versions.items()))}")
+    forced = Counter(VERSIONS.get(int(str(_http_get(lab, "/", "X-Canary: always")[1].get("port", 0))), "?")
+                     for _ in range(5))
+    print(f"  with `X-Canary: always`: {dict(forced)} (the header route always wins)")
+    status, answer = _http_get(lab, "/api/items?page=2")
+    print(f"  /api/items?page=2 -> {status}, the backend saw path {answer.get('path')} (ReplacePrefixMatch /api/ -> /)")
+    missing, _ = _http_get(lab, "/", host="other.example.com")
+    print(f"  a host no route serves -> {missing}")
+    ok = versions.get("v1", 0) > 0 and versions.get("v2", 0) > 0 and sum(versions.values()) == n \
+        and forced == Counter({"v2": 5}) and answer.get("path") == "/items?page=2" and missing == 404
+    print("  lbagent turned the routes into HAProxy config, the canary into weights, and sends node health to "
+          "HAProxy's runtime API." if ok else "  the HTTP layer did not answer as configured")
+    return ok
 
 
 def _both_lbs_announce(lab: Lab, vip: str) -> bool:
@@ -197,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="print the prefix of every lab found")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="build a lab with agents, show ECMP and load balancing, tear it down")
+    p = sub.add_parser("demo", help="build a lab with agents, show ECMP, L4 load balancing and the HTTP layer, "
+                                    "tear it down")
     p.add_argument("--prefix")
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--timeout", type=float, default=30, help="seconds to wait for BGP and the first answer")
