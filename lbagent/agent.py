@@ -98,6 +98,7 @@ class Agent:
         self._proxy_restarts = 0
         self._sysctl_root = sysctl_root
         self._bound: set[model.IPAddress] = set()
+        self._started = False  # the first syncs are done: what the BGP runner announces is complete
         self._programmed: set[model.IPAddress] = set()
         self._applied: Mapping[str, tuple[Frontend, ...]] = {}
         self._speaker_restarts = 0
@@ -236,7 +237,7 @@ class Agent:
             if ip_interface(prefix).ip in self._bound and ip_interface(prefix).ip in served
         }
         before = set(self.speaker.announced())
-        await self.speaker.apply(desired)
+        await self.speaker.apply(desired, complete=self._started)
         self._log_decisions(p)
         self.metrics.bgp(self.speaker.peers(), len(self.speaker.announced()))
         if self.speaker.restarts > self._speaker_restarts:
@@ -389,6 +390,10 @@ class Agent:
         self._spawn(self.notifier.feed_watchdog())
         self._spawn(self._watch_certificates())
         await self._first_syncs()
+        # What is bound and programmed now is what this node serves: the next BGP pass announces all of it and
+        # (with graceful restart) ends the routers' wait with End-of-RIB.
+        self._started = True
+        self.runners["bgp"].mark_dirty()
         self.notifier.ready(f"serving {len(self.model.services)} services")
         event(log, logging.INFO, "agent_started", node=self.model.node_name)
         await self._stop.wait()

@@ -50,8 +50,11 @@ class BgpSpeaker(Protocol):
     restarts: int  # speaker processes started after the first
     async def start(self) -> None: ...
 
-    async def apply(self, desired: Mapping[str, Announcement]) -> None:
-        """Announce what is new or changed, withdraw what is gone; raise if that did not fully work."""
+    async def apply(self, desired: Mapping[str, Announcement], complete: bool = True) -> None:
+        """Announce what is new or changed, withdraw what is gone; raise if that did not fully work.
+
+        `complete`: `desired` is all the agent will announce now (False while it is still starting): with
+        graceful restart, End-of-RIB goes to a peer only after a complete set."""
 
     def announced(self) -> Mapping[str, Announcement]:
         """What the current ExaBGP instance has acknowledged, keyed by prefix."""
@@ -175,6 +178,8 @@ class ExaBgpSpeaker:
         self._backoff = backoff
         self._announced: dict[str, Announcement] = {}
         self._desired: dict[str, Announcement] = {}
+        self._eor_due: set[str] = set()  # neighbors whose session came up and that await End-of-RIB from us
+        self._complete = False  # whether `_desired` is all the agent will announce (End-of-RIB may follow it)
         self._peers: dict[str, str] = {str(peer.address): "unknown" for peer in bgp.peers}
         self._proc: asyncio.subprocess.Process | None = None
         self._conn: _Connection | None = None
@@ -236,9 +241,10 @@ class ExaBgpSpeaker:
         """Wait until an ExaBGP instance is connected; False on timeout."""
         return await self._wait_until(lambda: self._conn is not None, timeout)
 
-    async def apply(self, desired: Mapping[str, Announcement]) -> None:
+    async def apply(self, desired: Mapping[str, Announcement], complete: bool = True) -> None:
         async with self._lock:
             self._desired = dict(desired)
+            self._complete = complete
             await self._sync()
 
     async def withdraw_all(self) -> None:
@@ -289,7 +295,29 @@ class ExaBgpSpeaker:
         if self._conn is None:
             raise BgpNotConnected("ExaBGP is not connected")
         peers = [peer.address for peer in self._bgp.peers]
-        await sync(self._announced, self._desired, peers, self._command, self._log)
+        try:
+            await sync(self._announced, self._desired, peers, self._command, self._log)
+        finally:
+            # also after a refused announcement: what could be announced is, and the router must not hold
+            # stale routes of a previous session until its restart timer runs out
+            if self._conn is not None and self._eor_due and self._complete:
+                await self._send_eors()
+
+    async def _send_eors(self) -> None:
+        """End-of-RIB to each neighbor whose session came up since, now that everything desired is announced
+        (with graceful restart: the router then drops what it kept from before and not announced again).
+        ExaBGP sends it after the routes still queued for that neighbor."""
+        for address in sorted(self._eor_due):
+            if self._peers.get(address) != "up":
+                self._eor_due.discard(address)
+                continue
+            try:
+                await self._command(render.eor_command(ip_address(address)))
+            except BgpCommandError as error:
+                self._log.warning("End-of-RIB to %s refused (tried again on the next sync): %s", address, error)
+                continue
+            self._eor_due.discard(address)
+            self._log.info("End-of-RIB sent to %s", address)
 
     async def _command(self, line: str) -> None:
         conn = self._conn
@@ -411,6 +439,10 @@ class ExaBgpSpeaker:
         previous, self._peers[address] = self._peers[address], state
         if previous == state:
             return
+        if state == "up" and self._bgp.graceful_restart is not None:
+            self._eor_due.add(address)
+        elif state != "up":
+            self._eor_due.discard(address)
         planned = self._stopping or self._restart_now
         level = logging.WARNING if state == "down" and not planned else logging.INFO
         self._log.log(
@@ -584,6 +616,7 @@ class FakeBgpSpeaker:
         self.on_change = on_change or (lambda: None)
         self.started = False
         self.stopped = False
+        self.complete = False  # the last apply's `complete`
         self.connected = True
         self.refuse: set[str] = set()
         """Prefixes whose announcements 'ExaBGP' answers with `error`."""
@@ -597,8 +630,9 @@ class FakeBgpSpeaker:
     async def start(self) -> None:
         self.started = True
 
-    async def apply(self, desired: Mapping[str, Announcement]) -> None:
+    async def apply(self, desired: Mapping[str, Announcement], complete: bool = True) -> None:
         self._desired = dict(desired)
+        self.complete = complete
         await self._sync()
 
     def announced(self) -> Mapping[str, Announcement]:

@@ -83,6 +83,9 @@ def _neighbor(bgp: model.Bgp, peer: model.Peer, local: model.IPAddress | None) -
         lines.append(f"    outgoing-ttl {peer.multihop};")
     if bgp.graceful_restart is not None:
         lines.append(f"    capability {{ graceful-restart {bgp.graceful_restart}; }}")
+        # End-of-RIB only once lbagent has announced everything (eor_command): a new ExaBGP's own EOR would
+        # come before lbagent's routes and end the router's graceful restart with none of them.
+        lines.append("    manual-eor true;")
     lines += [
         "    family { ipv4 unicast; ipv6 unicast; }",
         f"    api {{ processes [ {PROCESS_NAME} ]; neighbor-changes; }}",
@@ -98,6 +101,13 @@ def _md5(password: str) -> list[str]:
     if not key or len(key) > _MAX_MD5_KEY:
         raise ValueError(f"the MD5 password must be 1..{_MAX_MD5_KEY} bytes")
     return [f'    md5-password "{base64.b64encode(key).decode()}";', "    md5-base64 true;"]
+
+
+def eor_command(neighbor: model.IPAddress) -> str:
+    """The API line sending End-of-RIB to `neighbor` for the unicast family of its address (the only family
+    lbagent announces on that session: `next-hop self` needs the session's own family)."""
+    address = _checked_ip(neighbor, "neighbor")
+    return f"neighbor {address} announce eor ipv{address.version} unicast"
 
 
 def announce_command(a: Announcement, neighbors: Iterable[model.IPAddress] = ()) -> str:

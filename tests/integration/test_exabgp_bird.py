@@ -330,6 +330,58 @@ def test_killed_exabgp_is_restarted_and_routes_come_back(lab: Lab) -> None:
     with_speaker(lab, bgp_settings(), body)
 
 
+def test_graceful_restart_keeps_the_routes_through_an_exabgp_restart(lab: Lab) -> None:
+    """With graceful restart the router keeps the routes of a killed ExaBGP (marked stale) while a new one comes
+    up; lbagent sends End-of-RIB only after announcing again, so the router never loses them. The data plane
+    of an LB node goes on forwarding meanwhile: a control-plane crash costs no traffic."""
+    lab.start_bird()
+    desired = by_prefix(A, B)
+    bgp = replace(bgp_settings(), graceful_restart=30)
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await until("the session", lambda: speaker.peers()[str(ROUTER)] == "up")
+        await speaker.apply(desired)
+        await until("A and B in the kernel", lambda: {host(A.prefix), host(B.prefix)} <= lab.routes().keys())
+        first = speaker.exabgp_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        second = await until("a new ExaBGP", lambda: speaker.exabgp_pid if speaker.exabgp_pid != first else None)
+        lab.exabgp_pids.add(second)
+        samples = 0
+        while speaker.peers()[str(ROUTER)] != "up" or speaker.exabgp_pid != second:
+            assert {host(A.prefix), host(B.prefix)} <= lab.routes().keys(), "a route left the router's table"
+            samples += 1
+            assert samples < 1500, "the new session did not come up within 30 s"
+            await asyncio.sleep(0.02)
+        # The router holds them as long as the agent takes to announce again (here: a second on purpose).
+        held_until = time.monotonic() + 1.0
+        while time.monotonic() < held_until:
+            assert {host(A.prefix), host(B.prefix)} <= lab.routes().keys(), "End-of-RIB came before the routes"
+            await asyncio.sleep(0.02)
+        assert "Neighbor graceful restart active" in lab.birdc("show", "protocols", "all", "speaker")
+        # What the agent does on on_change: apply its desired set again; End-of-RIB follows it.
+        await speaker.apply(desired)
+        await until("the restart ended by End-of-RIB",
+                    lambda: "graceful restart active" not in lab.birdc("show", "protocols", "all", "speaker"))
+        assert {host(A.prefix), host(B.prefix)} <= lab.routes().keys()
+        # and End-of-RIB ends the restart for what is not announced again: C, announced before a second kill
+        # and not after, goes
+        await speaker.apply(by_prefix(A, B, C))
+        await until("C in the kernel", lambda: host(C.prefix) in lab.routes())
+        os.kill(second, signal.SIGKILL)
+        third = await until("a third ExaBGP", lambda: speaker.exabgp_pid if speaker.exabgp_pid not in (second, None)
+                            else None)
+        lab.exabgp_pids.add(third)
+        await until("the session again", lambda: speaker.peers()[str(ROUTER)] == "up" and speaker.exabgp_pid == third,
+                    timeout=30)
+        assert host(C.prefix) in lab.routes(), "kept through the restart"
+        await speaker.apply(desired)
+        await until("C gone at End-of-RIB", lambda: host(C.prefix) not in lab.routes())
+        assert {host(A.prefix), host(B.prefix)} <= lab.routes().keys()
+
+    with_speaker(lab, bgp, body)
+
+
 def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 

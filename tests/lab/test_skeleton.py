@@ -97,6 +97,43 @@ def test_sigterm_withdraws_lb1_within_2s_while_requests_keep_succeeding(lab: Lab
     assert log.index("event=withdrew_all") < log.index("event=agent_stopped")
 
 
+def test_killed_agent_with_graceful_restart_keeps_lb1_serving_until_it_is_back(lab: Lab) -> None:
+    """bgp.gracefulRestart: an agent that dies (SIGKILL: its ExaBGP goes with it) leaves the router holding lb1's
+    routes while lb1's kernel keeps forwarding; the agent started again adopts the VIP and the table, announces,
+    and ends the router's graceful restart with End-of-RIB. No request fails at any point."""
+    for lb in LB_UPLINKS:
+        config = lab.agent_config(lb)
+        config["bgp"]["gracefulRestart"] = 30
+        lab.write_agent_config(lb, config)
+        lab.signal_agent(lb, signal.SIGHUP)
+
+    def protocol(lb: str) -> str:
+        return lab.birdc("show", "protocols", "all", lab.bird_protocol_name(LB_UPLINKS[lb]))
+
+    wait_for(lambda: all("Restart time: 30" in protocol(lb) and "Established" in protocol(lb) for lb in LB_UPLINKS)
+             and lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), timeout=30,
+             message="both sessions again, with graceful restart, and the VIP via both LBs")
+    with RequestLoop(lab) as loop:
+        wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
+        lab.signal_agent("lb1", signal.SIGKILL)
+        lab.wait_agent_exit("lb1", timeout=10)
+        wait_for(lambda: "Neighbor graceful restart active" in protocol("lb1"), timeout=15,
+                 message="the router's graceful restart for lb1")
+        assert lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), "lb1's routes kept through it"
+        served = len(loop.answers)
+        wait_for(lambda: sum(1 for a in loop.answers[served:]
+                             if LB_CLUSTER[a["client"].rsplit(":", 1)[0]] == "lb1") >= 5,
+                 timeout=15, message="lb1's kernel forwarding with no agent running")
+        lab.start_agent("lb1")
+        wait_for(lambda: "graceful restart active" not in protocol("lb1") and "Established" in protocol("lb1"),
+                 timeout=30, message="End-of-RIB from the new agent")
+        assert lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values())
+        back = len(loop.answers)
+        wait_for(lambda: len(loop.answers) >= back + 10, timeout=10, message="requests after the restart")
+    assert loop.failures == [], f"{len(loop.failures)} of {len(loop.answers) + len(loop.failures)} requests failed"
+    assert "End-of-RIB sent to" in lab.agent_log("lb1", since_start=True)
+
+
 def test_killed_backend_leaves_rotation_within_the_health_window(lab: Lab) -> None:
     check = lab.agent_config("lb1")["healthCheckDefaults"]
     window = check["fall"] * float(check["interval"].rstrip("s")) + float(check["timeout"].rstrip("s"))

@@ -129,6 +129,8 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
     async def scenario() -> int:
         run = asyncio.create_task(h.agent.run())
         await until(lambda: h.announced() == {"192.0.2.10/32"})
+        # once started, the agent tells the speaker its set is complete (End-of-RIB may follow, with GR)
+        await until(lambda: h.speaker is not None and h.speaker.complete)
         assert {str(v) for v in h.binder.vips} == {"192.0.2.10"}
         assert h.rotation() == {"203.0.113.11", "203.0.113.12", "203.0.113.13"}
         assert (h.sysctls / "net/ipv4/ip_forward").read_text() == "1"

@@ -56,6 +56,7 @@ neighbor 198.51.100.1 {{
     hold-time 9;
     adj-rib-out true;
     capability {{ graceful-restart 120; }}
+    manual-eor true;
     family {{ ipv4 unicast; ipv6 unicast; }}
     api {{ processes [ lbagent ]; neighbor-changes; }}
 }}
@@ -72,6 +73,7 @@ neighbor 198.51.100.5 {{
     md5-base64 true;
     outgoing-ttl 3;
     capability {{ graceful-restart 120; }}
+    manual-eor true;
     family {{ ipv4 unicast; ipv6 unicast; }}
     api {{ processes [ lbagent ]; neighbor-changes; }}
 }}
@@ -84,6 +86,7 @@ neighbor 2001:db8::1 {{
     hold-time 0;
     adj-rib-out true;
     capability {{ graceful-restart 120; }}
+    manual-eor true;
     family {{ ipv4 unicast; ipv6 unicast; }}
     api {{ processes [ lbagent ]; neighbor-changes; }}
 }}
@@ -100,11 +103,16 @@ def test_config_golden() -> None:
     assert exabgp.render_config(BGP, API_RUN, LOOKED_UP) == GOLDEN
 
 
+def test_end_of_rib_is_for_the_family_of_the_session() -> None:
+    assert exabgp.eor_command(ip_address("198.51.100.1")) == "neighbor 198.51.100.1 announce eor ipv4 unicast"
+    assert exabgp.eor_command(ip_address("2001:db8::1")) == "neighbor 2001:db8::1 announce eor ipv6 unicast"
+
+
 def test_minimal_peer_has_no_optional_lines() -> None:
     bgp = replace(BGP, peers=BGP.peers[:1], graceful_restart=None)
     text = exabgp.render_config(bgp, API_RUN)
     assert "local-address auto;" in text
-    for absent in ("md5", "connect", "outgoing-ttl", "capability"):
+    for absent in ("md5", "connect", "outgoing-ttl", "capability", "manual-eor"):
         assert absent not in text
 
 
