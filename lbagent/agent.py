@@ -176,14 +176,16 @@ class Agent:
     # -- events ---------------------------------------------------------------------------------------
 
     def _health_changed(self, key: tuple[str, str]) -> None:
+        """A (service or `backend:NAME`, node or endpoint) pair changed: only the layers that use it follow."""
         if key in self.health.verdicts:
             self.metrics.node_healthy.labels(*key).set(1 if self.health.verdicts[key] else 0)
-        self._replan.add(key[0])
-        if self._dataplane_dirty is not None:
-            self._dataplane_dirty.add(key[0])
-        self.runners["dataplane"].mark_dirty()
-        self.runners["bgp"].mark_dirty()
-        if self.model.listeners:
+        if self.model.has_service(key[0]):  # a static backend's endpoints are HAProxy's alone
+            self._replan.add(key[0])
+            if self._dataplane_dirty is not None:
+                self._dataplane_dirty.add(key[0])
+            self.runners["dataplane"].mark_dirty()
+            self.runners["bgp"].mark_dirty()
+        if key[0] in self.model.http_health_keys:
             self.runners["proxy"].mark_dirty()
 
     def _proxy_changed(self) -> None:

@@ -429,6 +429,13 @@ class Model:
     def _backend_index(self) -> dict[str, StaticBackend]:
         return {b.name: b for b in self.backends}
 
+    @cached_property
+    def http_health_keys(self) -> frozenset[str]:
+        """The health keys (service keys, `backend:NAME`) whose changes HAProxy's servers follow."""
+        refs = [r for route in self.routes for rule in route.rules for r in rule.backend_refs]
+        refs += [listener.default_backend for listener in self.listeners if listener.default_backend is not None]
+        return frozenset(r.name if r.kind is BackendKind.SERVICE else f"backend:{r.name}" for r in refs)
+
     def static_backend(self, name: str) -> StaticBackend:
         return self._backend_index[name]
 

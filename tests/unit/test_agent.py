@@ -22,6 +22,7 @@ from lbagent.apply.haproxy import FakeProxy
 from lbagent.apply.nftables import NftError, NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
 from lbagent.health import Target
+from lbagent.plan_http import ServerState
 from lbagent.render.nftables import render_full
 from lbagent.sdnotify import Notifier
 
@@ -77,9 +78,9 @@ def _no_proxy(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None
 
 class Harness:
     def __init__(self, tmp_path: Path, proxy_factory: Callable[[model.Proxy, str, Callable[[], None]], FakeProxy]
-                 | None = None) -> None:
+                 | None = None, extra: dict[str, object] | None = None) -> None:
         self.path = tmp_path / "lbagent.yaml"
-        config_ = yaml.safe_load(yaml.safe_dump(CONFIG))
+        config_ = yaml.safe_load(yaml.safe_dump({**CONFIG, **(extra or {})}))
         config_["agent"]["runtimeDir"] = str(tmp_path / "run")
         self.path.write_text(yaml.safe_dump(config_))
         self.sysctls = tmp_path / "sys"
@@ -210,6 +211,41 @@ def test_reload_adds_the_http_layer_to_a_running_l4_agent(tmp_path: Path, caplog
     asyncio.run(scenario())
     rejected = [r for r in caplog.records if r.getMessage() == "config_rejected"]
     assert [r.lbagent_fields["field"] for r in rejected] == ["proxy.haproxy"]  # type: ignore[attr-defined]
+
+
+def test_a_static_backend_endpoint_going_down_reaches_haproxy_only(tmp_path: Path) -> None:
+    """A `backends` endpoint failing its check sets its HAProxy server to maintenance; the L4 layers, which do
+    not know it, carry on. Real counterpart: tests/lab/test_l7.py."""
+    fakes: list[FakeProxy] = []
+
+    def proxy_factory(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None]) -> FakeProxy:
+        fakes.append(FakeProxy(on_change))
+        return fakes[-1]
+
+    h = Harness(tmp_path, proxy_factory, extra={
+        "backends": [{"name": "ext", "endpoints": ["198.51.100.50:8080", "198.51.100.51:8080"],
+                      "healthCheck": {"interval": "20ms", "timeout": "20ms", "rise": 1, "fall": 2}}],
+        "listeners": [{"name": "web", "vip": "192.0.2.20", "port": 80}],
+        "routes": [{"name": "ext", "listeners": ["web"],
+                    "rules": [{"backendRefs": [{"kind": "Backend", "name": "ext"}]}]}],
+    })
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.20/32"})
+        (fake,) = fakes
+        assert {state for _, state in fake.state.values()} == {ServerState.READY}
+        h.down.add("198.51.100.51")
+        await until(lambda: sorted(state for _, state in fake.state.values()) == [ServerState.MAINT,
+                                                                                ServerState.READY])
+        h.down.add("203.0.113.12")  # and the L4 layers still follow their own health
+        await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
+        assert all(r.failures == 0 for r in h.agent.runners.values()), {
+            n: r.last_error for n, r in h.agent.runners.items()}
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
 
 
 def test_nothing_is_announced_while_the_vip_cannot_be_bound_or_programmed(tmp_path: Path) -> None:
