@@ -297,16 +297,19 @@ class ExaBgpSpeaker:
         peers = [peer.address for peer in self._bgp.peers]
         try:
             await sync(self._announced, self._desired, peers, self._command, self._log)
-        finally:
-            # also after a refused announcement: what could be announced is, and the router must not hold
-            # stale routes of a previous session until its restart timer runs out
-            if self._conn is not None and self._eor_due and self._complete:
-                await self._send_eors()
+        except BgpCommandError:
+            # some announcements refused: what could be announced is, and the router must not hold stale routes
+            # of a previous session until its restart timer runs out. Any other failure sent nothing: no EOR.
+            await self._send_eors()
+            raise
+        await self._send_eors()
 
     async def _send_eors(self) -> None:
         """End-of-RIB to each neighbor whose session came up since, now that everything desired is announced
         (with graceful restart: the router then drops what it kept from before and not announced again).
         ExaBGP sends it after the routes still queued for that neighbor."""
+        if self._conn is None or not self._complete:
+            return
         for address in sorted(self._eor_due):
             if self._peers.get(address) != "up":
                 self._eor_due.discard(address)
