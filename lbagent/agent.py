@@ -270,9 +270,16 @@ class Agent:
         text = render_haproxy.render(planned, m.proxy, self.proxy.runtime_socket)
         structure = render_haproxy.render(plan_http.structural(planned), m.proxy, self.proxy.runtime_socket)
         kind, detail = plan_http.changes(self._proxy_plan if self._proxy_up() else None, planned)
+        # Replacements made before this apply: a start or reload reads them; else the runtime API gets them. One
+        # made while apply runs stays pending for the next sync (which the certificate watcher asks for).
+        replacements = self.certificates.take_pending()
         try:
             result = await self.proxy.apply(text, structure, planned.runtime(), kind)
-        except ConfigRefused as exc:  # anything else HAProxy says fails this sync: the runner retries it
+        except BaseException as exc:
+            for replaced in replacements:
+                self.certificates.requeue(replaced)
+            if not isinstance(exc, ConfigRefused):
+                raise  # anything else HAProxy says fails this sync: the runner retries it
             if self._proxy_rejected != text:
                 self._proxy_rejected = text
                 self.metrics.haproxy_reload_failures.inc()
@@ -281,13 +288,14 @@ class Agent:
         self._proxy_rejected = None
         if result.reloaded or result.started:
             self.metrics.haproxy_reloads.labels(kind).inc()
-            self.certificates.take_pending()  # HAProxy has just read every file
+            replacements = []  # HAProxy has just read every file
             event(log, logging.INFO, "proxy_config_applied", how="start" if result.started else "reload",
                   reason=kind, changed=detail)
-        for replaced in self.certificates.take_pending():
+        for replaced in replacements:
             try:
                 await self.proxy.set_certificate(replaced.path, replaced.pem)
-            except ProxyError as exc:  # the file is written: the next reload or restart reads it anyway
+            except ProxyError as exc:  # offered again on the next sync (a reload or restart reads the file anyway)
+                self.certificates.requeue(replaced)
                 event(log, logging.ERROR, "certificate_update_failed", file=replaced.path, error=str(exc))
                 continue
             self.metrics.certificate_updates.inc()

@@ -19,6 +19,7 @@ from ipaddress import ip_address, ip_network
 from typing import Protocol
 
 from lbagent import model
+from lbagent.apply.files import write_private
 from lbagent.plan import Announcement
 from lbagent.render import exabgp as render
 
@@ -225,7 +226,7 @@ class ExaBgpSpeaker:
             raise RuntimeError("already started")
         os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
         os.chmod(self._runtime_dir, 0o700)
-        _write_private(
+        write_private(
             os.path.join(self._runtime_dir, render.ENV_FILE),
             "# written by lbagent: ExaBGP's settings come from its environment\n",
         )
@@ -508,7 +509,7 @@ class ExaBgpSpeaker:
                     peer.address,
                 )
         config = render.render_config(bgp, self._api_run, local)
-        _write_private(self.config_path, config)
+        write_private(self.config_path, config)
         # An operator's exabgp.* variables must not override what the agent relies on.
         env = {k: v for k, v in os.environ.items() if not k.lower().startswith("exabgp")}
         env.update(render.environment(self._runtime_dir))
@@ -706,13 +707,6 @@ def _resolve(exabgp: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{exabgp!r} is neither next to {sys.executable} nor on PATH")
     return found
-
-
-def _write_private(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def _source_address(peer: model.IPAddress) -> model.IPAddress | None:

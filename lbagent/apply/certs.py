@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lbagent import model, tls
+from lbagent.apply.files import write_private
 from lbagent.logfmt import event
 
 log = logging.getLogger("lbagent.certs")
@@ -45,6 +46,7 @@ class CertificateStore:
         self._seen: dict[str, _Seen] = {}
         self._sources: dict[str, model.Certificate] = {}
         self._pending: dict[str, str] = {}  # combined files rewritten since HAProxy last read them
+        self._refused: set[str] = set()  # combined files whose current sources did not pass the checks
 
     def path_for(self, listener: str, index: int) -> str:
         return str(self.directory / f"{listener}-{index}.pem")
@@ -60,10 +62,10 @@ class CertificateStore:
             for i, cert in enumerate(listener.certificates):
                 path = self.path_for(listener.name, i)
                 wanted[path] = cert
-                if self._sources.get(path) != cert or not Path(path).exists():
+                if self._sources.get(path) != cert:
                     self._seen.pop(path, None)
                     self._sources[path] = cert
-                    self._refresh(path, cert)
+                self._refresh(path, cert)  # reads the sources only when new or changed (or the file is gone)
                 if Path(path).exists():  # a listener is never given a file that is not there
                     paths.append(path)
             if paths:
@@ -71,6 +73,7 @@ class CertificateStore:
         for path in set(self._sources) - set(wanted):
             self._sources.pop(path, None)
             self._seen.pop(path, None)
+            self._refused.discard(path)
             Path(path).unlink(missing_ok=True)
         return out
 
@@ -84,27 +87,30 @@ class CertificateStore:
         self._pending.clear()
         return out
 
+    def requeue(self, replaced: Replaced) -> None:
+        """A replacement HAProxy did not take: offered again by the next take_pending (unless a newer one is)."""
+        if replaced.path in self._sources:
+            self._pending.setdefault(replaced.path, replaced.pem)
+
     def _refresh(self, path: str, cert: model.Certificate) -> str | None:
         """Re-read one source when it changed; the new combined text, or None (unchanged or refused)."""
         seen = _Seen(_identity(cert.cert_file), _identity(cert.key_file))
-        if self._seen.get(path) == seen:
+        target = Path(path)
+        if self._seen.get(path) == seen and (target.exists() or path in self._refused):
             return None
         self._seen[path] = seen
         try:
             pem = tls.combined_pem(cert.cert_file, cert.key_file)
         except tls.TlsError as exc:
+            self._refused.add(path)  # said once; read again when the sources change
             for problem in exc.problems:
                 event(log, logging.ERROR, "certificate_refused", file=problem.path, error=problem.message,
-                      kept=path if Path(path).exists() else "-")
+                      kept=path if target.exists() else "-")
             return None
-        target = Path(path)
+        self._refused.discard(path)
         if target.exists() and target.read_text() == pem:
             return None
-        tmp = target.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pem)
-        tmp.replace(target)
+        write_private(target, pem)
         self._pending[path] = pem
         event(log, logging.INFO, "certificate_loaded", file=cert.cert_file, key=cert.key_file, combined=path)
         return pem

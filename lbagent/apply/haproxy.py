@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lbagent.apply.files import write_private
 from lbagent.logfmt import event
 from lbagent.plan_http import ServerState
 
@@ -222,16 +223,6 @@ def _haproxy_words(output: str | list[str], levels: tuple[str, ...] = ("ALERT",)
 def _check_name(what: str, value: str) -> None:
     if not _SAFE_NAME.fullmatch(value):
         raise ProxyError(f"{what} {value!r} cannot be sent over the runtime API")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically with a 0600 file."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def _sanitized_pem(pem: str) -> str:
@@ -430,7 +421,7 @@ class HaproxyProcess:
             except ProxyError as error:
                 # The running worker keeps the old config: so does the file a restart would read.
                 if previous is not None:
-                    _write_private(Path(self.config_path), previous)
+                    write_private(Path(self.config_path), previous)
                 if not isinstance(error, _ReloadRefused):
                     self._structure = None  # not known: reload again next time
                 raise
@@ -441,7 +432,7 @@ class HaproxyProcess:
         updates = await self._sync_runtime()
         if config != self._config:
             # Only runtime values differ, and HAProxy has just taken them: a restart should start with them.
-            _write_private(Path(self.config_path), config)
+            write_private(Path(self.config_path), config)
             self._config = config
         return ApplyResult(reloaded, updates, started)
 
@@ -450,7 +441,7 @@ class HaproxyProcess:
         payload = _sanitized_pem(pem)
         async with self._lock:
             # The file first: whatever happens next, a reload or a restart reads this certificate.
-            _write_private(Path(path), payload + "\n")
+            write_private(Path(path), payload + "\n")
             if not self.up():
                 return
             answer = await self._cli(self.runtime_socket, f"set ssl cert {path} <<\n{payload}\n")
@@ -493,7 +484,7 @@ class HaproxyProcess:
             raise ConfigRefused(f"the config does not declare `stats socket {self.runtime_socket} ... level admin`")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         candidate = self.directory / f"haproxy.cfg.{os.getpid()}-{next(self._candidates)}.candidate"
-        _write_private(candidate, config)
+        write_private(candidate, config)
         try:
             executable = self._resolve()
             proc = await asyncio.create_subprocess_exec(
