@@ -50,7 +50,7 @@ _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "dataplane.table": lambda m: m.dataplane.table,
     "dataplane.kind": lambda m: m.dataplane.kind,
 }
-# Fixed once HAProxy has been started; free to change while no listener has ever been configured.
+# Fixed while lbagent runs a HAProxy (from the first listener until the last one is removed).
 _RESTART_ONLY_PROXY: dict[str, Callable[[model.Model], object]] = {
     "proxy.haproxy": lambda m: m.proxy.haproxy,
 }
@@ -260,9 +260,10 @@ class Agent:
         the running one stays."""
         m = self.model
         if not m.listeners:
-            if self._proxy_plan is not None:
-                await self.proxy.stop(m.agent.drain_seconds)
-                self._proxy_plan = None
+            if self._proxy is not None:
+                await self._proxy.stop(m.agent.drain_seconds)
+                # the next listener gets a HAProxy of the settings then (its executable may have changed)
+                self._proxy, self._proxy_plan, self._proxy_restarts = None, None, 0
                 event(log, logging.INFO, "haproxy_stopped", reason="no listeners configured")
             return
         paths = self.certificates.sync(m.listeners)
@@ -367,8 +368,9 @@ class Agent:
                 for d in p.decisions if d.service in listeners
             ],
             "proxy": None if not self.model.listeners else {
-                "up": self._proxy_up(), "reloads": dict(self.proxy.reloads),
-                "runtimeUpdates": self.proxy.runtime_updates, "restarts": self.proxy.restarts,
+                "up": self._proxy_up(), "reloads": dict(self._proxy.reloads) if self._proxy else {},
+                "runtimeUpdates": self._proxy.runtime_updates if self._proxy else 0,
+                "restarts": self._proxy.restarts if self._proxy else 0,
             },
             "sync": {name: {"secondsAgo": None if r.last_success is None else now - r.last_success,
                             "lastError": r.last_error, "runs": r.runs, "failures": r.failures}

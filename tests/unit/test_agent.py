@@ -205,6 +205,16 @@ def test_reload_adds_the_http_layer_to_a_running_l4_agent(tmp_path: Path, caplog
         h.path.write_text(yaml.safe_dump(with_http))
         assert await h.agent.reload() is False  # HAProxy runs: its executable is fixed until a restart
         assert h.announced() == {"192.0.2.10/32", "192.0.2.20/32"}
+        # the last listener removed: HAProxy stops, and the next listener may come with another executable
+        without = {k: v for k, v in with_http.items() if k not in ("listeners", "routes")}
+        without["proxy"] = {"haproxy": "/usr/sbin/haproxy"}
+        h.path.write_text(yaml.safe_dump(without))
+        assert await h.agent.reload() is True
+        await until(lambda: bool(proxies[0][1].stopped) and h.announced() == {"192.0.2.10/32"})
+        h.path.write_text(yaml.safe_dump(with_http))
+        assert await h.agent.reload() is True
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.20/32"})
+        assert [path for path, _ in proxies] == ["/usr/sbin/haproxy", "/opt/haproxy/sbin/haproxy"]
         h.agent.stop("test")
         await run
 
