@@ -94,6 +94,8 @@ class Agent:
         self._proxy: ProxyLayer | None = None  # made when the first listener is configured
         self.certificates = CertificateStore(Path(initial.agent.runtime_dir) / "haproxy" / "certs")
         self._proxy_plan: plan_http.ProxyPlan | None = None  # what HAProxy runs now (None: not running)
+        # its structure (plan without runtime state, settings) and that structure rendered, to skip rendering again
+        self._proxy_shape: tuple[tuple[plan_http.ProxyPlan, model.Proxy], str] | None = None
         self._proxy_rejected: str | None = None  # the last config HAProxy's validation refused
         self._proxy_restarts = 0
         self._sysctl_root = sysctl_root
@@ -263,14 +265,19 @@ class Agent:
             if self._proxy is not None:
                 await self._proxy.stop(m.agent.drain_seconds)
                 # the next listener gets a HAProxy of the settings then (its executable may have changed)
-                self._proxy, self._proxy_plan, self._proxy_restarts = None, None, 0
+                self._proxy, self._proxy_plan, self._proxy_shape, self._proxy_restarts = None, None, None, 0
                 event(log, logging.INFO, "haproxy_stopped", reason="no listeners configured")
             return
         paths = self.certificates.sync(m.listeners)
         planned = plan_http.plan_proxy(m, self.health.verdicts, paths)
         text = render_haproxy.render(planned, m.proxy, self.proxy.runtime_socket)
-        structure = render_haproxy.render(plan_http.structural(planned), m.proxy, self.proxy.runtime_socket)
-        kind, detail = plan_http.changes(self._proxy_plan if self._proxy_up() else None, planned)
+        shape = (plan_http.structural(planned), m.proxy)
+        if self._proxy_shape is not None and self._proxy_shape[0] == shape and self._proxy_up():
+            # what changed is runtime state only (the common case: health): no second render, no reload reason
+            structure, (kind, detail) = self._proxy_shape[1], ("runtime", "")
+        else:
+            structure = render_haproxy.render(shape[0], m.proxy, self.proxy.runtime_socket)
+            kind, detail = plan_http.changes(self._proxy_plan if self._proxy_up() else None, planned)
         # Replacements made before this apply: a start or reload reads them; else the runtime API gets them. One
         # made while apply runs stays pending for the next sync (which the certificate watcher asks for).
         replacements = self.certificates.take_pending()
@@ -307,7 +314,7 @@ class Agent:
         if self.proxy.restarts > self._proxy_restarts:
             self.metrics.process_restarts.labels("haproxy").inc(self.proxy.restarts - self._proxy_restarts)
             self._proxy_restarts = self.proxy.restarts
-        self._proxy_plan = planned
+        self._proxy_plan, self._proxy_shape = planned, (shape, structure)
         self.runners["bgp"].mark_dirty()
 
     async def _watch_certificates(self) -> None:
