@@ -96,10 +96,6 @@ def duration(seconds: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def _address(address: model.IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
 def _regex(pattern: str) -> str:
     """A pattern that must match the whole value."""
     return f"^(?:{pattern})$"
@@ -248,7 +244,7 @@ def _frontend(f: HttpFrontend) -> list[str]:
         options += " accept-proxy"
     if https:
         options += " ssl" + "".join(f" crt {_word(c)}" for c in f.certificates) + " alpn h2,http/1.1"
-    lines += [f"{_INDENT}bind {_address(vip, f.port)}{options}" for vip in f.vips]
+    lines += [f"{_INDENT}bind {model.Endpoint(vip, f.port)}{options}" for vip in f.vips]
     # the request's host, as routes match it: without a port, lowercase (IPv6 literals keep their brackets)
     lines.append(f"{_INDENT}http-request set-var(txn.host) req.hdr(host),host_only,lower")
     if f.redirect_to_https is not None:
@@ -460,7 +456,7 @@ def _server(s: Server) -> list[str]:
     weight = 0 if s.state is ServerState.DRAIN else s.weight
     if not 0 <= weight <= 256:
         raise ValueError(f"server {s.name}: weight {weight} is out of HAProxy's 0..256")
-    line = f"{_INDENT}server {proxy_name(s.name)} {_address(s.address, s.port)} weight {weight}"
+    line = f"{_INDENT}server {proxy_name(s.name)} {model.Endpoint(s.address, s.port)} weight {weight}"
     if s.state is ServerState.MAINT:
         line += " disabled"
     if s.proxy_protocol:
