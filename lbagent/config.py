@@ -19,6 +19,7 @@ from lbagent.config_base import (
     AsNumber,
     Duration,
     IPAddress,
+    ListenAddress,
     Port,
     Problem,
     Strict,
@@ -44,8 +45,7 @@ class AgentSection(Strict):
     )
     retry_seconds: Duration = Field(1.0, alias="retry")
     runtime_dir: str = Field("/run/lbagent", alias="runtimeDir")
-    metrics_address: str | None = Field("127.0.0.1:9469", alias="metricsAddress",
-                                        pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):\d{1,5}$")
+    metrics_address: ListenAddress | None = Field("127.0.0.1:9469", alias="metricsAddress")
 
 
 class PeerSection(Strict):

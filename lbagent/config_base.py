@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
+from lbagent import model
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -23,6 +25,17 @@ def _parse_duration(value: Any) -> Any:
             raise ValueError("expected a duration such as 500ms, 2s or 1m")
         return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     return value
+
+
+def _endpoint(value: Any) -> model.Endpoint:
+    if not isinstance(value, str):
+        raise ValueError("expected ADDRESS:PORT as a string, e.g. 198.51.100.7:8080 or [2001:db8::7]:8080")
+    return model.Endpoint.parse(value)
+
+
+# ADDRESS:PORT (IPv6 as [ADDRESS]:PORT): a server to reach, or (as text) a local address to listen on
+EndpointText = Annotated[model.Endpoint, BeforeValidator(_endpoint)]
+ListenAddress = Annotated[str, BeforeValidator(lambda value: str(_endpoint(value)))]
 
 
 def _parse_ip(value: Any) -> IPv4Address | IPv6Address:

@@ -11,9 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from lbagent import model, tls
-from lbagent.config_base import Duration, IPAddress, Port, Problem, Strict, short
+from lbagent.config_base import _NAME, Duration, EndpointText, IPAddress, ListenAddress, Port, Problem, Strict, short
 
-_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 # Gateway API hostnames: RFC 1123 names, optionally with one leading `*.` label; never an IP address.
 _HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&*+.^_`|~-]{1,256}$"  # an RFC 7230 token
@@ -29,15 +28,6 @@ Hostname = Annotated[str, BeforeValidator(lambda v: v.lower() if isinstance(v, s
                                                                                                   max_length=253)]
 
 
-def _endpoint(value: Any) -> model.Endpoint:
-    if not isinstance(value, str):
-        raise ValueError("expected ADDRESS:PORT as a string, e.g. 198.51.100.7:8080 or [2001:db8::7]:8080")
-    return model.Endpoint.parse(value)
-
-
-EndpointText = Annotated[model.Endpoint, BeforeValidator(_endpoint)]
-
-
 # ---- file models -------------------------------------------------------------------------------------------
 
 
@@ -49,8 +39,7 @@ class TimeoutsSection(Strict):
 
 class ProxySection(Strict):
     haproxy: str = Field("haproxy", description="the haproxy executable: a path, or a name looked up in PATH")
-    metrics_address: str | None = Field("127.0.0.1:9470", alias="metricsAddress",
-                                        pattern=r"^(\[[0-9a-fA-F:]+\]|[0-9.]+):\d{1,5}$")
+    metrics_address: ListenAddress | None = Field("127.0.0.1:9470", alias="metricsAddress")
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
     max_connections: int = Field(8000, alias="maxConnections", ge=1, le=1_000_000)
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")

@@ -211,3 +211,16 @@ def test_digest_changes_with_content() -> None:
     b = config.parse(edit(services__0__vip="192.0.2.11"))
     assert a.digest() == config.parse(MINIMAL).digest()
     assert a.digest() != b.digest()
+
+
+@pytest.mark.parametrize("value", ["999.1.1.1:9469", "127.0.0.1:99999", "localhost:9469", "127.0.0.1"])
+def test_metrics_addresses_are_checked_as_listen_addresses(value: str) -> None:
+    for section in ("agent", "proxy"):
+        doc = yaml.safe_load(MINIMAL)
+        doc[section] = {"metricsAddress": value}
+        found = problems(yaml.safe_dump(doc))
+        assert [p.path for p in found] == [f"{section}.metricsAddress"], found
+        assert value in str(found[0])
+    doc = yaml.safe_load(MINIMAL)
+    doc["agent"] = {"metricsAddress": "[::1]:9469"}
+    assert config.parse(yaml.safe_dump(doc)).agent.metrics_address == "[::1]:9469"
