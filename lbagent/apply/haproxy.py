@@ -212,11 +212,11 @@ def _parse_show_proc(text: str) -> _Procs:
     return _Procs(master[0], master[1], master[2], tuple(workers), tuple(old))
 
 
-def _haproxy_words(output: str | list[str], levels: tuple[str, ...] = ("ALERT",)) -> str:
+def _haproxy_words(output: str | list[str]) -> str:
     """HAProxy's own complaint from its output: the ALERT lines (every line when there is none), without the
     `[ALERT]    (1234) : ` prefix."""
     lines = [line.strip() for line in (output.splitlines() if isinstance(output, str) else output) if line.strip()]
-    picked = [line for line in lines if (m := _PREFIX.match(line)) and m["level"] in levels] or lines
+    picked = [line for line in lines if (m := _PREFIX.match(line)) and m["level"] == "ALERT"] or lines
     return " | ".join(_PREFIX.sub("", line) for line in picked)
 
 
