@@ -2,23 +2,38 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-# Everything the agent, the namespace lab and the tests use from Debian.
-APT_PACKAGES := bird2 nftables iptables conntrack iproute2 curl procps psmisc python3-venv python3-pip ca-certificates \
-	qemu-system-x86 ipvsadm shellcheck systemd haproxy wrk ruby openssl
+# The Debian packages come from deps/programs.txt, the one table of programs the project runs: `agent` and `test`
+# rows for demo and test, `bench` rows for the benchmarks.
+PROGRAMS := deps/programs.txt
+packages_for = $(shell awk '!/^\#/ && NF >= 3 && $$2 !~ /^pip:/ { n = split($$3, f, ","); \
+	for (i = 1; i <= n; i++) if (index(" $(1) ", " " f[i] " ")) { print $$2; break } }' $(PROGRAMS) | sort -u)
+APT_PACKAGES := $(call packages_for,agent test)
+BENCH_PACKAGES := $(call packages_for,bench)
 
-.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean
+.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean print-packages fresh-root
 
 all: test
 
 # apt-get runs only when a package is missing, so repeated runs cost nothing.
 apt-deps:
-	@if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -qv '^install ok installed$$' \
-	    && [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | wc -l)" -eq "$(words $(APT_PACKAGES))" ]; then \
-	  echo "system packages present"; \
-	else \
-	  echo "installing system packages: $(APT_PACKAGES)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
-	fi
+	@$(call apt_install,$(APT_PACKAGES))
+
+# apt_install(PACKAGES): install the missing ones (apt-get update first), say which; quiet when all are there.
+define apt_install
+if ! dpkg-query -W -f='$${Status}\n' $(1) 2>/dev/null | grep -qv '^install ok installed$$' \
+    && [ "$$(dpkg-query -W -f='$${Status}\n' $(1) 2>/dev/null | wc -l)" -eq "$(words $(1))" ]; then \
+  echo "system packages present: $(1)"; \
+else \
+  echo "installing system packages: $(1)"; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) \
+    > .apt-install.log 2>&1 || { tail -30 .apt-install.log; echo "apt-get install failed: see .apt-install.log"; exit 1; }; \
+fi
+endef
+
+# The install lists, one per line (the table's test reads them from here).
+print-packages:
+	@echo "apt: $(APT_PACKAGES)"
+	@echo "bench: $(BENCH_PACKAGES)"
 
 $(VENV)/.installed: pyproject.toml | apt-deps
 	$(PYTHON) -m venv $(VENV)
@@ -45,12 +60,16 @@ demo: deps
 
 # Benchmarks (numbers in docs/benchmarks.md); they need wrk and nginx besides the test packages.
 bench: deps
-	@dpkg-query -W wrk nginx-light >/dev/null 2>&1 || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light)
+	@$(call apt_install,$(BENCH_PACKAGES))
 	$(VENV)/bin/python bench/scale.py --services 1000 10000 --repeat 5
 	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3 --churn-seconds 0 --server-connection-reuse always
+
+# The README's quick start in a fresh Debian 12 root (debootstrap, cached): `make fresh-root TARGETS="demo test"`.
+TARGETS ?= demo
+fresh-root:
+	.ci/fresh-root $(TARGETS)
 
 # Tears down every namespace lab left behind (for example after a killed test run).
 lab-down: deps

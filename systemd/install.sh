@@ -2,13 +2,18 @@
 # Install lbagent on a Debian/Ubuntu LB node: system packages, a virtualenv in /opt/lbagent, the systemd unit,
 # and a config in /etc/lbagent/ (kept if present). Used by the Vagrant lab's provisioning.
 #
-#   sudo systemd/install.sh [--config FILE] [--start] [--no-packages]
+#   sudo systemd/install.sh [--config FILE] [--start] [--no-packages] [--print-packages]
 #
 # DESTDIR=/some/root stages everything under that root instead (for tests and packaging); it implies
 # --no-packages and never touches systemctl.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+# The Debian packages of the agent's own tools (nft, iptables, ipvsadm, conntrack, ip, the HAProxy it runs for HTTP
+# listeners, python3-venv): the `agent` rows of the project's table of programs.
+agent_packages() {
+  awk '!/^#/ && NF >= 3 && $2 !~ /^pip:/ && ("," $3 ",") ~ /,agent,/ { print $2 }' "$here/deps/programs.txt" | sort -u
+}
 destdir=${DESTDIR:-}
 config=""
 start=no
@@ -18,6 +23,7 @@ while [ $# -gt 0 ]; do
     --config) config=$2; shift 2 ;;
     --start) start=yes; shift ;;
     --no-packages) packages=no; shift ;;
+    --print-packages) agent_packages; exit 0 ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -27,11 +33,9 @@ done
 
 prefix=/opt/lbagent
 if [ "$packages" = yes ]; then
-  # The agent's own tools: nft (and iptables, ipvsadm for the other data planes), conntrack, ip, and the
-  # HAProxy lbagent runs itself for HTTP listeners.
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3 python3-venv nftables iptables ipvsadm conntrack iproute2 ca-certificates haproxy
+  # shellcheck disable=SC2046 # one word per package
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(agent_packages)
   # lbagent starts and reloads its own HAProxy; the distribution's instance would only compete for ports.
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now haproxy.service >/dev/null 2>&1 || true

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from typing import IO, Any
 
 from lbagent import model
 from lbagent.plan import Frontend
+from tests import programs
 from tests.dataplane.frontends import to_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +33,7 @@ TOOLS = ("ip", "conntrack", "nft", "iptables-nft-restore", "iptables-legacy-rest
 def require_root_and_tools(tools: Iterable[str] = TOOLS) -> None:
     """Fail (never skip) when the kernel tests cannot run: they are part of `make test`, which runs as root."""
     problems = [] if os.geteuid() == 0 else ["needs root (network namespaces): run as root, as `make test` does"]
-    problems += [f"missing tool {t} (apt packages iptables, conntrack, nftables, iproute2)"
-                 for t in tools if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
+    problems += programs.missing(tools)
     if problems:
         raise RuntimeError("; ".join(problems))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests import programs
 from tests.guest.ipvs_smoke import BACKENDS, CLIENT, MASQUERADE, SCHEDULERS, VIP
 from tests.guest.vm import QEMU, Guest
 
@@ -32,8 +32,7 @@ def _smoke(guest: Guest, mode: str) -> dict[str, Any]:
 
 def test_host_has_what_the_guest_needs() -> None:
     """Missing tools fail here by name, loudly, never skip."""
-    missing = [tool for tool in (QEMU, "apt-get", "apt-cache", "dpkg", "ipvsadm") if shutil.which(tool) is None]
-    assert missing == [], f"not installed: {missing} (apt-get install --no-install-recommends qemu-system-x86 ipvsadm)"
+    assert programs.missing((QEMU, "apt-get", "apt-cache", "dpkg", "ipvsadm")) == []
 
 
 def test_guest_runs_debians_6_1_kernel(guest: Guest) -> None:

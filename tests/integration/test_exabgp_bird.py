@@ -25,6 +25,7 @@ import pytest
 from lbagent import model
 from lbagent.apply.bgp import BgpError, BgpNotConnected, ExaBgpSpeaker
 from lbagent.plan import Announcement
+from tests import programs
 
 pytestmark = pytest.mark.lab
 
@@ -41,11 +42,9 @@ def require_lab() -> None:
     """Missing prerequisites fail the run: a skipped BGP test would look like a passing one."""
     if os.geteuid() != 0:
         pytest.fail("the ExaBGP/BIRD tests need root (network namespaces)")
-    missing = [tool for tool in ("ip", "bird", "birdc") if shutil.which(tool) is None]
-    if not (Path(sys.executable).parent / "exabgp").exists() and shutil.which("exabgp") is None:
-        missing.append("exabgp")
+    missing = programs.missing(("ip", "bird", "birdc", "exabgp"))
     if missing:
-        pytest.fail(f"missing for the ExaBGP/BIRD tests: {', '.join(missing)}")
+        pytest.fail(f"missing for the ExaBGP/BIRD tests: {'; '.join(missing)}")
 
 
 def run(*argv: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tests import programs
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_ROOT = Path("/run/lbagent-lab")
 BACKEND = Path(__file__).resolve().with_name("backend.py")
@@ -324,7 +326,7 @@ def check_requirements(agents: bool = False, repo: Path = REPO) -> list[str]:
     problems: list[str] = []
     if os.geteuid() != 0:
         problems.append("the lab needs root (network namespaces, veths, bridges)")
-    problems += [f"missing tool: {tool}" for tool in REQUIRED_TOOLS if _which(tool) is None]
+    problems += programs.missing(REQUIRED_TOOLS)
     if not Path("/proc/self/ns/net").exists():
         problems.append("the kernel has no network namespaces")
     if agents and not os.access(repo / ".venv" / "bin" / "lbagent", os.X_OK):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import programs
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "systemd" / "install.sh"
@@ -17,10 +18,10 @@ UNIT = REPO / "systemd" / "lbagent.service"
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: `make test` installs it")
-    return path
+    try:
+        return programs.path(name)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def test_install_script_passes_shellcheck() -> None:

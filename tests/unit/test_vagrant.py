@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from lbagent import config, model
+from tests import programs
 from tests.lab.lab import HOSTS, LB_AS, LBS, NODES, ROUTER_AS, ROUTER_UPLINK, Lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +37,10 @@ LB_CLASS = "lbagent.io/lbagent"
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.exists()), None
-    )
-    if path is None:
-        pytest.fail(f"{name} is not installed: `make test` installs it (Makefile, APT_PACKAGES)")
-    return path
+    try:
+        return programs.path(name)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def _topology() -> dict[str, Any]:
