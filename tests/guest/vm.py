@@ -18,6 +18,7 @@ from types import TracebackType
 
 from tests.guest import build
 from tests.guest.build import Artifacts, GuestError, Log
+from tests.lab.lab import TIME_SCALE_VARIABLE
 
 QEMU = "qemu-system-x86_64"
 # mitigations=off: page-table isolation and friends cost far more under TCG than on hardware, for nothing in a test.
@@ -28,6 +29,15 @@ POLL_SECONDS = 0.02
 ANSWER_GRACE_SECONDS = 30.0
 SHUTDOWN_SECONDS = 10.0
 RUN_DIR_PREFIX = "lbagent-guest-"
+# What the guest's slowdown is measured with: starting Python (imports read over 9p) and a fixed loop, timed by a
+# parent Python in the same system, so the host and the guest are measured alike.
+SPEED_PROBE = (
+    "import subprocess, sys, time\n"
+    "t = time.monotonic()\n"
+    "subprocess.run([sys.executable, '-c', 'import json, socket, http.server; sum(i * i for i in range(300000))'],"
+    " check=True)\n"
+    "print(time.monotonic() - t)\n"
+)
 
 
 def _stderr(message: str) -> None:
@@ -82,6 +92,9 @@ class Guest:
         self.log = log
         self.kernel_release = ""
         self.boot_seconds = 0.0
+        # How many times slower than the host the guest runs Python, measured after boot; every command gets it as
+        # LBAGENT_TEST_TIME_SCALE, which multiplies the lab's deadlines (tests/lab/lab.py, time_scale).
+        self.slowdown = 1.0
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._next = 1
@@ -170,7 +183,18 @@ class Guest:
             self.stop()
             raise
         self.boot_seconds = time.monotonic() - begin
-        self.log(f"guest {self.kernel_release} booted in {self.boot_seconds:.1f}s")
+        self.slowdown = self.measure_slowdown()
+        self.log(f"guest {self.kernel_release} booted in {self.boot_seconds:.1f}s; it runs Python "
+                 f"{self.slowdown:.1f}x slower than this host")
+
+    def measure_slowdown(self, tries: int = 3) -> float:
+        """The guest's time for SPEED_PROBE over the host's, each the best of `tries`, measured now (a busy host
+        slows both, and the guest more: it is the guest's slowdown the deadlines need)."""
+        host = min(float(subprocess.run([sys.executable, "-c", SPEED_PROBE], capture_output=True, text=True,
+                                        check=True).stdout) for _ in range(tries))
+        guest = min(float(self.run([sys.executable, "-c", SPEED_PROBE], env={TIME_SCALE_VARIABLE: "1"},
+                                   timeout=300, check=True).stdout) for _ in range(tries))
+        return max(1.0, guest / host)
 
     def _wait_ready(self, deadline: float) -> str:
         ready = self._share / "ready"
@@ -207,7 +231,8 @@ class Guest:
         """
         if not cmd:
             raise ValueError("empty command")
-        variables = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
+        variables = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8",
+                     TIME_SCALE_VARIABLE: f"{self.slowdown:.2f}", **(env or {})}
         if bad := [name for name in variables if not name.isidentifier() or not name.isascii()]:
             raise ValueError(f"not environment variable names: {bad}")
         with self._lock:

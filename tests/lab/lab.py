@@ -74,6 +74,19 @@ class CommandError(subprocess.CalledProcessError):
         )
 
 
+TIME_SCALE_VARIABLE = "LBAGENT_TEST_TIME_SCALE"
+
+
+def time_scale() -> float:
+    """How many times slower than this project's 2-core machines the lab runs here: 1, or what the guest harness
+    measured for its emulated CPU (tests/guest/vm.py sets LBAGENT_TEST_TIME_SCALE in every guest command).
+    Every wait_for deadline is multiplied by it: a deadline catches a hang, it is not a speed requirement."""
+    try:
+        return max(1.0, float(os.environ.get(TIME_SCALE_VARIABLE, "1")))
+    except ValueError:
+        return 1.0
+
+
 def wait_for(
     predicate: Callable[[], T],
     timeout: float,
@@ -84,7 +97,9 @@ def wait_for(
     """Poll `predicate` until it returns something truthy and return that; raise LabTimeout at the deadline.
 
     Exceptions in `ignore` count as "not yet"; the last value or exception is put in the timeout's message.
+    The deadline is `timeout` times time_scale().
     """
+    timeout *= time_scale()
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
@@ -901,8 +916,8 @@ protocol kernel {{
         """Run a command in a host's namespace (with `stdin` as its input) and capture its output; CommandError
         on failure when `check`."""
         cmd = ["ip", "netns", "exec", self.ns(host), *argv]
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False,
-                              env=_env())
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout * time_scale(),
+                              check=False, env=_env())
         if check and proc.returncode != 0:
             raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
