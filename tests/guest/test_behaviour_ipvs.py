@@ -10,7 +10,9 @@ import pytest
 
 from tests.guest.vm import Guest
 
-pytestmark = pytest.mark.lab
+# A hang guard above guest.run's own timeout below (the default 300 s is less than the suite takes under TCG, and
+# the session's guest, fetched and booted on first use, may be set up inside this test).
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 
