@@ -218,14 +218,26 @@ class RetryEntry(Strict):
     codes: list[Literal[401, 403, 404, 408, 425, 500, 501, 502, 503, 504]] = [502, 503, 504]
 
 
+def _annotation_number(value: Any) -> Any:
+    """Kubernetes annotations are strings: "10" is the number 10 there (ASCII digits only), and so is 10."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            raise ValueError("expected a whole number (annotations write it as a string of digits, e.g. \"10\")")
+        return int(value)
+    return value
+
+
+AnnotationNumber = Annotated[int, BeforeValidator(_annotation_number)]
+
+
 class CanaryEntry(Strict):
     """ingress-nginx's canary annotations, under their own names or camelCase: a second backend that takes
     `weight` of `weightTotal` requests, and every request whose header says so."""
 
     backend_ref: BackendRefEntry = Field(alias="backendRef")
-    weight: int | None = Field(None, ge=0, validation_alias=AliasChoices(
+    weight: AnnotationNumber | None = Field(None, ge=0, validation_alias=AliasChoices(
         "weight", "canary-weight", "nginx.ingress.kubernetes.io/canary-weight"))
-    weight_total: int = Field(100, ge=1, le=1_000_000, validation_alias=AliasChoices(
+    weight_total: AnnotationNumber = Field(100, ge=1, le=1_000_000, validation_alias=AliasChoices(
         "weightTotal", "canary-weight-total", "nginx.ingress.kubernetes.io/canary-weight-total"))
     by_header: HeaderName | None = Field(None, validation_alias=AliasChoices(
         "byHeader", "canary-by-header", "nginx.ingress.kubernetes.io/canary-by-header"))
