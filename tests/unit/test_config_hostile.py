@@ -147,8 +147,8 @@ def test_source_ranges_of_the_other_family_only_and_a_relative_runtime_dir() -> 
 def test_special_files_are_refused_by_type_before_reading(tmp_path: Path) -> None:
     fifo = tmp_path / "config.fifo"
     os.mkfifo(fifo)
-    for path, reason in ((fifo, "not a regular file: it is a FIFO"), (Path("/dev/zero"), "not a regular file: it is a device"),
-                         (tmp_path, "Is a directory")):
+    for path, reason in ((fifo, "not a regular file: it is a FIFO"),
+                         (Path("/dev/zero"), "not a regular file: it is a device"), (tmp_path, "Is a directory")):
         with pytest.raises(config.ConfigError) as err:
             config.load(path)
         assert f"cannot read the file: {reason}" in str(err.value)
