@@ -11,7 +11,18 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from lbagent import model, tls
-from lbagent.config_base import _NAME, Duration, EndpointText, IPAddress, ListenAddress, Port, Problem, Strict, short
+from lbagent.config_base import (
+    _NAME,
+    CIDR,
+    Duration,
+    EndpointText,
+    IPAddress,
+    ListenAddress,
+    Port,
+    Problem,
+    Strict,
+    short,
+)
 
 # Gateway API hostnames: RFC 1123 names, optionally with one leading `*.` label; never an IP address.
 _HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
@@ -44,6 +55,7 @@ class ProxySection(Strict):
     max_connections: int = Field(8000, alias="maxConnections", ge=1, le=1_000_000)
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")
     server_connection_reuse: Literal["safe", "aggressive", "always"] = Field("safe", alias="serverConnectionReuse")
+    trusted_proxies: list[CIDR] = Field([], alias="trustedProxies", max_length=64)
 
 
 class CertificateRef(Strict):
@@ -435,6 +447,7 @@ def proxy_model(section: ProxySection) -> model.Proxy:
         server_timeout=section.timeouts.server, max_connections=section.max_connections,
         certificate_check_interval=section.certificate_check_interval,
         server_connection_reuse=section.server_connection_reuse,
+        trusted_proxies=tuple(section.trusted_proxies),
     )
 
 

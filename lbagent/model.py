@@ -385,6 +385,9 @@ class Proxy:
     # HAProxy's http-reuse: whether a client's first request may go over an idle connection to a server that
     # earlier requests opened (aggressive: one that has carried a request already; always: any).
     server_connection_reuse: ServerConnectionReuse = "safe"
+    # Clients (other proxies, a front load balancer) whose X-Forwarded-For and X-Real-IP are kept; from anyone
+    # else both are replaced by the address lbagent sees (ingress-nginx's proxy-real-ip-cidr).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
