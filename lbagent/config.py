@@ -405,10 +405,12 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
             if str(vip) in own:
                 yield Problem(f"services[{i}].{field}", str(vip),
                               f"a VIP cannot be an address the site already uses: it is {own[str(vip)]}")
-            ranges = svc.load_balancer_source_ranges
-            if ranges and not any(r.version == vip.version for r in ranges):
-                yield Problem(f"services[{i}].loadBalancerSourceRanges", short([str(r) for r in ranges]),
-                              f"no IPv{vip.version} range: every client of VIP {vip} would be dropped")
+        # A dual-stack service may admit one family only (as kube-proxy does); no family at all admits nobody.
+        ranges = svc.load_balancer_source_ranges
+        if ranges and svc.all_vips and not {r.version for r in ranges} & {v.version for v in svc.all_vips}:
+            yield Problem(f"services[{i}].loadBalancerSourceRanges", short([str(r) for r in ranges]),
+                          f"no range of the VIPs' family (IPv{svc.all_vips[0].version}): every client would be "
+                          "dropped")
         if svc.external_traffic_policy == "Local" and svc.health_check_node_port is None:
             yield Problem(f"services[{i}].healthCheckNodePort", "nothing",
                           "externalTrafficPolicy Local needs the Service's healthCheckNodePort (kube-proxy's "

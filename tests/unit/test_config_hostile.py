@@ -137,7 +137,10 @@ def test_source_ranges_of_the_other_family_only_and_a_relative_runtime_dir() -> 
     doc = _doc()
     doc["services"][0]["loadBalancerSourceRanges"] = ["2001:db8::/32"]
     [problem] = _refused(doc)
-    assert "loadBalancerSourceRanges" in problem and "no IPv4 range" in problem
+    assert "loadBalancerSourceRanges" in problem and "no range of the VIPs' family (IPv4)" in problem
+    doc["services"][0]["vips"] = [doc["services"][0].pop("vip"), "2001:db8::10"]
+    doc["nodes"][0]["addresses"].append("2001:db8:c::11")
+    config.parse(yaml.safe_dump(doc))  # dual stack admitting IPv6 clients only: a site may mean that
     doc = _doc()
     doc["agent"] = {"runtimeDir": "run/lbagent"}
     [problem] = _refused(doc)
