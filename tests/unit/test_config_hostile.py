@@ -28,6 +28,16 @@ def _doc() -> dict[str, Any]:
     return doc
 
 
+def _with(path: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    """The base document with one value replaced at `path`."""
+    doc = _doc()
+    target: Any = doc
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return doc
+
+
 def _refused(text_or_doc: str | dict[str, Any]) -> list[str]:
     text = text_or_doc if isinstance(text_or_doc, str) else yaml.safe_dump(text_or_doc, sort_keys=False)
     with pytest.raises(config.ConfigError) as err:
@@ -64,11 +74,7 @@ def test_communities_out_of_range_or_not_ascii(community: str) -> None:
     (("bgp", "peers", 0, "address"), "fe80::1%uplink"),
 ])
 def test_ipv6_scope_ids_are_refused_in_every_address(path: tuple[str | int, ...], value: str) -> None:
-    doc = _doc()
-    target: Any = doc
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
+    doc = _with(path, value)
     problems = _refused(doc)
     assert any("scope id" in p for p in problems), problems
 
@@ -89,11 +95,7 @@ def test_scope_ids_in_endpoints_and_unicode_ports_are_refused() -> None:
     (("nodes", 0, "draining"), "yes"),
 ])
 def test_no_coercion_between_numbers_strings_and_booleans(path: tuple[str | int, ...], value: object) -> None:
-    doc = _doc()
-    target: Any = doc
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
+    doc = _with(path, value)
     [problem] = _refused(doc)
     assert repr(value) in problem
 
