@@ -113,6 +113,7 @@ class Agent:
         self._decisions: Mapping[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._exit_code = 0  # 1 once the agent stops for anything but a signal: systemd's Restart=on-failure
         a = initial.agent
         self.runners = {
             name: BoundedFrequencyRunner(name, self._measured(name, fn), a.min_sync_interval, a.resync_seconds,
@@ -396,7 +397,7 @@ class Agent:
         await status.start()
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
         event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.config_path,
               config_hash=self.model.digest(), services=len(self.model.services), nodes=len(self.model.nodes))
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
@@ -404,10 +405,10 @@ class Agent:
         self.health.start()
         await self._first_snapshot()
         await self.speaker.start()
-        for runner in self.runners.values():
-            self._spawn(runner.run_forever())
-        self._spawn(self.notifier.feed_watchdog())
-        self._spawn(self._watch_certificates())
+        for name, runner in self.runners.items():
+            self._spawn(self._supervise(f"runner {name}", runner.run_forever), f"runner {name}")
+        self._spawn(self._supervise("watchdog", self.notifier.feed_watchdog), "watchdog")
+        self._spawn(self._supervise("certificate watcher", self._watch_certificates), "certificate watcher")
         await self._first_syncs()
         # What is bound and programmed now is what this node serves: the next BGP pass announces all of it and
         # (with graceful restart) ends the routers' wait with End-of-RIB.
@@ -418,7 +419,7 @@ class Agent:
         await self._stop.wait()
         await self._shutdown()
         await status.stop()
-        return 0
+        return self._exit_code
 
     async def _first_snapshot(self) -> None:
         """Program nothing until every (service, node) pair has a verdict, bounded by the longest probe timeout."""
@@ -442,8 +443,9 @@ class Agent:
         for task in waits:
             task.cancel()
 
-    def stop(self, why: str = "request") -> None:
+    def stop(self, why: str = "request", exit_code: int = 0) -> None:
         if not self._stop.is_set():
+            self._exit_code = exit_code
             self.notifier.stopping()
             event(log, logging.INFO, "agent_stopping", signal=why)
             self._stop.set()
@@ -472,25 +474,64 @@ class Agent:
         # agent adopts them without a gap. `lbagent cleanup` removes them.
         event(log, logging.INFO, "agent_stopped")
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.append(task)
         task.add_done_callback(self._task_done)
+
+    async def _supervise(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a long-lived task; when it fails, say so and start it again after the retry interval, so one
+        subsystem's internal error is retried and reported instead of taking the node out of service."""
+        while True:
+            try:
+                await work()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.task_restarts.labels(task=name).inc()
+                event(log, logging.ERROR, "task_failed", task=name, error=f"{type(exc).__name__}: {exc}",
+                      retry_in=self.model.agent.retry_seconds)
+                await asyncio.sleep(self.model.agent.retry_seconds)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
+            # Not supervised, and nothing else should get here: stop, and exit non-zero so systemd restarts us.
             event(log, logging.ERROR, "task_crashed", task=task.get_name(), error=repr(task.exception()))
-            self.stop("internal error")
+            self.stop("internal error", exit_code=1)
 
     async def reload(self) -> bool:
-        """SIGHUP: load the file again. A bad file is refused and the running config stays as it was."""
+        """SIGHUP: load the file again. A bad file is refused and the running config stays as it was; so does
+        one that `check` accepts but whose apply fails (the running config is put back, and the log says why)."""
         self.notifier.reloading()
+        previous = self.model
         try:
             return await self._reload()
+        except Exception as exc:
+            self.metrics.config_load_errors.inc()
+            event(log, logging.ERROR, "config_apply_failed", file=self.config_path,
+                  error=f"{type(exc).__name__}: {exc}", kept_hash=previous.digest())
+            if self.model != previous:
+                await self._restore(previous)
+            return False
         finally:
             self.notifier.ready(f"serving {len(self.model.services)} services, config {self.model.digest()}")
+
+    async def _restore(self, previous: model.Model) -> None:
+        """Put the running config back after a reload whose apply failed."""
+        failed, self.model = self.model, previous
+        self.health.update(previous)
+        self.metrics.config_loaded(previous.digest())
+        self._invalidate()
+        if failed.bgp != previous.bgp:
+            try:
+                await self.speaker.reconfigure(previous.bgp)
+            except Exception as exc:
+                event(log, logging.ERROR, "config_restore_failed", subsystem="bgp",
+                      error=f"{type(exc).__name__}: {exc}")
+        self.mark_all_dirty()
 
     async def _reload(self) -> bool:
         try:

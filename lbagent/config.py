@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from lbagent import config_http, model, plan_http
 from lbagent.config_base import (
-    _COMMUNITY,
     _NAME,
     CIDR,
     AsNumber,
+    Community,
     Duration,
     IPAddress,
+    IPv4,
     ListenAddress,
     Port,
     Problem,
     Strict,
     _is_prime,
     _parse_duration,
+    read_file,
     short,
 )
 
@@ -60,7 +61,7 @@ class PeerSection(Strict):
 
 class BgpSection(Strict):
     local_as: AsNumber = Field(alias="localAS")
-    router_id: IPv4Address = Field(alias="routerID")
+    router_id: IPv4 = Field(alias="routerID")
     peers: list[PeerSection] = Field(min_length=1)
     graceful_restart: int | None = Field(None, alias="gracefulRestart", ge=1, le=4095)
     exabgp: str = Field("exabgp", description="the exabgp executable: a path, or a name looked up in PATH")
@@ -110,7 +111,7 @@ class PortEntry(Strict):
 class ServiceBgpEntry(Strict):
     med: int | None = Field(None, ge=0, le=4294967295)
     local_pref: int | None = Field(None, alias="localPref", ge=0, le=4294967295)
-    communities: list[Annotated[str, Field(pattern=_COMMUNITY)]] = []
+    communities: list[Community] = []
 
 
 class ClientIPConfig(Strict):
@@ -192,14 +193,88 @@ def _format_path(loc: Iterable[int | str]) -> str:
     return out
 
 
+# libyaml's parser when PyYAML has it (ten times faster on large files), else PyYAML's own.
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_DEPTH = 64  # a config nests about 10 deep; Python's recursion would fail near 1,000
+MAX_NODES = 2_000_000  # values after expanding aliases: 10,000 services are about 300,000
+
+
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """Safe YAML that refuses a key given twice in one mapping (the second would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short(key_node.value)} (first on line "
+                        f"{seen[key_node.value].start_mark.line + 1})", key_node.start_mark)
+                seen[key_node.value] = key_node
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_shape(root: yaml.Node) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH, or larger than MAX_NODES once its aliases are expanded
+    (a few hundred bytes of nested aliases make billions of values), before anything walks it recursively."""
+    height: dict[int, int] = {}
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        kids = _children(node)
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((kid, False) for kid in kids if id(kid) not in size)
+            if len(stack) > MAX_NODES:
+                break
+            continue
+        if any(id(kid) not in size for kid in kids):
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
+                                                    node.start_mark)
+        height[key] = 1 + max((height[id(kid)] for kid in kids), default=0)
+        size[key] = 1 + sum(size[id(kid)] for kid in kids)
+        if height[key] > MAX_DEPTH:
+            raise yaml.constructor.ConstructorError(None, None, f"values nest more than {MAX_DEPTH} deep",
+                                                    node.start_mark)
+        if size[key] > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the document holds more than {MAX_NODES:,} values once its aliases are expanded",
+                node.start_mark)
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The document's data and its node tree (for line numbers), parsed once; yaml.YAMLError when refused."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_shape(root)
+        try:
+            return loader.construct_document(root), root
+        except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read a value: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
 class _LineIndex:
     """Finds the line of a field path in the YAML document, so every problem can point into the file."""
 
-    def __init__(self, text: str) -> None:
-        try:
-            self._root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            self._root = None
+    def __init__(self, root: yaml.Node | None) -> None:
+        self._root = root
 
     def line(self, loc: Sequence[int | str]) -> int | None:
         node = self._root
@@ -220,14 +295,17 @@ class _LineIndex:
 def parse(text: str, source: str = "<config>") -> model.Model:
     """Parse and validate a whole config document into the model, or raise ConfigError listing every problem."""
     try:
-        data = yaml.safe_load(text)
+        data, root = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(source, [Problem("", "invalid YAML", str(exc).replace("\n", " "), line)]) from exc
+        problem = getattr(exc, "problem", None)
+        context = getattr(exc, "context", None)
+        message = (f"{context}: {problem}" if context else problem) if problem else str(exc)
+        raise ConfigError(source, [Problem("", "invalid YAML", message.replace("\n", " "), line)]) from exc
     if not isinstance(data, dict):
         raise ConfigError(source, [Problem("", short(data), "the file must be a YAML mapping")])
-    lines = _LineIndex(text)
+    lines = _LineIndex(root)
     try:
         config = ConfigFile.model_validate(data)
     except ValidationError as exc:
@@ -258,9 +336,10 @@ def load(path: str | Path) -> model.Model:
     """Read and validate a config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), [Problem("", str(path), f"cannot read the file: {exc}")]) from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(str(path), [Problem("", str(path), f"cannot read the file: {reason}")]) from exc
     return parse(text, str(path))
 
 
@@ -272,10 +351,34 @@ def _loc(path: str) -> list[int | str]:
 
 
 def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
-    """Checks no single field can make: uniqueness, families, features not built yet."""
+    """Checks no single field can make: uniqueness, families, addresses that clash, features not built yet."""
+    if not config.agent.runtime_dir.startswith("/"):
+        yield Problem("agent.runtimeDir", short(config.agent.runtime_dir),
+                      "must be an absolute path (the agent and its children run from other directories)")
+    own: dict[str, str] = {str(config.bgp.router_id): "bgp.routerID"}
+    seen_peers: dict[str, int] = {}
+    for i, peer in enumerate(config.bgp.peers):
+        address = str(peer.address)
+        if address in seen_peers:
+            yield Problem(f"bgp.peers[{i}].address", address,
+                          f"duplicate peer (also bgp.peers[{seen_peers[address]}]): one session per neighbor")
+        seen_peers.setdefault(address, i)
+        own.setdefault(address, f"bgp.peers[{i}].address")
+        if peer.local_address is not None:
+            own.setdefault(str(peer.local_address), f"bgp.peers[{i}].localAddress")
+            if peer.local_address.version != peer.address.version:
+                yield Problem(f"bgp.peers[{i}].localAddress", str(peer.local_address),
+                              f"an IPv{peer.local_address.version} local address cannot reach the IPv"
+                              f"{peer.address.version} peer {peer.address}")
     seen_nodes: dict[str, int] = {}
     families: set[int] = set()
     for i, node in enumerate(config.nodes):
+        for k, node_address in enumerate(node.addresses):
+            own.setdefault(str(node_address), f"nodes[{i}].addresses[{k}]")
+            if (node_address.is_unspecified or node_address.is_loopback or node_address.is_multicast
+                    or node_address.is_link_local):
+                yield Problem(f"nodes[{i}].addresses[{k}]", str(node_address),
+                              "a node address must be a unicast address the LB reaches the node at")
         if node.name in seen_nodes:
             yield Problem(f"nodes[{i}].name", short(node.name),
                           f"duplicate node name (also nodes[{seen_nodes[node.name]}])")
@@ -297,6 +400,17 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
                           f"duplicate service {key} (also services[{seen_services[key]}])")
         seen_services.setdefault(key, i)
         yield from _check_vips(i, svc, families, vip_attributes)
+        field = "vip" if svc.vip is not None else "vips"
+        for vip in svc.all_vips:
+            if str(vip) in own:
+                yield Problem(f"services[{i}].{field}", str(vip),
+                              f"a VIP cannot be an address the site already uses: it is {own[str(vip)]}")
+        # A dual-stack service may admit one family only (as kube-proxy does); no family at all admits nobody.
+        ranges = svc.load_balancer_source_ranges
+        if ranges and svc.all_vips and not {r.version for r in ranges} & {v.version for v in svc.all_vips}:
+            yield Problem(f"services[{i}].loadBalancerSourceRanges", short([str(r) for r in ranges]),
+                          f"no range of the VIPs' family (IPv{svc.all_vips[0].version}): every client would be "
+                          "dropped")
         if svc.external_traffic_policy == "Local" and svc.health_check_node_port is None:
             yield Problem(f"services[{i}].healthCheckNodePort", "nothing",
                           "externalTrafficPolicy Local needs the Service's healthCheckNodePort (kube-proxy's "

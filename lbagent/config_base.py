@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
 from lbagent import model
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*$", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-_COMMUNITY = r"^\d{1,5}:\d{1,5}$"
+_COMMUNITY = re.compile(r"^([0-9]{1,5}):([0-9]{1,5})$", re.ASCII)
 
 
 def _parse_duration(value: Any) -> Any:
@@ -38,23 +41,47 @@ EndpointText = Annotated[model.Endpoint, BeforeValidator(_endpoint)]
 ListenAddress = Annotated[str, BeforeValidator(lambda value: str(_endpoint(value)))]
 
 
+def _community(value: str) -> str:
+    """A standard BGP community ASN:VALUE, each part 0-65535 in ASCII digits."""
+    match = _COMMUNITY.match(value)
+    if match is None or int(match.group(1)) > 65535 or int(match.group(2)) > 65535:
+        raise ValueError("expected a BGP community ASN:VALUE, each 0-65535 (e.g. 64512:100)")
+    return value
+
+
+Community = Annotated[str, AfterValidator(_community)]
+
+
 def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
     if isinstance(value, (IPv4Address, IPv6Address)):
         return value
     if not isinstance(value, str):
         raise ValueError("expected an IPv4 or IPv6 address as a string")
+    if "%" in value:
+        # Python takes fe80::1%eth0; nft, HAProxy and ExaBGP would get the zone written into their configs.
+        raise ValueError("an IPv6 scope id (%zone) is not allowed here: give a global address")
     try:
         return ip_address(value.strip())
     except ValueError:
         raise ValueError("not a valid IPv4 or IPv6 address") from None
 
 
+def _parse_ipv4(value: Any) -> IPv4Address:
+    address = _parse_ip(value)
+    if not isinstance(address, IPv4Address):
+        raise ValueError("expected an IPv4 address")
+    return address
+
+
 IPAddress = Annotated[IPv4Address | IPv6Address, PlainValidator(_parse_ip)]
+IPv4 = Annotated[IPv4Address, PlainValidator(_parse_ipv4)]
 
 
 def _parse_cidr(value: Any) -> IPv4Network | IPv6Network:
     if not isinstance(value, str):
         raise ValueError("expected a CIDR such as 198.51.100.0/24 as a string")
+    if "%" in value:
+        raise ValueError("an IPv6 scope id (%zone) is not allowed here")
     try:
         return ip_network(value.strip(), strict=True)
     except ValueError as exc:
@@ -74,9 +101,10 @@ AsNumber = Annotated[int, Field(ge=1, le=4294967295)]
 
 
 class Strict(BaseModel):
-    """Every file model refuses unknown keys and reads camelCase names, as Kubernetes objects do."""
+    """Every file model refuses unknown keys and reads camelCase names, as Kubernetes objects do. Strict: no
+    coercion (`true` is no number, "30080" no port, 1 no boolean); addresses and durations parse from text."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True, strict=True)
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,28 @@ class Problem:
     def __str__(self) -> str:
         where = f"line {self.line}: " if self.line is not None else ""
         return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
+
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def read_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
+    """A config or certificate file's bytes. What is no regular file (a FIFO, a device such as /dev/zero, a
+    directory) or is larger than `limit` raises OSError before anything is read, so it can neither block nor
+    fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+            raise OSError(errno.EINVAL, f"not a regular file: it is {kind}")
+        if size > limit:
+            raise OSError(errno.EFBIG, f"the file has {size} bytes, more than the {limit} allowed")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"the file has more than the {limit} bytes allowed")
+    return data
 
 
 def short(value: Any) -> str:

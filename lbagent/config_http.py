@@ -11,7 +11,18 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from lbagent import model, tls
-from lbagent.config_base import _NAME, Duration, EndpointText, IPAddress, ListenAddress, Port, Problem, Strict, short
+from lbagent.config_base import (
+    _NAME,
+    CIDR,
+    Duration,
+    EndpointText,
+    IPAddress,
+    ListenAddress,
+    Port,
+    Problem,
+    Strict,
+    short,
+)
 
 # Gateway API hostnames: RFC 1123 names, optionally with one leading `*.` label; never an IP address.
 _HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
@@ -44,6 +55,7 @@ class ProxySection(Strict):
     max_connections: int = Field(8000, alias="maxConnections", ge=1, le=1_000_000)
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")
     server_connection_reuse: Literal["safe", "aggressive", "always"] = Field("safe", alias="serverConnectionReuse")
+    trusted_proxies: list[CIDR] = Field([], alias="trustedProxies", max_length=64)
 
 
 class CertificateRef(Strict):
@@ -218,14 +230,26 @@ class RetryEntry(Strict):
     codes: list[Literal[401, 403, 404, 408, 425, 500, 501, 502, 503, 504]] = [502, 503, 504]
 
 
+def _annotation_number(value: Any) -> Any:
+    """Kubernetes annotations are strings: "10" is the number 10 there (ASCII digits only), and so is 10."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and len(value) <= 9):
+            raise ValueError("expected a whole number (annotations write it as a string of digits, e.g. \"10\")")
+        return int(value)
+    return value
+
+
+AnnotationNumber = Annotated[int, BeforeValidator(_annotation_number)]
+
+
 class CanaryEntry(Strict):
     """ingress-nginx's canary annotations, under their own names or camelCase: a second backend that takes
     `weight` of `weightTotal` requests, and every request whose header says so."""
 
     backend_ref: BackendRefEntry = Field(alias="backendRef")
-    weight: int | None = Field(None, ge=0, validation_alias=AliasChoices(
+    weight: AnnotationNumber | None = Field(None, ge=0, validation_alias=AliasChoices(
         "weight", "canary-weight", "nginx.ingress.kubernetes.io/canary-weight"))
-    weight_total: int = Field(100, ge=1, le=1_000_000, validation_alias=AliasChoices(
+    weight_total: AnnotationNumber = Field(100, ge=1, le=1_000_000, validation_alias=AliasChoices(
         "weightTotal", "canary-weight-total", "nginx.ingress.kubernetes.io/canary-weight-total"))
     by_header: HeaderName | None = Field(None, validation_alias=AliasChoices(
         "byHeader", "canary-by-header", "nginx.ingress.kubernetes.io/canary-by-header"))
@@ -423,6 +447,7 @@ def proxy_model(section: ProxySection) -> model.Proxy:
         server_timeout=section.timeouts.server, max_connections=section.max_connections,
         certificate_check_interval=section.certificate_check_interval,
         server_connection_reuse=section.server_connection_reuse,
+        trusted_proxies=tuple(section.trusted_proxies),
     )
 
 

@@ -39,6 +39,9 @@ class Metrics:
                                  registry=r)
         self.process_restarts = Counter("lbagent_process_restarts_total",
                                         "Restarts of a child process lbagent supervises.", ["process"], registry=r)
+        self.task_restarts = Counter("lbagent_task_restarts_total",
+                                     "Restarts of one of the agent's own long-lived tasks after an internal error.",
+                                     ["task"], registry=r)
         self.dataplane_applies = Counter("lbagent_dataplane_applies_total",
                                          "Data plane applies, by how (full, delta, unchanged).", ["how"], registry=r)
         self.haproxy_up = Gauge("lbagent_haproxy_up", "1 while HAProxy runs with lbagent's config.", registry=r)

@@ -342,10 +342,12 @@ class Endpoint:
     def parse(cls, text: str) -> Endpoint:
         """`198.51.100.7:8080` or `[2001:db8::7]:8080`; ValueError saying what is wrong."""
         host, sep, port = text.strip().rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or not (port.isascii() and port.isdigit()):
             raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
         if not 1 <= int(port) <= 65535:
             raise ValueError(f"port {port} in {text!r} is out of range")
+        if "%" in host:
+            raise ValueError(f"{text!r}: an IPv6 scope id (%zone) is not allowed here")
         try:
             address = ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
         except ValueError:
@@ -383,6 +385,9 @@ class Proxy:
     # HAProxy's http-reuse: whether a client's first request may go over an idle connection to a server that
     # earlier requests opened (aggressive: one that has carried a request already; always: any).
     server_connection_reuse: ServerConnectionReuse = "safe"
+    # Clients (other proxies, a front load balancer) whose X-Forwarded-For and X-Real-IP are kept; from anyone
+    # else both are replaced by the address lbagent sees (ingress-nginx's proxy-real-ip-cidr).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)

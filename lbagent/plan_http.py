@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -298,18 +298,55 @@ def covers(first: RouteEntry, then: RouteEntry) -> bool:
             and _conditions(a.query_params) <= _conditions(b.query_params))
 
 
+def _index_key(entry: RouteEntry) -> tuple[str | None, str, str]:
+    """Where an entry is filed for unreachable(): its hostname and the path it can cover."""
+    path = entry.match.path
+    if path.type is model.PathMatchType.PATH_PREFIX:
+        return entry.hostname, "prefix", _segments_prefix(path.value)
+    return entry.hostname, path.type.value, path.value
+
+
+def _covering_keys(entry: RouteEntry) -> Iterator[tuple[str | None, str, str]]:
+    """Every index key under which an entry that covers this one can be filed (what covers() can accept)."""
+    hostnames: list[str | None] = [None]
+    if entry.hostname is not None:
+        hostnames.append(entry.hostname)
+        labels = entry.hostname.removeprefix("*.").split(".")
+        hostnames += ["*." + ".".join(labels[i:]) for i in range(1, len(labels))]
+    path = entry.match.path
+    if path.type is model.PathMatchType.REGULAR_EXPRESSION:
+        prefixes = ["/"]
+    else:
+        segments = _segments_prefix(path.value).split("/")
+        prefixes = ["/"] + ["/".join(segments[:i]) for i in range(2, len(segments) + 1)]
+    for hostname in hostnames:
+        yield hostname, path.type.value, path.value
+        for prefix in prefixes:
+            yield hostname, "prefix", prefix
+
+
 def unreachable(m: model.Model) -> list[tuple[str, str, str]]:
-    """(where, listener, shadowed by where) for each route match that another always takes first."""
+    """(where, listener, shadowed by where) for each route match that another always takes first.
+
+    Each entry is compared only with the earlier ones filed under a key that could cover it (its hostname or a
+    wildcard or none; its path, a prefix of it, or "/"), so a thousand routes take milliseconds, not minutes."""
     out: dict[str, tuple[str, str, str]] = {}
     for listener in m.listeners:
         if listener.redirect_to_https:
             continue
-        entries = [e for _, e in _entries(m, listener)]
-        for i, entry in enumerate(entries):
-            for earlier in entries[:i]:
-                if earlier.where != entry.where and covers(earlier, entry):
-                    out.setdefault(entry.where, (entry.where, listener.name, earlier.where))
-                    break
+        index: dict[tuple[str | None, str, str], list[tuple[int, RouteEntry]]] = {}
+        for position, (_, entry) in enumerate(_entries(m, listener)):
+            first: tuple[int, RouteEntry] | None = None
+            for key in set(_covering_keys(entry)):
+                for earlier_position, earlier in index.get(key, ()):
+                    if first is not None and earlier_position > first[0]:
+                        break
+                    if earlier.where != entry.where and covers(earlier, entry):
+                        first = (earlier_position, earlier)
+                        break
+            if first is not None:
+                out.setdefault(entry.where, (entry.where, listener.name, first[1].where))
+            index.setdefault(_index_key(entry), []).append((position, entry))
     return list(out.values())
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
+
+from lbagent.config_base import read_file
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TlsError(Exception):
 
 def _read(path: str) -> bytes | str:
     try:
-        return Path(path).read_bytes()
+        return read_file(path)
     except FileNotFoundError:
         return "the file does not exist"
     except OSError as exc:
@@ -100,7 +101,7 @@ def combined_pem(cert_file: str, key_file: str) -> str:
 def certificate_names(cert_file: str) -> list[str]:
     """The DNS names a certificate serves: its subjectAltName DNS entries, else its common name."""
     try:
-        cert = x509.load_pem_x509_certificates(Path(cert_file).read_bytes())[0]
+        cert = x509.load_pem_x509_certificates(read_file(cert_file))[0]
     except (OSError, ValueError, IndexError):
         return []
     try:

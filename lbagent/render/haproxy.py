@@ -125,7 +125,7 @@ def render(plan: ProxyPlan, proxy: model.Proxy, runtime_socket: str, errors_dir:
     if proxy.metrics_address is not None:
         lines += _metrics(proxy.metrics_address)
     for f in plan.frontends:
-        lines += _frontend(f)
+        lines += _frontend(f, proxy.trusted_proxies)
     if any(_serves(f) and f.redirect_to_https is None and f.default_backend is None for f in plan.frontends):
         lines += [
             f"backend {NOT_FOUND_BACKEND}",
@@ -233,7 +233,12 @@ def _serves(f: HttpFrontend) -> bool:
     return f.protocol is not model.ListenerProtocol.HTTPS or bool(f.certificates)
 
 
-def _frontend(f: HttpFrontend) -> list[str]:
+# A dot segment (`.` or `..`, also percent-encoded, also between encoded slashes): refused before routing, so
+# `/public/../admin` can neither take a route meant for /public nor reach a server that would resolve it.
+DOT_SEGMENT = r"(^|/|%2f)(\.|%2e){1,2}(/|%2f|$)"
+
+
+def _frontend(f: HttpFrontend, trusted_proxies: tuple[model.IPNetwork, ...] = ()) -> list[str]:
     name = proxy_name(f.listener)
     if not _serves(f):
         return [f"# listener {_comment(f.listener)}: HTTPS without a usable certificate file, not served", ""]
@@ -252,7 +257,16 @@ def _frontend(f: HttpFrontend) -> list[str]:
         lines.append(f"{_INDENT}http-request redirect location {_fmt(f'https://%[var(txn.host)]{port}%[pathq]')}"
                      " code 301")
         return [*lines, ""]
+    lines.append(f"{_INDENT}http-request deny deny_status 400 if {{ path -m reg -i {_word(DOT_SEGMENT)} }}")
+    # The client's own X-Forwarded-For and X-Real-IP are not believed (option forwardfor then adds the address
+    # HAProxy sees), unless it is a trusted proxy: then its X-Forwarded-For gets that address appended.
+    trusted = kept_real_ip = ""
+    if trusted_proxies:
+        lines.append(f"{_INDENT}acl trusted_proxy src {' '.join(str(n) for n in trusted_proxies)}")
+        trusted, kept_real_ip = " unless trusted_proxy", " { req.hdr(x-real-ip) -m found }"
     lines += [
+        f"{_INDENT}http-request del-header X-Forwarded-For{trusted}",
+        f"{_INDENT}http-request set-header X-Real-IP %[src]{trusted}{kept_real_ip}",
         f"{_INDENT}http-request set-header X-Forwarded-Proto {'https' if https else 'http'}",
         f"{_INDENT}http-request set-header X-Forwarded-Port {f.port}",
         f"{_INDENT}http-request del-header X-Forwarded-Host",

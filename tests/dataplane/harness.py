@@ -17,7 +17,7 @@ from lbagent.plan import Backend, Frontend
 from lbagent.render import iptables, nftables
 from tests.dataplane.apply import DATAPLANES
 from tests.dataplane.kernel import PYTHON, Flow, ForwarderProcess, parse_conntrack
-from tests.lab.lab import NODES, Lab, address, address6, mac_address
+from tests.lab.lab import NODES, Lab, address, address6, mac_address, time_scale
 
 VIP4, VIP6 = "192.0.2.10", "2001:db8::10"
 VIPS = (ip_address(VIP4), ip_address(VIP6))
@@ -126,7 +126,7 @@ class KeepAlive:
     """A persistent HTTP connection from the client to a VIP, kept open across data plane changes."""
 
     def __init__(self, lab: Lab, vip: str, port: int, timeout: float = 10) -> None:
-        self.timeout = timeout
+        self.timeout = timeout * time_scale()
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.ns("client"), PYTHON, "-c", _KEEPALIVE, vip, str(port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
@@ -171,6 +171,9 @@ class DataplaneLab:
             self.lab.exec(lb, ["ip", "addr", "replace", f"{VIP6}/128", "dev", "lo"])
 
     def curl(self, target: str, local_port: int | None = None, timeout: float = 2, host: str = "client") -> Curl:
+        """One HTTP request from `host`; the client's timeouts are `timeout` times the lab's time scale (an
+        emulated guest's Python backends answer many times slower)."""
+        timeout *= time_scale()
         argv = ["curl", "-sS", "-g", "--noproxy", "*", "--connect-timeout", f"{timeout:g}", "--max-time",
                 f"{timeout:g}"]
         if local_port is not None:
@@ -187,6 +190,7 @@ class DataplaneLab:
     def udp(self, vip: str, port: int, local_port: int = 0, timeout: float = 2,
             host: str = "client") -> tuple[str, dict[str, Any] | None]:
         """One datagram and its answer: ("answer", body), ("refused", None) or ("timeout", None)."""
+        timeout *= time_scale()
         proc = self.lab.exec(host, [PYTHON, "-c", _UDP, vip, str(port), str(local_port), f"{timeout:g}"],
                              timeout=timeout + 10)
         result = json.loads(proc.stdout)

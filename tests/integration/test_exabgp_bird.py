@@ -430,7 +430,8 @@ def test_unanswered_command_restarts_exabgp(lab: Lab) -> None:
         started = time.monotonic()
         with pytest.raises(BgpNotConnected, match="no answer"):
             await speaker.apply(by_prefix(A, B))
-        assert 1.0 <= time.monotonic() - started < 3
+        # it waited for its answer timeout (1 s), and then gave up (the bound only catches a hang)
+        assert 1.0 <= time.monotonic() - started < 30
         assert speaker.announced() == {}
         # SIGTERM stays pending on a stopped process: the speaker has to escalate to SIGKILL.
         second = await until(

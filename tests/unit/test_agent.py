@@ -376,3 +376,61 @@ def test_notifier_is_silent_without_a_supervisor() -> None:
     assert not notifier.enabled and notifier.watchdog_interval is None
     notifier.ready("x")  # no socket: nothing happens
     assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_a_reload_whose_apply_fails_keeps_the_running_config_and_the_agent(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        assert h.speaker is not None
+        before = h.agent.model
+
+        async def refuse(bgp: model.Bgp) -> None:
+            raise ValueError("the speaker refused the new settings")
+
+        h.speaker.reconfigure = refuse  # type: ignore[method-assign]
+        changed = yaml.safe_load(h.path.read_text())
+        changed["bgp"]["peers"][0]["holdTime"] = 30
+        h.path.write_text(yaml.safe_dump(changed))
+        assert await h.agent.reload() is False
+        assert h.agent.model == before and not run.done()
+        assert h.announced() == {"192.0.2.10/32"}
+        h.agent.stop("test")
+        assert await run == 0
+
+    asyncio.run(scenario())
+    [failed] = [r for r in caplog.records if r.getMessage() == "config_apply_failed"]
+    assert "the speaker refused" in failed.lbagent_fields["error"]  # type: ignore[attr-defined]
+
+
+def test_a_failing_task_is_restarted_and_an_unexpected_crash_exits_non_zero(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        calls = 0
+
+        async def flaky() -> None:
+            nonlocal calls
+            calls += 1
+            if calls < 3:
+                raise RuntimeError("internal error")
+
+        h.agent._spawn(h.agent._supervise("flaky", flaky), "flaky")
+        await until(lambda: calls == 3)
+        assert not run.done()
+        registry = h.agent.metrics.registry
+        assert registry.get_sample_value("lbagent_task_restarts_total", {"task": "flaky"}) == 2
+
+        async def crash() -> None:
+            raise RuntimeError("a bug outside supervision")
+
+        h.agent._spawn(crash(), "crash")
+        assert await asyncio.wait_for(run, 5) == 1  # systemd's Restart=on-failure brings the node back
+
+    asyncio.run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,59 @@ def test_certificates_missing_uncovering_or_with_an_open_key_are_refused(tmp_pat
     ca.issue("keep", ["x.example.com"]).key_file.replace(tmp_path / "shop.key")
     problems = _problems(_https_doc(tmp_path, ca, ["shop.example.com"]))
     assert any("does not belong to the certificate" in p for p in problems), problems
+
+
+def _unreachable_by_brute_force(m: model.Model) -> list[tuple[str, str, str]]:
+    """The definition: each entry against every earlier one (quadratic; what the index must agree with)."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for listener in m.listeners:
+        if listener.redirect_to_https:
+            continue
+        entries = [e for _, e in plan_http._entries(m, listener)]
+        for i, entry in enumerate(entries):
+            for earlier in entries[:i]:
+                if earlier.where != entry.where and plan_http.covers(earlier, entry):
+                    out.setdefault(entry.where, (entry.where, listener.name, earlier.where))
+                    break
+    return list(out.values())
+
+
+def _random_routes(rng: random.Random, count: int) -> list[dict[str, Any]]:
+    hosts = [[], ["shop.example.com"], ["*.example.com"], ["a.b.example.com"], ["*.b.example.com", "x.example.org"]]
+    paths = ["/", "/a", "/a/", "/a/b", "/a/b/c", "/ab", "/b"]
+    routes = []
+    for r in range(count):
+        matches = []
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.choice(["PathPrefix", "PathPrefix", "Exact", "RegularExpression"])
+            value = rng.choice(paths) if kind != "RegularExpression" else rng.choice(["/a.*", "/b/[0-9]+"])
+            match: dict[str, Any] = {"path": {"type": kind, "value": value}}
+            if rng.random() < 0.3:
+                match["method"] = rng.choice(["GET", "POST"])
+            if rng.random() < 0.3:
+                match["headers"] = [{"name": "x-v", "value": rng.choice(["1", "2"])}]
+            matches.append(match)
+        routes.append({"name": f"r{r}", "listeners": ["web"], "hostnames": rng.choice(hosts),
+                       "rules": [{"matches": matches, "backendRefs": [{"name": "shop-v1", "port": 80}]}]})
+    return routes
+
+
+def _model_unchecked(doc: dict[str, Any]) -> model.Model:
+    return config._to_model(config.ConfigFile.model_validate(doc))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_indexed_reachability_check_agrees_with_the_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    m = _model_unchecked(_doc(routes=_random_routes(rng, rng.randint(1, 12))))
+    assert sorted(plan_http.unreachable(m)) == sorted(_unreachable_by_brute_force(m))
+
+
+def test_four_thousand_distinct_routes_are_checked() -> None:
+    """A site with thousands of Ingress paths: every one reachable, none compared with all the others (the
+    quadratic check took 310 s for these; benchmarks, not this test, measure the time)."""
+    routes = [_route([{"matches": [{"path": {"type": "PathPrefix", "value": f"/app{i}/v{i % 7}"}}],
+                       "backendRefs": [{"name": "shop-v1", "port": 80}]}], [f"h{i % 50}.example.com"], name=f"r{i}")
+              for i in range(4000)]
+    m = _model_unchecked(_doc(routes=routes))
+    assert plan_http.unreachable(m) == []

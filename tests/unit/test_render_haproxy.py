@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -411,7 +411,9 @@ def start_haproxy(cfg: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.fixture
-def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
+def running(request: pytest.FixtureRequest, certs: Path, tmp_path: Path) -> Iterator[Running]:
+    """HAProxy on the live plan; parametrize indirectly with a tuple of trusted proxy networks."""
+    trusted: tuple[model.IPNetwork, ...] = getattr(request, "param", ())
     echoes = [ThreadingHTTPServer(("127.0.0.1", 0), Echo) for _ in range(2)]
     threads = [threading.Thread(target=e.serve_forever, args=(0.05,), daemon=True) for e in echoes]
     for t in threads:
@@ -423,7 +425,8 @@ def running(certs: Path, tmp_path: Path) -> Iterator[Running]:
         r = Running(free_port(), free_port(), free_port(), free_port(), echoes[0].server_address[1],
                     echoes[1].server_address[1], certs)
         # maxconn needs twice as many file descriptors, which HAProxy must be allowed to open (strict-limits)
-        proxy = replace(PROXY, metrics_address=f"127.0.0.1:{r.metrics}", max_connections=1000)
+        proxy = replace(PROXY, metrics_address=f"127.0.0.1:{r.metrics}", max_connections=1000,
+                        trusted_proxies=trusted)
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(haproxy.render(live_plan(r), proxy, f"{short.name}/admin.sock"))
         process = start_haproxy(cfg, log, r.metrics)
@@ -562,12 +565,14 @@ class QuietServer(ThreadingHTTPServer):
         pass  # HAProxy killed at the end of a test resets its idle connections: not news
 
 
-@pytest.mark.parametrize(("reuse", "server_connections"), [("safe", 3), ("aggressive", 1), ("always", 1)])
+@pytest.mark.parametrize(("reuse", "shared"), [("safe", False), ("aggressive", True), ("always", True)])
 def test_server_connection_reuse_across_client_connections(
-        tmp_path: Path, reuse: model.ServerConnectionReuse, server_connections: int) -> None:
+        tmp_path: Path, reuse: model.ServerConnectionReuse, shared: bool) -> None:
     """A client sends two requests over one connection, then two clients one request each: with `safe` every
     client's first request opens a server connection of its own; with `aggressive` (a connection that has carried
-    more than one request) or `always` (any idle one) the later clients ride the connection the first one used."""
+    more than one request) or `always` (any idle one) a later client rides a connection an earlier one opened.
+    (Not necessarily both: HAProxy keeps idle connections per thread, and on a busy machine a client's request
+    may be handled by a thread that does not see the idle one yet.)"""
     echo = QuietServer(("127.0.0.1", 0), PeerPort)
     thread = threading.Thread(target=echo.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -592,7 +597,7 @@ def test_server_connection_reuse_across_client_connections(
             assert status == 200
             seen.append(body)
         assert seen[0] == seen[1]  # keep-alive toward the server within one client connection, whatever the mode
-        assert len(set(seen)) == server_connections, seen
+        assert (len(set(seen)) < 3) == shared, seen
     finally:
         if process is not None:
             process.kill()
@@ -600,3 +605,24 @@ def test_server_connection_reuse_across_client_connections(
         echo.shutdown()
         echo.server_close()
         short.cleanup()
+
+
+SPOOFED = {"X-Forwarded-For": "203.0.113.66", "X-Real-IP": "203.0.113.66"}
+
+
+def test_a_clients_forwarded_headers_are_replaced_and_dot_segments_refused(running: Running) -> None:
+    r = running
+    seen = echoed(r.http, "/foo/x", headers=SPOOFED)["headers"]
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+    for path in ("/foo/../exact", "/foo/%2e%2E/exact", "/foo/.%2e", "/foo/./x", "/foo/..", "/foo%2f..%2fexact"):
+        assert request(r.http, path, "any.test")[0] == 400, path
+    assert echoed(r.http, "/foo/..x")["server"] == r.echo_a  # a name that starts with dots is no dot segment
+    assert echoed(r.http, "/foo/x.../y")["server"] == r.echo_a
+
+
+@pytest.mark.parametrize("running", [(ip_network("127.0.0.0/8"),)], indirect=True)
+def test_a_trusted_proxys_forwarded_headers_are_kept(running: Running) -> None:
+    seen = echoed(running.http, "/foo/x", headers=SPOOFED)["headers"]
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("203.0.113.66, 127.0.0.1", "203.0.113.66")
+    seen = echoed(running.http, "/foo/x")["headers"]
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
