@@ -10,7 +10,7 @@ packages_for = $(shell awk '!/^\#/ && NF >= 3 && $$2 !~ /^pip:/ { n = split($$3,
 APT_PACKAGES := $(call packages_for,agent test)
 BENCH_PACKAGES := $(call packages_for,bench)
 
-.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean print-packages fresh-root
+.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean print-packages fresh-root fuzz
 
 all: test
 
@@ -70,6 +70,11 @@ bench: deps
 TARGETS ?= demo
 fresh-root:
 	.ci/fresh-root $(TARGETS)
+
+# The config fuzz properties at length (make test runs 150 generated configs): FUZZ_EXAMPLES, FUZZ_SEED.
+FUZZ_EXAMPLES ?= 100000
+fuzz: deps
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider --timeout 0 tests/unit/test_config_fuzz.py
 
 # Tears down every namespace lab left behind (for example after a killed test run).
 lab-down: deps

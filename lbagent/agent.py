@@ -535,7 +535,10 @@ class Agent:
 
     async def _reload(self) -> bool:
         try:
-            new = config.load(self.config_path)
+            # In a worker thread: a large file takes seconds to parse and check (10,000 services: about 3 s),
+            # and the event loop must go on feeding the watchdog, probing and syncing meanwhile. The parse is
+            # pure (it reads the file and builds new frozen objects), so it shares nothing with the loop.
+            new = await asyncio.to_thread(config.load, self.config_path)
         except config.ConfigError as exc:
             self.metrics.config_load_errors.inc()
             for problem in exc.problems:

@@ -261,7 +261,8 @@ def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
         root = loader.get_single_node()
         if root is None:
             return None, None
-        _check_shape(root)
+        if "&" in text:  # only anchors make aliases; without them libyaml bounds the nesting and size is text
+            _check_shape(root)
         try:
             return loader.construct_document(root), root
         except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits

@@ -112,8 +112,10 @@ def test_an_alias_bomb_deep_nesting_and_huge_integers_are_refused_without_a_trac
         lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
     [problem] = _refused("\n".join(lines) + "\n")
     assert "aliases are expanded" in problem
-    [problem] = _refused("node: " + "[" * 200 + "]" * 200 + "\n")
-    assert "nest" in problem
+    [problem] = _refused("node: &n " + "[" * 200 + "]" * 200 + "\n")
+    assert "nest more than 64 deep" in problem
+    [problem] = _refused("node: " + "[" * 2000 + "]" * 2000 + "\n")
+    assert "nesting depth" in problem
     [problem] = _refused("node: {name: " + "1" * 5000 + "}\n")
     assert "4300 digits" in problem
 

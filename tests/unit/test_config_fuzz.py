@@ -1,0 +1,162 @@
+"""Generated configs: the parser never crashes, and what `check` accepts renders to what the real tools accept.
+
+A fixed seed and a small budget here (`make test`); `make fuzz` runs the same properties long (FUZZ_EXAMPLES).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from lbagent import cli, config
+from lbagent.render import exabgp
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+SEED = int(os.environ.get("FUZZ_SEED", "20261202"))
+SEEDS: list[dict[str, Any]] = [
+    {
+        "node": {"name": "lb1"},
+        "agent": {"runtimeDir": "/run/lbagent", "drain": "2s"},
+        "bgp": {"localAS": 64512, "routerID": "198.51.100.11",
+                "peers": [{"address": "198.51.100.1", "peerAS": 64500, "holdTime": 9}]},
+        "dataplane": {"kind": "nftables", "forwardingMode": "masquerade"},
+        "nodes": [{"name": "node1", "addresses": ["203.0.113.11"]},
+                  {"name": "node2", "addresses": ["203.0.113.12", "2001:db8:c::12"], "weight": 2}],
+        "services": [
+            {"name": "web", "vip": "192.0.2.10", "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                                                            {"name": "dns", "protocol": "UDP", "port": 53,
+                                                             "nodePort": 30053}],
+             "bgp": {"med": 10, "communities": ["64512:100"]}, "loadBalancerSourceRanges": ["192.0.2.128/25"]},
+            {"name": "api", "vips": ["192.0.2.11", "2001:db8::11"], "externalTrafficPolicy": "Local",
+             "healthCheckNodePort": 32000, "sessionAffinity": "ClientIP",
+             "ports": [{"port": 443, "nodePort": 30443}]},
+        ],
+    },
+    {
+        "node": {"name": "lb1"},
+        "bgp": {"localAS": 64512, "routerID": "198.51.100.11",
+                "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
+        "nodes": [{"name": "node1", "addresses": ["203.0.113.11"]}],
+        "services": [{"name": "shop", "ports": [{"port": 80, "nodePort": 30081}]}],
+        "backends": [{"name": "legacy", "endpoints": ["198.51.100.7:8080"]}],
+        "listeners": [{"name": "web", "vip": "192.0.2.20", "port": 80}],
+        "routes": [{"name": "shop", "listeners": ["web"], "hostnames": ["shop.example.com", "*.example.org"],
+                    "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/api"},
+                                            "headers": [{"name": "x-v", "value": "2"}]}],
+                               "filters": [{"type": "URLRewrite", "urlRewrite": {
+                                   "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}],
+                               "backendRefs": [{"name": "shop", "port": 80}]},
+                              {"matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                               "backendRefs": [{"kind": "Backend", "name": "legacy"}]}]}],
+    },
+]
+
+# Values a hostile or careless operator writes: wrong types, edges of ranges, scope ids, control characters.
+ODD_TEXT = st.sampled_from([
+    "", " ", "0", "-1", "70000:1", "1:2", "true", "null", "2001:db8::7%lo", "192.0.2.10\nlisten x", "198.51.100.7",
+    "198.51.100.7:99999", "[2001:db8::7]:8080", "/", "/a/../b", "*.example.com", "a b", "é", "\u0663", "x" * 300,
+    "10ms", "1m", "0s", "999999999s", "TCP", "UDP", "Local", "Cluster", "nft", "legacy", "ipvs", "iptables",
+    "192.0.2.0/24", "2001:db8::/33", "198.51.100.1", "203.0.113.11", "127.0.0.1", "0.0.0.0", "224.0.0.1",
+])
+VALUES = st.one_of(
+    ODD_TEXT, st.text(max_size=20), st.booleans(), st.none(),
+    st.integers(min_value=-2, max_value=70000), st.sampled_from([2**32, 2**63, 10**30, 0, 1, 65535, 65536]),
+    st.floats(allow_nan=True, allow_infinity=True), st.lists(ODD_TEXT, max_size=3),
+    st.dictionaries(ODD_TEXT, ODD_TEXT, max_size=2),
+)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in the document a mutation may hit (a key of a mapping, an index of a list)."""
+    found: list[tuple[Any, ...]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.append((*prefix, key))
+            found += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.append((*prefix, i))
+            found += _paths(value, (*prefix, i))
+    return found
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, Any]:
+    doc: dict[str, Any] = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        paths = _paths(doc)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent: Any = doc
+        for part in path[:-1]:
+            parent = parent[part]
+        action = draw(st.sampled_from(["replace", "replace", "delete", "duplicate"]))
+        if action == "replace":
+            parent[path[-1]] = draw(VALUES)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, list):
+            parent.append(copy.deepcopy(parent[path[-1]]))
+    return doc
+
+
+def _tool_accepts(argv: list[str], text: str, suffix: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.NamedTemporaryFile("w", suffix=suffix) as file:
+        file.write(text)
+        file.flush()
+        return subprocess.run([*argv, file.name], capture_output=True, text=True, check=False, timeout=60)
+
+
+@seed(SEED)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(documents())
+def test_check_never_crashes_and_what_it_accepts_the_real_tools_accept(doc: dict[str, Any]) -> None:
+    text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    try:
+        m = config.parse(text)
+    except config.ConfigError as exc:
+        assert exc.problems and all(p.message for p in exc.problems)
+        return
+    # Accepted: plan renders every artifact without an exception, and each real tool takes its artifact.
+    artifacts = cli._plan_document(m)
+    nft = _tool_accepts([shutil.which("nft") or "/usr/sbin/nft", "-c", "-f"], artifacts["nftables"], ".nft")
+    assert nft.returncode == 0, f"nft refused what check accepted:\n{text}\n{nft.stderr}"
+    if artifacts["haproxy"] is not None:
+        ha = _tool_accepts([shutil.which("haproxy") or "/usr/sbin/haproxy", "-c", "-f"], artifacts["haproxy"],
+                           ".cfg")
+        assert ha.returncode == 0, f"haproxy refused what check accepted:\n{text}\n{ha.stdout}{ha.stderr}"
+    exabgp.render_config(m.bgp, "/bin/true")
+
+
+def test_the_generator_reaches_both_accepted_and_refused_configs() -> None:
+    """The property above is not vacuous: the mutations produce configs check accepts and ones it refuses."""
+    outcomes: set[bool] = set()
+
+    @seed(7)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(documents())
+    def probe(doc: dict[str, Any]) -> None:
+        try:
+            config.parse(yaml.safe_dump(doc))
+            outcomes.add(True)
+        except config.ConfigError:
+            outcomes.add(False)
+
+    probe()
+    assert outcomes == {True, False}
+
+
+@pytest.mark.parametrize("index", range(len(SEEDS)))
+def test_every_seed_is_accepted(index: int, tmp_path: Path) -> None:
+    config.parse(yaml.safe_dump(SEEDS[index]))
