@@ -227,6 +227,7 @@ def _check_shape(root: yaml.Node) -> None:
     (a few hundred bytes of nested aliases make billions of values), before anything walks it recursively."""
     height: dict[int, int] = {}
     size: dict[int, int] = {}
+    expanding: set[int] = set()  # the nodes on the path from the root to the one being looked at
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
@@ -235,14 +236,14 @@ def _check_shape(root: yaml.Node) -> None:
             continue
         kids = _children(node)
         if not children_done:
+            if any(id(kid) in expanding or kid is node for kid in kids):
+                raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
+                                                        node.start_mark)
+            expanding.add(key)
             stack.append((node, True))
             stack.extend((kid, False) for kid in kids if id(kid) not in size)
-            if len(stack) > MAX_NODES:
-                break
             continue
-        if any(id(kid) not in size for kid in kids):
-            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
-                                                    node.start_mark)
+        expanding.discard(key)
         height[key] = 1 + max((height[id(kid)] for kid in kids), default=0)
         size[key] = 1 + sum(size[id(kid)] for kid in kids)
         if height[key] > MAX_DEPTH:
@@ -351,6 +352,11 @@ def _loc(path: str) -> list[int | str]:
     return parts
 
 
+def _routable(address: model.IPAddress) -> bool:
+    """A unicast address another host can reach: not loopback, multicast, unspecified or link-local."""
+    return not (address.is_loopback or address.is_multicast or address.is_unspecified or address.is_link_local)
+
+
 def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     """Checks no single field can make: uniqueness, families, addresses that clash, features not built yet."""
     if not config.agent.runtime_dir.startswith("/"):
@@ -376,8 +382,7 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     for i, node in enumerate(config.nodes):
         for k, node_address in enumerate(node.addresses):
             own.setdefault(str(node_address), f"nodes[{i}].addresses[{k}]")
-            if (node_address.is_unspecified or node_address.is_loopback or node_address.is_multicast
-                    or node_address.is_link_local):
+            if not _routable(node_address):
                 yield Problem(f"nodes[{i}].addresses[{k}]", str(node_address),
                               "a node address must be a unicast address the LB reaches the node at")
         if node.name in seen_nodes:
@@ -479,7 +484,7 @@ def _check_vips(
         if vip.version not in families:
             yield Problem(f"services[{i}].{field}", short(str(vip)),
                           f"no node has an IPv{vip.version} address to forward this VIP to")
-        if vip.is_loopback or vip.is_multicast or vip.is_unspecified or vip.is_link_local:
+        if not _routable(vip):
             yield Problem(f"services[{i}].{field}", short(str(vip)), "a VIP must be a unicast, routable address")
         first = vip_attributes.setdefault(str(vip), (i, svc.bgp))
         if first[1] != svc.bgp:

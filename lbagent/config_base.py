@@ -57,9 +57,7 @@ def _parse_ip(value: Any) -> IPv4Address | IPv6Address:
         return value
     if not isinstance(value, str):
         raise ValueError("expected an IPv4 or IPv6 address as a string")
-    if "%" in value:
-        # Python takes fe80::1%eth0; nft, HAProxy and ExaBGP would get the zone written into their configs.
-        raise ValueError("an IPv6 scope id (%zone) is not allowed here: give a global address")
+    model.refuse_scope_id(value)
     try:
         return ip_address(value.strip())
     except ValueError:
@@ -80,8 +78,7 @@ IPv4 = Annotated[IPv4Address, PlainValidator(_parse_ipv4)]
 def _parse_cidr(value: Any) -> IPv4Network | IPv6Network:
     if not isinstance(value, str):
         raise ValueError("expected a CIDR such as 198.51.100.0/24 as a string")
-    if "%" in value:
-        raise ValueError("an IPv6 scope id (%zone) is not allowed here")
+    model.refuse_scope_id(value)
     try:
         return ip_network(value.strip(), strict=True)
     except ValueError as exc:
@@ -130,7 +127,8 @@ def read_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> byte
     fill memory."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as file:
-        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        info = os.fstat(fd)
+        mode, size = info.st_mode, info.st_size
         if not stat.S_ISREG(mode):
             kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                     else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")

@@ -333,6 +333,13 @@ class Listener:
         return f"listener:{self.name}"
 
 
+def refuse_scope_id(text: str) -> None:
+    """ValueError for an address with an IPv6 scope id: Python takes `fe80::1%eth0`, but nft, HAProxy and ExaBGP
+    would get the zone (any text after `%`) written into their configs."""
+    if "%" in text:
+        raise ValueError("an IPv6 scope id (%zone) is not allowed here: give a global address")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     address: IPAddress
@@ -346,8 +353,7 @@ class Endpoint:
             raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
         if not 1 <= int(port) <= 65535:
             raise ValueError(f"port {port} in {text!r} is out of range")
-        if "%" in host:
-            raise ValueError(f"{text!r}: an IPv6 scope id (%zone) is not allowed here")
+        refuse_scope_id(host)
         try:
             address = ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
         except ValueError:

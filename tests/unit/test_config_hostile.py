@@ -112,6 +112,8 @@ def test_an_alias_bomb_deep_nesting_and_huge_integers_are_refused_without_a_trac
         lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
     [problem] = _refused("\n".join(lines) + "\n")
     assert "aliases are expanded" in problem
+    [problem] = _refused("node: &n [1, *n]\n")  # a value that contains itself
+    assert "contains it" in problem
     [problem] = _refused("node: &n " + "[" * 200 + "]" * 200 + "\n")
     assert "nest more than 64 deep" in problem
     [problem] = _refused("node: " + "[" * 2000 + "]" * 2000 + "\n")
