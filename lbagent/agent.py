@@ -16,6 +16,7 @@ from lbagent import __version__, config, model, plan_http
 from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
 from lbagent.apply.certs import CertificateStore
 from lbagent.apply.conntrack import clear_udp
+from lbagent.apply.drift import NftChange, NftWatcher, watch_removed_addresses
 from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.haproxy import ConfigRefused, HaproxyProcess, ProxyError, ProxyLayer
 from lbagent.apply.vips import VipBinder, apply_sysctls
@@ -80,6 +81,7 @@ class Agent:
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
         proxy_factory: ProxyFactory = _default_proxy,
+        watch_drift: bool = True,
     ) -> None:
         self.config_path = Path(config_path)
         self.model = initial
@@ -113,6 +115,8 @@ class Agent:
         self._decisions: Mapping[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._watch_drift = watch_drift
+        self._drift_pending = False  # the kernel lost what the data plane applied: unknown until the next apply
         self._exit_code = 0  # 1 once the agent stops for anything but a signal: systemd's Restart=on-failure
         a = initial.agent
         self.runners = {
@@ -209,7 +213,17 @@ class Agent:
         p = self.current_plan()
         # A VIP is unbound only once it is no longer announced: withdraw first, then let go of the address.
         announced = {ip_interface(prefix).ip for prefix in self.speaker.announced()}
-        bound = await self.binder.sync(p.vips, keep=announced)
+        try:
+            bound = await self.binder.sync(p.vips, keep=announced)
+        except BaseException:
+            # What is bound is unknown now (a VIP taken away that cannot be bound again): announce only what is
+            # there, so no router sends this node traffic for an address it does not hold.
+            with contextlib.suppress(Exception):
+                actual = await self.binder.bound()
+                if actual != self._bound:
+                    self._bound = actual
+                    self.runners["bgp"].mark_dirty()
+            raise
         if bound != self._bound:
             self._bound = bound
             self.runners["bgp"].mark_dirty()
@@ -219,10 +233,16 @@ class Agent:
         dirty, self._dataplane_dirty = self._dataplane_dirty, set()
         changed = None if resync or dirty is None else {k: p.by_service.get(k, ()) for k in dirty}
         try:
-            await self.forwarder.apply(p.frontends, p.l4_vips, force=resync, changed=changed)
+            how = await self.forwarder.apply(p.frontends, p.l4_vips, force=resync, changed=changed)
         except BaseException:
             self._dataplane_dirty = None  # whatever happened, the next sync applies everything
+            if self._drift_pending and self._programmed:
+                # Someone else changed the table and it could not be put back: nothing is known to forward.
+                self._programmed = set()
+                self.runners["bgp"].mark_dirty()
             raise
+        self._drift_pending = False
+        self.metrics.dataplane_applies.labels(how).inc()
         keys = self._applied.keys() | p.by_service.keys() if changed is None else changed.keys()
         for key in keys:
             for stale in stale_udp_flows(self._applied.get(key, ()), p.by_service.get(key, ())):
@@ -318,6 +338,40 @@ class Agent:
         self._proxy_plan, self._proxy_shape = planned, (shape, structure)
         self.runners["bgp"].mark_dirty()
 
+    # -- drift ----------------------------------------------------------------------------------------
+
+    def _dataplane_drift(self, change: NftChange) -> None:
+        """Another process changed the data plane's nftables table: the next sync, at once, rewrites it whole."""
+        self.metrics.drift.labels("dataplane").inc()
+        event(log, logging.WARNING, "dataplane_drift", change=change.what, pid=change.pid, process=change.process,
+              generation=change.generation, action="full apply now")
+        self._drift_pending = True
+        self._dataplane_dirty = None
+        self.runners["dataplane"].request_resync()
+
+    def _dataplane_events_lost(self) -> None:
+        event(log, logging.WARNING, "dataplane_events_lost", action="full apply now")
+        self._dataplane_dirty = None
+        self.runners["dataplane"].request_resync()
+
+    def _address_removed(self, address: model.IPAddress) -> None:
+        """An address left the VIP interface: if it is a VIP this node should hold, someone else removed it."""
+        if address not in self._bound or self._plan is None or address not in self._plan.vips:
+            return  # not ours, or lbagent's own unbind
+        self.metrics.drift.labels("vip").inc()
+        event(log, logging.WARNING, "vip_drift", vip=address, interface=self.model.vip_interface,
+              action="bind again now")
+        self.runners["vips"].mark_dirty()
+
+    async def _watch_dataplane(self) -> None:
+        tables = self.forwarder.nft_tables
+        if not tables():
+            return
+        await NftWatcher(tables, self._dataplane_drift, self._dataplane_events_lost).run()
+
+    async def _watch_addresses(self) -> None:
+        await watch_removed_addresses(self.model.vip_interface, self._address_removed)
+
     async def _watch_certificates(self) -> None:
         """Certificate files replaced on disk reach HAProxy through its runtime API, without a reload."""
         while True:
@@ -409,6 +463,9 @@ class Agent:
             self._spawn(self._supervise(f"runner {name}", runner.run_forever), f"runner {name}")
         self._spawn(self._supervise("watchdog", self.notifier.feed_watchdog), "watchdog")
         self._spawn(self._supervise("certificate watcher", self._watch_certificates), "certificate watcher")
+        if self._watch_drift:
+            self._spawn(self._supervise("dataplane drift watcher", self._watch_dataplane), "dataplane drift watcher")
+            self._spawn(self._supervise("address drift watcher", self._watch_addresses), "address drift watcher")
         await self._first_syncs()
         # What is bound and programmed now is what this node serves: the next BGP pass announces all of it and
         # (with graceful restart) ends the routers' wait with End-of-RIB.

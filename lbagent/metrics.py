@@ -42,6 +42,9 @@ class Metrics:
         self.task_restarts = Counter("lbagent_task_restarts_total",
                                      "Restarts of one of the agent's own long-lived tasks after an internal error.",
                                      ["task"], registry=r)
+        self.drift = Counter("lbagent_drift_detected_total",
+                             "Changes to what lbagent owns in the kernel made by someone else, by what (dataplane, "
+                             "vip); each is repaired at once.", ["what"], registry=r)
         self.dataplane_applies = Counter("lbagent_dataplane_applies_total",
                                          "Data plane applies, by how (full, delta, unchanged).", ["how"], registry=r)
         self.haproxy_up = Gauge("lbagent_haproxy_up", "1 while HAProxy runs with lbagent's config.", registry=r)

@@ -34,6 +34,7 @@ class BoundedFrequencyRunner:
         self._retry = retry
         self._clock = clock
         self._dirty = asyncio.Event()
+        self._force = False
         self._last_start: float | None = None
         self.last_success: float | None = None
         self.last_error: str | None = None
@@ -42,6 +43,11 @@ class BoundedFrequencyRunner:
         self._synced = asyncio.Event()
 
     def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def request_resync(self) -> None:
+        """The next sync (at once) is a full one: the kernel's state is no longer what was applied."""
+        self._force = True
         self._dirty.set()
 
     async def wait_synced(self) -> None:
@@ -58,12 +64,13 @@ class BoundedFrequencyRunner:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._dirty.wait()
-            resync = not self._dirty.is_set()
+            resync = not self._dirty.is_set() or self._force
             if self._last_start is not None:
                 gap = self._min_interval - (self._clock() - self._last_start)
                 if gap > 0:
                     await asyncio.sleep(gap)
             self._dirty.clear()
+            self._force = False
             self._synced.clear()
             self._last_start = self._clock()
             self.runs += 1

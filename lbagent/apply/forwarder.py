@@ -27,6 +27,10 @@ class Forwarder(Protocol):
     def programmed(self) -> set[model.IPAddress]:
         """VIPs whose forwarding is in the kernel now (with at least one backend taking new flows)."""
 
+    def nft_tables(self) -> set[tuple[str, str]]:
+        """The nftables tables this forwarder owns, as (family, name): a change to one of them committed by any
+        other process is drift, and the next apply after it is a full one."""
+
     async def cleanup(self) -> None:
         """Remove everything this forwarder programmed (`lbagent cleanup`)."""
 

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 
 from lbagent import model
+from lbagent.apply.drift import remember_own
 from lbagent.logfmt import event
 from lbagent.plan import Frontend
 from lbagent.render.iptables import (
@@ -51,6 +52,7 @@ async def run_tool(argv: Sequence[str], stdin: str | None = None) -> str:
         )
     except FileNotFoundError as exc:
         raise IptablesError(f"{argv[0]} is not installed (apt package iptables): {exc}") from exc
+    remember_own(proc.pid)
     out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
     if proc.returncode != 0:
         message = err.decode(errors="replace").strip()
@@ -103,6 +105,11 @@ class IptablesForwarder:
 
     def programmed(self) -> set[model.IPAddress]:
         return set() if self.applied is None else self.applied.programmed()
+
+    def nft_tables(self) -> set[tuple[str, str]]:
+        # lbagent's chains live in the shared nat and filter tables, which kube-proxy, Docker and firewalls commit
+        # to all the time: a change there is not a sign of drift. The periodic resync repairs these chains.
+        return set()
 
     async def cleanup(self) -> None:
         """Remove lbagent's jumps and chains in both families. A family that cannot even be listed (a kernel

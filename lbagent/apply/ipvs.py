@@ -146,6 +146,10 @@ class IpvsForwarder:
     def programmed(self) -> set[model.IPAddress]:
         return render.programmed(self._state)
 
+    def nft_tables(self) -> set[tuple[str, str]]:
+        # The IPVS services themselves send no netlink events: the periodic resync repairs them.
+        return {("inet", self.table)}
+
     async def cleanup(self) -> None:
         """Delete every IPVS service lbagent owns (recorded, or on a VIP it was last given), then its nft table."""
         recorded = await self._read_record()

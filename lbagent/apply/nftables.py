@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from ipaddress import ip_address
 
 from lbagent import model
+from lbagent.apply.drift import remember_own
 from lbagent.logfmt import event
 from lbagent.plan import Frontend
 from lbagent.render.nftables import Ruleset, build, render_delete, render_delta, render_full, update
@@ -28,6 +29,7 @@ async def run_nft(args: list[str], script: str | None = None) -> str:
         stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
+    remember_own(proc.pid)  # its commits are lbagent's own, not drift
     out, err = await proc.communicate(script.encode() if script is not None else None)
     if proc.returncode != 0:
         raise NftError(f"nft {' '.join(args)} exited {proc.returncode}: {err.decode(errors='replace').strip()}")
@@ -74,6 +76,9 @@ class NftForwarder:
             self._by_service[f.service] += (f,)
         self._vips = set(vips)
         return how
+
+    def nft_tables(self) -> set[tuple[str, str]]:
+        return {("inet", self.dataplane.table)}
 
     def programmed(self) -> set[model.IPAddress]:
         if self.applied is None:
