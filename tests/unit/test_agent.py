@@ -10,6 +10,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import yaml
 from lbagent import config, model, status
 from lbagent.agent import Agent
 from lbagent.apply.bgp import FakeBgpSpeaker
+from lbagent.apply.drift import NftChange
 from lbagent.apply.haproxy import FakeProxy
 from lbagent.apply.nftables import NftError, NftForwarder
 from lbagent.apply.vips import VipBinder, VipError
@@ -101,7 +103,7 @@ class Harness:
 
         self.agent = Agent(self.path, config.load(self.path), speaker_factory=speaker, forwarder=self.forwarder,
                            binder=self.binder, prober=prober, sysctl_root=self.sysctls,
-                           proxy_factory=proxy_factory or _no_proxy)
+                           proxy_factory=proxy_factory or _no_proxy, watch_drift=False)
 
     def rotation(self) -> set[str]:
         """Node addresses in the lookup tables the dispatch map points at."""
@@ -434,3 +436,52 @@ def test_a_failing_task_is_restarted_and_an_unexpected_crash_exits_non_zero(tmp_
         assert await asyncio.wait_for(run, 5) == 1  # systemd's Restart=on-failure brings the node back
 
     asyncio.run(scenario())
+
+
+def test_drift_is_repaired_at_once_and_what_cannot_be_repaired_is_withdrawn(tmp_path: Path) -> None:
+    """The watchers' reports (tests/unit/test_drift_netns.py proves them against the kernel): another process
+    changed the table -> the whole table is written again at once; it cannot be -> the VIP is withdrawn until
+    it can. A VIP taken off the interface -> bound again; it cannot be -> withdrawn until it is.
+    Real counterpart: tests/lab/test_drift.py."""
+    h = Harness(tmp_path)
+    vip = ip_address("192.0.2.10")
+    deleted = NftChange(generation=7, pid=4242, process="nft", what="delete table inet lbagent")
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        applied = len(h.forwarder.scripts)
+        h.agent._dataplane_drift(deleted)
+        await until(lambda: len(h.forwarder.scripts) > applied)
+        assert "delete table inet lbagent" in h.forwarder.scripts[-1]  # the whole table, not a delta
+        assert h.announced() == {"192.0.2.10/32"}
+
+        h.forwarder.fail = True
+        h.agent._dataplane_drift(deleted)
+        await until(lambda: h.announced() == set())  # nothing known to forward: not attracting traffic
+        h.forwarder.fail = False
+        await until(lambda: h.announced() == {"192.0.2.10/32"})  # the runner's retry repaired it
+
+        h.binder.vips.discard(vip)
+        h.agent._address_removed(vip)
+        await until(lambda: vip in h.binder.vips)
+        assert h.announced() == {"192.0.2.10/32"}
+
+        h.binder.broken = True
+        h.binder.vips.discard(vip)
+        h.agent._address_removed(vip)
+        await until(lambda: h.announced() == set())
+        h.binder.broken = False
+        await until(lambda: vip in h.binder.vips and h.announced() == {"192.0.2.10/32"})
+
+        before = len(h.forwarder.scripts)
+        h.agent._address_removed(ip_address("192.0.2.99"))  # not a VIP of this node: not drift
+        await asyncio.sleep(0)
+        assert len(h.forwarder.scripts) == before
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+    metric = h.agent.metrics.drift
+    assert metric.labels("dataplane")._value.get() == 2
+    assert metric.labels("vip")._value.get() == 2
