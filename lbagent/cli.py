@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from lbagent import __version__, config, model, plan_http
-from lbagent.plan import all_healthy, listener_decision, plan, with_listeners
-from lbagent.render import exabgp, haproxy, nftables
+from lbagent import __version__, config, judge, model
+from lbagent.artifacts import plan_document
+from lbagent.plan import all_healthy, plan
+from lbagent.render import nftables
 
 
 def _load_or_report(path: str) -> model.Model | None:
@@ -29,68 +29,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config)
     if m is None:
         return 1
-    print(f"{args.config}: ok ({len(m.services)} services, {len(m.nodes)} nodes, "
-          f"{len(m.bgp.peers)} BGP peers; config hash {m.digest()})")
+    summary = (f"{len(m.services)} services, {len(m.nodes)} nodes, {len(m.bgp.peers)} BGP peers; "
+               f"config hash {m.digest()}")
+    if not args.no_tools and not _tools_accept(args.config, m):
+        return 1
+    print(f"{args.config}: ok ({summary})")
     return 0
 
 
-def _plan_document(m: model.Model) -> dict[str, Any]:
-    healthy = all_healthy(m)
-    p = plan(m, healthy)
-    proxy = plan_http.plan_proxy(m, healthy, {
-        listener.name: tuple(f"{m.agent.runtime_dir}/haproxy/certs/{listener.name}-{i}.pem"
-                             for i in range(len(listener.certificates)))
-        for listener in m.listeners if listener.certificates})
-    fronts = {f.listener: f for f in proxy.frontends}
-    p = with_listeners(p, m, [listener_decision(lst, *plan_http.listener_serves(fronts[lst.name], proxy), True, False)
-                              for lst in m.listeners])
-    return {
-        "assumption": "every node healthy for every service (plan does not probe)",
-        "configHash": m.digest(),
-        "vips": [{"address": str(v), "interface": m.vip_interface} for v in p.vips],
-        "decisions": [
-            {"service": d.service, "vips": [str(v) for v in d.vips], "announce": d.announce,
-             "reason": d.reason.value, "healthyNodes": list(d.healthy_nodes), "drainingNodes": list(d.draining_nodes)}
-            for d in p.decisions
-        ],
-        "frontends": [
-            {"service": f.service, "port": f.port_name, "vip": str(f.vip), "protocol": f.protocol.value,
-             "listen": f.port, "mode": f.mode.value, "affinityTimeout": f.affinity_timeout,
-             "sourceRanges": [str(n) for n in f.source_ranges],
-             "backends": [f"{b.node}={b.address}:{b.port}" + (f"*{b.weight}" if b.weight != 1 else "")
-                          for b in f.backends]}
-            for f in p.frontends
-        ],
-        "bgp": {
-            "localAS": m.bgp.local_as, "routerID": str(m.bgp.router_id),
-            "peers": [{**asdict(peer), "address": str(peer.address), "password": "***" if peer.password else None,
-                       "local_address": str(peer.local_address) if peer.local_address else None}
-                      for peer in m.bgp.peers],
-            "announcements": [exabgp.announce_command(a) for a in p.announcements.values()],
-        },
-        "sysctls": {k.replace("/", "."): v for k, v in p.sysctls.items()},
-        "nftables": nftables.render(p.frontends, p.l4_vips, m.dataplane),
-        "listeners": [
-            {"listener": f.listener, "vips": [str(v) for v in f.vips], "port": f.port, "protocol": f.protocol.value,
-             "redirectToHTTPS": f.redirect_to_https,
-             "routes": [{"host": e.hostname or "*", "match": _describe(e.match), "backend": e.backend,
-                         "where": e.where} for e in f.entries],
-             "defaultBackend": f.default_backend or "404"}
-            for f in proxy.frontends
-        ],
-        "haproxy": haproxy.render(proxy, m.proxy, f"{m.agent.runtime_dir}/haproxy/api.sock") if m.listeners else None,
-    }
+def _field_lines(source: str) -> Callable[[str], int | None]:
+    """A field path's line in the config file (None when it cannot be found)."""
+    try:
+        text = Path(source).read_text(errors="replace")
+    except OSError:
+        return lambda path: None
+    return lambda path: config.field_line(text, path)
 
 
-def _describe(match: model.RouteMatch) -> str:
-    """A route match in one line, as an operator reads it."""
-    parts = [f"path {match.path.type.value} {match.path.value}"]
-    parts += [f"method {match.method}"] if match.method else []
-    parts += [f"header {h.name} {'=' if h.type is model.ValueMatchType.EXACT else '~'} {h.value}"
-              for h in match.headers]
-    parts += [f"query {q.name} {'=' if q.type is model.ValueMatchType.EXACT else '~'} {q.value}"
-              for q in match.query_params]
-    return ", ".join(parts)
+def _tools_accept(source: str, m: model.Model) -> bool:
+    """Each real tool's verdict on what `run` would write, one line each; False when one refused."""
+    try:
+        verdicts = judge.judge(m)
+    except ValueError as exc:  # a renderer refused what the checks passed: a bug in lbagent, said as such
+        print(f"{source}: lbagent cannot render what it would run for this config: {exc}", file=sys.stderr)
+        return False
+    refused = []
+    for verdict in verdicts:
+        if verdict.outcome is not judge.Outcome.REFUSED:
+            reason = f": {' '.join(verdict.detail)}" if verdict.detail else ""
+            print(f"  {verdict.outcome.value:<12} {verdict.judge}{reason}", flush=True)
+            continue
+        refused.append(verdict.judge)
+        print(f"  {verdict.outcome.value:<12} {verdict.judge}", file=sys.stderr)
+        for line in verdict.detail:
+            print(f"      {line}", file=sys.stderr)
+        if verdict.artifact_line:
+            print(f"    at {verdict.artifact_line}", file=sys.stderr)
+        if verdict.origins:
+            print(f"    from {judge.where(verdict.origins, _field_lines(source))}", file=sys.stderr)
+    if refused:
+        print(f"{source}: refused by {', '.join(refused)} (lbagent's own checks passed; what `run` would write "
+              f"for this config is not)", file=sys.stderr)
+        return False
+    return True
 
 
 def _endpoint(text: str) -> tuple[model.IPAddress, int]:
@@ -130,7 +111,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     if args.flow:
         return cmd_flow(m, args.flow)
-    doc = _plan_document(m)
+    try:
+        doc = plan_document(m)
+    except ValueError as exc:
+        print(f"{args.config}: lbagent cannot render what it would run for this config: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -151,8 +136,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("\n## sysctls")
     for key, value in doc["sysctls"].items():
         print(f"  {key} = {value}")
-    print("\n## nftables (applied with `nft -f` in one transaction)")
-    print(doc["nftables"], end="")
+    if doc["nftables"] is not None:
+        print("\n## nftables (applied with `nft -f` in one transaction)")
+        print(doc["nftables"], end="")
+    for family, rules in (doc["iptables"] or {}).items():
+        print(f"\n## iptables, {family} (applied with `iptables-restore --noflush`)")
+        print(rules, end="")
+    if doc["ipvs"] is not None:
+        print("\n## IPVS services (created over netlink)")
+        for op in doc["ipvs"]["operations"]:
+            print(f"  {op}")
+        print("\n## nftables beside IPVS (source ranges, masquerade, refusals)")
+        print(doc["ipvs"]["nftables"], end="")
     if doc["haproxy"] is not None:
         print("\n## HTTP listeners (routes in precedence order: the first that matches takes the request)")
         for listener in doc["listeners"]:
@@ -238,8 +233,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-timestamps", action="store_true", help="leave timestamps to journald")
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check", help="validate a config file; non-zero exit with every problem listed")
+    check = sub.add_parser("check", help="validate a config file and what `run` would write for it with the real "
+                                         "tools; non-zero exit with every problem listed")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument("--no-tools", action="store_true",
+                       help="only lbagent's own checks: do not ask nft, iptables, haproxy and exabgp")
     check.set_defaults(func=cmd_check)
     plan_cmd = sub.add_parser("plan", help="print what would be programmed (needs no root)")
     plan_cmd.add_argument("-c", "--config", required=True)

@@ -29,7 +29,7 @@ from lbagent.config_base import (
     short,
 )
 
-__all__ = ["ConfigError", "Problem", "load", "parse"]
+__all__ = ["ConfigError", "Problem", "field_line", "load", "parse"]
 
 class NodeSection(Strict):
     name: str = Field(pattern=_NAME)
@@ -343,6 +343,16 @@ def load(path: str | Path) -> model.Model:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(str(path), [Problem("", str(path), f"cannot read the file: {reason}")]) from exc
     return parse(text, str(path))
+
+
+def field_line(text: str, path: str) -> int | None:
+    """The line of the file where the field `path` (as problems name it: `listeners[1].port`) is, if it is there:
+    for pointing from something derived from the config (a rendered artifact) back into it."""
+    try:
+        _, root = _load_yaml(text)
+    except yaml.YAMLError:
+        return None
+    return _LineIndex(root).line(_loc(path))
 
 
 def _loc(path: str) -> list[int | str]:

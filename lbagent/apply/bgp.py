@@ -170,7 +170,7 @@ class ExaBgpSpeaker:
         self._bgp = bgp
         self._runtime_dir = os.path.abspath(runtime_dir)
         self._on_change = on_change
-        self._api_run = f"{python} -m lbagent.apply.exabgp_bridge {self.socket_path}"
+        self._api_run = api_run(self._runtime_dir, python)
         render.render_config(bgp, self._api_run)  # refuse bad settings here, not in the supervisor
         self._log = logger
         self._ack_timeout = ack_timeout
@@ -495,7 +495,7 @@ class ExaBgpSpeaker:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         bgp = self._bgp
-        local = {peer.address: source for peer in bgp.peers if (source := _source_address(peer.address))}
+        local = local_addresses(bgp)
         for peer in bgp.peers:
             if peer.local_address is not None:
                 continue
@@ -514,7 +514,7 @@ class ExaBgpSpeaker:
         env = {k: v for k, v in os.environ.items() if not k.lower().startswith("exabgp")}
         env.update(render.environment(self._runtime_dir))
         self._peers = {str(peer.address): self._peers.get(str(peer.address), "unknown") for peer in bgp.peers}
-        executable = _resolve(bgp.exabgp)
+        executable = resolve(bgp.exabgp)
         proc = await asyncio.create_subprocess_exec(
             executable,
             "server",
@@ -696,8 +696,19 @@ class FakeBgpSpeaker:
             raise BgpCommandError(f"ExaBGP answered error to: {line}")
 
 
-def _resolve(exabgp: str) -> str:
-    """A bare name is looked for next to the running interpreter (a venv's bin) first, then on PATH."""
+def api_run(runtime_dir: str, python: str = sys.executable) -> str:
+    """The command ExaBGP runs as its API process: the bridge to the agent's socket in `runtime_dir`."""
+    return f"{python} -m lbagent.apply.exabgp_bridge {os.path.join(os.path.abspath(runtime_dir), SOCKET_NAME)}"
+
+
+def local_addresses(bgp: model.Bgp) -> dict[model.IPAddress, model.IPAddress]:
+    """Each peer's source address as the routing table has it now (peers without a route are left out)."""
+    return {peer.address: source for peer in bgp.peers if (source := _source_address(peer.address))}
+
+
+def resolve(exabgp: str) -> str:
+    """The ExaBGP executable (FileNotFoundError when there is none). A bare name is looked for next to the running
+    interpreter (a venv's bin) first, then on PATH."""
     if "/" in exabgp:
         return exabgp
     beside = os.path.join(os.path.dirname(sys.executable), exabgp)

@@ -212,7 +212,17 @@ def _parse_show_proc(text: str) -> _Procs:
     return _Procs(master[0], master[1], master[2], tuple(workers), tuple(old))
 
 
-def _haproxy_words(output: str | list[str]) -> str:
+def resolve(executable: str) -> str:
+    """The HAProxy executable `proxy.haproxy` names: a path, or a name looked up in PATH (then /usr/sbin)."""
+    found = executable
+    if "/" not in found:
+        found = shutil.which(found) or shutil.which(found, path="/usr/sbin:/usr/local/sbin") or ""
+    if not found or not os.access(found, os.X_OK):
+        raise ProxyError(f"cannot run HAProxy: {executable!r} is not an executable (nor found in PATH)")
+    return found
+
+
+def haproxy_words(output: str | list[str]) -> str:
     """HAProxy's own complaint from its output: the ALERT lines (every line when there is none), without the
     `[ALERT]    (1234) : ` prefix."""
     lines = [line.strip() for line in (output.splitlines() if isinstance(output, str) else output) if line.strip()]
@@ -446,12 +456,12 @@ class HaproxyProcess:
                 return
             answer = await self._cli(self.runtime_socket, f"set ssl cert {path} <<\n{payload}\n")
             if "Transaction created" not in answer and "Transaction updated" not in answer:
-                raise ProxyError(f"HAProxy refused the certificate {path}: {_haproxy_words(answer)}")
+                raise ProxyError(f"HAProxy refused the certificate {path}: {haproxy_words(answer)}")
             answer = await self._cli(self.runtime_socket, f"commit ssl cert {path}")
             if "Success!" not in answer:
                 with contextlib.suppress(ProxyError):
                     await self._cli(self.runtime_socket, f"abort ssl cert {path}")
-                raise ProxyError(f"HAProxy could not commit the certificate {path}: {_haproxy_words(answer)}")
+                raise ProxyError(f"HAProxy could not commit the certificate {path}: {haproxy_words(answer)}")
             event(log, logging.INFO, "haproxy_certificate_set", file=path)
 
     async def stop(self, grace: float) -> None:
@@ -500,7 +510,7 @@ class HaproxyProcess:
                 await proc.wait()
                 raise ProxyError(f"`haproxy -c` did not finish within {self._check_timeout:g} s") from None
             if proc.returncode != 0:
-                raise ConfigRefused(f"HAProxy refused the config: {_haproxy_words(output.decode(errors='replace'))}")
+                raise ConfigRefused(f"HAProxy refused the config: {haproxy_words(output.decode(errors='replace'))}")
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
@@ -517,12 +527,7 @@ class HaproxyProcess:
             return None
 
     def _resolve(self) -> str:
-        executable = self._executable
-        if "/" not in executable:
-            executable = shutil.which(executable) or shutil.which(executable, path="/usr/sbin:/usr/local/sbin") or ""
-        if not executable or not os.access(executable, os.X_OK):
-            raise ProxyError(f"cannot run HAProxy: {self._executable!r} is not an executable (nor found in PATH)")
-        return executable
+        return resolve(self._executable)
 
     # -- the CLI: one connection per command
 
@@ -863,7 +868,7 @@ class HaproxyProcess:
             await asyncio.sleep(0.02)
         if until is None and master is not None and master.output is not None:
             await _wait(master.output, 1.0)
-        return _haproxy_words([text for n, text in self._output if n > mark])
+        return haproxy_words([text for n, text in self._output if n > mark])
 
     def _changed(self) -> None:
         """Call on_change if up() is not what it was when last reported (or when apply() or stop() returned)."""

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from lbagent import __version__
+import pytest
+import yaml
+
+from lbagent import __version__, artifacts, cli, config, model
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "configs" / "lbagent.example.yaml"
@@ -69,3 +74,107 @@ def test_plan_flow_names_the_node_and_refuses_nonsense() -> None:
 
 def test_version() -> None:
     assert lbagent("version").stdout.strip() == f"lbagent {__version__}"
+
+
+# ---- check asks the real tools --------------------------------------------------------------------------------
+
+
+def _variant(tmp_path: Path, name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    edit(doc)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _with_http(doc: dict[str, Any]) -> None:
+    doc["listeners"] = [{"name": "web", "vip": "192.0.2.20", "port": 80}]
+    doc["routes"] = [{"name": "shop", "listeners": ["web"], "hostnames": ["shop.example.com"],
+                      "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                                 "backendRefs": [{"name": "web", "port": 80}]},
+                                {"backendRefs": [{"name": "web", "port": 443}]}]}]
+
+
+def test_check_names_each_real_tool_and_its_verdict(tmp_path: Path) -> None:
+    result = lbagent("check", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "  accepted     nft -c -f lbagent.nft\n" in result.stdout
+    assert "  accepted     exabgp validate exabgp.conf\n" in result.stdout
+    assert "haproxy" not in result.stdout  # no listeners: no haproxy.cfg to judge
+
+    def iptables_and_http(doc: dict[str, Any]) -> None:
+        doc["dataplane"]["kind"] = "iptables"
+        _with_http(doc)
+
+    result = lbagent("check", "-c", str(_variant(tmp_path, "ipt.yaml", iptables_and_http)))
+    assert result.returncode == 0, result.stderr
+    for line in ("accepted     iptables-nft-restore --test --noflush < iptables-ipv4.rules",
+                 "accepted     ip6tables-nft-restore --test --noflush < iptables-ipv6.rules",
+                 "accepted     haproxy -c -f haproxy.cfg", "accepted     exabgp validate exabgp.conf"):
+        assert line in result.stdout
+    assert "nft -c" not in result.stdout
+
+    result = lbagent("check", "-c", str(_variant(tmp_path, "ipvs.yaml", lambda d: d["dataplane"].update(kind="ipvs"))))
+    assert result.returncode == 0, result.stderr
+    assert "accepted     nft -c -f lbagent-ipvs.nft" in result.stdout
+    assert "not checked  ipvs (4 services): no tool checks IPVS services" in result.stdout
+
+
+def test_check_without_cap_net_admin_or_without_a_tool_says_not_checked_and_goes_on(tmp_path: Path) -> None:
+    # setpriv drops CAP_NET_ADMIN from the bounding set: the root process it starts cannot get it back.
+    result = subprocess.run(["setpriv", "--bounding-set", "-net_admin", "--", sys.executable, "-m", "lbagent.cli",
+                             "check", "-c", str(EXAMPLE)], capture_output=True, text=True, check=False, cwd=REPO,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "not checked  nft -c -f lbagent.nft: nft needs CAP_NET_ADMIN even to check" in result.stdout
+    assert "accepted     exabgp validate exabgp.conf" in result.stdout
+
+    def missing(doc: dict[str, Any]) -> None:
+        _with_http(doc)
+        doc["bgp"]["exabgp"] = str(tmp_path / "no-exabgp")
+        doc["proxy"] = {"haproxy": str(tmp_path / "no-haproxy")}
+
+    result = lbagent("check", "-c", str(_variant(tmp_path, "missing.yaml", missing)))
+    assert result.returncode == 0, result.stderr
+    assert f"not checked  haproxy -c -f haproxy.cfg: cannot run HAProxy: '{tmp_path}/no-haproxy'" in result.stdout
+    assert "not checked  exabgp validate exabgp.conf" in result.stdout and "no-exabgp" in result.stdout
+    assert "accepted     nft -c -f lbagent.nft" in result.stdout
+
+
+def test_check_no_tools_runs_none() -> None:
+    result = lbagent("check", "--no-tools", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{EXAMPLE}: ok (2 services")
+    assert "accepted" not in result.stdout
+
+
+def test_a_refusal_names_the_tool_its_words_and_the_config_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the real tools say about artifacts they refuse, traced back into the file. No config lbagent accepts is
+    known to be refused (the fuzz test looks for one), so the rendered artifacts are spoilt on their way out."""
+    path = _variant(tmp_path, "http.yaml", _with_http)
+    render = artifacts.plan_document
+
+    def spoilt(m: model.Model, certificates: Any = None) -> dict[str, Any]:
+        doc = render(m, certificates)
+        doc["haproxy"] = doc["haproxy"].replace("    # routes[0].rules[1]\n",
+                                                "    # routes[0].rules[1]\n    no-such-keyword on\n")
+        doc["exabgp"] = doc["exabgp"].replace("hold-time 9;", "hold-time 2;")
+        doc["nftables"] = doc["nftables"].replace("192.0.2.10 . tcp . 443 : 30443",
+                                                  "192.0.2.10 . tcp . 443 : 99999")
+        return doc
+
+    monkeypatch.setattr(artifacts, "plan_document", spoilt)
+    assert cli.main(["check", "-c", str(path)]) == 1
+    out, err = capsys.readouterr()
+    text = path.read_text()
+    assert "ok (" not in out
+    assert "refused      haproxy -c -f haproxy.cfg" in err and "unknown keyword 'no-such-keyword'" in err
+    assert f"from routes[0].rules[1] (line {config.field_line(text, 'routes[0].rules[1]')})" in err
+    assert "refused      exabgp validate exabgp.conf" in err and "holdtime must be zero or at least 3" in err
+    assert f"from bgp.peers[0] (line {config.field_line(text, 'bgp.peers[0]')})" in err
+    assert "refused      nft -c -f lbagent.nft" in err and "99999" in err
+    assert f"from services[0] (line {config.field_line(text, 'services[0]')})" in err
+    assert err.rstrip().endswith("what `run` would write for this config is not)")
+    assert "refused by nft -c -f lbagent.nft, haproxy -c -f haproxy.cfg, exabgp validate exabgp.conf" in err
