@@ -288,8 +288,10 @@ class Agent:
                 # the next listener gets a HAProxy of the settings then (its executable may have changed)
                 self._proxy, self._proxy_plan, self._proxy_shape, self._proxy_restarts = None, None, None, 0
                 event(log, logging.INFO, "haproxy_stopped", reason="no listeners configured")
+                self.metrics.certificates({})
             return
         paths = self.certificates.sync(m.listeners)
+        self.metrics.certificates(self.certificates.validity())
         planned = plan_http.plan_proxy(m, self.health.verdicts, paths)
         text = render_haproxy.render(planned, m.proxy, self.proxy.runtime_socket)
         shape = (plan_http.structural(planned), m.proxy)

@@ -15,9 +15,9 @@ from lbagent.plan import all_healthy, plan
 from lbagent.render import nftables
 
 
-def _load_or_report(path: str) -> model.Model | None:
+def _load_or_report(path: str, warnings: list[config.Problem] | None = None) -> model.Model | None:
     try:
-        return config.load(path)
+        return config.load(path, warnings)
     except config.ConfigError as exc:
         print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
@@ -26,9 +26,14 @@ def _load_or_report(path: str) -> model.Model | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    m = _load_or_report(args.config)
+    warnings: list[config.Problem] = []
+    m = _load_or_report(args.config, warnings)
     if m is None:
         return 1
+    if warnings:  # served all the same: said, but not a refusal
+        print(f"{args.config}: {len(warnings)} warning(s)", file=sys.stderr)
+        for warning in warnings:
+            print(f"  warning: {warning.for_warning()}", file=sys.stderr)
     summary = (f"{len(m.services)} services, {len(m.nodes)} nodes, {len(m.bgp.peers)} BGP peers; "
                f"config hash {m.digest()}")
     if not args.no_tools and not _tools_accept(args.config, m):

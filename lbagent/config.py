@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from lbagent import config_http, model, plan_http
+from lbagent import config_http, model, plan_http, tls
 from lbagent.config_base import (
     _NAME,
     CIDR,
@@ -294,8 +294,9 @@ class _LineIndex:
         return None if found is None else found.start_mark.line + 1
 
 
-def parse(text: str, source: str = "<config>") -> model.Model:
-    """Parse and validate a whole config document into the model, or raise ConfigError listing every problem."""
+def parse(text: str, source: str = "<config>", warnings: list[Problem] | None = None) -> model.Model:
+    """Parse and validate a whole config document into the model, or raise ConfigError listing every problem.
+    `warnings`, when given, receives what is served all the same but should be known (an expired certificate)."""
     try:
         data, root = _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -331,18 +332,30 @@ def parse(text: str, source: str = "<config>") -> model.Model:
                 for where, listener, by in plan_http.unreachable(result)]
     if shadowed:
         raise ConfigError(source, shadowed)
+    if warnings is not None:
+        warnings += [Problem(p.path, p.value, p.message, lines.line(_loc(p.path))) for p in _warnings(config)]
     return result
 
 
-def load(path: str | Path) -> model.Model:
-    """Read and validate a config file."""
+def _warnings(config: ConfigFile) -> Iterable[Problem]:
+    """What the agent serves all the same but an operator must hear of: certificates expired, not yet valid, soon
+    expiring, or served without their issuer (lbagent.tls, which `run` reads them with too)."""
+    for i, listener in enumerate(config.listeners):
+        for where, cert in listener.certificate_refs():
+            field = f"listeners[{i}].{where}.certFile"
+            for warning in tls.read_pair(cert.cert_file, cert.key_file or cert.cert_file).warnings:
+                yield Problem(field, short(warning.path), f"listener {listener.name}: {warning.message}")
+
+
+def load(path: str | Path, warnings: list[Problem] | None = None) -> model.Model:
+    """Read and validate a config file (`warnings`: as for parse)."""
     path = Path(path)
     try:
         text = read_file(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(str(path), [Problem("", str(path), f"cannot read the file: {reason}")]) from exc
-    return parse(text, str(path))
+    return parse(text, str(path), warnings)
 
 
 def field_line(text: str, path: str) -> int | None:
@@ -473,7 +486,8 @@ def _http_checks(config: ConfigFile) -> Iterable[Problem]:
         refs = listener.certificate_refs()
         if not refs:
             continue
-        cert_problems = [p for w, c in refs for p in config_http.certificate_problems(f"listeners[{i}].{w}", c)]
+        cert_problems = [Problem(p.path, p.value, f"listener {listener.name}: {p.message}", p.line)
+                         for w, c in refs for p in config_http.certificate_problems(f"listeners[{i}].{w}", c)]
         yield from cert_problems
         if cert_problems:
             continue

@@ -117,6 +117,11 @@ class Problem:
         where = f"line {self.line}: " if self.line is not None else ""
         return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
 
+    def for_warning(self) -> str:
+        """A warning names the value it is about first (a file), then what is wrong with it."""
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path or '(top)'}: {self.value}: {self.message}"
+
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
 

@@ -60,6 +60,14 @@ class Metrics:
         self.certificate_updates = Counter("lbagent_certificate_updates_total",
                                            "Certificates replaced in the running HAProxy without a reload.",
                                            registry=r)
+        self.certificate_not_after = Gauge(
+            "lbagent_certificate_not_after_timestamp_seconds",
+            "Unix time when the served certificate expires (alert on it minus time() falling under a few weeks).",
+            ["listener", "file"], registry=r)
+        self.certificate_not_before = Gauge(
+            "lbagent_certificate_not_before_timestamp_seconds",
+            "Unix time from which the served certificate is valid (above time(): clients refuse it).",
+            ["listener", "file"], registry=r)
         self._vip_labels: dict[str, str] = {}
 
     def serve(self, address: str, port: int) -> None:
@@ -95,3 +103,11 @@ class Metrics:
         for peer, state in peers.items():
             self.bgp_session_up.labels(peer).set(1 if state == "up" else 0)
         self.announced_prefixes.set(announced)
+
+    def certificates(self, validity: Mapping[tuple[str, str], tuple[float, float]]) -> None:
+        """The served certificates' validity, one series per (listener, certificate file) served now."""
+        self.certificate_not_after.clear()
+        self.certificate_not_before.clear()
+        for (listener, file), (not_before, not_after) in validity.items():
+            self.certificate_not_before.labels(listener, file).set(not_before)
+            self.certificate_not_after.labels(listener, file).set(not_after)
