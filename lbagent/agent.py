@@ -17,6 +17,7 @@ from lbagent.apply.bgp import BgpSpeaker, ExaBgpSpeaker
 from lbagent.apply.certs import CertificateStore
 from lbagent.apply.conntrack import clear_udp
 from lbagent.apply.drift import NftChange, NftWatcher, watch_removed_addresses
+from lbagent.apply.files import UnsafePath, prepare_runtime_dir
 from lbagent.apply.forwarder import Forwarder, make_forwarder
 from lbagent.apply.haproxy import ConfigRefused, HaproxyProcess, ProxyError, ProxyLayer
 from lbagent.apply.vips import VipBinder, apply_sysctls
@@ -94,7 +95,8 @@ class Agent:
         self.binder = binder or VipBinder(initial.vip_interface)
         self._proxy_factory = proxy_factory
         self._proxy: ProxyLayer | None = None  # made when the first listener is configured
-        self.certificates = CertificateStore(Path(initial.agent.runtime_dir) / "haproxy" / "certs")
+        self.certificates = CertificateStore(Path(initial.agent.runtime_dir) / "haproxy" / "certs",
+                                             initial.agent.runtime_dir)
         self._proxy_plan: plan_http.ProxyPlan | None = None  # what HAProxy runs now (None: not running)
         # its structure (plan without runtime state, settings) and that structure rendered, to skip rendering again
         self._proxy_shape: tuple[tuple[plan_http.ProxyPlan, model.Proxy], str] | None = None
@@ -444,6 +446,12 @@ class Agent:
     # -- life cycle -----------------------------------------------------------------------------------
 
     async def run(self, serve_metrics: bool = False) -> int:
+        try:
+            prepare_runtime_dir(self.model.agent.runtime_dir)
+        except UnsafePath as exc:  # another user could replace the configs and sockets the agent keeps there
+            for problem in exc.problems:
+                event(log, logging.ERROR, "runtime_dir_unsafe", path=self.model.agent.runtime_dir, error=problem)
+            return 1
         loop = asyncio.get_running_loop()
         self.metrics.config_loaded(self.model.digest())
         if serve_metrics and self.model.agent.metrics_address:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lbagent import __version__, config, judge, model
+from lbagent.apply import files
 from lbagent.artifacts import plan_document
 from lbagent.plan import all_healthy, plan
 from lbagent.render import nftables
@@ -34,6 +35,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: {len(warnings)} warning(s)", file=sys.stderr)
         for warning in warnings:
             print(f"  warning: {warning.for_warning()}", file=sys.stderr)
+    unsafe = files.runtime_dir_problems(m.agent.runtime_dir)
+    if unsafe:
+        line = _field_lines(args.config)("agent.runtimeDir")
+        print(f"{args.config}: {len(unsafe)} problem(s)", file=sys.stderr)
+        for problem in unsafe:
+            print(f"  {f'line {line}: ' if line else ''}agent.runtimeDir: {problem}", file=sys.stderr)
+        return 1
     summary = (f"{len(m.services)} services, {len(m.nodes)} nodes, {len(m.bgp.peers)} BGP peers; "
                f"config hash {m.digest()}")
     if not args.no_tools and not _tools_accept(args.config, m):

@@ -19,7 +19,7 @@ from ipaddress import ip_address, ip_network
 from typing import Protocol
 
 from lbagent import model
-from lbagent.apply.files import write_private
+from lbagent.apply.files import prepare_runtime_dir, write_private
 from lbagent.plan import Announcement
 from lbagent.render import exabgp as render
 
@@ -224,8 +224,7 @@ class ExaBgpSpeaker:
         """Listen for the bridge, start ExaBGP and wait (up to connect_timeout) for it to connect."""
         if self._supervisor is not None:
             raise RuntimeError("already started")
-        os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
-        os.chmod(self._runtime_dir, 0o700)
+        prepare_runtime_dir(self._runtime_dir)
         write_private(
             os.path.join(self._runtime_dir, render.ENV_FILE),
             "# written by lbagent: ExaBGP's settings come from its environment\n",

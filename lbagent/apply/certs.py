@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lbagent import model, tls
-from lbagent.apply.files import write_private
+from lbagent.apply.files import private_dir, write_private
 from lbagent.logfmt import event
 
 log = logging.getLogger("lbagent.certs")
@@ -42,9 +42,11 @@ class Replaced:
 class CertificateStore:
     """Combined PEM files, one per (listener, certificate), written 0600 in `directory`."""
 
-    def __init__(self, directory: str | Path,
+    def __init__(self, directory: str | Path, base: str | Path | None = None,
                  clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)) -> None:
+        """`base`: the runtime directory `directory` is in (no directory between them may be a symbolic link)."""
         self.directory = Path(directory)
+        self._base = base
         self._clock = clock
         self._validity: dict[str, _Validity] = {}  # combined file -> its leaf's validity, as last loaded
         self._seen: dict[str, _Seen] = {}
@@ -58,7 +60,7 @@ class CertificateStore:
     def sync(self, listeners: Iterable[model.Listener]) -> dict[str, tuple[str, ...]]:
         """Each HTTPS listener's combined files, written when missing or when their sources changed. A source that
         no longer passes the checks keeps its last good file (and says why in the log)."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.directory, self._base)
         out: dict[str, tuple[str, ...]] = {}
         wanted: dict[str, model.Certificate] = {}
         for listener in listeners:

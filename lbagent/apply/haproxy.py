@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lbagent.apply.files import write_private
+from lbagent.apply.files import private_dir, write_private
 from lbagent.logfmt import event
 from lbagent.plan_http import ServerState
 
@@ -492,7 +492,7 @@ class HaproxyProcess:
         declared = [line.split() for line in config.splitlines() if line.split()[:2] == ["stats", "socket"]]
         if not any(words[2:3] == [self.runtime_socket] and "admin" in words for words in declared):
             raise ConfigRefused(f"the config does not declare `stats socket {self.runtime_socket} ... level admin`")
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.directory)
         candidate = self.directory / f"haproxy.cfg.{os.getpid()}-{next(self._candidates)}.candidate"
         write_private(candidate, config)
         try:
@@ -563,8 +563,7 @@ class HaproxyProcess:
     async def _launch(self) -> None:
         """Start a master on haproxy.cfg and wait until its worker answers on the admin socket."""
         executable = self._resolve()
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+        private_dir(self.directory)
         mark = self._last_line
         try:
             proc = await asyncio.create_subprocess_exec(
