@@ -380,11 +380,18 @@ def _routable(address: model.IPAddress) -> bool:
     return not (address.is_loopback or address.is_multicast or address.is_unspecified or address.is_link_local)
 
 
+_RUNTIME_DIR = re.compile(r"/[A-Za-z0-9._/-]*", re.ASCII)
+
+
 def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     """Checks no single field can make: uniqueness, families, addresses that clash, features not built yet."""
     if not config.agent.runtime_dir.startswith("/"):
         yield Problem("agent.runtimeDir", short(config.agent.runtime_dir),
                       "must be an absolute path (the agent and its children run from other directories)")
+    elif not _RUNTIME_DIR.fullmatch(config.agent.runtime_dir):
+        yield Problem("agent.runtimeDir", short(config.agent.runtime_dir),
+                      "only letters, digits, '.', '_', '-' and '/': the path goes unquoted into ExaBGP's and "
+                      "HAProxy's configs (a space would split ExaBGP's API command)")
     own: dict[str, str] = {str(config.bgp.router_id): "bgp.routerID"}
     seen_peers: dict[str, int] = {}
     for i, peer in enumerate(config.bgp.peers):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbagent import cli
+from lbagent import cli, config
 from lbagent.apply.certs import CertificateStore
 from lbagent.apply.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
 from tests.unit.test_agent import Harness
@@ -159,3 +159,17 @@ def test_check_reports_an_unsafe_runtime_directory_with_its_line(tmp_path: Path,
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "runtimeDir" in text)
     assert f"  line {line}: agent.runtimeDir: {run} (owner root (uid 0), mode 0777) is writable by group or " \
            f"others" in err
+
+
+@pytest.mark.parametrize("value", ["/run/lb agent", "/run/lb;x", "/run/lb{x}", "/run/lbägent", "run/lbagent"])
+def test_a_runtime_dir_that_cannot_go_unquoted_into_the_configs_is_refused(value: str) -> None:
+    """A space would split ExaBGP's API command (`run python -m lbagent.apply.exabgp_bridge DIR/exabgp-api.sock`)
+    and `exabgp validate` accepts it all the same: check must refuse it itself."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["agent"]["runtimeDir"] = value
+    with pytest.raises(config.ConfigError) as refused:
+        config.parse(yaml.safe_dump(doc))
+    (problem,) = refused.value.problems
+    assert problem.path == "agent.runtimeDir"
+    doc["agent"]["runtimeDir"] = "/run/lbagent-2.lab_x"
+    config.parse(yaml.safe_dump(doc))
