@@ -261,12 +261,6 @@ def read_pair(cert_file: str, key_file: str, now: datetime.datetime | None = Non
     return Pair(chain, key, problems, warnings)
 
 
-def load_pair(cert_file: str, key_file: str) -> tuple[list[x509.Certificate], PrivateKeyTypes | None, list[TlsProblem]]:
-    """The certificate chain and key, or the problems that keep them from being served."""
-    pair = read_pair(cert_file, key_file)
-    return pair.chain, pair.key, pair.problems
-
-
 def check_pair(cert_file: str, key_file: str) -> list[TlsProblem]:
     """What keeps the pair from being served (warnings are not here: see read_pair)."""
     return read_pair(cert_file, key_file).problems
