@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from lbagent import model, tls
+from lbagent import model, plan_http, tls
 from lbagent.config_base import (
     _NAME,
     CIDR,
@@ -323,8 +323,10 @@ class StaticBackendEntry(Strict):
 
 
 def cross_checks(listeners: list[ListenerEntry], routes: list[RouteEntry], backends: list[StaticBackendEntry],
-                 services: Mapping[str, tuple[int, set[int]]], l4_vips: set[str]) -> Iterator[Problem]:
-    """Checks across listeners, routes and backends. `services`: key -> (index, its TCP ports)."""
+                 services: Mapping[str, tuple[int, set[int]]], l4_vips: set[str],
+                 connect_timeout: float = 5.0) -> Iterator[Problem]:
+    """Checks across listeners, routes and backends. `services`: key -> (index, its TCP ports); `connect_timeout`:
+    the proxy's (proxy.timeouts.connect)."""
     seen: dict[str, int] = {}
     binds: dict[tuple[str, int], str] = {}
     for i, listener in enumerate(listeners):
@@ -373,6 +375,7 @@ def cross_checks(listeners: list[ListenerEntry], routes: list[RouteEntry], backe
                                       services, backends)
             for k, match in enumerate(rule.matches):
                 yield from _check_regexes(f"{where}.matches[{k}]", match)
+            yield from _check_timeouts(where, rule, connect_timeout)
 
 
 def _check_ref(where: str, ref: BackendRefEntry, namespace: str, services: Mapping[str, tuple[int, set[int]]],
@@ -412,6 +415,23 @@ def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
             re.compile(pattern)
         except re.error as exc:
             yield Problem(path, short(pattern), f"invalid regular expression: {exc}")
+
+
+def _check_timeouts(where: str, rule: RuleEntry, connect_timeout: float) -> Iterator[Problem]:
+    """`backendRequest` (one attempt) within `request` (the whole request), and a `request` HAProxy's attempts
+    can share (plan_http.attempt_timeouts)."""
+    request, backend_request = rule.timeouts.request, rule.timeouts.backend_request
+    if request is None:
+        return
+    if backend_request is not None and backend_request > request:
+        yield Problem(f"{where}.timeouts.backendRequest", f"{backend_request:g}s",
+                      f"one attempt cannot take longer than the whole request (timeouts.request is {request:g}s)")
+        return
+    retry = None if rule.retry is None else model.Retry(rule.retry.attempts, tuple(rule.retry.codes))
+    try:
+        plan_http.attempt_timeouts(request, backend_request, connect_timeout, retry)
+    except ValueError as exc:
+        yield Problem(f"{where}.timeouts.request", f"{request:g}s", str(exc))
 
 
 def certificate_problems(where: str, cert: CertificateRef) -> Iterator[Problem]:
@@ -491,7 +511,8 @@ def _rules(where: str, rule: RuleEntry, namespace: str) -> list[model.RouteRule]
             rewrite.url_rewrite.hostname, rewrite.url_rewrite.path.to_model() if rewrite.url_rewrite.path else None),
         "redirect": None if r is None else model.Redirect(
             r.scheme, r.hostname, r.port, r.path.to_model() if r.path else None, r.status_code),
-        "request_timeout": rule.timeouts.backend_request or rule.timeouts.request,
+        "request_timeout": rule.timeouts.request,
+        "backend_request_timeout": rule.timeouts.backend_request,
         "retry": None if rule.retry is None else model.Retry(rule.retry.attempts, tuple(rule.retry.codes)),
     }
     matches = tuple(_match(m) for m in rule.matches)

@@ -283,7 +283,8 @@ class RouteRule:
     response_headers: HeaderModifier = field(default_factory=HeaderModifier)
     rewrite: URLRewrite | None = None
     redirect: Redirect | None = None
-    request_timeout: float | None = None  # the whole exchange with the backend (HAProxy `timeout server`)
+    request_timeout: float | None = None  # Gateway API `request`: the whole request, every attempt included
+    backend_request_timeout: float | None = None  # Gateway API `backendRequest`: one attempt
     retry: Retry | None = None
 
 

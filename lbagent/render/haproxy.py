@@ -18,17 +18,25 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
 
 from lbagent import model
-from lbagent.plan_http import HttpBackend, HttpFrontend, ProxyPlan, RouteEntry, Server, ServerState
+from lbagent.plan_http import (
+    DEFAULT_RETRIES,
+    AttemptTimeouts,
+    HttpBackend,
+    HttpFrontend,
+    ProxyPlan,
+    RouteEntry,
+    Server,
+    ServerState,
+    milliseconds,
+)
 
 NOT_FOUND_BACKEND = "lbagent_404"  # answers requests no route takes on a listener without a default backend
 METRICS_FRONTEND = "lbagent_metrics"  # HAProxy's own Prometheus exporter (listener names cannot contain `_`)
 HARD_STOP_AFTER = "5m"  # the longest an old process keeps serving its connections after a reload
 HTTP_REQUEST_TIMEOUT = "10s"  # for a client to send a complete request's headers
 TUNNEL_TIMEOUT = "1h"  # idle time of a WebSocket (or other upgraded) connection
-DEFAULT_RETRIES = 3  # connection failures only, each on another server (`option redispatch 1`)
 
 # Mozilla's "intermediate" TLS configuration.
 TLS_CIPHERS = ":".join([
@@ -90,7 +98,7 @@ def _comment(text: str) -> str:
 
 def duration(seconds: float) -> str:
     """A timeout: whole seconds as `5s`, else milliseconds (HAProxy's resolution, rounded up) as `1500ms`."""
-    ms = int((Decimal(str(seconds)) * 1000).to_integral_value(ROUND_CEILING))
+    ms = milliseconds(seconds)
     if ms <= 0 or ms >= 2**31:
         raise ValueError(f"a timeout must be between 1 ms and 24 days (got {seconds} s)")
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
@@ -326,8 +334,7 @@ def _value_match(fetch: str, match: model.ValueMatch) -> str:
 
 def _backend(b: HttpBackend) -> list[str]:
     lines = [f"backend {proxy_name(b.name)}", f"{_INDENT}# {_comment(b.where)}", f"{_INDENT}balance roundrobin"]
-    if b.request_timeout is not None:
-        lines.append(f"{_INDENT}timeout server {duration(b.request_timeout)}")
+    lines += _timeouts(b.timeouts)
     if b.retry is not None:
         lines += _retry(b.retry)
     lines += _headers("http-request", b.request_headers)
@@ -343,6 +350,20 @@ def _backend(b: HttpBackend) -> list[str]:
     for s in b.servers:
         lines += _server(s)
     return [*lines, ""]
+
+
+def _timeouts(t: AttemptTimeouts) -> list[str]:
+    lines = []
+    if t.budget is not None and t.connect is not None and t.server is not None:
+        n, connect, answer = t.retries + 1, duration(t.connect), duration(t.server)
+        lines.append(f"{_INDENT}# timeouts.request {duration(t.budget)}: " + (
+            f"up to {n} attempts, each connect {connect} + answer {answer}" if t.response_retries
+            else f"up to {n} connection attempts of {connect}, then answer {answer}"))
+    if t.connect is not None:
+        lines.append(f"{_INDENT}timeout connect {duration(t.connect)}")
+    if t.server is not None:
+        lines.append(f"{_INDENT}timeout server {duration(t.server)}")
+    return lines
 
 
 def _retry(retry: model.Retry) -> list[str]:

@@ -30,8 +30,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from lbagent import model
-from lbagent.plan_http import HttpBackend, HttpFrontend, ProxyPlan, RouteEntry, Server, ServerState, structural
+from lbagent.plan_http import (
+    HttpBackend,
+    HttpFrontend,
+    ProxyPlan,
+    RouteEntry,
+    Server,
+    ServerState,
+    attempt_timeouts,
+    structural,
+)
 from lbagent.render import haproxy
+from tests.unit.test_haproxy_apply import Backend
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "haproxy"
 SOCKET = "/run/lbagent/haproxy/admin.sock"
@@ -71,6 +81,9 @@ def backend(name: str, *servers: Server, **filters: object) -> HttpBackend:
 NODES = (server("0_node1", "203.0.113.11", 30080), server("0_node2", "203.0.113.12", 30080))
 
 
+SHOP_RETRY = model.Retry(2, (503, 502, 404))
+
+
 def routing_plan() -> ProxyPlan:
     """Hosts, every kind of path match, header, query and method matches; servers in every state."""
     shop = "shop.example.com"
@@ -94,10 +107,11 @@ def routing_plan() -> ProxyPlan:
                 server("0_node2", "203.0.113.12", 30080, 0, DRAIN),
                 server("0_node3", "203.0.113.13", 30080, 0, MAINT),
                 server("1_node1", "2001:db8:1::11", 30081, 85, proxy_protocol=True)),
-        backend("default_shop_1", *NODES, request_timeout=2.5, retry=model.Retry(2, (503, 502, 404))),
+        # timeouts.request with a retry, with retries of connections only, and backendRequest alone
+        backend("default_shop_1", *NODES, retry=SHOP_RETRY, timeouts=attempt_timeouts(2.5, None, 5.0, SHOP_RETRY)),
         backend("default_shop_2"),  # no server: 503
-        backend("default_wild_0", *NODES),
-        backend("default_static_0", *NODES),
+        backend("default_wild_0", *NODES, timeouts=attempt_timeouts(2.5, 1.0, 5.0, None)),
+        backend("default_static_0", *NODES, timeouts=attempt_timeouts(None, 1.5, 5.0, None)),
         backend("listener_web_default", *NODES),
     )
     return ProxyPlan((frontend,), backends)
@@ -626,3 +640,54 @@ def test_a_trusted_proxys_forwarded_headers_are_kept(running: Running) -> None:
     assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("203.0.113.66, 127.0.0.1", "203.0.113.66")
     seen = echoed(running.http, "/foo/x")["headers"]
     assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+
+
+def _timed(port: int, path: str) -> tuple[int, float]:
+    """The status the client gets and how long it waited for it, in seconds."""
+    begun = time.monotonic()
+    status = request(port, path, "app.test")[0]
+    return status, time.monotonic() - begun
+
+
+def test_timeouts_request_bounds_the_whole_request_across_retries(tmp_path: Path) -> None:
+    """`timeouts.request: 1s` on a rule that retries 3 times, in front of a server that answers /slow after 3 s:
+    the client gets HAProxy's 504 within the second, after all four attempts (each had its share). On a rule
+    without `retry` whose only server refuses connections, HAProxy's retries with their turn-around stay within
+    the second too, and the client gets 503. (Rendered as `timeout server 1s` per attempt, as before, these took
+    4 s and 3 s.) A fast answer passes as usual."""
+    budget, slack = 1.0, 1.0  # the ceiling asserted: the budget, and a second for a busy machine
+    slow = Backend("slow")
+    short = tempfile.TemporaryDirectory(prefix="lbbudget")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        port, refused = free_port(), free_port()  # nothing listens on `refused`
+        lo = ip_address("127.0.0.1")
+        retry = model.Retry(3, (503,))
+        web = HttpFrontend("web", (lo,), port, HTTP, entries=(
+            entry("dead", None, match("/dead")), entry("retried", None, match("/"))))
+        plan = ProxyPlan((web,), (
+            backend("retried", server("0_slow", "127.0.0.1", slow.port), retry=retry,
+                    timeouts=attempt_timeouts(budget, None, PROXY.connect_timeout, retry)),
+            backend("dead", server("0_dead", "127.0.0.1", refused),
+                    timeouts=attempt_timeouts(budget, None, PROXY.connect_timeout, None)),
+        ))
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(plan, replace(PROXY, metrics_address=None, max_connections=100),
+                                      f"{short.name}/admin.sock"))
+        process = start_haproxy(cfg, tmp_path / "haproxy.log", port)
+
+        assert request(port, "/fast", "app.test")[:3:2] == (200, b"slow")
+        status, took = _timed(port, "/slow")
+        assert status == 504 and took < budget + slack, (status, took)
+        deadline = time.monotonic() + 5
+        while slow.slow_requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.slow_requests == 4, "the first attempt and three retries"
+        status, took = _timed(port, "/dead/x")
+        assert status == 503 and took < budget + slack, (status, took)
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        slow.close()
+        short.cleanup()
