@@ -395,6 +395,9 @@ class Proxy:
     # Clients (other proxies, a front load balancer) whose X-Forwarded-For and X-Real-IP are kept; from anyone
     # else both are replaced by the address lbagent sees (ingress-nginx's proxy-real-ip-cidr).
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # The largest request line and headers HAProxy takes, and how many header fields (beyond: 400).
+    max_request_header_bytes: int = 15360
+    max_request_headers: int = 100
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,29 @@ MAX_WEIGHT = 256  # HAProxy's largest server weight
 DEFAULT_RETRIES = 3  # HAProxy's retries of a rule without `retry`: connection failures only, each on another server
 
 
+# HAProxy refuses (400) a request whose line and headers do not fit its buffer less `tune.maxrewrite` bytes, which
+# stay free for what its rules add; a rule that finds no room fails the request with 500. The base reserve holds the
+# frontend's own additions: X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and -Port, and X-Forwarded-Host, a copy
+# of a Host header of at most MAX_HOST_BYTES (a longer one is refused with 400): at most 725 bytes as HAProxy stores
+# them. A rule's filters need their own room on top (rewrite_growth).
+REWRITE_RESERVE = 1024
+MAX_HOST_BYTES = 512
+HEADER_OVERHEAD = 8  # what HAProxy stores with each header besides its name and value (an HTX block's head)
+
+
+def rewrite_growth(request_headers: model.HeaderModifier, response_headers: model.HeaderModifier,
+                   rewrite: model.URLRewrite | None) -> int:
+    """The most a rule's filters add to a request's or a response's headers as HAProxy stores them, in bytes."""
+    def added(modifier: model.HeaderModifier) -> int:
+        return sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in (*modifier.set, *modifier.add))
+
+    request = added(request_headers)
+    if rewrite is not None:
+        request += len("Host") + len(rewrite.hostname) + HEADER_OVERHEAD if rewrite.hostname is not None else 0
+        request += len(rewrite.path.value) if rewrite.path is not None else 0
+    return max(request, added(response_headers))
+
+
 @dataclass(frozen=True)
 class AttemptTimeouts:
     """What bounds a rule's requests in HAProxy 2.6, which has no deadline for a whole request: each attempt's

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from lbagent import model
 from lbagent.plan_http import (
     DEFAULT_RETRIES,
+    MAX_HOST_BYTES,
+    REWRITE_RESERVE,
     AttemptTimeouts,
     HttpBackend,
     HttpFrontend,
@@ -30,6 +32,7 @@ from lbagent.plan_http import (
     Server,
     ServerState,
     milliseconds,
+    rewrite_growth,
 )
 
 NOT_FOUND_BACKEND = "lbagent_404"  # answers requests no route takes on a listener without a default backend
@@ -128,7 +131,7 @@ def render(plan: ProxyPlan, proxy: model.Proxy, runtime_socket: str, errors_dir:
         if missing:
             raise ValueError(f"listener {f.listener} routes to unknown backends: {', '.join(missing)}")
     lines = ["# Written by lbagent: every change is overwritten. Routes and filters follow the Gateway API.", ""]
-    lines += _global(proxy, runtime_socket)
+    lines += _global(proxy, runtime_socket, rewrite_reserve(plan))
     lines += _defaults(proxy, errors_dir)
     if proxy.metrics_address is not None:
         lines += _metrics(proxy.metrics_address)
@@ -182,13 +185,29 @@ def _check_names(plan: ProxyPlan) -> None:
             seen[clean] = name
 
 
-def _global(proxy: model.Proxy, runtime_socket: str) -> list[str]:
+def rewrite_reserve(plan: ProxyPlan) -> int:
+    """HAProxy's `tune.maxrewrite`: room for what the frontends' rules and the most demanding rule add to headers."""
+    return REWRITE_RESERVE + max((rewrite_growth(b.request_headers, b.response_headers, b.rewrite)
+                                  for b in plan.backends), default=0)
+
+
+def _global(proxy: model.Proxy, runtime_socket: str, reserve: int) -> list[str]:
     """No `log`: HAProxy's own alerts and warnings go to its standard error, which the agent logs line by line;
-    a traffic log there would cost the agent a log line per request (or per failed one, in an outage)."""
+    a traffic log there would cost the agent a log line per request (or per failed one, in an outage).
+
+    The buffer holds a request's line and headers (maxRequestHeaderBytes) and the `reserve` its rules may add;
+    `tune.http.maxhdr` counts the request line too. HAProxy halves a reserve larger than half the buffer, which would
+    take it from the request: refused (the config check names the rule)."""
+    if reserve > proxy.max_request_header_bytes:
+        raise ValueError(f"the headers rules add ({reserve} bytes) would not fit beside maxRequestHeaderBytes "
+                         f"{proxy.max_request_header_bytes} in HAProxy's buffer")
     return [
         "global",
         f"{_INDENT}stats socket {_word(runtime_socket)} mode 600 level admin expose-fd listeners",
         f"{_INDENT}maxconn {proxy.max_connections}",
+        f"{_INDENT}tune.bufsize {proxy.max_request_header_bytes + reserve}",
+        f"{_INDENT}tune.maxrewrite {reserve}",
+        f"{_INDENT}tune.http.maxhdr {proxy.max_request_headers + 1}",
         f"{_INDENT}hard-stop-after {HARD_STOP_AFTER}",
         f"{_INDENT}ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
         f"{_INDENT}ssl-default-bind-ciphers {TLS_CIPHERS}",
@@ -266,6 +285,8 @@ def _frontend(f: HttpFrontend, trusted_proxies: tuple[model.IPNetwork, ...] = ()
                      " code 301")
         return [*lines, ""]
     lines.append(f"{_INDENT}http-request deny deny_status 400 if {{ path -m reg -i {_word(DOT_SEGMENT)} }}")
+    # X-Forwarded-Host copies the Host header into the room HAProxy keeps for rewrites (see REWRITE_RESERVE)
+    lines.append(f"{_INDENT}http-request deny deny_status 400 if {{ req.hdr(host),length gt {MAX_HOST_BYTES} }}")
     # The client's own X-Forwarded-For and X-Real-IP are not believed (option forwardfor then adds the address
     # HAProxy sees), unless it is a trusted proxy: then its X-Forwarded-For gets that address appended.
     trusted = kept_real_ip = ""

@@ -350,3 +350,30 @@ def test_timeouts_haproxy_cannot_keep_are_named() -> None:
            "retry.attempts 3): give at least 16 ms (got 0.01s)" in problems[1]
     assert "routes[0].rules[2].timeouts.request: too short for up to 4 connection attempts" in problems[2]
     assert "give at least 28 ms (got 0.02s)" in problems[2]
+
+
+# ---- header limits ------------------------------------------------------------------------------------------------
+
+
+def test_header_limits_default_to_haproxys_and_are_checked() -> None:
+    routes = [_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}])]
+    m = _parse(_doc(routes=routes))
+    assert (m.proxy.max_request_header_bytes, m.proxy.max_request_headers) == (15360, 100)
+    m = _parse(_doc(routes=routes, proxy={"maxRequestHeaderBytes": 65536, "maxRequestHeaders": 200}))
+    assert (m.proxy.max_request_header_bytes, m.proxy.max_request_headers) == (65536, 200)
+    problems = _problems(_doc(routes=routes, proxy={"maxRequestHeaderBytes": "16k", "maxRequestHeaders": 0}))
+    assert any("proxy.maxRequestHeaderBytes: Input should be a valid integer (got '16k')" in p for p in problems)
+    assert any("proxy.maxRequestHeaders: Input should be greater than or equal to 1 (got 0)" in p for p in problems)
+    [problem] = _problems(_doc(routes=routes, proxy={"maxRequestHeaderBytes": 2_000_000}))
+    assert "proxy.maxRequestHeaderBytes: Input should be less than or equal to 1048576 (got 2000000)" in problem
+
+
+def test_filters_that_add_more_than_the_buffer_keeps_free_are_named() -> None:
+    modifier = {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "add": [{"name": "X-Big", "value": "v" * 4000}]}}
+    route = _route([{"filters": [modifier], "backendRefs": [{"name": "shop-v1", "port": 80}]}])
+    _parse(_doc(routes=[route]))  # fits beside the default 15360 bytes
+    [problem] = _problems(_doc(routes=[route], proxy={"maxRequestHeaderBytes": 4096}))
+    assert "routes[0].rules[0].filters: HAProxy keeps room in its buffer for what the filters add to headers, " \
+           "beside proxy.maxRequestHeaderBytes (4096): it must be at least 5037 for this rule (got 4013 bytes added)" \
+           in problem

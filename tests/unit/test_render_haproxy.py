@@ -218,7 +218,8 @@ def golden(name: str, text: str) -> None:
 
 # every field given: the golden files must not follow the model's defaults
 PROXY = model.Proxy(haproxy="haproxy", metrics_address="127.0.0.1:9470", connect_timeout=5.0, client_timeout=30.0,
-                    server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0)
+                    server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0,
+                    max_request_header_bytes=12288, max_request_headers=80)
 
 
 # ---- golden files ---------------------------------------------------------------------------------------------
@@ -690,4 +691,67 @@ def test_timeouts_request_bounds_the_whole_request_across_retries(tmp_path: Path
             process.kill()
             process.wait()
         slow.close()
+        short.cleanup()
+
+
+def _status(port: int, head: bytes) -> int:
+    """Send a request's line and headers as they are; the status of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = conn.recv(4096)
+            assert chunk, f"connection closed without an answer: {answer!r}"
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def _head(host: bytes, headers: list[bytes]) -> bytes:
+    return b"GET /h HTTP/1.1\r\nHost: " + host + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+
+def test_header_limits_and_what_a_client_sees(tmp_path: Path) -> None:
+    """maxRequestHeaderBytes 4096 and maxRequestHeaders 20 on a listener whose rule adds a 1000-byte header. A
+    request just within the bytes (with a Host of the longest kept, 512 bytes) is served, with the rule's header
+    and HAProxy's own added: the room for them is kept apart, so it never fails with 500. A request with a byte
+    too many, a header too many, or a longer Host gets HAProxy's 400 (it has no 431 of its own in 2.6)."""
+    limit, count = 4096, 20
+    added = ("X-Added", "a" * 1000)
+    echo = QuietServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=echo.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    short = tempfile.TemporaryDirectory(prefix="lbheaders")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        web = HttpFrontend("web", (ip_address("127.0.0.1"),), port, HTTP, entries=(entry("app", None, match("/")),))
+        plan = ProxyPlan((web,), (backend("app", server("0_echo", "127.0.0.1", echo.server_address[1]),
+                                          request_headers=model.HeaderModifier(add=(added,))),))
+        proxy = replace(PROXY, metrics_address=None, max_connections=100, max_request_header_bytes=limit,
+                        max_request_headers=count)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(plan, proxy, f"{short.name}/admin.sock"))
+        process = start_haproxy(cfg, tmp_path / "haproxy.log", port)
+
+        host = b"h" * 512
+        # HAProxy stores a request's line and headers with about 80 bytes, and 4 bytes a header, more than sent
+        fill = limit - len(_head(host, [b"X-Fill: "])) - 80 - 4 * 2 - 8
+        within = _head(host, [b"X-Fill: " + b"f" * fill])
+        assert len(within) > limit - 100
+        status, _, body = request(port, "/h", host.decode(), headers={"X-Fill": "f" * (fill - 40)})
+        assert status == 200, (status, body[:200])
+        seen = json.loads(body)["headers"]
+        assert seen["x-added"] == added[1] and seen["x-forwarded-host"] == host.decode()
+        assert _status(port, within) == 200
+        assert _status(port, _head(host, [b"X-Fill: " + b"f" * (limit - len(within) + fill + 1)])) == 400
+        many = [b"X-N%d: v" % i for i in range(count - 1)]
+        assert _status(port, _head(b"app.test", many)) == 200, "Host and 19 others: 20 headers"
+        assert _status(port, _head(b"app.test", [*many, b"X-Last: v"])) == 400
+        assert _status(port, _head(b"h" * 513, [])) == 400
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        echo.shutdown()
+        echo.server_close()
         short.cleanup()
