@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from lbagent import model, plan_http, tls
+from lbagent import model, pcre2, plan_http, tls
 from lbagent.config_base import (
     _NAME,
     CIDR,
@@ -413,6 +413,8 @@ def _nearest(key: str, services: Iterable[str]) -> str | None:
 
 
 def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
+    """Each regular expression as HAProxy will compile it (lbagent.pcre2). lbagent itself never evaluates them: the
+    reachability check compares them as text (a regex covers only the same regex), so no other dialect is involved."""
     regexes: list[tuple[str, str]] = []
     if match.path.type == "RegularExpression":
         regexes.append((f"{where}.path.value", match.path.value))
@@ -420,10 +422,13 @@ def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
         regexes += [(f"{where}.{kind}[{n}].value", v.value) for n, v in enumerate(values)
                     if v.type == "RegularExpression"]
     for path, pattern in regexes:
+        if (missing := pcre2.available()) is not None:
+            yield Problem(path, short(pattern), f"cannot check this regular expression: {missing}")
+            return
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            yield Problem(path, short(pattern), f"invalid regular expression: {exc}")
+            pcre2.check(pattern)
+        except pcre2.Pcre2Error as exc:
+            yield Problem(path, short(pattern), f"invalid regular expression for HAProxy (PCRE2): {exc}")
 
 
 def _check_timeouts(where: str, rule: RuleEntry, connect_timeout: float) -> Iterator[Problem]:

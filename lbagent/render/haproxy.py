@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lbagent import model
+from lbagent import model, pcre2
 from lbagent.plan_http import (
     DEFAULT_RETRIES,
     MAX_HOST_BYTES,
@@ -108,8 +108,8 @@ def duration(seconds: float) -> str:
 
 
 def _regex(pattern: str) -> str:
-    """A pattern that must match the whole value."""
-    return f"^(?:{pattern})$"
+    """A pattern that must match the whole value (the config check compiled exactly this with PCRE2)."""
+    return pcre2.whole_value(pattern)
 
 
 def _prefix(value: str) -> str:

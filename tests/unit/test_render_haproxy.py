@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent import model
+from lbagent import model, pcre2
 from lbagent.plan_http import (
     HttpBackend,
     HttpFrontend,
@@ -42,6 +42,7 @@ from lbagent.plan_http import (
 )
 from lbagent.render import haproxy
 from tests.unit.test_haproxy_apply import Backend
+from tests.unit.test_pcre2 import PYTHON_ONLY
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "haproxy"
 SOCKET = "/run/lbagent/haproxy/admin.sock"
@@ -309,6 +310,43 @@ def test_refusals_of_what_haproxy_would_not_load(tmp_path: Path) -> None:
         haproxy.render(ProxyPlan((), (backend("b", server("s", "203.0.113.1", 80, 300)),)), PROXY, SOCKET)
 
 
+# Regular expressions lbagent accepts or refuses, each put to `haproxy -c`: what lbagent accepts HAProxy loads, and
+# what HAProxy refuses lbagent refuses; the one way they part is a pattern that loads only because the whole-value
+# wrapper closes its stray parenthesis (it would mean something else).
+QUOTED_REGEX = 'say "hi" \\d+\\\\ #\\$'  # written in haproxy.cfg's strong quotes, as it is
+ACCEPTED = ["/v[0-9]+", "/(?<v>[a-z]+)/\\k<v>", "/\\x{41}\\d{1,3}", "[[:alpha:]]+", QUOTED_REGEX,
+            "(?i)/CaSe", "a|b", "/\\p{Lu}", "/(.*a){20}"]
+REFUSED = [p for p, _ in PYTHON_ONLY] + ["\\Qabc", "(*UTF)a", "[z-a]", "(?<=a+)b", "\\x{100}", "/a(", "\\"]
+REFUSED_FOR_MEANING = ["a)|(b"]
+
+
+def test_lbagent_checks_regexes_with_the_library_haproxy_is_linked_with() -> None:
+    ldd = subprocess.run(["ldd", haproxy_binary()], capture_output=True, text=True, check=True).stdout
+    assert f"{pcre2.LIBRARY} => " in ldd, ldd
+
+
+@pytest.mark.parametrize("pattern", ACCEPTED + REFUSED + REFUSED_FOR_MEANING)
+def test_regexes_lbagent_accepts_are_the_ones_haproxy_loads(pattern: str, tmp_path: Path) -> None:
+    try:
+        pcre2.check(pattern)
+        accepted = True
+    except pcre2.Pcre2Error:
+        accepted = False
+    assert accepted == (pattern in ACCEPTED)
+    regex = entry("b", None, match("/", headers=(model.ValueMatch("X-Re", pattern, model.ValueMatchType(
+        "RegularExpression")),)))
+    text = haproxy.render(ProxyPlan((HttpFrontend("web", (V4,), 80, HTTP, entries=(regex,)),), (backend("b"),)),
+                          PROXY, SOCKET)
+    path = tmp_path / "check.cfg"
+    path.write_text(text)
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    if accepted or pattern in REFUSED_FOR_MEANING:
+        assert result.returncode == 0 and "WARNING" not in output and "ALERT" not in output, output
+    else:
+        assert result.returncode != 0 and "regex" in output, output
+
+
 def test_durations_and_names() -> None:
     assert [haproxy.duration(s) for s in (5.0, 2.5, 0.1, 0.0001, 3600, 1.0005)] == [
         "5s", "2500ms", "100ms", "1ms", "3600s", "1001ms"]
@@ -381,6 +419,9 @@ def live_plan(r: Running) -> ProxyPlan:
         entry("foo", None, match("/exact")),
         entry("cond", None, match("/c/long", headers=(LONG,))),
         entry("cond", None, match("/c")),
+        # quotes, a backslash, a space, `#` and `$` reach PCRE2 as written (haproxy.cfg's strong quotes)
+        entry("exact", None, match("/re", headers=(model.ValueMatch("X-Re", QUOTED_REGEX,
+                                                                    model.ValueMatchType.REGULAR_EXPRESSION),))),
     ))
     secure = HttpFrontend("secure", (lo,), r.https, HTTPS, entries=(entry("foo", None, match("/")),),
                           certificates=(str(r.certs / "default.pem"), str(r.certs / "shop.pem")))
@@ -553,6 +594,10 @@ def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
     assert handshake(r.https, "default.test")[0] == "default.test"
     assert handshake(r.https, "unknown.test")[0] == "default.test"
     assert handshake(r.https, None)[0] == "default.test"
+    # a regex with quotes, a backslash, `#` and `$` matches what PCRE2 says it does
+    assert pcre2.matches(QUOTED_REGEX, 'say "hi" 42\\ #$') > 0
+    assert echoed(r.http, "/re", headers={"X-Re": 'say "hi" 42\\ #$'})["server"] == b
+    assert request(r.http, "/re", "any.test", headers={"X-Re": 'say "hi" 42 #$'})[0] == 404
     # HAProxy's own metrics
     status, _, body = request(r.metrics, "/metrics", "lb")
     assert status == 200 and b"haproxy_process_" in body
