@@ -485,7 +485,8 @@ def _http_checks(config: ConfigFile) -> Iterable[Problem]:
     services = {f"{s.namespace}/{s.name}": (i, {p.port for p in s.ports if p.protocol == "TCP"})
                 for i, s in enumerate(config.services)}
     l4_vips = {str(v) for s in config.services for v in s.all_vips}
-    yield from config_http.cross_checks(config.listeners, config.routes, list(config.backends), services, l4_vips)
+    yield from config_http.cross_checks(config.listeners, config.routes, list(config.backends), services, l4_vips,
+                                        config.proxy)
     if config.listeners and (not config.routes and all(lst.default_backend is None and not lst.redirect_to_https
                                                        for lst in config.listeners)):
         yield Problem("routes", "[]", "listeners are configured but no route or default backend serves them")

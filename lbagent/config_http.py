@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from lbagent import model, tls
+from lbagent import model, pcre2, plan_http, tls
 from lbagent.config_base import (
     _NAME,
     CIDR,
@@ -56,6 +56,8 @@ class ProxySection(Strict):
     certificate_check_interval: Duration = Field(5.0, alias="certificateCheckInterval")
     server_connection_reuse: Literal["safe", "aggressive", "always"] = Field("safe", alias="serverConnectionReuse")
     trusted_proxies: list[CIDR] = Field([], alias="trustedProxies", max_length=64)
+    max_request_header_bytes: int = Field(15360, alias="maxRequestHeaderBytes", ge=1024, le=1_048_576)
+    max_request_headers: int = Field(100, alias="maxRequestHeaders", ge=1, le=32766)
 
 
 class CertificateRef(Strict):
@@ -323,8 +325,11 @@ class StaticBackendEntry(Strict):
 
 
 def cross_checks(listeners: list[ListenerEntry], routes: list[RouteEntry], backends: list[StaticBackendEntry],
-                 services: Mapping[str, tuple[int, set[int]]], l4_vips: set[str]) -> Iterator[Problem]:
-    """Checks across listeners, routes and backends. `services`: key -> (index, its TCP ports)."""
+                 services: Mapping[str, tuple[int, set[int]]], l4_vips: set[str],
+                 proxy: ProxySection | None = None) -> Iterator[Problem]:
+    """Checks across listeners, routes and backends, and with the `proxy` section. `services`: key -> (index, its
+    TCP ports)."""
+    proxy = proxy if proxy is not None else ProxySection()
     seen: dict[str, int] = {}
     binds: dict[tuple[str, int], str] = {}
     for i, listener in enumerate(listeners):
@@ -373,6 +378,13 @@ def cross_checks(listeners: list[ListenerEntry], routes: list[RouteEntry], backe
                                       services, backends)
             for k, match in enumerate(rule.matches):
                 yield from _check_regexes(f"{where}.matches[{k}]", match)
+            yield from _check_timeouts(where, rule, proxy.timeouts.connect)
+            growth = plan_http.rewrite_growth(*_filter_models(rule)[:3])
+            if plan_http.REWRITE_RESERVE + growth > proxy.max_request_header_bytes:
+                yield Problem(f"{where}.filters", f"{growth} bytes added",
+                              f"HAProxy keeps room in its buffer for what the filters add to headers, beside "
+                              f"proxy.maxRequestHeaderBytes ({proxy.max_request_header_bytes}): it must be at least "
+                              f"{plan_http.REWRITE_RESERVE + growth} for this rule")
 
 
 def _check_ref(where: str, ref: BackendRefEntry, namespace: str, services: Mapping[str, tuple[int, set[int]]],
@@ -401,6 +413,8 @@ def _nearest(key: str, services: Iterable[str]) -> str | None:
 
 
 def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
+    """Each regular expression as HAProxy will compile it (lbagent.pcre2). lbagent itself never evaluates them: the
+    reachability check compares them as text (a regex covers only the same regex), so no other dialect is involved."""
     regexes: list[tuple[str, str]] = []
     if match.path.type == "RegularExpression":
         regexes.append((f"{where}.path.value", match.path.value))
@@ -408,10 +422,30 @@ def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
         regexes += [(f"{where}.{kind}[{n}].value", v.value) for n, v in enumerate(values)
                     if v.type == "RegularExpression"]
     for path, pattern in regexes:
+        if (missing := pcre2.available()) is not None:
+            yield Problem(path, short(pattern), f"cannot check this regular expression: {missing}")
+            return
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            yield Problem(path, short(pattern), f"invalid regular expression: {exc}")
+            pcre2.check(pattern)
+        except pcre2.Pcre2Error as exc:
+            yield Problem(path, short(pattern), f"invalid regular expression for HAProxy (PCRE2): {exc}")
+
+
+def _check_timeouts(where: str, rule: RuleEntry, connect_timeout: float) -> Iterator[Problem]:
+    """`backendRequest` (one attempt) within `request` (the whole request), and a `request` HAProxy's attempts
+    can share (plan_http.attempt_timeouts)."""
+    request, backend_request = rule.timeouts.request, rule.timeouts.backend_request
+    if request is None:
+        return
+    if backend_request is not None and backend_request > request:
+        yield Problem(f"{where}.timeouts.backendRequest", f"{backend_request:g}s",
+                      f"one attempt cannot take longer than the whole request (timeouts.request is {request:g}s)")
+        return
+    retry = None if rule.retry is None else model.Retry(rule.retry.attempts, tuple(rule.retry.codes))
+    try:
+        plan_http.attempt_timeouts(request, backend_request, connect_timeout, retry)
+    except ValueError as exc:
+        yield Problem(f"{where}.timeouts.request", f"{request:g}s", str(exc))
 
 
 def certificate_problems(where: str, cert: CertificateRef) -> Iterator[Problem]:
@@ -448,6 +482,8 @@ def proxy_model(section: ProxySection) -> model.Proxy:
         certificate_check_interval=section.certificate_check_interval,
         server_connection_reuse=section.server_connection_reuse,
         trusted_proxies=tuple(section.trusted_proxies),
+        max_request_header_bytes=section.max_request_header_bytes,
+        max_request_headers=section.max_request_headers,
     )
 
 
@@ -475,23 +511,36 @@ def _match(entry: MatchEntry) -> model.RouteMatch:
     )
 
 
-def _rules(where: str, rule: RuleEntry, namespace: str) -> list[model.RouteRule]:
-    """One config rule as model rules: a canary adds the header rules ingress-nginx's annotations mean, and
-    splits the main rule's traffic by weight."""
+def _filter_models(rule: RuleEntry) -> tuple[model.HeaderModifier, model.HeaderModifier, model.URLRewrite | None,
+                                             model.Redirect | None]:
+    """The rule's filters as the model has them: request and response header modifiers, rewrite, redirect."""
     filters = {f.type: f for f in rule.filters}
     rewrite = filters.get("URLRewrite")
     redirect = filters.get("RequestRedirect")
     r = redirect.request_redirect if redirect is not None else None
-    common: dict[str, Any] = {
-        "request_headers": _modifier(filters["RequestHeaderModifier"].request_header_modifier
-                                     if "RequestHeaderModifier" in filters else None),
-        "response_headers": _modifier(filters["ResponseHeaderModifier"].response_header_modifier
-                                      if "ResponseHeaderModifier" in filters else None),
-        "rewrite": None if rewrite is None or rewrite.url_rewrite is None else model.URLRewrite(
+    return (
+        _modifier(filters["RequestHeaderModifier"].request_header_modifier
+                  if "RequestHeaderModifier" in filters else None),
+        _modifier(filters["ResponseHeaderModifier"].response_header_modifier
+                  if "ResponseHeaderModifier" in filters else None),
+        None if rewrite is None or rewrite.url_rewrite is None else model.URLRewrite(
             rewrite.url_rewrite.hostname, rewrite.url_rewrite.path.to_model() if rewrite.url_rewrite.path else None),
-        "redirect": None if r is None else model.Redirect(
+        None if r is None else model.Redirect(
             r.scheme, r.hostname, r.port, r.path.to_model() if r.path else None, r.status_code),
-        "request_timeout": rule.timeouts.backend_request or rule.timeouts.request,
+    )
+
+
+def _rules(where: str, rule: RuleEntry, namespace: str) -> list[model.RouteRule]:
+    """One config rule as model rules: a canary adds the header rules ingress-nginx's annotations mean, and
+    splits the main rule's traffic by weight."""
+    request_headers, response_headers, rewrite, redirect = _filter_models(rule)
+    common: dict[str, Any] = {
+        "request_headers": request_headers,
+        "response_headers": response_headers,
+        "rewrite": rewrite,
+        "redirect": redirect,
+        "request_timeout": rule.timeouts.request,
+        "backend_request_timeout": rule.timeouts.backend_request,
         "retry": None if rule.retry is None else model.Retry(rule.retry.attempts, tuple(rule.retry.codes)),
     }
     matches = tuple(_match(m) for m in rule.matches)

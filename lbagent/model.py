@@ -283,7 +283,8 @@ class RouteRule:
     response_headers: HeaderModifier = field(default_factory=HeaderModifier)
     rewrite: URLRewrite | None = None
     redirect: Redirect | None = None
-    request_timeout: float | None = None  # the whole exchange with the backend (HAProxy `timeout server`)
+    request_timeout: float | None = None  # Gateway API `request`: the whole request, every attempt included
+    backend_request_timeout: float | None = None  # Gateway API `backendRequest`: one attempt
     retry: Retry | None = None
 
 
@@ -394,6 +395,9 @@ class Proxy:
     # Clients (other proxies, a front load balancer) whose X-Forwarded-For and X-Real-IP are kept; from anyone
     # else both are replaced by the address lbagent sees (ingress-nginx's proxy-real-ip-cidr).
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # The largest request line and headers HAProxy takes, and how many header fields (beyond: 400).
+    max_request_header_bytes: int = 15360
+    max_request_headers: int = 100
 
 
 @dataclass(frozen=True)

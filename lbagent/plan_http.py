@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
 
 from lbagent import model
@@ -18,6 +19,103 @@ class ServerState(StrEnum):
 
 
 MAX_WEIGHT = 256  # HAProxy's largest server weight
+DEFAULT_RETRIES = 3  # HAProxy's retries of a rule without `retry`: connection failures only, each on another server
+
+
+# HAProxy refuses (400) a request whose line and headers do not fit its buffer less `tune.maxrewrite` bytes, which
+# stay free for what its rules add; a rule that finds no room fails the request with 500. The base reserve holds the
+# frontend's own additions: X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and -Port, and X-Forwarded-Host, a copy
+# of a Host header of at most MAX_HOST_BYTES (a longer one is refused with 400): at most 725 bytes as HAProxy stores
+# them. A rule's filters need their own room on top (rewrite_growth).
+REWRITE_RESERVE = 1024
+MAX_HOST_BYTES = 512
+HEADER_OVERHEAD = 8  # what HAProxy stores with each header besides its name and value (an HTX block's head)
+
+
+def rewrite_growth(request_headers: model.HeaderModifier, response_headers: model.HeaderModifier,
+                   rewrite: model.URLRewrite | None) -> int:
+    """The most a rule's filters add to a request's or a response's headers as HAProxy stores them, in bytes."""
+    def added(modifier: model.HeaderModifier) -> int:
+        return sum(len(name) + len(value) + HEADER_OVERHEAD for name, value in (*modifier.set, *modifier.add))
+
+    request = added(request_headers)
+    if rewrite is not None:
+        request += len("Host") + len(rewrite.hostname) + HEADER_OVERHEAD if rewrite.hostname is not None else 0
+        request += len(rewrite.path.value) if rewrite.path is not None else 0
+    return max(request, added(response_headers))
+
+
+@dataclass(frozen=True)
+class AttemptTimeouts:
+    """What bounds a rule's requests in HAProxy 2.6, which has no deadline for a whole request: each attempt's
+    `timeout connect` and `timeout server` (None: the proxy's), chosen so that every attempt together stays within
+    `budget` (the rule's `timeouts.request`; None: no such bound). HAProxy makes at most `retries` + 1 attempts:
+    with `response_retries` (a rule's `retry`) any attempt may wait for an answer; without, only connection
+    failures are tried again."""
+
+    connect: float | None = None
+    server: float | None = None
+    retries: int = DEFAULT_RETRIES
+    response_retries: bool = False
+    budget: float | None = None
+
+    def longest(self, proxy_connect: float) -> float:
+        """The longest a request can take in HAProxy with these timeouts, from when it has the request to its
+        answer's headers (or its own 503/504), in seconds (whole milliseconds, as HAProxy counts).
+
+        A failed connection takes at most 2 * connect: its timeout, or a refusal within it followed by HAProxy's
+        turn-around of min(connect, 1 s) before it tries the same server again (backend.c). An attempt that
+        connects takes at most connect + server (the answer's headers; `timeout server` is the longest silence)."""
+        connect = _ms(self.connect if self.connect is not None else proxy_connect)
+        server = _ms(self.server) if self.server is not None else None
+        if server is None:
+            raise ValueError("no bound: the attempts use the proxy's own `timeout server`")
+        full = connect + max(server, connect)
+        # with response retries every attempt may be a full one; else all but the last are failed connections
+        total = (self.retries + 1) * full if self.response_retries else self.retries * 2 * connect + full
+        return total / 1000
+
+
+def milliseconds(seconds: float, rounding: str = ROUND_CEILING) -> int:
+    """A duration in HAProxy's resolution: whole milliseconds, rounded up (as timeouts are written) or `rounding`."""
+    return int((Decimal(str(seconds)) * 1000).to_integral_value(rounding))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, milliseconds(seconds))
+
+
+def attempt_timeouts(request: float | None, backend_request: float | None, connect: float,
+                     retry: model.Retry | None) -> AttemptTimeouts:
+    """The timeouts of a rule's attempts. `request` (the whole request) is shared out so that the worst case of
+    AttemptTimeouts.longest() stays within it; `backend_request` (one attempt) caps what an attempt waits for its
+    answer; `connect` is the proxy's connect timeout, an attempt's connection never gets longer.
+
+    With `retry`, each of the 1 + retries attempts gets an equal share, a quarter of it at most to connect. Without,
+    only failed connections are retried: they get a quarter of the budget between them (2 * connect each, see
+    longest()), the one attempt that connects the rest. ValueError when the budget is too small to share out."""
+    retries = retry.attempts if retry is not None else DEFAULT_RETRIES
+    if request is None:
+        return AttemptTimeouts(None, backend_request, retries, retry is not None)
+    budget = milliseconds(request, ROUND_FLOOR)
+    if retry is not None:
+        share = budget // (retries + 1)
+        connect_ms = min(_ms(connect), share // 4)
+        server_ms = share - connect_ms
+    else:
+        connect_ms = min(_ms(connect), budget // (4 * (2 * retries + 1)))
+        server_ms = budget - (2 * retries + 1) * connect_ms
+    if backend_request is not None:
+        server_ms = min(server_ms, _ms(backend_request))
+    if connect_ms < 1 or server_ms < 1:
+        if retry is not None:
+            raise ValueError(f"too short to share out over {retries + 1} attempts (the first and retry.attempts "
+                             f"{retries}): give at least {4 * (retries + 1)} ms")
+        raise ValueError(f"too short for up to {retries + 1} connection attempts (HAProxy tries a failed connection "
+                         f"{retries} more times) and the answer: give at least {4 * (2 * retries + 1)} ms")
+    out = AttemptTimeouts(connect_ms / 1000, server_ms / 1000, retries, retry is not None, request)
+    assert out.longest(connect) <= budget / 1000
+    return out
 
 
 @dataclass(frozen=True)
@@ -53,7 +151,7 @@ class HttpBackend:
     """Prefixes (of `prefixes`, never the shortest) whose every match also tests headers, query parameters or the
     method, with those matches: a request under such a prefix came by it only when one of them holds. Under any
     other prefix, the longest one the path is under is the one that matched (Gateway API precedence)."""
-    request_timeout: float | None = None
+    timeouts: AttemptTimeouts = field(default_factory=AttemptTimeouts)
     retry: model.Retry | None = None
 
     @property
@@ -198,6 +296,7 @@ def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -
 
 
 def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSnapshot) -> HttpBackend:
+    """The rule's backend. Its timeouts were checked with the config (attempt_timeouts raises no ValueError here)."""
     groups = [_servers(m, i, ref, health) for i, ref in enumerate(rule.backend_refs)]
     by_prefix: dict[str, list[model.RouteMatch]] = {}
     for x in rule.matches:
@@ -210,7 +309,9 @@ def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSna
         name=name, where=rule.where, servers=_weighted(rule.backend_refs, groups),
         request_headers=rule.request_headers, response_headers=rule.response_headers, rewrite=rule.rewrite,
         redirect=rule.redirect, prefixes=tuple(prefixes), prefix_conditions=conditional,
-        request_timeout=rule.request_timeout, retry=rule.retry,
+        timeouts=attempt_timeouts(rule.request_timeout, rule.backend_request_timeout, m.proxy.connect_timeout,
+                                  rule.retry),
+        retry=rule.retry,
     )
 
 

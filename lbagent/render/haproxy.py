@@ -18,17 +18,28 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
 
-from lbagent import model
-from lbagent.plan_http import HttpBackend, HttpFrontend, ProxyPlan, RouteEntry, Server, ServerState
+from lbagent import model, pcre2
+from lbagent.plan_http import (
+    DEFAULT_RETRIES,
+    MAX_HOST_BYTES,
+    REWRITE_RESERVE,
+    AttemptTimeouts,
+    HttpBackend,
+    HttpFrontend,
+    ProxyPlan,
+    RouteEntry,
+    Server,
+    ServerState,
+    milliseconds,
+    rewrite_growth,
+)
 
 NOT_FOUND_BACKEND = "lbagent_404"  # answers requests no route takes on a listener without a default backend
 METRICS_FRONTEND = "lbagent_metrics"  # HAProxy's own Prometheus exporter (listener names cannot contain `_`)
 HARD_STOP_AFTER = "5m"  # the longest an old process keeps serving its connections after a reload
 HTTP_REQUEST_TIMEOUT = "10s"  # for a client to send a complete request's headers
 TUNNEL_TIMEOUT = "1h"  # idle time of a WebSocket (or other upgraded) connection
-DEFAULT_RETRIES = 3  # connection failures only, each on another server (`option redispatch 1`)
 
 # Mozilla's "intermediate" TLS configuration.
 TLS_CIPHERS = ":".join([
@@ -90,15 +101,15 @@ def _comment(text: str) -> str:
 
 def duration(seconds: float) -> str:
     """A timeout: whole seconds as `5s`, else milliseconds (HAProxy's resolution, rounded up) as `1500ms`."""
-    ms = int((Decimal(str(seconds)) * 1000).to_integral_value(ROUND_CEILING))
+    ms = milliseconds(seconds)
     if ms <= 0 or ms >= 2**31:
         raise ValueError(f"a timeout must be between 1 ms and 24 days (got {seconds} s)")
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 def _regex(pattern: str) -> str:
-    """A pattern that must match the whole value."""
-    return f"^(?:{pattern})$"
+    """A pattern that must match the whole value (the config check compiled exactly this with PCRE2)."""
+    return pcre2.whole_value(pattern)
 
 
 def _prefix(value: str) -> str:
@@ -120,7 +131,7 @@ def render(plan: ProxyPlan, proxy: model.Proxy, runtime_socket: str, errors_dir:
         if missing:
             raise ValueError(f"listener {f.listener} routes to unknown backends: {', '.join(missing)}")
     lines = ["# Written by lbagent: every change is overwritten. Routes and filters follow the Gateway API.", ""]
-    lines += _global(proxy, runtime_socket)
+    lines += _global(proxy, runtime_socket, rewrite_reserve(plan))
     lines += _defaults(proxy, errors_dir)
     if proxy.metrics_address is not None:
         lines += _metrics(proxy.metrics_address)
@@ -174,13 +185,29 @@ def _check_names(plan: ProxyPlan) -> None:
             seen[clean] = name
 
 
-def _global(proxy: model.Proxy, runtime_socket: str) -> list[str]:
+def rewrite_reserve(plan: ProxyPlan) -> int:
+    """HAProxy's `tune.maxrewrite`: room for what the frontends' rules and the most demanding rule add to headers."""
+    return REWRITE_RESERVE + max((rewrite_growth(b.request_headers, b.response_headers, b.rewrite)
+                                  for b in plan.backends), default=0)
+
+
+def _global(proxy: model.Proxy, runtime_socket: str, reserve: int) -> list[str]:
     """No `log`: HAProxy's own alerts and warnings go to its standard error, which the agent logs line by line;
-    a traffic log there would cost the agent a log line per request (or per failed one, in an outage)."""
+    a traffic log there would cost the agent a log line per request (or per failed one, in an outage).
+
+    The buffer holds a request's line and headers (maxRequestHeaderBytes) and the `reserve` its rules may add;
+    `tune.http.maxhdr` counts the request line too. HAProxy halves a reserve larger than half the buffer, which would
+    take it from the request: refused (the config check names the rule)."""
+    if reserve > proxy.max_request_header_bytes:
+        raise ValueError(f"the headers rules add ({reserve} bytes) would not fit beside maxRequestHeaderBytes "
+                         f"{proxy.max_request_header_bytes} in HAProxy's buffer")
     return [
         "global",
         f"{_INDENT}stats socket {_word(runtime_socket)} mode 600 level admin expose-fd listeners",
         f"{_INDENT}maxconn {proxy.max_connections}",
+        f"{_INDENT}tune.bufsize {proxy.max_request_header_bytes + reserve}",
+        f"{_INDENT}tune.maxrewrite {reserve}",
+        f"{_INDENT}tune.http.maxhdr {proxy.max_request_headers + 1}",
         f"{_INDENT}hard-stop-after {HARD_STOP_AFTER}",
         f"{_INDENT}ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets",
         f"{_INDENT}ssl-default-bind-ciphers {TLS_CIPHERS}",
@@ -258,6 +285,8 @@ def _frontend(f: HttpFrontend, trusted_proxies: tuple[model.IPNetwork, ...] = ()
                      " code 301")
         return [*lines, ""]
     lines.append(f"{_INDENT}http-request deny deny_status 400 if {{ path -m reg -i {_word(DOT_SEGMENT)} }}")
+    # X-Forwarded-Host copies the Host header into the room HAProxy keeps for rewrites (see REWRITE_RESERVE)
+    lines.append(f"{_INDENT}http-request deny deny_status 400 if {{ req.hdr(host),length gt {MAX_HOST_BYTES} }}")
     # The client's own X-Forwarded-For and X-Real-IP are not believed (option forwardfor then adds the address
     # HAProxy sees), unless it is a trusted proxy: then its X-Forwarded-For gets that address appended.
     trusted = kept_real_ip = ""
@@ -326,8 +355,7 @@ def _value_match(fetch: str, match: model.ValueMatch) -> str:
 
 def _backend(b: HttpBackend) -> list[str]:
     lines = [f"backend {proxy_name(b.name)}", f"{_INDENT}# {_comment(b.where)}", f"{_INDENT}balance roundrobin"]
-    if b.request_timeout is not None:
-        lines.append(f"{_INDENT}timeout server {duration(b.request_timeout)}")
+    lines += _timeouts(b.timeouts)
     if b.retry is not None:
         lines += _retry(b.retry)
     lines += _headers("http-request", b.request_headers)
@@ -343,6 +371,20 @@ def _backend(b: HttpBackend) -> list[str]:
     for s in b.servers:
         lines += _server(s)
     return [*lines, ""]
+
+
+def _timeouts(t: AttemptTimeouts) -> list[str]:
+    lines = []
+    if t.budget is not None and t.connect is not None and t.server is not None:
+        n, connect, answer = t.retries + 1, duration(t.connect), duration(t.server)
+        lines.append(f"{_INDENT}# timeouts.request {duration(t.budget)}: " + (
+            f"up to {n} attempts, each connect {connect} + answer {answer}" if t.response_retries
+            else f"up to {n} connection attempts of {connect}, then answer {answer}"))
+    if t.connect is not None:
+        lines.append(f"{_INDENT}timeout connect {duration(t.connect)}")
+    if t.server is not None:
+        lines.append(f"{_INDENT}timeout server {duration(t.server)}")
+    return lines
 
 
 def _retry(retry: model.Retry) -> list[str]:

@@ -171,3 +171,24 @@ def test_a_fifo_as_certificate_file_is_named_not_read(tmp_path: Path) -> None:
     doc = _https_doc(tmp_path, ca, ["shop.example.com"])
     problems = _refused(doc)
     assert any("certificates[0].certFile" in p and "not a regular file: it is a FIFO" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("field", "regex", "message"), [
+    ("path", "/\\u0041", "PCRE2 does not support \\F, \\L, \\l, \\N{name}, \\U, or \\u at offset 3"),
+    ("headers", "/\\N{DIGIT ONE}", "PCRE2 does not support \\F, \\L, \\l, \\N{name}, \\U, or \\u at offset 3"),
+    ("queryParams", "(?x)/a#", "missing closing parenthesis at offset 13 of '^(?:(?x)/a#)$', the whole-value "
+                               "match HAProxy is given"),
+])
+def test_regexes_pythons_re_takes_and_haproxys_pcre2_refuses(field: str, regex: str, message: str) -> None:
+    """Checked with Python's `re` they passed, then `haproxy -c` refused the config and every HTTP change was
+    blocked. Now PCRE2 itself (the library HAProxy is linked with) refuses them, with its message and offset."""
+    doc = _doc()
+    doc["listeners"] = [{"name": "web", "vip": "192.0.2.20", "port": 80}]
+    match: dict[str, Any] = {"path": {"type": "RegularExpression", "value": regex}} if field == "path" else {
+        field: [{"name": "x", "type": "RegularExpression", "value": regex}]}
+    doc["routes"] = [{"name": "r", "listeners": ["web"], "rules": [
+        {"matches": [match], "backendRefs": [{"name": "web", "port": 80}]}]}]
+    [problem] = _refused(doc)
+    where = "path.value" if field == "path" else f"{field}[0].value"
+    assert f"routes[0].rules[0].matches[0].{where}: invalid regular expression for HAProxy (PCRE2): {message} " \
+           f"(got {regex!r})" in problem, problem

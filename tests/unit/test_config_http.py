@@ -289,3 +289,91 @@ def test_four_thousand_distinct_routes_are_checked() -> None:
               for i in range(4000)]
     m = _model_unchecked(_doc(routes=routes))
     assert plan_http.unreachable(m) == []
+
+
+# ---- timeouts.request: a bound on the whole request, every attempt included ------------------------------------
+
+
+@pytest.mark.parametrize("retry", [None, model.Retry(1), model.Retry(3), model.Retry(10)], ids=str)
+def test_every_attempt_together_stays_within_the_request_budget(retry: model.Retry | None) -> None:
+    """HAProxy 2.6 has no deadline for a whole request: the budget is shared out over the attempts it may make, and
+    the worst case of those timeouts (failed connections, HAProxy's turn-around, answers that never come) fits."""
+    for request in (0.044, 0.1, 0.25, 1.0, 2.5, 10.0, 60.0, 3600.0):
+        for backend_request in (None, 0.01, 0.3, request):
+            for connect in (0.001, 0.05, 5.0):
+                try:
+                    t = plan_http.attempt_timeouts(request, backend_request, connect, retry)
+                except ValueError:
+                    assert request < 0.1, (request, backend_request, connect)
+                    continue
+                assert t.connect is not None and t.server is not None
+                assert t.longest(connect) <= request
+                assert t.connect <= connect
+                if backend_request is not None:
+                    assert t.server <= backend_request
+                assert t.retries == (retry.attempts if retry else plan_http.DEFAULT_RETRIES)
+    # the shares for a 1 s budget: four equal attempts with a retry; without, the one attempt that connects gets
+    # most of it (failed connections are retried, quickly)
+    assert plan_http.attempt_timeouts(1.0, None, 5.0, model.Retry(3)) == plan_http.AttemptTimeouts(
+        0.062, 0.188, 3, True, 1.0)
+    assert plan_http.attempt_timeouts(1.0, None, 5.0, None) == plan_http.AttemptTimeouts(0.035, 0.755, 3, False, 1.0)
+    # backendRequest alone bounds one attempt, as before
+    assert plan_http.attempt_timeouts(None, 2.0, 5.0, None) == plan_http.AttemptTimeouts(None, 2.0, 3, False, None)
+
+
+def test_request_and_backend_request_reach_the_backend() -> None:
+    m = _parse(_doc(routes=[_route([
+        {"backendRefs": [{"name": "shop-v1", "port": 80}], "timeouts": {"request": "1s"}, "retry": {"attempts": 3}},
+        {"matches": [{"path": {"value": "/b"}}], "backendRefs": [{"name": "shop-v1", "port": 80}],
+         "timeouts": {"request": "10s", "backendRequest": "500ms"}},
+    ])], proxy={"timeouts": {"connect": "2s"}}))
+    rule0, rule1 = m.routes[0].rules
+    assert (rule0.request_timeout, rule0.backend_request_timeout) == (1.0, None)
+    assert (rule1.request_timeout, rule1.backend_request_timeout) == (10.0, 0.5)
+    p = plan_http.plan_proxy(m, _healthy(m), {})
+    assert p.backend("default_shop_0").timeouts == plan_http.AttemptTimeouts(0.062, 0.188, 3, True, 1.0)
+    assert p.backend("default_shop_1").timeouts == plan_http.AttemptTimeouts(0.357, 0.5, 3, False, 10.0)
+
+
+def test_timeouts_haproxy_cannot_keep_are_named() -> None:
+    problems = _problems(_doc(routes=[_route([
+        {"backendRefs": [{"name": "shop-v1", "port": 80}], "timeouts": {"request": "1s", "backendRequest": "2s"}},
+        {"matches": [{"path": {"value": "/a"}}], "backendRefs": [{"name": "shop-v1", "port": 80}],
+         "timeouts": {"request": "10ms"}, "retry": {"attempts": 3}},
+        {"matches": [{"path": {"value": "/b"}}], "backendRefs": [{"name": "shop-v1", "port": 80}],
+         "timeouts": {"request": "20ms"}},
+    ])]))
+    assert len(problems) == 3, problems
+    assert "routes[0].rules[0].timeouts.backendRequest: one attempt cannot take longer than the whole request " \
+           "(timeouts.request is 1s) (got 2s)" in problems[0]
+    assert "routes[0].rules[1].timeouts.request: too short to share out over 4 attempts (the first and " \
+           "retry.attempts 3): give at least 16 ms (got 0.01s)" in problems[1]
+    assert "routes[0].rules[2].timeouts.request: too short for up to 4 connection attempts" in problems[2]
+    assert "give at least 28 ms (got 0.02s)" in problems[2]
+
+
+# ---- header limits ------------------------------------------------------------------------------------------------
+
+
+def test_header_limits_default_to_haproxys_and_are_checked() -> None:
+    routes = [_route([{"backendRefs": [{"name": "shop-v1", "port": 80}]}])]
+    m = _parse(_doc(routes=routes))
+    assert (m.proxy.max_request_header_bytes, m.proxy.max_request_headers) == (15360, 100)
+    m = _parse(_doc(routes=routes, proxy={"maxRequestHeaderBytes": 65536, "maxRequestHeaders": 200}))
+    assert (m.proxy.max_request_header_bytes, m.proxy.max_request_headers) == (65536, 200)
+    problems = _problems(_doc(routes=routes, proxy={"maxRequestHeaderBytes": "16k", "maxRequestHeaders": 0}))
+    assert any("proxy.maxRequestHeaderBytes: Input should be a valid integer (got '16k')" in p for p in problems)
+    assert any("proxy.maxRequestHeaders: Input should be greater than or equal to 1 (got 0)" in p for p in problems)
+    [problem] = _problems(_doc(routes=routes, proxy={"maxRequestHeaderBytes": 2_000_000}))
+    assert "proxy.maxRequestHeaderBytes: Input should be less than or equal to 1048576 (got 2000000)" in problem
+
+
+def test_filters_that_add_more_than_the_buffer_keeps_free_are_named() -> None:
+    modifier = {"type": "RequestHeaderModifier", "requestHeaderModifier": {
+        "add": [{"name": "X-Big", "value": "v" * 4000}]}}
+    route = _route([{"filters": [modifier], "backendRefs": [{"name": "shop-v1", "port": 80}]}])
+    _parse(_doc(routes=[route]))  # fits beside the default 15360 bytes
+    [problem] = _problems(_doc(routes=[route], proxy={"maxRequestHeaderBytes": 4096}))
+    assert "routes[0].rules[0].filters: HAProxy keeps room in its buffer for what the filters add to headers, " \
+           "beside proxy.maxRequestHeaderBytes (4096): it must be at least 5037 for this rule (got 4013 bytes added)" \
+           in problem

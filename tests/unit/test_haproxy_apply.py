@@ -96,6 +96,7 @@ class Backend:
         self.name = name
         self.hits = 0
         self.slow_started = threading.Event()
+        self.slow_requests = 0
         self.slow = 3.0
         backend = self
 
@@ -104,6 +105,7 @@ class Backend:
 
             def do_GET(self) -> None:
                 if self.path.startswith("/slow"):
+                    backend.slow_requests += 1
                     backend.slow_started.set()
                     time.sleep(backend.slow)
                 backend.hits += 1

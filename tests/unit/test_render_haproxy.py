@@ -29,9 +29,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent import model
-from lbagent.plan_http import HttpBackend, HttpFrontend, ProxyPlan, RouteEntry, Server, ServerState, structural
+from lbagent import model, pcre2
+from lbagent.plan_http import (
+    HttpBackend,
+    HttpFrontend,
+    ProxyPlan,
+    RouteEntry,
+    Server,
+    ServerState,
+    attempt_timeouts,
+    structural,
+)
 from lbagent.render import haproxy
+from tests.unit.test_haproxy_apply import Backend
+from tests.unit.test_pcre2 import PYTHON_ONLY
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "haproxy"
 SOCKET = "/run/lbagent/haproxy/admin.sock"
@@ -71,6 +82,9 @@ def backend(name: str, *servers: Server, **filters: object) -> HttpBackend:
 NODES = (server("0_node1", "203.0.113.11", 30080), server("0_node2", "203.0.113.12", 30080))
 
 
+SHOP_RETRY = model.Retry(2, (503, 502, 404))
+
+
 def routing_plan() -> ProxyPlan:
     """Hosts, every kind of path match, header, query and method matches; servers in every state."""
     shop = "shop.example.com"
@@ -94,10 +108,11 @@ def routing_plan() -> ProxyPlan:
                 server("0_node2", "203.0.113.12", 30080, 0, DRAIN),
                 server("0_node3", "203.0.113.13", 30080, 0, MAINT),
                 server("1_node1", "2001:db8:1::11", 30081, 85, proxy_protocol=True)),
-        backend("default_shop_1", *NODES, request_timeout=2.5, retry=model.Retry(2, (503, 502, 404))),
+        # timeouts.request with a retry, with retries of connections only, and backendRequest alone
+        backend("default_shop_1", *NODES, retry=SHOP_RETRY, timeouts=attempt_timeouts(2.5, None, 5.0, SHOP_RETRY)),
         backend("default_shop_2"),  # no server: 503
-        backend("default_wild_0", *NODES),
-        backend("default_static_0", *NODES),
+        backend("default_wild_0", *NODES, timeouts=attempt_timeouts(2.5, 1.0, 5.0, None)),
+        backend("default_static_0", *NODES, timeouts=attempt_timeouts(None, 1.5, 5.0, None)),
         backend("listener_web_default", *NODES),
     )
     return ProxyPlan((frontend,), backends)
@@ -204,7 +219,8 @@ def golden(name: str, text: str) -> None:
 
 # every field given: the golden files must not follow the model's defaults
 PROXY = model.Proxy(haproxy="haproxy", metrics_address="127.0.0.1:9470", connect_timeout=5.0, client_timeout=30.0,
-                    server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0)
+                    server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0,
+                    max_request_header_bytes=12288, max_request_headers=80)
 
 
 # ---- golden files ---------------------------------------------------------------------------------------------
@@ -294,6 +310,43 @@ def test_refusals_of_what_haproxy_would_not_load(tmp_path: Path) -> None:
         haproxy.render(ProxyPlan((), (backend("b", server("s", "203.0.113.1", 80, 300)),)), PROXY, SOCKET)
 
 
+# Regular expressions lbagent accepts or refuses, each put to `haproxy -c`: what lbagent accepts HAProxy loads, and
+# what HAProxy refuses lbagent refuses; the one way they part is a pattern that loads only because the whole-value
+# wrapper closes its stray parenthesis (it would mean something else).
+QUOTED_REGEX = 'say "hi" \\d+\\\\ #\\$'  # written in haproxy.cfg's strong quotes, as it is
+ACCEPTED = ["/v[0-9]+", "/(?<v>[a-z]+)/\\k<v>", "/\\x{41}\\d{1,3}", "[[:alpha:]]+", QUOTED_REGEX,
+            "(?i)/CaSe", "a|b", "/\\p{Lu}", "/(.*a){20}"]
+REFUSED = [p for p, _ in PYTHON_ONLY] + ["\\Qabc", "(*UTF)a", "[z-a]", "(?<=a+)b", "\\x{100}", "/a(", "\\"]
+REFUSED_FOR_MEANING = ["a)|(b"]
+
+
+def test_lbagent_checks_regexes_with_the_library_haproxy_is_linked_with() -> None:
+    ldd = subprocess.run(["ldd", haproxy_binary()], capture_output=True, text=True, check=True).stdout
+    assert f"{pcre2.LIBRARY} => " in ldd, ldd
+
+
+@pytest.mark.parametrize("pattern", ACCEPTED + REFUSED + REFUSED_FOR_MEANING)
+def test_regexes_lbagent_accepts_are_the_ones_haproxy_loads(pattern: str, tmp_path: Path) -> None:
+    try:
+        pcre2.check(pattern)
+        accepted = True
+    except pcre2.Pcre2Error:
+        accepted = False
+    assert accepted == (pattern in ACCEPTED)
+    regex = entry("b", None, match("/", headers=(model.ValueMatch("X-Re", pattern, model.ValueMatchType(
+        "RegularExpression")),)))
+    text = haproxy.render(ProxyPlan((HttpFrontend("web", (V4,), 80, HTTP, entries=(regex,)),), (backend("b"),)),
+                          PROXY, SOCKET)
+    path = tmp_path / "check.cfg"
+    path.write_text(text)
+    result = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    if accepted or pattern in REFUSED_FOR_MEANING:
+        assert result.returncode == 0 and "WARNING" not in output and "ALERT" not in output, output
+    else:
+        assert result.returncode != 0 and "regex" in output, output
+
+
 def test_durations_and_names() -> None:
     assert [haproxy.duration(s) for s in (5.0, 2.5, 0.1, 0.0001, 3600, 1.0005)] == [
         "5s", "2500ms", "100ms", "1ms", "3600s", "1001ms"]
@@ -366,6 +419,9 @@ def live_plan(r: Running) -> ProxyPlan:
         entry("foo", None, match("/exact")),
         entry("cond", None, match("/c/long", headers=(LONG,))),
         entry("cond", None, match("/c")),
+        # quotes, a backslash, a space, `#` and `$` reach PCRE2 as written (haproxy.cfg's strong quotes)
+        entry("exact", None, match("/re", headers=(model.ValueMatch("X-Re", QUOTED_REGEX,
+                                                                    model.ValueMatchType.REGULAR_EXPRESSION),))),
     ))
     secure = HttpFrontend("secure", (lo,), r.https, HTTPS, entries=(entry("foo", None, match("/")),),
                           certificates=(str(r.certs / "default.pem"), str(r.certs / "shop.pem")))
@@ -538,6 +594,10 @@ def test_haproxy_serves_what_the_gateway_api_says(running: Running) -> None:
     assert handshake(r.https, "default.test")[0] == "default.test"
     assert handshake(r.https, "unknown.test")[0] == "default.test"
     assert handshake(r.https, None)[0] == "default.test"
+    # a regex with quotes, a backslash, `#` and `$` matches what PCRE2 says it does
+    assert pcre2.matches(QUOTED_REGEX, 'say "hi" 42\\ #$') > 0
+    assert echoed(r.http, "/re", headers={"X-Re": 'say "hi" 42\\ #$'})["server"] == b
+    assert request(r.http, "/re", "any.test", headers={"X-Re": 'say "hi" 42 #$'})[0] == 404
     # HAProxy's own metrics
     status, _, body = request(r.metrics, "/metrics", "lb")
     assert status == 200 and b"haproxy_process_" in body
@@ -626,3 +686,117 @@ def test_a_trusted_proxys_forwarded_headers_are_kept(running: Running) -> None:
     assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("203.0.113.66, 127.0.0.1", "203.0.113.66")
     seen = echoed(running.http, "/foo/x")["headers"]
     assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+
+
+def _timed(port: int, path: str) -> tuple[int, float]:
+    """The status the client gets and how long it waited for it, in seconds."""
+    begun = time.monotonic()
+    status = request(port, path, "app.test")[0]
+    return status, time.monotonic() - begun
+
+
+def test_timeouts_request_bounds_the_whole_request_across_retries(tmp_path: Path) -> None:
+    """`timeouts.request: 1s` on a rule that retries 3 times, in front of a server that answers /slow after 3 s:
+    the client gets HAProxy's 504 within the second, after all four attempts (each had its share). On a rule
+    without `retry` whose only server refuses connections, HAProxy's retries with their turn-around stay within
+    the second too, and the client gets 503. (Rendered as `timeout server 1s` per attempt, as before, these took
+    4 s and 3 s.) A fast answer passes as usual."""
+    budget, slack = 1.0, 1.0  # the ceiling asserted: the budget, and a second for a busy machine
+    slow = Backend("slow")
+    short = tempfile.TemporaryDirectory(prefix="lbbudget")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        port, refused = free_port(), free_port()  # nothing listens on `refused`
+        lo = ip_address("127.0.0.1")
+        retry = model.Retry(3, (503,))
+        web = HttpFrontend("web", (lo,), port, HTTP, entries=(
+            entry("dead", None, match("/dead")), entry("retried", None, match("/"))))
+        plan = ProxyPlan((web,), (
+            backend("retried", server("0_slow", "127.0.0.1", slow.port), retry=retry,
+                    timeouts=attempt_timeouts(budget, None, PROXY.connect_timeout, retry)),
+            backend("dead", server("0_dead", "127.0.0.1", refused),
+                    timeouts=attempt_timeouts(budget, None, PROXY.connect_timeout, None)),
+        ))
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(plan, replace(PROXY, metrics_address=None, max_connections=100),
+                                      f"{short.name}/admin.sock"))
+        process = start_haproxy(cfg, tmp_path / "haproxy.log", port)
+
+        assert request(port, "/fast", "app.test")[:3:2] == (200, b"slow")
+        status, took = _timed(port, "/slow")
+        assert status == 504 and took < budget + slack, (status, took)
+        deadline = time.monotonic() + 5
+        while slow.slow_requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.slow_requests == 4, "the first attempt and three retries"
+        status, took = _timed(port, "/dead/x")
+        assert status == 503 and took < budget + slack, (status, took)
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        slow.close()
+        short.cleanup()
+
+
+def _status(port: int, head: bytes) -> int:
+    """Send a request's line and headers as they are; the status of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = conn.recv(4096)
+            assert chunk, f"connection closed without an answer: {answer!r}"
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def _head(host: bytes, headers: list[bytes]) -> bytes:
+    return b"GET /h HTTP/1.1\r\nHost: " + host + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+
+def test_header_limits_and_what_a_client_sees(tmp_path: Path) -> None:
+    """maxRequestHeaderBytes 4096 and maxRequestHeaders 20 on a listener whose rule adds a 1000-byte header. A
+    request just within the bytes (with a Host of the longest kept, 512 bytes) is served, with the rule's header
+    and HAProxy's own added: the room for them is kept apart, so it never fails with 500. A request with a byte
+    too many, a header too many, or a longer Host gets HAProxy's 400 (it has no 431 of its own in 2.6)."""
+    limit, count = 4096, 20
+    added = ("X-Added", "a" * 1000)
+    echo = QuietServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=echo.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    short = tempfile.TemporaryDirectory(prefix="lbheaders")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        port = free_port()
+        web = HttpFrontend("web", (ip_address("127.0.0.1"),), port, HTTP, entries=(entry("app", None, match("/")),))
+        plan = ProxyPlan((web,), (backend("app", server("0_echo", "127.0.0.1", echo.server_address[1]),
+                                          request_headers=model.HeaderModifier(add=(added,))),))
+        proxy = replace(PROXY, metrics_address=None, max_connections=100, max_request_header_bytes=limit,
+                        max_request_headers=count)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy.render(plan, proxy, f"{short.name}/admin.sock"))
+        process = start_haproxy(cfg, tmp_path / "haproxy.log", port)
+
+        host = b"h" * 512
+        # HAProxy stores a request's line and headers with about 80 bytes, and 4 bytes a header, more than sent
+        fill = limit - len(_head(host, [b"X-Fill: "])) - 80 - 4 * 2 - 8
+        within = _head(host, [b"X-Fill: " + b"f" * fill])
+        assert len(within) > limit - 100
+        status, _, body = request(port, "/h", host.decode(), headers={"X-Fill": "f" * (fill - 40)})
+        assert status == 200, (status, body[:200])
+        seen = json.loads(body)["headers"]
+        assert seen["x-added"] == added[1] and seen["x-forwarded-host"] == host.decode()
+        assert _status(port, within) == 200
+        assert _status(port, _head(host, [b"X-Fill: " + b"f" * (limit - len(within) + fill + 1)])) == 400
+        many = [b"X-N%d: v" % i for i in range(count - 1)]
+        assert _status(port, _head(b"app.test", many)) == 200, "Host and 19 others: 20 headers"
+        assert _status(port, _head(b"app.test", [*many, b"X-Last: v"])) == 400
+        assert _status(port, _head(b"h" * 513, [])) == 400
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        echo.shutdown()
+        echo.server_close()
+        short.cleanup()
