@@ -1,12 +1,19 @@
 """Generated configs: the parser never crashes, and what `check` accepts renders to what the real tools accept.
 
 A fixed seed and a small budget here (`make test`); `make fuzz` runs the same properties long (FUZZ_EXAMPLES).
+FUZZ_REPORT=path writes what a run saw as JSON (rewritten every 1,000 examples and at the end): examples,
+accepted, refused, crashes, accepted-then-refused by a tool, the slowest parse and how many took over 1 s. A
+failure stops the run; its count includes hypothesis's replays while it shrinks to the minimal example it prints.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +22,12 @@ import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from lbagent import config, judge
+from lbagent import config, judge, model
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))
+REPORT = os.environ.get("FUZZ_REPORT")
+HANG_SECONDS = 1.0  # a parse slower than this counts as a hang in the report
 SEEDS: list[dict[str, Any]] = [
     {
         "node": {"name": "lb1"},
@@ -107,13 +116,88 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
+# ---- the optional report (FUZZ_REPORT) -------------------------------------------------------------------------
+
+_TALLY: dict[str, Any] = {
+    "examples": 0, "accepted": 0, "refused": 0, "accepted_with_listeners": 0, "crashes": 0,
+    "accepted_then_refused": 0, "slowest_parse_s": 0.0, "slowest_parse_cpu_s": 0.0,
+    f"parses_over_{HANG_SECONDS:g}s": 0, "slowest_parse_config": None,
+}
+_STARTED = time.time()
+_PARSED: list[bool | None] = [None]  # the current example's parse: accepted, refused, or None (did not finish)
+
+
+def _write_report(finished: bool) -> None:
+    if not REPORT:
+        return
+    elapsed = time.time() - _STARTED
+    body = {**_TALLY, "seed": SEED, "max_examples": EXAMPLES, "finished": finished, "elapsed_s": round(elapsed, 1),
+            "examples_per_s": round(_TALLY["examples"] / elapsed, 1) if elapsed else None,
+            "judged": "every accepted config by nft -c, and by haproxy -c when it has listeners"}
+    tmp = f"{REPORT}.tmp"
+    Path(tmp).write_text(json.dumps(body, indent=2) + "\n")
+    os.replace(tmp, REPORT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_at_the_end() -> Iterator[None]:
+    yield
+    _write_report(finished=True)
+
+
+def _timed_parse(text: str) -> model.Model:
+    """config.parse, its wall and CPU time and its outcome recorded for the report."""
+    _PARSED[0] = None
+    wall, cpu = time.perf_counter(), time.thread_time()
+    try:
+        m = config.parse(text)
+    except config.ConfigError:
+        _PARSED[0] = False
+        raise
+    finally:
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        if wall > _TALLY["slowest_parse_s"]:
+            _TALLY["slowest_parse_s"], _TALLY["slowest_parse_config"] = round(wall, 4), text
+        _TALLY["slowest_parse_cpu_s"] = max(_TALLY["slowest_parse_cpu_s"], round(cpu, 4))
+        if wall > HANG_SECONDS:
+            _TALLY[f"parses_over_{HANG_SECONDS:g}s"] += 1
+    _PARSED[0] = True
+    _TALLY["accepted_with_listeners"] += bool(m.listeners)  # the ones haproxy -c judges too
+    return m
+
+
+def _tallied(test: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """Counts each example's outcome for the report (a failing example still fails the test)."""
+
+    @functools.wraps(test)
+    def run(doc: dict[str, Any]) -> None:
+        _TALLY["examples"] += 1
+        try:
+            test(doc)
+        except AssertionError as exc:
+            refused_by_tool = _PARSED[0] is True and "refused what check accepted" in str(exc)
+            _TALLY["accepted_then_refused" if refused_by_tool else "crashes"] += 1
+            raise
+        except BaseException:
+            _TALLY["crashes"] += 1
+            raise
+        finally:
+            if _PARSED[0] is not None:
+                _TALLY["accepted" if _PARSED[0] else "refused"] += 1
+            if _TALLY["examples"] % 1000 == 0:
+                _write_report(finished=False)
+
+    return run
+
+
 @seed(SEED)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(documents())
+@_tallied
 def test_check_never_crashes_and_what_it_accepts_the_real_tools_accept(doc: dict[str, Any]) -> None:
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
     try:
-        m = config.parse(text)
+        m = _timed_parse(text)
     except config.ConfigError as exc:
         assert exc.problems and all(p.message for p in exc.problems)
         return
