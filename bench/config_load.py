@@ -10,10 +10,14 @@ each run in a fresh process with only the tree under test on PYTHONPATH, round a
 - before: `config.load` and what `check` adds (the config hash) with lbagent at --before (default 8e52584, the
   parent of the commit that made the parser libyaml's; the indexed reachability check came two commits later),
   extracted with `git archive`; a run over --before-timeout seconds is stopped and reported as "> N s";
-- now: the same with this tree.
+- now: the same with this tree; and, in processes of their own, a reload as the agent does it on SIGHUP
+  (config.load in a worker thread while the event loop runs): the loop's longest stall, the longest garbage
+  collector pause in it (a collection holds the GIL, so the loop waits for it) and the config hash the agent then
+  works out on the loop.
 
 Times are medians over --repeat processes; peak RSS is the largest of the processes' (the whole interpreter with
-lbagent imported: the config's own share is the difference from the floor's).
+lbagent imported: the config's own share is the difference from the floor's). With --json the figures are printed
+as JSON and the table goes to stderr.
 
 Usage: .venv/bin/python bench/config_load.py [--services 10000] [--nodes 20] [--routes 1000 4000] [--repeat 3]
        [--before 8e52584 | --before-tree DIR] [--before-timeout 300] [--json]
@@ -22,6 +26,8 @@ Usage: .venv/bin/python bench/config_load.py [--services 10000] [--nodes 20] [--
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import json
 import os
 import platform
@@ -137,25 +143,74 @@ def routes_config(routes: int, nodes: int, backends: int = 200) -> dict[str, Any
 # ---- one measurement, in its own process --------------------------------------------------------------------------
 
 
+class GcClock:
+    """The garbage collector's time and its longest pause (it holds the GIL: no other thread runs meanwhile)."""
+
+    def __init__(self) -> None:
+        self.total = self.longest = self._started = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._started
+            self.total += pause
+            self.longest = max(self.longest, pause)
+
+
+async def _reload_on_a_loop(path: str, tick: float = 0.002) -> dict[str, Any]:
+    """What the agent does on SIGHUP: config.load in a worker thread while the event loop runs (here a task that
+    wakes every 2 ms: its longest wait beyond that is the loop's longest stall), then the config hash on the loop."""
+    from lbagent import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
+
+    loop = asyncio.get_running_loop()
+    worst, loading = 0.0, True
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = loop.time()
+        while loading:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            worst, last = max(worst, now - last - tick), now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    clock = GcClock()
+    m = await asyncio.to_thread(config.load, path)
+    loading = False
+    await task
+    stall_gc = clock.longest
+    start = time.perf_counter()
+    m.digest()  # on the loop: the agent logs and exports the new and the old hash after a reload
+    return {"stall_s": worst, "stall_gc_s": stall_gc, "digest_s": time.perf_counter() - start,
+            "module": config.__file__}
+
+
 def measure(kind: str, path: str) -> dict[str, Any]:
-    """Runs in the child: one parse (floor) or one load + config hash (before/now), then the peak RSS."""
+    """Runs in the child: one parse (floor), one load + config hash (lbagent) or one reload on an event loop
+    (loop); then the peak RSS."""
     text = Path(path).read_text(encoding="utf-8")
+    clock = GcClock()
+    result: dict[str, Any]
     if kind == "floor":
         start = time.perf_counter()
         yaml.load(text, Loader=yaml.CSafeLoader)
-        load_s = check_s = time.perf_counter() - start
-        where = yaml.__file__
+        elapsed = time.perf_counter() - start
+        result = {"load_s": elapsed, "check_s": elapsed, "load_gc_s": clock.total, "module": yaml.__file__}
+    elif kind == "loop":
+        result = asyncio.run(_reload_on_a_loop(path))
     else:
         from lbagent import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
 
         start = time.perf_counter()
         m = config.load(path)
-        load_s = time.perf_counter() - start
+        load_s, load_gc_s = time.perf_counter() - start, clock.total
         m.digest()  # the rest of what `lbagent check` does
-        check_s = time.perf_counter() - start
-        where = config.__file__
-    return {"load_s": load_s, "check_s": check_s, "module": where,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+        result = {"load_s": load_s, "check_s": time.perf_counter() - start, "load_gc_s": load_gc_s,
+                  "module": config.__file__}
+    return {**result, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
 def run_child(kind: str, path: Path, tree: Path | None, timeout: float) -> dict[str, Any]:
@@ -209,12 +264,16 @@ def machine() -> str:
 
 
 def _cell(runs: list[dict[str, Any]], field: str) -> dict[str, Any]:
-    done = [r[field] for r in runs if "timeout" not in r]
+    done = [r for r in runs if "timeout" not in r]
     over = [r["timeout"] for r in runs if "timeout" in r]
     rss = [r["peak_rss_kib"] for r in runs if r.get("peak_rss_kib")]
-    return {"median_s": round(statistics.median(done), 3) if done else None, "runs": len(done),
+    cell = {"median_s": round(statistics.median(r[field] for r in done), 3) if done else None, "runs": len(done),
             "timed_out_after_s": over[0] if over else None,
             "peak_rss_mib": round(max(rss) / 1024, 1) if rss else None, "rss_at_kill": bool(over) and not done}
+    for extra in ("load_gc_s", "stall_gc_s", "digest_s"):  # the same run's companions of the median's field
+        if done and extra in done[0]:
+            cell[extra.removesuffix("_s") + "_median_s"] = round(statistics.median(r[extra] for r in done), 3)
+    return cell
 
 
 def _seconds(cell: dict[str, Any]) -> str:
@@ -230,17 +289,23 @@ def _rss(cell: dict[str, Any]) -> str:
 
 
 def table(results: list[dict[str, Any]], before: str) -> str:
-    rows = [f"| config | size | floor: libyaml parse | before ({before}): check | now: config.load | now: check "
-            "| before / now | peak RSS floor / before / now |", "|---|---|---|---|---|---|---|---|"]
+    rows = [f"| config | floor: libyaml parse | before ({before}): check | now: config.load (GC in it) | now: check "
+            "| before / now | peak RSS floor / before / now |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        floor, old, new = r["floor"], r["before"], r["now"]
+        floor, old, new, load = r["floor"], r["before"], r["now"], r["now_load"]
         if old["median_s"] is not None:
             ratio = f"{old['median_s'] / new['median_s']:.1f}x"
         else:
             ratio = f"> {old['timed_out_after_s'] / new['median_s']:.0f}x"
-        rows.append(f"| {r['config']} | {r['size']} | {_seconds(floor)} | {_seconds(old)} "
-                    f"| {_seconds(r['now_load'])} | **{_seconds(new)}** | {ratio} "
+        rows.append(f"| {r['size']} | {_seconds(floor)} | {_seconds(old)} "
+                    f"| {_seconds(load)} ({load['load_gc_median_s']:.2f} s) | **{_seconds(new)}** | {ratio} "
                     f"| {_rss(floor)} / {_rss(old)} / {_rss(new)} |")
+    rows += ["", "| config | now: longest event-loop stall while config.load runs in a worker thread "
+             "| longest GC pause in it | config hash on the loop (each) |", "|---|---|---|---|"]
+    for r in results:
+        loop = r["loop"]
+        rows.append(f"| {r['size']} | {loop['median_s'] * 1000:.0f} ms | {loop['stall_gc_median_s'] * 1000:.0f} ms "
+                    f"| {loop['digest_median_s'] * 1000:.0f} ms |")
     return "\n".join(rows)
 
 
@@ -272,28 +337,29 @@ def main() -> int:
         for name, size, doc in cases:
             path = work / f"{name}-{len(doc.get('routes') or doc['services'])}.yaml"
             path.write_text(yaml.dump(doc, Dumper=yaml.CSafeDumper, sort_keys=False))
-            runs: dict[str, list[dict[str, Any]]] = {"floor": [], "before": [], "now": []}
+            runs: dict[str, list[dict[str, Any]]] = {"floor": [], "before": [], "now": [], "loop": []}
             for _ in range(args.repeat):  # round after round, so a busy moment hits every variant alike
                 runs["floor"].append(run_child("floor", path, None, args.before_timeout))
                 if not any("timeout" in r for r in runs["before"]):
                     runs["before"].append(run_child("lbagent", path, old_tree, args.before_timeout))
                 runs["now"].append(run_child("lbagent", path, ROOT, args.before_timeout))
+                runs["loop"].append(run_child("loop", path, ROOT, args.before_timeout))
             result: dict[str, Any] = {
                 "config": name, "size": size, "bytes": path.stat().st_size,
                 "floor": _cell(runs["floor"], "load_s"), "before": _cell(runs["before"], "check_s"),
                 "before_load": _cell(runs["before"], "load_s"),
                 "now": _cell(runs["now"], "check_s"), "now_load": _cell(runs["now"], "load_s"),
+                "loop": _cell(runs["loop"], "stall_s"),
             }
             results.append(result)
             if not args.json:
                 print(f"{size} ({result['bytes'] / 2**20:.1f} MiB of YAML): floor {_seconds(result['floor'])}, "
-                      f"before {_seconds(result['before'])}, now {_seconds(result['now'])}", flush=True)
+                      f"before {_seconds(result['before'])}, now {_seconds(result['now'])}, event-loop stall "
+                      f"{result['loop']['median_s'] * 1000:.0f} ms", flush=True)
     if args.json:
         print(json.dumps({"machine": machine(), "before": label, "repeat": args.repeat, "results": results},
                          indent=2))
-    else:
-        print()
-        print(table(results, label))
+    print(f"\n{table(results, label)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
