@@ -2,9 +2,9 @@
 
 A fixed seed and a small budget here (`make test`); `make fuzz` runs the same properties long (FUZZ_EXAMPLES).
 FUZZ_REPORT=path writes what a run saw as JSON (rewritten every 1,000 examples and at the end): examples,
-accepted, refused, crashes, accepted-then-refused by a tool, the slowest parse and how many took over 1 s (each
-also without the garbage collector's time, and timed again). A failure stops the run; its count includes
-hypothesis's replays while it shrinks to the minimal example it prints.
+accepted, refused, crashes, accepted-then-refused by a tool, the tools' verdicts, the slowest parse and how many
+took over 1 s (each also without the garbage collector's time, and timed again). A failure stops the run; its
+count includes hypothesis's replays while it shrinks to the minimal example it prints.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
 # ---- the optional report (FUZZ_REPORT) -------------------------------------------------------------------------
 
 _TALLY: dict[str, Any] = {
-    "examples": 0, "accepted": 0, "refused": 0, "accepted_with_listeners": 0, "crashes": 0,
-    "accepted_then_refused": 0, "slowest_parse_s": 0.0, "slowest_parse_gc_s": 0.0, "slowest_parse_cpu_s": 0.0,
+    "examples": 0, "accepted": 0, "refused": 0, "crashes": 0, "accepted_then_refused": 0, "accepted_not_judged": 0,
+    "verdicts": {}, "judging_s": 0.0, "slowest_parse_s": 0.0, "slowest_parse_gc_s": 0.0, "slowest_parse_cpu_s": 0.0,
     "slowest_parse_without_gc_s": 0.0, "parses_over_1s": 0, "parses_over_1s_without_gc": 0, "over_1s": [],
     "slowest_parse_config": None,
 }
@@ -153,16 +153,38 @@ def _write_report(finished: bool) -> None:
     body = {**_TALLY, "seed": SEED, "max_examples": EXAMPLES, "finished": finished, "elapsed_s": round(elapsed, 1),
             "examples_per_s": round(_TALLY["examples"] / elapsed, 1) if elapsed else None,
             "gc_total_s": round(_GC["spent"], 1),
-            "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "judged": "every accepted config by nft -c, and by haproxy -c when it has listeners"}
+            "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    body["judging_s"] = round(body["judging_s"], 1)
     tmp = f"{REPORT}.tmp"
     Path(tmp).write_text(json.dumps(body, indent=2) + "\n")
     os.replace(tmp, REPORT)
 
 
+def _counting(real: Callable[[model.Model], list[judge.Verdict]]) -> Callable[[model.Model], list[judge.Verdict]]:
+    """judge.judge, its verdicts counted by tool and outcome and its time added up for the report."""
+
+    def run(m: model.Model) -> list[judge.Verdict]:
+        start = time.perf_counter()
+        try:
+            verdicts = real(m)
+        finally:
+            _TALLY["judging_s"] += time.perf_counter() - start
+        for verdict in verdicts:
+            counts = _TALLY["verdicts"].setdefault(verdict.judge.split()[0], {})
+            counts[verdict.outcome.value] = counts.get(verdict.outcome.value, 0) + 1
+        return verdicts
+
+    return run
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _report_at_the_end() -> Iterator[None]:
-    yield
+    if not REPORT:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(judge, "judge", _counting(judge.judge))
+        yield
     _write_report(finished=True)
 
 
@@ -197,7 +219,6 @@ def _timed_parse(text: str) -> model.Model:
                 _TALLY["over_1s"].append({"example": _TALLY["examples"], "wall_s": round(wall, 4),
                                           "gc_s": round(in_gc, 4), "again_s": round(_parse_seconds(text), 4)})
     _PARSED[0] = True
-    _TALLY["accepted_with_listeners"] += bool(m.listeners)  # the ones haproxy -c judges too
     return m
 
 
@@ -210,8 +231,12 @@ def _tallied(test: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]
         try:
             test(doc)
         except AssertionError as exc:
-            refused_by_tool = _PARSED[0] is True and "refused what check accepted" in str(exc)
-            _TALLY["accepted_then_refused" if refused_by_tool else "crashes"] += 1
+            if _PARSED[0] is not True:
+                _TALLY["crashes"] += 1  # a refusal without problems
+            elif "refused what check accepted" in str(exc):
+                _TALLY["accepted_then_refused"] += 1
+            else:
+                _TALLY["accepted_not_judged"] += 1  # a tool could not give its verdict
             raise
         except BaseException:
             _TALLY["crashes"] += 1
