@@ -10,10 +10,11 @@ each run in a fresh process with only the tree under test on PYTHONPATH, round a
 - before: `config.load` and what `check` adds (the config hash) with lbagent at --before (default 8e52584, the
   parent of the commit that made the parser libyaml's; the indexed reachability check came two commits later),
   extracted with `git archive`; a run over --before-timeout seconds is stopped and reported as "> N s";
-- now: the same with this tree; and, in processes of their own, a reload as the agent does it on SIGHUP
-  (config.load in a worker thread while the event loop runs): the loop's longest stall, the longest garbage
-  collector pause in it (a collection holds the GIL, so the loop waits for it) and the config hash the agent then
-  works out on the loop.
+- now: the same with this tree; and, in processes of their own, the whole `lbagent check -c FILE` command (its
+  imports and the real tools' judging included: nft -c, haproxy -c, exabgp validate), and a reload as the agent
+  does it on SIGHUP (config.load in a worker thread while the event loop runs): the loop's longest stall, the
+  longest garbage collector pause in it (a collection holds the GIL, so the loop waits for it) and the config
+  hash the agent then works out on the loop.
 
 Times are medians over --repeat processes; peak RSS is the largest of the processes' (the whole interpreter with
 lbagent imported: the config's own share is the difference from the floor's). With --json the figures are printed
@@ -44,6 +45,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "8e52584"
+LIMIT = 1800.0  # seconds for any one run of the current code (the old code's limit is --before-timeout)
 ROUTER_ID, PEERS = "198.51.100.11", ("198.51.100.1", "198.51.100.2")
 NODE_ADDRESS = "203.0.113.{}"  # node i: .101 + i
 # The VIPs: the documentation ranges less the site's own addresses (a VIP may not be one of them).
@@ -201,6 +203,21 @@ def measure(kind: str, path: str) -> dict[str, Any]:
         result = {"load_s": elapsed, "check_s": elapsed, "load_gc_s": clock.total, "module": yaml.__file__}
     elif kind == "loop":
         result = asyncio.run(_reload_on_a_loop(path))
+    elif kind == "cli":  # the whole command, the real tools' judging included
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-P", "-m", "lbagent.cli", "check", "-c", path], capture_output=True,
+                              text=True, check=False)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"lbagent check -c {path}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+        verdicts = {}
+        for line in proc.stdout.splitlines():  # "  accepted     nft -c -f lbagent.nft", "  not checked  haproxy ..."
+            words = line.split()
+            if line.startswith("  ") and words:
+                outcome = "not checked" if words[:2] == ["not", "checked"] else words[0]
+                verdicts[words[2 if outcome == "not checked" else 1]] = outcome
+        result = {"check_s": elapsed, "verdicts": verdicts, "module": str(ROOT / "lbagent"),
+                  "tools_peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
     else:
         from lbagent import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
 
@@ -273,6 +290,9 @@ def _cell(runs: list[dict[str, Any]], field: str) -> dict[str, Any]:
     for extra in ("load_gc_s", "stall_gc_s", "digest_s"):  # the same run's companions of the median's field
         if done and extra in done[0]:
             cell[extra.removesuffix("_s") + "_median_s"] = round(statistics.median(r[extra] for r in done), 3)
+    if done and "verdicts" in done[0]:  # cli: the largest process (lbagent or a tool), each tool's verdicts
+        cell["peak_rss_mib"] = round(max(max(r["peak_rss_kib"], r["tools_peak_rss_kib"]) for r in done) / 1024, 1)
+        cell["not_checked"] = sorted({tool for r in done for tool, v in r["verdicts"].items() if v != "accepted"})
     return cell
 
 
@@ -300,12 +320,14 @@ def table(results: list[dict[str, Any]], before: str) -> str:
         rows.append(f"| {r['size']} | {_seconds(floor)} | {_seconds(old)} "
                     f"| {_seconds(load)} ({load['load_gc_median_s']:.2f} s) | **{_seconds(new)}** | {ratio} "
                     f"| {_rss(floor)} / {_rss(old)} / {_rss(new)} |")
-    rows += ["", "| config | now: longest event-loop stall while config.load runs in a worker thread "
-             "| longest GC pause in it | config hash on the loop (each) |", "|---|---|---|---|"]
+    rows += ["", "| config | now: `lbagent check -c FILE`, the real tools' judging included (largest process) "
+             "| now: longest event-loop stall while config.load runs in a worker thread | longest GC pause in it "
+             "| config hash on the loop (each) |", "|---|---|---|---|---|"]
     for r in results:
-        loop = r["loop"]
-        rows.append(f"| {r['size']} | {loop['median_s'] * 1000:.0f} ms | {loop['stall_gc_median_s'] * 1000:.0f} ms "
-                    f"| {loop['digest_median_s'] * 1000:.0f} ms |")
+        loop, cli = r["loop"], r["cli"]
+        unjudged = f"; not checked: {', '.join(cli['not_checked'])}" if cli.get("not_checked") else ""
+        rows.append(f"| {r['size']} | {_seconds(cli)} ({_rss(cli)}{unjudged}) | {loop['median_s'] * 1000:,.0f} ms "
+                    f"| {loop['stall_gc_median_s'] * 1000:,.0f} ms | {loop['digest_median_s'] * 1000:,.0f} ms |")
     return "\n".join(rows)
 
 
@@ -337,25 +359,27 @@ def main() -> int:
         for name, size, doc in cases:
             path = work / f"{name}-{len(doc.get('routes') or doc['services'])}.yaml"
             path.write_text(yaml.dump(doc, Dumper=yaml.CSafeDumper, sort_keys=False))
-            runs: dict[str, list[dict[str, Any]]] = {"floor": [], "before": [], "now": [], "loop": []}
+            runs: dict[str, list[dict[str, Any]]] = {"floor": [], "before": [], "now": [], "loop": [], "cli": []}
             for _ in range(args.repeat):  # round after round, so a busy moment hits every variant alike
-                runs["floor"].append(run_child("floor", path, None, args.before_timeout))
+                runs["floor"].append(run_child("floor", path, None, LIMIT))
                 if not any("timeout" in r for r in runs["before"]):
                     runs["before"].append(run_child("lbagent", path, old_tree, args.before_timeout))
-                runs["now"].append(run_child("lbagent", path, ROOT, args.before_timeout))
-                runs["loop"].append(run_child("loop", path, ROOT, args.before_timeout))
+                runs["now"].append(run_child("lbagent", path, ROOT, LIMIT))
+                runs["loop"].append(run_child("loop", path, ROOT, LIMIT))
+                runs["cli"].append(run_child("cli", path, ROOT, LIMIT))
             result: dict[str, Any] = {
                 "config": name, "size": size, "bytes": path.stat().st_size,
                 "floor": _cell(runs["floor"], "load_s"), "before": _cell(runs["before"], "check_s"),
                 "before_load": _cell(runs["before"], "load_s"),
                 "now": _cell(runs["now"], "check_s"), "now_load": _cell(runs["now"], "load_s"),
-                "loop": _cell(runs["loop"], "stall_s"),
+                "loop": _cell(runs["loop"], "stall_s"), "cli": _cell(runs["cli"], "check_s"),
             }
             results.append(result)
             if not args.json:
                 print(f"{size} ({result['bytes'] / 2**20:.1f} MiB of YAML): floor {_seconds(result['floor'])}, "
-                      f"before {_seconds(result['before'])}, now {_seconds(result['now'])}, event-loop stall "
-                      f"{result['loop']['median_s'] * 1000:.0f} ms", flush=True)
+                      f"before {_seconds(result['before'])}, now {_seconds(result['now'])}, lbagent check -c "
+                      f"{_seconds(result['cli'])}, event-loop stall {result['loop']['median_s'] * 1000:.0f} ms",
+                      flush=True)
     if args.json:
         print(json.dumps({"machine": machine(), "before": label, "repeat": args.repeat, "results": results},
                          indent=2))
