@@ -381,6 +381,14 @@ def _routable(address: model.IPAddress) -> bool:
 
 
 _RUNTIME_DIR = re.compile(r"/[A-Za-z0-9._/-]*", re.ASCII)
+# The unix sockets lbagent makes in the runtime dir, whose paths must fit sockaddr_un.sun_path (107 bytes): the
+# status and ExaBGP API sockets always; with listeners, HAProxy's master and admin sockets, which HAProxy binds as
+# "<path>.<pid>.tmp" first. Their owners (status.py, apply/bgp.py, apply/haproxy.py) are held to these names by
+# tests/unit/test_runtime_dir.py.
+SUN_PATH_MAX = 107
+RUNTIME_SOCKETS = ("status.sock", "exabgp-api.sock")
+HAPROXY_SOCKETS = ("haproxy/master.sock", "haproxy/api.sock")
+HAPROXY_SOCKET_TMP_SUFFIX = 24
 
 
 def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
@@ -392,6 +400,16 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
         yield Problem("agent.runtimeDir", short(config.agent.runtime_dir),
                       "only letters, digits, '.', '_', '-' and '/': the path goes unquoted into ExaBGP's and "
                       "HAProxy's configs (a space would split ExaBGP's API command)")
+    else:
+        longest = max((len(name), name) for name in RUNTIME_SOCKETS)
+        if config.listeners:
+            longest = max(longest, *((len(name) + HAPROXY_SOCKET_TMP_SUFFIX, name) for name in HAPROXY_SOCKETS))
+        room = SUN_PATH_MAX - longest[0] - 1
+        if len(config.agent.runtime_dir.rstrip("/")) > room:
+            yield Problem("agent.runtimeDir", short(config.agent.runtime_dir),
+                          f"too long for the unix sockets made in it: at most {room} characters"
+                          f"{' with listeners' if config.listeners else ''} (a socket path holds {SUN_PATH_MAX} "
+                          f"bytes; the longest here is {longest[1]})")
     own: dict[str, str] = {str(config.bgp.router_id): "bgp.routerID"}
     seen_peers: dict[str, int] = {}
     for i, peer in enumerate(config.bgp.peers):

@@ -415,8 +415,13 @@ class Model:
     backends: tuple[StaticBackend, ...] = ()
 
     def digest(self) -> str:
-        """A stable hash of the whole model: the loaded config's identity in logs and metrics."""
-        return hashlib.sha256(json.dumps(asdict(self), default=str, sort_keys=True).encode()).hexdigest()[:16]
+        """A stable hash of the whole model: the loaded config's identity in logs and metrics. Worked out once
+        (0.4 s at 10,000 services): the model is frozen, and the agent asks for it in several places."""
+        cached: str | None = self.__dict__.get("_digest")
+        if cached is None:
+            cached = hashlib.sha256(json.dumps(asdict(self), default=str, sort_keys=True).encode()).hexdigest()[:16]
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
     @cached_property
     def _service_index(self) -> dict[str, Service]:

@@ -74,9 +74,17 @@ class NftChange:
     """A generation that changed one of the watched tables: what changed first, and who committed it."""
 
     generation: int
-    pid: int
+    pid: int  # the committer's pid in the initial pid namespace (the kernel's view)
     process: str
     what: str  # e.g. "delete chain inet lbagent, delete table inet lbagent"
+    port: int = 0  # the committing netlink socket's port id: the committer's pid in its own pid namespace
+
+    @property
+    def own(self) -> bool:
+        """Committed by a process lbagent started. The kernel names the committer by its pid in the initial pid
+        namespace; under a pid namespace (a container, systemd's PrivatePIDs) that is not the pid lbagent saw,
+        but the socket's port id is: netlink gives an unbound socket its process's pid as seen from inside."""
+        return is_own(self.pid) or (self.port > 0 and is_own(self.port))
 
 
 class _SockFilter(ctypes.Structure):
@@ -130,17 +138,17 @@ class NftChangeParser:
         changes = []
         offset = 0
         while offset + NLMSG_HDR.size <= len(data):
-            length, kind, _flags, _seq, _port = NLMSG_HDR.unpack_from(data, offset)
+            length, kind, _flags, _seq, port = NLMSG_HDR.unpack_from(data, offset)
             if length < NLMSG_HDR.size or offset + length > len(data):
                 break
             if kind >> 8 == NFNL_SUBSYS_NFTABLES:
-                change = self._message(kind & 0xFF, data, offset + NLMSG_HDR.size, offset + length)
+                change = self._message(kind & 0xFF, data, offset + NLMSG_HDR.size, offset + length, port)
                 if change is not None:
                     changes.append(change)
             offset += (length + 3) & ~3
         return changes
 
-    def _message(self, kind: int, data: bytes, start: int, end: int) -> NftChange | None:
+    def _message(self, kind: int, data: bytes, start: int, end: int, port: int) -> NftChange | None:
         if start + 4 > end:
             return None
         family = FAMILIES.get(data[start], str(data[start]))
@@ -152,7 +160,7 @@ class NftChangeParser:
             generation = struct.unpack(">I", attrs[1])[0] if len(attrs.get(1, b"")) == 4 else 0
             pid_raw = attrs.get(NFTA_GEN_PROC_PID, b"")
             pid = struct.unpack(">I", pid_raw)[0] if len(pid_raw) == 4 else 0
-            return NftChange(generation, pid, _text(attrs.get(NFTA_GEN_PROC_NAME, b"")), ", ".join(what))
+            return NftChange(generation, pid, _text(attrs.get(NFTA_GEN_PROC_NAME, b"")), ", ".join(what), port)
         action = NFT_MESSAGES.get(kind)
         table = _text(attrs.get(NFTA_TABLE, b""))
         if action is not None and len(self._pending) < 4 and (family, table) in set(self._tables()):
@@ -188,7 +196,7 @@ class NftWatcher:
 
     def handle(self, data: bytes) -> None:
         for change in self.parser.feed(data):
-            if not is_own(change.pid):
+            if not change.own:
                 self._on_drift(change)
 
     async def run(self) -> None:

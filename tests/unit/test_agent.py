@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import shutil
 import socket
+import tempfile
+import weakref
 from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from lbagent import config, model, status
-from lbagent.agent import Agent
+from lbagent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
 from lbagent.apply.bgp import FakeBgpSpeaker
 from lbagent.apply.drift import NftChange
 from lbagent.apply.haproxy import FakeProxy
@@ -83,7 +88,11 @@ class Harness:
                  | None = None, extra: dict[str, object] | None = None) -> None:
         self.path = tmp_path / "lbagent.yaml"
         config_ = yaml.safe_load(yaml.safe_dump({**CONFIG, **(extra or {})}))
-        config_["agent"]["runtimeDir"] = str(tmp_path / "run")
+        # Short, as a real one is (/run/lbagent): HAProxy's socket paths leave a runtime dir 63 characters, and
+        # pytest's tmp_path is longer than that. Removed with the harness.
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="lba", dir="/tmp"))
+        weakref.finalize(self, shutil.rmtree, self.runtime_dir, True)
+        config_["agent"]["runtimeDir"] = str(self.runtime_dir)
         self.path.write_text(yaml.safe_dump(config_))
         self.sysctls = tmp_path / "sys"
         for key in ("net/ipv4/ip_forward", "net/ipv4/conf/all/arp_ignore", "net/ipv4/conf/all/arp_announce"):
@@ -141,7 +150,7 @@ def test_announces_after_binding_and_programming_and_follows_health(tmp_path: Pa
         h.down.add("203.0.113.12")
         await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
         # `lbagent status` over the agent's socket (root-only) sees the same
-        sock = h.path.parent / "run" / "status.sock"
+        sock = h.runtime_dir / "status.sock"
         assert sock.stat().st_mode & 0o777 == 0o600
         doc = await asyncio.to_thread(status.query, sock)
         web = doc["services"][0]
@@ -485,3 +494,66 @@ def test_drift_is_repaired_at_once_and_what_cannot_be_repaired_is_withdrawn(tmp_
     metric = h.agent.metrics.drift
     assert metric.labels("dataplane")._value.get() == 2
     assert metric.labels("vip")._value.get() == 2
+
+
+def test_drift_that_keeps_coming_is_repaired_with_backoff_not_in_a_spin() -> None:
+    """A firewall manager that rewrites the table after every repair (or lbagent's own commits not recognised
+    as its own) must not make the agent re-apply in a tight loop: three prompt repairs, then each waits twice
+    as long as the one before, up to a ceiling; a quiet spell starts over."""
+    assert [drift_repair_delay(n) for n in range(1, 8)] == [0, 0, 0, 0.5, 1, 2, 4]
+    assert drift_repair_delay(40) == DRIFT_DELAY_MAX
+
+
+def test_repeated_drift_puts_the_repair_off(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    deleted = NftChange(generation=7, pid=4242, process="nft", what="delete table inet lbagent")
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        for _ in range(DRIFT_PROMPT_REPAIRS):
+            before = len(h.forwarder.scripts)
+            h.agent._dataplane_drift(deleted)
+            await until(lambda before=before: len(h.forwarder.scripts) > before)  # type: ignore[misc]
+        applied = len(h.forwarder.scripts)
+        loop = asyncio.get_running_loop()
+        reported = loop.time()
+        h.agent._dataplane_drift(deleted)
+        h.agent._dataplane_drift(deleted)  # reports while a repair is put off share that repair
+        await until(lambda: len(h.forwarder.scripts) > applied)
+        assert loop.time() - reported >= drift_repair_delay(DRIFT_PROMPT_REPAIRS + 1)
+        assert len(h.forwarder.scripts) == applied + 1
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_load_leaves_the_collector_on_freezes_only_a_large_model_and_hashes_once(tmp_path: Path) -> None:
+    """load_off_the_loop (what SIGHUP runs in a worker thread; bench/config_load.py measures the event loop's
+    stalls with it and without): the same model as config.load, the collector on again afterwards whatever
+    happened, a large model frozen out of collections, a small one and a refused file not."""
+    small = tmp_path / "small.yaml"
+    base: dict[str, Any] = yaml.safe_load(yaml.safe_dump(CONFIG))
+    base["agent"]["runtimeDir"] = str(tmp_path / "run")
+    small.write_text(yaml.safe_dump(base))
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    m = load_off_the_loop(small)
+    assert m == config.load(small) and gc.isenabled() and gc.get_freeze_count() == frozen
+    assert m.__dict__["_digest"] == m.digest()  # worked out in the thread, not on the loop
+    (tmp_path / "bad.yaml").write_text("services: [\n")
+    with pytest.raises(config.ConfigError):
+        load_off_the_loop(tmp_path / "bad.yaml")
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    doc = dict(base)
+    service = base["services"][0]
+    doc["services"] = [{**service, "name": f"svc{i}", "ports": [{**service["ports"][0], "port": 1000 + i,
+                                                                 "nodePort": 20000 + i}]} for i in range(3000)]
+    large = tmp_path / "large.yaml"
+    large.write_text(yaml.safe_dump(doc))
+    try:
+        assert len(load_off_the_loop(large).services) == 3000
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()

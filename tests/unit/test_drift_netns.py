@@ -85,9 +85,14 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def test_watchers_report_foreign_changes_to_lbagents_table_and_removed_addresses(netns: str) -> None:
-    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", STEP], capture_output=True, text=True,
-                         cwd=REPO, timeout=120, check=False)
+@pytest.mark.parametrize("pid_namespace", [False, True], ids=["host-pids", "own-pid-namespace"])
+def test_watchers_report_foreign_changes_to_lbagents_table_and_removed_addresses(netns: str,
+                                                                                  pid_namespace: bool) -> None:
+    """In its own pid namespace (a container, or CI's fresh root) the kernel names committers by pids lbagent
+    never saw; lbagent's own commits must still be known as its own, or every repair would look like drift."""
+    inner = ["unshare", "--pid", "--fork", "--mount-proc"] if pid_namespace else []
+    out = subprocess.run(["ip", "netns", "exec", netns, *inner, sys.executable, "-c", STEP], capture_output=True,
+                         text=True, cwd=REPO, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     # exactly the two foreign commits to lbagent's table, each named: not lbagent's own, not the other table,

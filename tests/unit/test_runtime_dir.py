@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbagent import cli, config
+from lbagent import cli, config, status
+from lbagent.apply import bgp, haproxy
 from lbagent.apply.certs import CertificateStore
 from lbagent.apply.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
+from lbagent.apply.haproxy import HaproxyProcess
 from tests.unit.test_agent import Harness
 
 NOBODY = pwd.getpwnam("nobody")
@@ -133,8 +135,7 @@ def test_files_are_never_written_through_a_symbolic_link(tmp_path: Path) -> None
 
 def test_run_refuses_an_unsafe_runtime_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(tmp_path)
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
+    run = h.runtime_dir  # made 0700 by the harness; handed to another user here
     os.chown(run, NOBODY.pw_uid, NOBODY.pw_gid)
     caplog.set_level(logging.INFO)
     assert asyncio.run(h.agent.run()) == 1
@@ -172,4 +173,38 @@ def test_a_runtime_dir_that_cannot_go_unquoted_into_the_configs_is_refused(value
     (problem,) = refused.value.problems
     assert problem.path == "agent.runtimeDir"
     doc["agent"]["runtimeDir"] = "/run/lbagent-2.lab_x"
+    config.parse(yaml.safe_dump(doc))
+
+
+def test_the_socket_names_check_knows_are_the_ones_the_agent_makes() -> None:
+    """check's runtimeDir length limit is computed from names that status.py, apply/bgp.py and apply/haproxy.py
+    own: if one of them changes, this fails, not a node at start."""
+    run = "/run/lbagent"
+    proxy = HaproxyProcess("haproxy", run)
+    assert {status.SOCKET_NAME, bgp.SOCKET_NAME} == set(config.RUNTIME_SOCKETS)
+    assert {os.path.relpath(proxy.master_socket, run), os.path.relpath(proxy.runtime_socket, run)} == \
+        set(config.HAPROXY_SOCKETS)
+    assert (config.SUN_PATH_MAX, config.HAPROXY_SOCKET_TMP_SUFFIX) == (haproxy._SUN_PATH_MAX, haproxy._TMP_SUFFIX)
+
+
+def test_a_runtime_dir_too_long_for_its_sockets_is_refused_by_check_not_at_start() -> None:
+    """63 characters is the most HAProxy's sockets leave (with listeners); without listeners, status.sock and
+    exabgp-api.sock leave more. What check accepts, the agent can start: HaproxyProcess takes the longest."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    service = doc["services"][0]
+    doc["listeners"] = [{"name": "web", "vip": "192.0.2.80", "port": 80,
+                         "defaultBackend": {"name": service["name"], "port": service["ports"][0]["port"]}}]
+    longest = "/run/" + "l" * 58
+    doc["agent"]["runtimeDir"] = longest
+    config.parse(yaml.safe_dump(doc))
+    HaproxyProcess("haproxy", longest)
+    doc["agent"]["runtimeDir"] = longest + "x"
+    with pytest.raises(config.ConfigError) as refused:
+        config.parse(yaml.safe_dump(doc))
+    (problem,) = refused.value.problems
+    assert problem.path == "agent.runtimeDir"
+    assert "at most 63 characters with listeners" in problem.message
+    with pytest.raises(ValueError):
+        HaproxyProcess("haproxy", longest + "x")
+    del doc["listeners"]
     config.parse(yaml.safe_dump(doc))
