@@ -160,18 +160,7 @@ def _nft(work: Path, name: str, script: str, m: model.Model) -> Verdict:
         return Verdict(what, Outcome.NOT_CHECKED, ("nft needs CAP_NET_ADMIN even to check: run check as root",))
     (work / name).write_text(script)
     done = _run([nft, "-c", "-f", name], work)
-    if isinstance(done, str):
-        return Verdict(what, Outcome.NOT_CHECKED, (done,))
-    if done.returncode == 0:
-        return Verdict(what, Outcome.ACCEPTED)
-    output = done.stdout + done.stderr
-    if _NOT_PERMITTED.search(output):
-        return Verdict(what, Outcome.NOT_CHECKED, tuple(_words(output, work)))
-    number = _found_line(rf"{re.escape(name)}:(\d+):", output)
-    line = _line(script, number)
-    return Verdict(what, Outcome.REFUSED, tuple(_words(output, work)),
-                   f"{name}:{number}: {_short(line)}" if line is not None else None,
-                   _by_address(m, line) if line is not None else ())
+    return _ruleset_verdict(what, done, work, name, script, rf"{re.escape(name)}:(\d+):", m)
 
 
 def _iptables(work: Path, family: str, text: str, m: model.Model) -> Verdict:
@@ -187,6 +176,13 @@ def _iptables(work: Path, family: str, text: str, m: model.Model) -> Verdict:
                                                   "run check as root",))
     (work / name).write_text(text)
     done = _run([restore, "--test", "--noflush"], work, stdin=work / name)
+    return _ruleset_verdict(what, done, work, name, text, r"\bline:? (\d+)", m)
+
+
+def _ruleset_verdict(what: str, done: subprocess.CompletedProcess[str] | str, work: Path, name: str, text: str,
+                     line_pattern: str, m: model.Model) -> Verdict:
+    """A ruleset tool's answer: refused with the line of `name` it names (traced to the config's services by
+    address), or not checked when it could not judge (no permission, no answer)."""
     if isinstance(done, str):
         return Verdict(what, Outcome.NOT_CHECKED, (done,))
     if done.returncode == 0:
@@ -194,7 +190,7 @@ def _iptables(work: Path, family: str, text: str, m: model.Model) -> Verdict:
     output = done.stdout + done.stderr
     if _NOT_PERMITTED.search(output):
         return Verdict(what, Outcome.NOT_CHECKED, tuple(_words(output, work)))
-    number = _found_line(r"\bline:? (\d+)", output)
+    number = _found_line(line_pattern, output)
     line = _line(text, number)
     return Verdict(what, Outcome.REFUSED, tuple(_words(output, work)),
                    f"{name}:{number}: {_short(line)}" if line is not None else None,
