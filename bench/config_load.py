@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import json
 import os
 import platform
@@ -166,7 +167,8 @@ async def _reload_on_a_loop(path: str, agent_way: bool, tick: float = 0.002) -> 
     every 2 ms: its longest wait beyond that is the loop's longest stall), then the config hash on the loop.
     agent_way: the agent's own `load_off_the_loop` (collector off during the load, a large model frozen, the hash
     worked out in the thread); else plain `config.load`, as the agent did before (the same run's baseline)."""
-    from lbagent import agent, config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
+    from lbagent.agent import agent  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
+    from lbagent.sources.file import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
 
     loop = asyncio.get_running_loop()
     worst, loading = 0.0, True
@@ -194,6 +196,15 @@ async def _reload_on_a_loop(path: str, agent_way: bool, tick: float = 0.002) -> 
             "reload_load_s": load_s, "module": config.__file__}
 
 
+def _config_module() -> Any:
+    """The tree under test's config loader (from PYTHONPATH only): lbagent.sources.file.config, or lbagent.config in
+    a tree from before issue 11's layout (the --before baseline)."""
+    try:
+        return importlib.import_module("lbagent.sources.file.config")
+    except ModuleNotFoundError:
+        return importlib.import_module("lbagent.config")
+
+
 def measure(kind: str, path: str) -> dict[str, Any]:
     """Runs in the child: one parse (floor), one load + config hash (lbagent) or one reload on an event loop
     (loop); then the peak RSS."""
@@ -209,7 +220,7 @@ def measure(kind: str, path: str) -> dict[str, Any]:
         result = asyncio.run(_reload_on_a_loop(path, agent_way=kind == "loop"))
     elif kind == "cli":  # the whole command, the real tools' judging included
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-P", "-m", "lbagent.cli", "check", "-c", path], capture_output=True,
+        proc = subprocess.run([sys.executable, "-P", "-m", "lbagent.ops.cli", "check", "-c", path], capture_output=True,
                               text=True, check=False)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
@@ -223,7 +234,7 @@ def measure(kind: str, path: str) -> dict[str, Any]:
         result = {"check_s": elapsed, "verdicts": verdicts, "module": str(ROOT / "lbagent"),
                   "tools_peak_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
     else:
-        from lbagent import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
+        config = _config_module()
 
         start = time.perf_counter()
         m = config.load(path)

@@ -31,9 +31,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbagent import model
-from lbagent.apply.forwarder import make_forwarder
-from lbagent.apply.vips import apply_sysctls
-from lbagent.plan import IPVS_SYSCTLS, plan, replan
+from lbagent.l3.vips import apply_sysctls
+from lbagent.l4.forwarder import make_forwarder
+from lbagent.plan.services import IPVS_SYSCTLS, plan, replan
 
 POOL = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
 DATAPLANES = {

@@ -10,9 +10,9 @@ import sys
 from typing import Any
 
 from lbagent import model
-from lbagent.apply.forwarder import Forwarder, make_forwarder
-from lbagent.apply.vips import apply_sysctls
-from lbagent.plan import IPVS_SYSCTLS
+from lbagent.l3.vips import apply_sysctls
+from lbagent.l4.forwarder import Forwarder, make_forwarder
+from lbagent.plan.services import IPVS_SYSCTLS
 from tests.dataplane.frontends import by_service, load
 
 PROTOCOL = """\

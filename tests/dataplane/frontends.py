@@ -8,7 +8,7 @@ from ipaddress import ip_address, ip_network
 from typing import Any
 
 from lbagent import model
-from lbagent.plan import Backend, Frontend
+from lbagent.plan.services import Backend, Frontend
 
 
 def to_dict(f: Frontend) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from ipaddress import ip_address, ip_network
 from typing import Any
 
 from lbagent import model
-from lbagent.plan import Backend, Frontend
-from lbagent.render import iptables, nftables
+from lbagent.l4.iptables import render as iptables
+from lbagent.l4.nftables import render as nftables
+from lbagent.plan.services import Backend, Frontend
 from tests.dataplane.apply import DATAPLANES
 from tests.dataplane.kernel import PYTHON, Flow, ForwarderProcess, parse_conntrack
 from tests.lab.lab import NODES, Lab, address, address6, mac_address, time_scale

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from lbagent import model
-from lbagent.plan import Frontend
+from lbagent.plan.services import Frontend
 from tests import programs
 from tests.dataplane.frontends import to_dict
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from lbagent import model
-from lbagent.plan import Frontend
+from lbagent.plan.services import Frontend
 from tests.dataplane.harness import ALT, CLIENT, DNS, LB1_CLUSTER, VIP4, VIP6, Plane, frontend, url
 from tests.lab.lab import NODES, address
 

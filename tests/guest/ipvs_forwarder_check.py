@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPVSService
 
 from lbagent import model
-from lbagent.apply.ipvs import IpvsForwarder, load_ipvs
-from lbagent.plan import Backend, Frontend
-from lbagent.render import ipvs as render
+from lbagent.l4.ipvs import render
+from lbagent.l4.ipvs.apply import IpvsForwarder, load_ipvs
+from lbagent.plan.services import Backend, Frontend
 from tests.guest.ipvs_smoke import EchoHandler, NamedServer, Namespaces, ip, netns
 
 # Documentation addresses only. client -- l0 [lb: VIPs on lo, IPVS] br0 -- be1, be2, be3 (the "nodes").

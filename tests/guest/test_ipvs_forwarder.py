@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lbagent.render.ipvs import F_PERSISTENT, F_SCHED1, F_SCHED2
+from lbagent.l4.ipvs.render import F_PERSISTENT, F_SCHED1, F_SCHED2
 from tests.guest.ipvs_forwarder_check import (
     CLIENT,
     CLIENT6,

@@ -23,8 +23,8 @@ from typing import TypeVar
 import pytest
 
 from lbagent import model
-from lbagent.apply.bgp import BgpError, BgpNotConnected, ExaBgpSpeaker
-from lbagent.plan import Announcement
+from lbagent.l3.speaker import BgpError, BgpNotConnected, ExaBgpSpeaker
+from lbagent.plan.services import Announcement
 from tests import programs
 
 pytestmark = pytest.mark.lab
@@ -525,7 +525,7 @@ def test_bridge_keeps_reading_exabgp_while_the_agent_does_not(tmp_path: Path) ->
         bridge = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "lbagent.apply.exabgp_bridge",
+            "lbagent.l3.exabgp_bridge",
             socket_path,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lbagent import config as lbconfig
+from lbagent.sources.file import config as lbconfig
 from tests.lab.lab import (
     BACKEND,
     HOSTS,

@@ -21,17 +21,19 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config, model, status
-from lbagent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
-from lbagent.apply.bgp import FakeBgpSpeaker
-from lbagent.apply.drift import NftChange
-from lbagent.apply.haproxy import FakeProxy
-from lbagent.apply.nftables import NftError, NftForwarder
-from lbagent.apply.vips import VipBinder, VipError
+from lbagent import model
+from lbagent.agent import status
+from lbagent.agent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
+from lbagent.agent.sdnotify import Notifier
 from lbagent.health import Target
-from lbagent.plan_http import ServerState
-from lbagent.render.nftables import render_full
-from lbagent.sdnotify import Notifier
+from lbagent.l3.speaker import FakeBgpSpeaker
+from lbagent.l3.vips import VipBinder, VipError
+from lbagent.l4.drift import NftChange
+from lbagent.l4.nftables.apply import NftError, NftForwarder
+from lbagent.l4.nftables.render import render_full
+from lbagent.l7.haproxy import FakeProxy
+from lbagent.plan.http import ServerState
+from lbagent.sources.file import config
 
 CONFIG = {
     "node": {"name": "lb1"},

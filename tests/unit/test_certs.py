@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lbagent import model
-from lbagent.apply.certs import CertificateStore
+from lbagent.l7.certs import CertificateStore
 from tests.certs import TestCA
 
 

@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import __version__, artifacts, cli, config, model
+from lbagent import __version__, model
+from lbagent.ops import artifacts, cli
+from lbagent.sources.file import config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "configs" / "lbagent.example.yaml"
 
 
 def lbagent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lbagent.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lbagent.ops.cli", *args], capture_output=True, text=True,
                           check=False, cwd=REPO, timeout=60)
 
 
@@ -122,7 +124,7 @@ def test_check_names_each_real_tool_and_its_verdict(tmp_path: Path) -> None:
 
 def test_check_without_cap_net_admin_or_without_a_tool_says_not_checked_and_goes_on(tmp_path: Path) -> None:
     # setpriv drops CAP_NET_ADMIN from the bounding set: the root process it starts cannot get it back.
-    result = subprocess.run(["setpriv", "--bounding-set", "-net_admin", "--", sys.executable, "-m", "lbagent.cli",
+    result = subprocess.run(["setpriv", "--bounding-set", "-net_admin", "--", sys.executable, "-m", "lbagent.ops.cli",
                              "check", "-c", str(EXAMPLE)], capture_output=True, text=True, check=False, cwd=REPO,
                             timeout=60)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbagent import config, model
+from lbagent import model
+from lbagent.sources.file import config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "lbagent.example.yaml"
 

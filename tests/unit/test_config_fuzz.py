@@ -26,7 +26,9 @@ import yaml
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from lbagent import config, judge, model
+from lbagent import model
+from lbagent.ops import judge
+from lbagent.sources.file import config
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261202"))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config
+from lbagent.sources.file import config
 from tests.certs import TestCA
 from tests.unit.test_config_http import _https_doc
 

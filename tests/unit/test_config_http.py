@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config, model, plan_http
-from lbagent.plan import Reason, listener_decision
+from lbagent import model
+from lbagent.plan import http as plan_http
+from lbagent.plan.services import Reason, listener_decision
+from lbagent.sources.file import config
 from tests.certs import TestCA
 
 BASE: dict[str, Any] = {

@@ -9,8 +9,8 @@ from ipaddress import ip_address
 import pytest
 
 from lbagent import model
-from lbagent.apply.bgp import BgpCommandError, BgpNotConnected, BgpSpeaker, FakeBgpSpeaker, diff
-from lbagent.plan import Announcement
+from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, BgpSpeaker, FakeBgpSpeaker, diff
+from lbagent.plan.services import Announcement
 
 BGP = model.Bgp(
     local_as=64513,

@@ -1,8 +1,8 @@
-"""lbagent.apply.haproxy against the real HAProxy (Debian's 2.6): start, runtime API, seamless reloads, refusals,
+"""lbagent.l7.haproxy against the real HAProxy (Debian's 2.6): start, runtime API, seamless reloads, refusals,
 supervision, certificates, stop, adoption; and FakeProxy against the same promises.
 
 No root needed: everything listens on 127.0.0.1, on ports the kernel hands out. The configs are written by hand
-here, not by lbagent.render.haproxy. A test that needs HAProxy fails (never skips) when it is not installed.
+here, not by lbagent.l7.render. A test that needs HAProxy fails (never skips) when it is not installed.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent.apply.haproxy import (
+from lbagent.l7.haproxy import (
     ApplyResult,
     FakeProxy,
     HaproxyProcess,
@@ -42,7 +42,7 @@ from lbagent.apply.haproxy import (
     parse_servers_state,
     runtime_commands,
 )
-from lbagent.plan_http import ServerState
+from lbagent.plan.http import ServerState
 
 READY, DRAIN, MAINT = ServerState.READY, ServerState.DRAIN, ServerState.MAINT
 Runtime = dict[tuple[str, str], tuple[int, ServerState]]

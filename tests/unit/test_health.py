@@ -8,8 +8,9 @@ from ipaddress import ip_address
 
 import yaml
 
-from lbagent import config, model
+from lbagent import model
 from lbagent.health import HealthChecker, ProbeState, Target, probe, targets, tcp_probe
+from lbagent.sources.file import config
 from tests.unit.test_config import MINIMAL
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from lbagent.metrics import Metrics
-from lbagent.plan import all_healthy, plan
+from lbagent.agent.metrics import Metrics
+from lbagent.plan.services import all_healthy, plan
 from tests.unit.test_plan_render import three_nodes
 
 

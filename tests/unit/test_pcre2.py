@@ -1,4 +1,5 @@
-"""lbagent.pcre2: regular expressions checked by the PCRE2 library HAProxy is linked with, as HAProxy compiles them.
+"""lbagent.sources.file.pcre2: regular expressions checked by the PCRE2 library HAProxy is linked with, as HAProxy
+compiles them.
 (tests/unit/test_render_haproxy.py runs `haproxy -c` on what it accepts and refuses.)"""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import subprocess
 
 import pytest
 
-from lbagent import pcre2
-from lbagent.render import haproxy
+from lbagent.l7 import render as haproxy
+from lbagent.sources.file import pcre2
 
 # Python's `re` takes these; PCRE2 (HAProxy) does not, or not once the pattern must match the whole value.
 PYTHON_ONLY = [

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config, model
-from lbagent.plan import Reason, all_healthy, plan, replan
-from lbagent.render import nftables
+from lbagent import model
+from lbagent.l4.nftables import render as nftables
+from lbagent.plan.services import Reason, all_healthy, plan, replan
+from lbagent.sources.file import config
 from tests.unit.test_config import MINIMAL
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "nftables"

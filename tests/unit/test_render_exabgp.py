@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from lbagent import model
-from lbagent.plan import Announcement
-from lbagent.render import exabgp
+from lbagent.l3 import render as exabgp
+from lbagent.plan.services import Announcement
 
 EXABGP = Path(sys.executable).parent / "exabgp"
 PASSWORD = 'p"a\\ss; #{x}'  # everything ExaBGP's tokeniser would misread
 MD5_BASE64 = base64.b64encode(PASSWORD.encode()).decode()
-API_RUN = f"{sys.executable} -m lbagent.apply.exabgp_bridge /run/lbagent/exabgp-api.sock"
+API_RUN = f"{sys.executable} -m lbagent.l3.exabgp_bridge /run/lbagent/exabgp-api.sock"
 
 BGP = model.Bgp(
     local_as=64513,

@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent import model, pcre2
-from lbagent.plan_http import (
+from lbagent import model
+from lbagent.l7 import render as haproxy
+from lbagent.plan.http import (
     HttpBackend,
     HttpFrontend,
     ProxyPlan,
@@ -40,7 +41,7 @@ from lbagent.plan_http import (
     attempt_timeouts,
     structural,
 )
-from lbagent.render import haproxy
+from lbagent.sources.file import pcre2
 from tests.unit.test_haproxy_apply import Backend
 from tests.unit.test_pcre2 import PYTHON_ONLY
 

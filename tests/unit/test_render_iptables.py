@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config, maglev, model
-from lbagent.apply.iptables import IptablesError, run_tool, tool
-from lbagent.plan import Backend, Frontend, all_healthy, plan
-from lbagent.render import iptables
+from lbagent import model
+from lbagent.l4 import maglev
+from lbagent.l4.iptables import render as iptables
+from lbagent.l4.iptables.apply import IptablesError, run_tool, tool
+from lbagent.plan.services import Backend, Frontend, all_healthy, plan
+from lbagent.sources.file import config
 from tests.dataplane.kernel import (
     ForwarderProcess,
     Netns,
@@ -525,7 +527,7 @@ def test_the_kernel_sends_each_flow_where_predict_says(kind: str, netns: Netns) 
 
 
 def _nft_predict(f: Frontend, source: str, sport: int) -> Backend | None:
-    from lbagent.render import nftables  # noqa: PLC0415 - only this comparison needs it
+    from lbagent.l4.nftables import render as nftables  # noqa: PLC0415 - only this comparison needs it
 
     return nftables.predict(f, ip_address(source), sport, 1021)
 

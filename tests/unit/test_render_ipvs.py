@@ -12,9 +12,9 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from lbagent import model
-from lbagent.plan import Backend, Frontend
-from lbagent.render import ipvs
-from lbagent.render.ipvs import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
+from lbagent.l4.ipvs import render as ipvs
+from lbagent.l4.ipvs.render import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
+from lbagent.plan.services import Backend, Frontend
 
 VIP = ip_address("198.51.100.80")
 VIP6 = ip_address("2001:db8::80")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from lbagent.runner import BoundedFrequencyRunner
+from lbagent.agent.runner import BoundedFrequencyRunner
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbagent import cli, config, status
-from lbagent.apply import bgp, haproxy
-from lbagent.apply.certs import CertificateStore
-from lbagent.apply.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
-from lbagent.apply.haproxy import HaproxyProcess
+from lbagent.agent import status
+from lbagent.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
+from lbagent.l3 import speaker as bgp
+from lbagent.l7 import haproxy
+from lbagent.l7.certs import CertificateStore
+from lbagent.l7.haproxy import HaproxyProcess
+from lbagent.ops import cli
+from lbagent.sources.file import config
 from tests.unit.test_agent import Harness
 
 NOBODY = pwd.getpwnam("nobody")
@@ -164,7 +167,7 @@ def test_check_reports_an_unsafe_runtime_directory_with_its_line(tmp_path: Path,
 
 @pytest.mark.parametrize("value", ["/run/lb agent", "/run/lb;x", "/run/lb{x}", "/run/lbägent", "run/lbagent"])
 def test_a_runtime_dir_that_cannot_go_unquoted_into_the_configs_is_refused(value: str) -> None:
-    """A space would split ExaBGP's API command (`run python -m lbagent.apply.exabgp_bridge DIR/exabgp-api.sock`)
+    """A space would split ExaBGP's API command (`run python -m lbagent.l3.exabgp_bridge DIR/exabgp-api.sock`)
     and `exabgp validate` accepts it all the same: check must refuse it itself."""
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["agent"]["runtimeDir"] = value

@@ -45,7 +45,7 @@ def test_staged_install_has_the_agent_the_unit_and_a_private_config(staged: Path
     python = staged / "opt/lbagent/bin/python"
     config = staged / "etc/lbagent/lbagent.yaml"
     assert config.stat().st_mode & 0o777 == 0o600
-    check = subprocess.run([str(python), "-m", "lbagent.cli", "check", "-c", str(config)], capture_output=True,
+    check = subprocess.run([str(python), "-m", "lbagent.ops.cli", "check", "-c", str(config)], capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stderr
     # the scripts name the interpreter where it will live, not where it was staged

@@ -15,9 +15,11 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from lbagent import cli, config, model, tls
-from lbagent.apply.certs import CertificateStore
-from lbagent.metrics import Metrics
+from lbagent import model, tls
+from lbagent.agent.metrics import Metrics
+from lbagent.l7.certs import CertificateStore
+from lbagent.ops import cli
+from lbagent.sources.file import config
 from tests.certs import Issued, TestCA
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import config, model
+from lbagent import model
+from lbagent.sources.file import config
 from tests import programs
 from tests.lab.lab import HOSTS, LB_AS, LBS, NODES, ROUTER_AS, ROUTER_UPLINK, Lab
 

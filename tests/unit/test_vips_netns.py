@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lbagent.apply.vips import VipError, apply_sysctls
+from lbagent.l3.vips import VipError, apply_sysctls
 
 REPO = Path(__file__).resolve().parents[2]
 STEP = """

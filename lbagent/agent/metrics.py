@@ -1,0 +1,113 @@
+"""Every Prometheus metric lbagent exports, in one place, on an injectable registry (Faucet's FaucetMetrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from lbagent.plan.services import ServiceDecision
+
+# Sync durations span a one-element nft change (milliseconds) to a full resync of a large table (seconds).
+_SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The agent's metrics. Names follow Prometheus conventions: `lbagent_` prefix, units in the name."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.bgp_session_up = Gauge("lbagent_bgp_session_up", "1 while the BGP session to the peer is up.",
+                                    ["peer"], registry=r)
+        self.announced_prefixes = Gauge("lbagent_announced_prefixes", "Prefixes ExaBGP has acknowledged announcing.",
+                                        registry=r)
+        self.vip_announced = Gauge("lbagent_vip_announced",
+                                   "1 when the service's VIPs are announced, 0 when withdrawn; `reason` says why.",
+                                   ["service", "reason"], registry=r)
+        self.node_healthy = Gauge("lbagent_node_healthy", "1 when the node passes the service's health check.",
+                                  ["service", "node"], registry=r)
+        self.sync_duration = Histogram("lbagent_sync_duration_seconds", "Time one sync of a subsystem took.",
+                                       ["subsystem"], buckets=_SYNC_BUCKETS, registry=r)
+        self.sync_errors = Counter("lbagent_sync_errors_total", "Syncs that failed, by subsystem.",
+                                   ["subsystem"], registry=r)
+        self.last_sync = Gauge("lbagent_last_successful_sync_timestamp_seconds",
+                               "Unix time of the subsystem's last successful sync.", ["subsystem"], registry=r)
+        self.config_load_errors = Counter("lbagent_config_load_errors_total",
+                                          "Config files refused (at start or on SIGHUP).", registry=r)
+        self.config_info = Gauge("lbagent_config_info", "The loaded config's hash, as a label.", ["hash"],
+                                 registry=r)
+        self.process_restarts = Counter("lbagent_process_restarts_total",
+                                        "Restarts of a child process lbagent supervises.", ["process"], registry=r)
+        self.task_restarts = Counter("lbagent_task_restarts_total",
+                                     "Restarts of one of the agent's own long-lived tasks after an internal error.",
+                                     ["task"], registry=r)
+        self.drift = Counter("lbagent_drift_detected_total",
+                             "Changes to what lbagent owns in the kernel made by someone else, by what (dataplane, "
+                             "vip); each is repaired at once.", ["what"], registry=r)
+        self.dataplane_applies = Counter("lbagent_dataplane_applies_total",
+                                         "Data plane applies, by how (full, delta, unchanged).", ["how"], registry=r)
+        self.haproxy_up = Gauge("lbagent_haproxy_up", "1 while HAProxy runs with lbagent's config.", registry=r)
+        self.haproxy_reloads = Counter("lbagent_haproxy_reloads_total",
+                                       "Seamless HAProxy reloads, by reason (start, listeners, routes, settings).",
+                                       ["reason"], registry=r)
+        self.haproxy_reload_failures = Counter("lbagent_haproxy_reload_failures_total",
+                                               "HAProxy configs refused by validation (the running one stayed).",
+                                               registry=r)
+        self.haproxy_runtime_updates = Counter("lbagent_haproxy_runtime_updates_total",
+                                               "Server weight and state changes sent over HAProxy's runtime API.",
+                                               registry=r)
+        self.certificate_updates = Counter("lbagent_certificate_updates_total",
+                                           "Certificates replaced in the running HAProxy without a reload.",
+                                           registry=r)
+        self.certificate_not_after = Gauge(
+            "lbagent_certificate_not_after_timestamp_seconds",
+            "Unix time when the served certificate expires (alert on it minus time() falling under a few weeks).",
+            ["listener", "file"], registry=r)
+        self.certificate_not_before = Gauge(
+            "lbagent_certificate_not_before_timestamp_seconds",
+            "Unix time from which the served certificate is valid (above time(): clients refuse it).",
+            ["listener", "file"], registry=r)
+        self._vip_labels: dict[str, str] = {}
+
+    def serve(self, address: str, port: int) -> None:
+        """Serve /metrics (prometheus-client's own HTTP server, in its thread)."""
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def config_loaded(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
+
+    def decisions(self, changed: Iterable[ServiceDecision], removed: Iterable[str] = ()) -> None:
+        """The announce state with its reason of the services whose decision changed, and forget removed ones:
+        exactly one series per service, and a health change costs what changed, not the number of services."""
+        for service in removed:
+            if (reason := self._vip_labels.pop(service, None)) is not None:
+                self.vip_announced.remove(service, reason)
+        for d in changed:
+            old = self._vip_labels.get(d.service)
+            if old is not None and old != d.reason.value:
+                self.vip_announced.remove(d.service, old)
+            self.vip_announced.labels(d.service, d.reason.value).set(1 if d.announce else 0)
+            self._vip_labels[d.service] = d.reason.value
+
+    def health(self, verdicts: Mapping[tuple[str, str], bool], pairs: Iterable[tuple[str, str]]) -> None:
+        """Node health per service, for the pairs that exist now (removed pairs disappear)."""
+        self.node_healthy.clear()
+        for key in pairs:
+            if key in verdicts:
+                self.node_healthy.labels(*key).set(1 if verdicts[key] else 0)
+
+    def bgp(self, peers: Mapping[str, str], announced: int) -> None:
+        self.bgp_session_up.clear()
+        for peer, state in peers.items():
+            self.bgp_session_up.labels(peer).set(1 if state == "up" else 0)
+        self.announced_prefixes.set(announced)
+
+    def certificates(self, validity: Mapping[tuple[str, str], tuple[float, float]]) -> None:
+        """The served certificates' validity, one series per (listener, certificate file) served now."""
+        self.certificate_not_after.clear()
+        self.certificate_not_before.clear()
+        for (listener, file), (not_before, not_after) in validity.items():
+            self.certificate_not_before.labels(listener, file).set(not_before)
+            self.certificate_not_after.labels(listener, file).set(not_after)

@@ -1,0 +1,1 @@
+"""The IPVS data plane: IPVS services over netlink, beside a small companion nftables table."""

@@ -1,0 +1,116 @@
+"""Apply a rendered nft script in one transaction: the only code that runs `nft` for the L4 data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from ipaddress import ip_address
+
+from lbagent import model
+from lbagent.l4.drift import remember_own
+from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
+from lbagent.logfmt import event
+from lbagent.plan.services import Frontend
+
+log = logging.getLogger("lbagent.dataplane")
+
+
+class NftError(RuntimeError):
+    """nft refused the script; the kernel kept the previous ruleset (the transaction is all or nothing)."""
+
+
+async def run_nft(args: list[str], script: str | None = None) -> str:
+    """Run nft with the script on stdin and return its output."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    proc = await asyncio.create_subprocess_exec(
+        nft, *args,
+        stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    remember_own(proc.pid)  # its commits are lbagent's own, not drift
+    out, err = await proc.communicate(script.encode() if script is not None else None)
+    if proc.returncode != 0:
+        raise NftError(f"nft {' '.join(args)} exited {proc.returncode}: {err.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+class NftForwarder:
+    """Owns one `table inet <name>`: sends only what changed, and the whole table on a resync or a refusal."""
+
+    kind = model.DataplaneKind.NFTABLES
+
+    def __init__(self, dataplane: model.Dataplane) -> None:
+        self.dataplane = dataplane
+        self.applied: Ruleset | None = None
+        self._by_service: dict[str, tuple[Frontend, ...]] = {}
+        self._vips: set[model.IPAddress] = set()
+
+    async def apply(
+        self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
+        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+    ) -> str:
+        """`changed`: the new frontends of the only services that changed since the last apply (their health):
+        then the ruleset is updated in place and only those elements go to the kernel."""
+        if changed is not None and not force and self.applied is not None and self._vips == set(vips):
+            old = [f for key in changed for f in self._by_service.get(key, ())]
+            script = update(self.applied, old, [f for fs in changed.values() for f in fs])
+            self._by_service.update(changed)
+            if not script:
+                return "unchanged"
+            try:
+                await self._run(script)
+            except NftError as exc:
+                # The ruleset in memory is ahead of the kernel now: forget it and replace the whole table.
+                event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
+                self.applied = None
+            else:
+                event(log, logging.INFO, "dataplane_applied", kind="nftables", how="update",
+                      services=len(changed), bytes=len(script))
+                return "delta"
+        how = await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
+        self._by_service = {}
+        for f in frontends:
+            self._by_service.setdefault(f.service, ())
+            self._by_service[f.service] += (f,)
+        self._vips = set(vips)
+        return how
+
+    def nft_tables(self) -> set[tuple[str, str]]:
+        return {("inet", self.dataplane.table)}
+
+    def programmed(self) -> set[model.IPAddress]:
+        if self.applied is None:
+            return set()
+        return {ip_address(key[0]) for by_family in self.applied.dispatch.values() for key in by_family}
+
+    async def cleanup(self) -> None:
+        await self._run(render_delete(self.dataplane))
+        self.applied = None
+
+    async def _run(self, script: str) -> None:
+        """The one place this forwarder touches the kernel."""
+        await run_nft(["-f", "-"], script)
+
+    async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
+        """Bring the kernel to `ruleset` (a fresh object this forwarder keeps): "full", "delta" or "unchanged"."""
+        delta = None if force or self.applied is None else render_delta(self.applied, ruleset)
+        if delta == "":
+            return "unchanged"
+        how = "full"
+        if delta is not None:
+            try:
+                await self._run(delta)
+                how = "delta"
+            except NftError as exc:
+                # The kernel kept the old state (all or nothing): repair by replacing the whole table.
+                event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
+        if how == "full":
+            await self._run(render_full(ruleset))
+        changed = self.applied != ruleset
+        self.applied = ruleset
+        if changed:
+            event(log, logging.INFO, "dataplane_applied", kind="nftables", how=how,
+                  frontends=sum(len(d) for d in ruleset.dispatch.values()), lookup_tables=len(ruleset.tables))
+        return how

@@ -1,0 +1,1 @@
+"""What an operator runs: the `lbagent` command (check, plan, run, status, cleanup) and what check and plan use."""

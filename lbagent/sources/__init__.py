@@ -1,0 +1,1 @@
+"""Where the model comes from (placeholder, the seam is written next)."""
