@@ -169,6 +169,7 @@ async def _reload_on_a_loop(path: str, agent_way: bool, tick: float = 0.002) -> 
     worked out in the thread); else plain `config.load`, as the agent did before (the same run's baseline)."""
     from lbagent.agent import agent  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
     from lbagent.sources.file import config  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
+    from lbagent.sources.file.source import FileSource  # noqa: PLC0415 - the tree under test, from PYTHONPATH only
 
     loop = asyncio.get_running_loop()
     worst, loading = 0.0, True
@@ -185,7 +186,8 @@ async def _reload_on_a_loop(path: str, agent_way: bool, tick: float = 0.002) -> 
     await asyncio.sleep(0.05)
     clock = GcClock()
     load_s = time.perf_counter()
-    m = await asyncio.to_thread(agent.load_off_the_loop if agent_way else config.load, path)
+    m = await (asyncio.to_thread(agent.load_off_the_loop, FileSource(path)) if agent_way
+               else asyncio.to_thread(config.load, path))
     load_s = time.perf_counter() - load_s
     loading = False
     await task

@@ -1,4 +1,5 @@
-"""Files lbagent writes for the daemons it runs (configs, combined certificates, sockets) and the runtime directory
+"""Files lbagent reads and writes, safely. Read (config and certificate files, read_file): regular files only, of a
+bounded size. Written, for the daemons it runs (configs, combined certificates, sockets), with the runtime directory
 that holds them: private, replaced atomically, never written through a symbolic link.
 
 The runtime directory (`agent.runtimeDir`) and every directory above it must be safe from other users: owned by root
@@ -179,3 +180,26 @@ def write_private(path: str | Path, text: str) -> None:
         os.replace(temporary, target.name, src_dir_fd=directory, dst_dir_fd=directory)
     finally:
         os.close(directory)
+
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def read_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
+    """A config or certificate file's bytes. What is no regular file (a FIFO, a device such as /dev/zero, a
+    directory) or is larger than `limit` raises OSError before anything is read, so it can neither block nor
+    fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        mode, size = info.st_mode, info.st_size
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+            raise OSError(errno.EINVAL, f"not a regular file: it is {kind}")
+        if size > limit:
+            raise OSError(errno.EFBIG, f"the file has {size} bytes, more than the {limit} allowed")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"the file has more than the {limit} bytes allowed")
+    return data

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from lbagent.sources.file.base import read_file
+from lbagent.files import read_file
 
 # HAProxy loads certificates through OpenSSL at Debian's default security level 2 (112-bit security): it refuses,
 # at load, a certificate (leaf or chain) whose key is weaker or whose signature uses MD5 or SHA-1.

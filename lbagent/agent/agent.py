@@ -1,4 +1,5 @@
-"""The daemon: health feeds the plan, four runners (VIPs, data plane, BGP, HAProxy) apply it; signals reload, stop."""
+"""The daemon: health feeds the plan, four runners (VIPs, data plane, BGP, HAProxy) apply it; the source's changes
+reload (the file's: SIGHUP), signals stop."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from lbagent.agent.status import SOCKET_NAME, StatusServer
 from lbagent.files import UnsafePath, prepare_runtime_dir
 from lbagent.health import HealthChecker, Prober, probe
 from lbagent.l3.speaker import BgpSpeaker, ExaBgpSpeaker
-from lbagent.l3.vips import VipBinder, apply_sysctls
+from lbagent.l3.vips import VipBinder, apply_sysctls, watch_removed_addresses
 from lbagent.l4.conntrack import clear_udp
-from lbagent.l4.drift import NftChange, NftWatcher, watch_removed_addresses
+from lbagent.l4.drift import NftChange, NftWatcher
 from lbagent.l4.forwarder import Forwarder, make_forwarder
 from lbagent.l7 import render as render_haproxy
 from lbagent.l7.certs import CertificateStore
@@ -40,7 +41,7 @@ from lbagent.plan.services import (
     stale_udp_flows,
     with_listeners,
 )
-from lbagent.sources.file import config
+from lbagent.sources import Source, SourceError
 
 log = logging.getLogger("lbagent.agent")
 
@@ -61,17 +62,18 @@ _RESTART_ONLY_PROXY: dict[str, Callable[[model.Model], object]] = {
 }
 
 
-def load_off_the_loop(path: str | Path) -> model.Model:
-    """config.load for a running agent, in a worker thread. The garbage collector holds the GIL for the whole of
-    a collection, so a full one in the middle of a large load stalls the event loop however the load is threaded
-    (0.43 s at 10,000 services, 1.6 s at 4,000 routes; bench/config_load.py). It is off during the load (what
-    the load allocates and drops is freed by reference counting). A large model is then frozen out of future
-    collections (it is immutable and kept until the next load); freezing also keeps whatever cyclic garbage the
-    rest of the process has pending at that moment, so a small model, whose collections cost little, is not."""
+def load_off_the_loop(source: Source) -> model.Model:
+    """The source's load (the file's: config.load) for a running agent, in a worker thread. The garbage collector
+    holds the GIL for the whole of a collection, so a full one in the middle of a large load stalls the event loop
+    however the load is threaded (0.43 s at 10,000 services, 1.6 s at 4,000 routes; bench/config_load.py). It is off
+    during the load (what the load allocates and drops is freed by reference counting). A large model is then frozen
+    out of future collections (it is immutable and kept until the next load); freezing also keeps whatever cyclic
+    garbage the rest of the process has pending at that moment, so a small model, whose collections cost little, is
+    not."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        new = config.load(path)
+        new = source.load()
         new.digest()  # here, not on the loop
         if gc.get_count()[0] > FREEZE_AFTER_OBJECTS:
             gc.freeze()
@@ -113,7 +115,7 @@ class Agent:
 
     def __init__(
         self,
-        config_path: str | Path,
+        source: Source,
         initial: model.Model,
         *,
         speaker_factory: SpeakerFactory = _default_speaker,
@@ -126,7 +128,7 @@ class Agent:
         proxy_factory: ProxyFactory = _default_proxy,
         watch_drift: bool = True,
     ) -> None:
-        self.config_path = Path(config_path)
+        self.source = source  # where the model comes from: the agent does not know which source it is
         self.model = initial
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
@@ -523,8 +525,8 @@ class Agent:
         await status.start()
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
-        event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.config_path,
+        self.source.watch(lambda: self._spawn(self.reload(), "reload"))  # the file's: SIGHUP
+        event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.source.name,
               config_hash=self.model.digest(), services=len(self.model.services), nodes=len(self.model.nodes))
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         self.health.update(self.model)
@@ -634,15 +636,16 @@ class Agent:
             self.stop("internal error", exit_code=1)
 
     async def reload(self) -> bool:
-        """SIGHUP: load the file again. A bad file is refused and the running config stays as it was; so does
-        one that `check` accepts but whose apply fails (the running config is put back, and the log says why)."""
+        """The source changed (the file: SIGHUP): load it again. A bad file is refused and the running config stays
+        as it was; so does one that `check` accepts but whose apply fails (the running config is put back, and the
+        log says why)."""
         self.notifier.reloading()
         previous = self.model
         try:
             return await self._reload()
         except Exception as exc:
             self.metrics.config_load_errors.inc()
-            event(log, logging.ERROR, "config_apply_failed", file=self.config_path,
+            event(log, logging.ERROR, "config_apply_failed", file=self.source.name,
                   error=f"{type(exc).__name__}: {exc}", kept_hash=previous.digest())
             if self.model != previous:
                 await self._restore(previous)
@@ -669,8 +672,8 @@ class Agent:
             # In a worker thread: a large file takes seconds to parse and check (10,000 services: about 3 s),
             # and the event loop must go on feeding the watchdog, probing and syncing meanwhile. The parse is
             # pure (it reads the file and builds new frozen objects), so it shares nothing with the loop.
-            new = await asyncio.to_thread(load_off_the_loop, self.config_path)
-        except config.ConfigError as exc:
+            new = await asyncio.to_thread(load_off_the_loop, self.source)
+        except SourceError as exc:
             self.metrics.config_load_errors.inc()
             for problem in exc.problems:
                 event(log, logging.ERROR, "config_problem", file=exc.source, line=problem.line or "-",
@@ -682,7 +685,7 @@ class Agent:
         for name, get in restart_only.items():
             if get(new) != get(self.model):
                 self.metrics.config_load_errors.inc()
-                event(log, logging.ERROR, "config_rejected", file=self.config_path, field=name,
+                event(log, logging.ERROR, "config_rejected", file=self.source.name, field=name,
                       value=get(new), error="changing this field needs a restart", kept_hash=self.model.digest())
                 return False
         if new == self.model:

@@ -1,10 +1,12 @@
-"""Bind and unbind VIPs on the VIP interface with pyroute2, and set the kernel's sysctls: netlink and /proc only."""
+"""Bind and unbind VIPs on the VIP interface with pyroute2, and set the kernel's sysctls: netlink and /proc only. Also
+the VIPs' drift: an address removed from the VIP interface by someone else, from rtnetlink events
+(RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) as it happens; the agent owns the reaction."""
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -111,3 +113,24 @@ def apply_sysctls(settings: Mapping[str, str], root: Path = Path("/proc/sys")) -
                 event(log, logging.INFO, "sysctl_set", key=key.replace("/", "."), value=value)
         except OSError as exc:
             raise VipError(f"cannot set sysctl {key.replace('/', '.')}={value}: {exc}") from exc
+
+
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+async def watch_removed_addresses(interface: str, on_removed: Callable[[model.IPAddress], None]) -> None:
+    """Calls `on_removed` for every address deleted from `interface` (RTM_DELADDR), whoever deleted it."""
+    async with AsyncIPRoute() as ipr:
+        await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        links = await ipr.link_lookup(ifname=interface)
+        index = int(links[0]) if links else None
+        while True:
+            async for msg in ipr.get():
+                if msg.get("event") != "RTM_DELADDR":
+                    continue
+                if index is not None and msg.get("index") != index:
+                    continue
+                address = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+                if address:
+                    on_removed(ip_address(address))

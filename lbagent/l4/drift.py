@@ -1,12 +1,11 @@
-"""Drift: kernel state lbagent owns, changed by someone else, noticed from netlink events as it happens.
+"""Drift in the data plane: nftables state lbagent owns, changed by someone else, noticed from netlink events as it
+happens (the VIPs' own drift, an address removed from the VIP interface, is watched in lbagent.l3.vips).
 
-Two sources, both multicast groups the kernel sends to whoever listens:
-- nftables (NFNLGRP_NFTABLES): every committed change to a table, chain, rule or set, then one NEWGEN message
-  naming the generation and the process that committed it. A change to one of lbagent's tables committed by a
-  process lbagent did not start (`remember_own`) is drift. Set-element messages are dropped in the kernel by a
-  socket filter: a full apply at 10,000 services adds 400,000 elements, and reading them would cost more than
-  the apply. A deleted element is repaired by the periodic resync; a deleted table, chain, rule or set at once.
-- rtnetlink addresses (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR): an address removed from the VIP interface.
+nftables sends every committed change to a table, chain, rule or set to the multicast group NFNLGRP_NFTABLES, then
+one NEWGEN message naming the generation and the process that committed it. A change to one of lbagent's tables
+committed by a process lbagent did not start (`remember_own`) is drift. Set-element messages are dropped in the
+kernel by a socket filter: a full apply at 10,000 services adds 400,000 elements, and reading them would cost more
+than the apply. A deleted element is repaired by the periodic resync; a deleted table, chain, rule or set at once.
 
 The agent owns the reaction (re-apply at once; withdraw what it cannot serve when the repair fails).
 """
@@ -22,11 +21,6 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from ipaddress import ip_address
-
-from pyroute2 import AsyncIPRoute
-
-from lbagent import model
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -215,26 +209,3 @@ class NftWatcher:
                 self.handle(data)
         finally:
             sock.close()
-
-
-RTMGRP_IPV4_IFADDR = 0x10
-RTMGRP_IPV6_IFADDR = 0x100
-
-
-async def watch_removed_addresses(interface: str, on_removed: Callable[[model.IPAddress], None]) -> None:
-    """Calls `on_removed` for every address deleted from `interface` (RTM_DELADDR), whoever deleted it."""
-    async with AsyncIPRoute() as ipr:
-        await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-        links = await ipr.link_lookup(ifname=interface)
-        index = int(links[0]) if links else None
-        while True:
-            async for msg in ipr.get():
-                if msg.get("event") != "RTM_DELADDR":
-                    continue
-                if index is not None and msg.get("index") != index:
-                    continue
-                address = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-                if address:
-                    on_removed(ip_address(address))
-
-

@@ -19,22 +19,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lbagent import model
-from lbagent.plan.http import (
+from lbagent import model, routing
+from lbagent.plan.http import HttpBackend, HttpFrontend, ProxyPlan, Server, ServerState
+from lbagent.routing import (
     DEFAULT_RETRIES,
     MAX_HOST_BYTES,
     REWRITE_RESERVE,
     AttemptTimeouts,
-    HttpBackend,
-    HttpFrontend,
-    ProxyPlan,
     RouteEntry,
-    Server,
-    ServerState,
     milliseconds,
     rewrite_growth,
 )
-from lbagent.sources.file import pcre2
 
 NOT_FOUND_BACKEND = "lbagent_404"  # answers requests no route takes on a listener without a default backend
 METRICS_FRONTEND = "lbagent_metrics"  # HAProxy's own Prometheus exporter (listener names cannot contain `_`)
@@ -110,7 +105,7 @@ def duration(seconds: float) -> str:
 
 def _regex(pattern: str) -> str:
     """A pattern that must match the whole value (the config check compiled exactly this with PCRE2)."""
-    return pcre2.whole_value(pattern)
+    return routing.whole_value(pattern)
 
 
 def _prefix(value: str) -> str:

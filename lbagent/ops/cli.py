@@ -181,19 +181,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from lbagent import logfmt
     from lbagent.agent.agent import Agent
+    from lbagent.sources.file.source import FileSource
 
     logfmt.setup(args.log_level, with_time=not args.no_timestamps)
     m = _load_or_report(args.config)
     if m is None:
         return 1
-    return asyncio.run(Agent(args.config, m).run(serve_metrics=True))
+    return asyncio.run(Agent(FileSource(args.config), m).run(serve_metrics=True))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from lbagent.l3.vips import VipBinder
     from lbagent.l4.forwarder import make_forwarder
     from lbagent.l4.ipvs.apply import IpvsError
-    from lbagent.l4.nftables.apply import NftError
+    from lbagent.l4.nft import NftError
 
     m = _load_or_report(args.config)
     if m is None:

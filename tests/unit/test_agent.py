@@ -29,11 +29,13 @@ from lbagent.health import Target
 from lbagent.l3.speaker import FakeBgpSpeaker
 from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
-from lbagent.l4.nftables.apply import NftError, NftForwarder
+from lbagent.l4.nft import NftError
+from lbagent.l4.nftables.apply import NftForwarder
 from lbagent.l4.nftables.render import render_full
 from lbagent.l7.haproxy import FakeProxy
 from lbagent.plan.http import ServerState
 from lbagent.sources.file import config
+from lbagent.sources.file.source import FileSource
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -112,8 +114,8 @@ class Harness:
             self.speaker = FakeBgpSpeaker(bgp, on_change)
             return self.speaker
 
-        self.agent = Agent(self.path, config.load(self.path), speaker_factory=speaker, forwarder=self.forwarder,
-                           binder=self.binder, prober=prober, sysctl_root=self.sysctls,
+        self.agent = Agent(FileSource(self.path), config.load(self.path), speaker_factory=speaker,
+                           forwarder=self.forwarder, binder=self.binder, prober=prober, sysctl_root=self.sysctls,
                            proxy_factory=proxy_factory or _no_proxy, watch_drift=False)
 
     def rotation(self) -> set[str]:
@@ -541,12 +543,12 @@ def test_a_reload_load_leaves_the_collector_on_freezes_only_a_large_model_and_ha
     small.write_text(yaml.safe_dump(base))
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
-    m = load_off_the_loop(small)
+    m = load_off_the_loop(FileSource(small))
     assert m == config.load(small) and gc.isenabled() and gc.get_freeze_count() == frozen
     assert m.__dict__["_digest"] == m.digest()  # worked out in the thread, not on the loop
     (tmp_path / "bad.yaml").write_text("services: [\n")
     with pytest.raises(config.ConfigError):
-        load_off_the_loop(tmp_path / "bad.yaml")
+        load_off_the_loop(FileSource(tmp_path / "bad.yaml"))
     assert gc.isenabled() and gc.get_freeze_count() == frozen
     doc = dict(base)
     service = base["services"][0]
@@ -555,7 +557,7 @@ def test_a_reload_load_leaves_the_collector_on_freezes_only_a_large_model_and_ha
     large = tmp_path / "large.yaml"
     large.write_text(yaml.safe_dump(doc))
     try:
-        assert len(load_off_the_loop(large).services) == 3000
+        assert len(load_off_the_loop(FileSource(large)).services) == 3000
         assert gc.isenabled() and gc.get_freeze_count() > frozen
     finally:
         gc.unfreeze()

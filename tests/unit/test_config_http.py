@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lbagent import model
+from lbagent import model, routing
 from lbagent.plan import http as plan_http
 from lbagent.plan.services import Reason, listener_decision
 from lbagent.sources.file import config
@@ -243,10 +243,10 @@ def _unreachable_by_brute_force(m: model.Model) -> list[tuple[str, str, str]]:
     for listener in m.listeners:
         if listener.redirect_to_https:
             continue
-        entries = [e for _, e in plan_http._entries(m, listener)]
+        entries = [e for _, e in routing.ranked_entries(m, listener)]
         for i, entry in enumerate(entries):
             for earlier in entries[:i]:
-                if earlier.where != entry.where and plan_http.covers(earlier, entry):
+                if earlier.where != entry.where and routing.covers(earlier, entry):
                     out.setdefault(entry.where, (entry.where, listener.name, earlier.where))
                     break
     return list(out.values())
@@ -280,7 +280,7 @@ def _model_unchecked(doc: dict[str, Any]) -> model.Model:
 def test_the_indexed_reachability_check_agrees_with_the_definition(seed: int) -> None:
     rng = random.Random(seed)
     m = _model_unchecked(_doc(routes=_random_routes(rng, rng.randint(1, 12))))
-    assert sorted(plan_http.unreachable(m)) == sorted(_unreachable_by_brute_force(m))
+    assert sorted(routing.unreachable(m)) == sorted(_unreachable_by_brute_force(m))
 
 
 def test_four_thousand_distinct_routes_are_checked() -> None:
@@ -290,7 +290,7 @@ def test_four_thousand_distinct_routes_are_checked() -> None:
                        "backendRefs": [{"name": "shop-v1", "port": 80}]}], [f"h{i % 50}.example.com"], name=f"r{i}")
               for i in range(4000)]
     m = _model_unchecked(_doc(routes=routes))
-    assert plan_http.unreachable(m) == []
+    assert routing.unreachable(m) == []
 
 
 # ---- timeouts.request: a bound on the whole request, every attempt included ------------------------------------
@@ -304,7 +304,7 @@ def test_every_attempt_together_stays_within_the_request_budget(retry: model.Ret
         for backend_request in (None, 0.01, 0.3, request):
             for connect in (0.001, 0.05, 5.0):
                 try:
-                    t = plan_http.attempt_timeouts(request, backend_request, connect, retry)
+                    t = routing.attempt_timeouts(request, backend_request, connect, retry)
                 except ValueError:
                     assert request < 0.1, (request, backend_request, connect)
                     continue
@@ -313,14 +313,14 @@ def test_every_attempt_together_stays_within_the_request_budget(retry: model.Ret
                 assert t.connect <= connect
                 if backend_request is not None:
                     assert t.server <= backend_request
-                assert t.retries == (retry.attempts if retry else plan_http.DEFAULT_RETRIES)
+                assert t.retries == (retry.attempts if retry else routing.DEFAULT_RETRIES)
     # the shares for a 1 s budget: four equal attempts with a retry; without, the one attempt that connects gets
     # most of it (failed connections are retried, quickly)
-    assert plan_http.attempt_timeouts(1.0, None, 5.0, model.Retry(3)) == plan_http.AttemptTimeouts(
+    assert routing.attempt_timeouts(1.0, None, 5.0, model.Retry(3)) == routing.AttemptTimeouts(
         0.062, 0.188, 3, True, 1.0)
-    assert plan_http.attempt_timeouts(1.0, None, 5.0, None) == plan_http.AttemptTimeouts(0.035, 0.755, 3, False, 1.0)
+    assert routing.attempt_timeouts(1.0, None, 5.0, None) == routing.AttemptTimeouts(0.035, 0.755, 3, False, 1.0)
     # backendRequest alone bounds one attempt, as before
-    assert plan_http.attempt_timeouts(None, 2.0, 5.0, None) == plan_http.AttemptTimeouts(None, 2.0, 3, False, None)
+    assert routing.attempt_timeouts(None, 2.0, 5.0, None) == routing.AttemptTimeouts(None, 2.0, 3, False, None)
 
 
 def test_request_and_backend_request_reach_the_backend() -> None:
@@ -333,8 +333,8 @@ def test_request_and_backend_request_reach_the_backend() -> None:
     assert (rule0.request_timeout, rule0.backend_request_timeout) == (1.0, None)
     assert (rule1.request_timeout, rule1.backend_request_timeout) == (10.0, 0.5)
     p = plan_http.plan_proxy(m, _healthy(m), {})
-    assert p.backend("default_shop_0").timeouts == plan_http.AttemptTimeouts(0.062, 0.188, 3, True, 1.0)
-    assert p.backend("default_shop_1").timeouts == plan_http.AttemptTimeouts(0.357, 0.5, 3, False, 10.0)
+    assert p.backend("default_shop_0").timeouts == routing.AttemptTimeouts(0.062, 0.188, 3, True, 1.0)
+    assert p.backend("default_shop_1").timeouts == routing.AttemptTimeouts(0.357, 0.5, 3, False, 10.0)
 
 
 def test_timeouts_haproxy_cannot_keep_are_named() -> None:

@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parents[2]
 # the watchers reported once each step's own marker (a change to another table / address) has been seen.
 STEP = r"""
 import asyncio, json, subprocess
-from lbagent.apply import drift
+from lbagent.l4 import drift
+from lbagent.l3 import vips
 
 async def main():
     changes, removed, lost = [], [], []
     watcher = drift.NftWatcher(lambda: {("inet", "lbagent")}, changes.append, lambda: lost.append(1))
     sock_task = asyncio.create_task(watcher.run())
-    addr_task = asyncio.create_task(drift.watch_removed_addresses("lo", removed.append))
+    addr_task = asyncio.create_task(vips.watch_removed_addresses("lo", removed.append))
 
     async def nft(*args, own=False, script=None):
         proc = await asyncio.create_subprocess_exec("nft", *args, stdin=asyncio.subprocess.PIPE)

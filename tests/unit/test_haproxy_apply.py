@@ -732,8 +732,8 @@ def test_stop_ends_every_process(haproxy: str, runtime_dir: Path, backends: tupl
 
 ABANDONED_AGENT = """
 import asyncio, sys
-from lbagent.apply.haproxy import HaproxyProcess
-from lbagent.plan_http import ServerState
+from lbagent.l7.haproxy import HaproxyProcess
+from lbagent.plan.http import ServerState
 
 async def main():
     hp = HaproxyProcess(sys.argv[1], sys.argv[2])

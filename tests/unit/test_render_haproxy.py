@@ -31,16 +31,8 @@ from cryptography.x509.oid import NameOID
 
 from lbagent import model
 from lbagent.l7 import render as haproxy
-from lbagent.plan.http import (
-    HttpBackend,
-    HttpFrontend,
-    ProxyPlan,
-    RouteEntry,
-    Server,
-    ServerState,
-    attempt_timeouts,
-    structural,
-)
+from lbagent.plan.http import HttpBackend, HttpFrontend, ProxyPlan, Server, ServerState, structural
+from lbagent.routing import RouteEntry, attempt_timeouts
 from lbagent.sources.file import pcre2
 from tests.unit.test_haproxy_apply import Backend
 from tests.unit.test_pcre2 import PYTHON_ONLY

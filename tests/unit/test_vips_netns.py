@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEP = """
 import asyncio, json, sys
 from ipaddress import ip_address
-from lbagent.apply.vips import VipBinder, VipError
+from lbagent.l3.vips import VipBinder, VipError
 op, interface, desired, keep = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 binder = VipBinder(interface)
 try:

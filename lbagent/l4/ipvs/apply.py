@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from lbagent import model
 from lbagent.l4.ipvs import render
 from lbagent.l4.ipvs.render import Companion, Op, OpKind, Service, ServiceKey
-from lbagent.l4.nftables.apply import NftError, run_nft
+from lbagent.l4.nft import NftError, run_nft
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 

@@ -1,39 +1,18 @@
-"""Apply a rendered nft script in one transaction: the only code that runs `nft` for the L4 data plane."""
+"""Apply the nftables data plane's rendered scripts, each in one transaction (through lbagent.l4.nft)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from ipaddress import ip_address
 
 from lbagent import model
-from lbagent.l4.drift import remember_own
+from lbagent.l4.nft import NftError, run_nft
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 
 log = logging.getLogger("lbagent.dataplane")
-
-
-class NftError(RuntimeError):
-    """nft refused the script; the kernel kept the previous ruleset (the transaction is all or nothing)."""
-
-
-async def run_nft(args: list[str], script: str | None = None) -> str:
-    """Run nft with the script on stdin and return its output."""
-    nft = shutil.which("nft") or "/usr/sbin/nft"
-    proc = await asyncio.create_subprocess_exec(
-        nft, *args,
-        stdin=asyncio.subprocess.PIPE if script is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    remember_own(proc.pid)  # its commits are lbagent's own, not drift
-    out, err = await proc.communicate(script.encode() if script is not None else None)
-    if proc.returncode != 0:
-        raise NftError(f"nft {' '.join(args)} exited {proc.returncode}: {err.decode(errors='replace').strip()}")
-    return out.decode()
 
 
 class NftForwarder:

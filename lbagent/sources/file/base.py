@@ -1,12 +1,9 @@
-"""Pieces every part of the config file uses: strict models, addresses, durations, and the Problem report."""
+"""Pieces every part of the config file uses: strict models, addresses and durations. (Its problems are reported as
+lbagent.sources.Problem, the one report of every source.)"""
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import stat
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Annotated, Any
 
@@ -102,48 +99,6 @@ class Strict(BaseModel):
     coercion (`true` is no number, "30080" no port, 1 no boolean); addresses and durations parse from text."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True, strict=True)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the file: where (field path and line), the value found, and what is wrong."""
-
-    path: str
-    value: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f"line {self.line}: " if self.line is not None else ""
-        return f"{where}{self.path or '(top)'}: {self.message} (got {self.value})"
-
-    def for_warning(self) -> str:
-        """A warning names the value it is about first (a file), then what is wrong with it."""
-        where = f"line {self.line}: " if self.line is not None else ""
-        return f"{where}{self.path or '(top)'}: {self.value}: {self.message}"
-
-
-MAX_FILE_BYTES = 16 * 1024 * 1024
-
-
-def read_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
-    """A config or certificate file's bytes. What is no regular file (a FIFO, a device such as /dev/zero, a
-    directory) or is larger than `limit` raises OSError before anything is read, so it can neither block nor
-    fill memory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        mode, size = info.st_mode, info.st_size
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                    else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
-            raise OSError(errno.EINVAL, f"not a regular file: it is {kind}")
-        if size > limit:
-            raise OSError(errno.EFBIG, f"the file has {size} bytes, more than the {limit} allowed")
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"the file has more than the {limit} bytes allowed")
-    return data
 
 
 def short(value: Any) -> str:

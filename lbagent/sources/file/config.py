@@ -10,8 +10,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from lbagent import model, tls
-from lbagent.plan import http as plan_http
+from lbagent import model, routing, tls
+from lbagent.files import read_file
+from lbagent.sources import Problem, SourceError
 from lbagent.sources.file import http as config_http
 from lbagent.sources.file.base import (
     _NAME,
@@ -23,11 +24,9 @@ from lbagent.sources.file.base import (
     IPv4,
     ListenAddress,
     Port,
-    Problem,
     Strict,
     _is_prime,
     _parse_duration,
-    read_file,
     short,
 )
 
@@ -176,13 +175,8 @@ class ConfigFile(Strict):
 _DEFAULT_HEALTH = model.HealthCheck(interval=2.0, timeout=1.0, rise=2, fall=3)
 
 
-class ConfigError(Exception):
+class ConfigError(SourceError):
     """The file cannot be used; every problem is listed, not just the first."""
-
-    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
-        self.source = source
-        self.problems = tuple(problems)
-        super().__init__(f"{source}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def _format_path(loc: Iterable[int | str]) -> str:
@@ -331,7 +325,7 @@ def parse(text: str, source: str = "<config>", warnings: list[Problem] | None = 
     shadowed = [Problem(where, "a route match", f"can never match on listener {listener}: {by} always takes "
                                                f"precedence (it matches every request this one does)",
                         lines.line(_loc(where)))
-                for where, listener, by in plan_http.unreachable(result)]
+                for where, listener, by in routing.unreachable(result)]
     if shadowed:
         raise ConfigError(source, shadowed)
     if warnings is not None:

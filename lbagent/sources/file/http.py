@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from lbagent import model, tls
-from lbagent.plan import http as plan_http
+from lbagent import model, routing, tls
+from lbagent.sources import Problem
 from lbagent.sources.file import pcre2
 from lbagent.sources.file.base import (
     _NAME,
@@ -21,7 +21,6 @@ from lbagent.sources.file.base import (
     IPAddress,
     ListenAddress,
     Port,
-    Problem,
     Strict,
     short,
 )
@@ -381,12 +380,12 @@ def cross_checks(listeners: list[ListenerEntry], routes: list[RouteEntry], backe
             for k, match in enumerate(rule.matches):
                 yield from _check_regexes(f"{where}.matches[{k}]", match)
             yield from _check_timeouts(where, rule, proxy.timeouts.connect)
-            growth = plan_http.rewrite_growth(*_filter_models(rule)[:3])
-            if plan_http.REWRITE_RESERVE + growth > proxy.max_request_header_bytes:
+            growth = routing.rewrite_growth(*_filter_models(rule)[:3])
+            if routing.REWRITE_RESERVE + growth > proxy.max_request_header_bytes:
                 yield Problem(f"{where}.filters", f"{growth} bytes added",
                               f"HAProxy keeps room in its buffer for what the filters add to headers, beside "
                               f"proxy.maxRequestHeaderBytes ({proxy.max_request_header_bytes}): it must be at least "
-                              f"{plan_http.REWRITE_RESERVE + growth} for this rule")
+                              f"{routing.REWRITE_RESERVE + growth} for this rule")
 
 
 def _check_ref(where: str, ref: BackendRefEntry, namespace: str, services: Mapping[str, tuple[int, set[int]]],
@@ -435,7 +434,7 @@ def _check_regexes(where: str, match: MatchEntry) -> Iterator[Problem]:
 
 def _check_timeouts(where: str, rule: RuleEntry, connect_timeout: float) -> Iterator[Problem]:
     """`backendRequest` (one attempt) within `request` (the whole request), and a `request` HAProxy's attempts
-    can share (plan_http.attempt_timeouts)."""
+    can share (routing.attempt_timeouts)."""
     request, backend_request = rule.timeouts.request, rule.timeouts.backend_request
     if request is None:
         return
@@ -445,7 +444,7 @@ def _check_timeouts(where: str, rule: RuleEntry, connect_timeout: float) -> Iter
         return
     retry = None if rule.retry is None else model.Retry(rule.retry.attempts, tuple(rule.retry.codes))
     try:
-        plan_http.attempt_timeouts(request, backend_request, connect_timeout, retry)
+        routing.attempt_timeouts(request, backend_request, connect_timeout, retry)
     except ValueError as exc:
         yield Problem(f"{where}.timeouts.request", f"{request:g}s", str(exc))
 

@@ -27,6 +27,8 @@ import ctypes
 from dataclasses import dataclass
 from functools import cache
 
+from lbagent.routing import whole_value
+
 LIBRARY = "libpcre2-8.so.0"
 PACKAGE = "libpcre2-8-0"
 
@@ -97,11 +99,6 @@ def available() -> str | None:
     except OSError as exc:
         return f"cannot load {LIBRARY} (Debian package {PACKAGE}): {exc}"
     return None
-
-
-def whole_value(pattern: str) -> str:
-    """The pattern as haproxy.cfg holds it: it must match the whole path, header or query value."""
-    return f"^(?:{pattern})$"
 
 
 def _compiled(pattern: str, options: int, jit: bool) -> None:

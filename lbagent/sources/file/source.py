@@ -1,0 +1,29 @@
+"""The file as a Source: the model is the YAML file's (config.load), read again when the agent gets SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from lbagent import model
+from lbagent.sources.file import config
+
+
+class FileSource:
+    """The model in the YAML file at `path`. It changes when the operator says so: SIGHUP."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def load(self) -> model.Model:
+        """config.load: raises config.ConfigError (a SourceError) with every problem, each with its line."""
+        return config.load(self.path)
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, changed)
