@@ -1,6 +1,7 @@
 """What `lbagent run` would write for a config, rendered by the same code it uses, as one document: `lbagent plan`
-shows it and `lbagent check` hands its files to the real tools (lbagent.ops.judge). Pure, and needs no root: every node
-is assumed healthy (nothing is probed)."""
+shows it and `lbagent check` hands its files to the real tools (lbagent.ops.judge). Needs no root and changes nothing:
+every node is assumed healthy (nothing is probed), and all it asks the kernel is the routing table's source address
+for each BGP peer, as `run` does (lbagent.l3.speaker.local_addresses)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from lbagent import model
 from lbagent.l3 import render as exabgp
-from lbagent.l3 import speaker as apply_bgp
+from lbagent.l3 import speaker
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
@@ -96,7 +97,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
         "haproxy": haproxy.render(proxy, m.proxy, os.path.join(os.path.abspath(runtime_dir), "haproxy", "api.sock"))
         if m.listeners else None,
         # The source addresses as this host's routing table has them now, as `run` looks them up.
-        "exabgp": exabgp.render_config(m.bgp, apply_bgp.api_run(runtime_dir), apply_bgp.local_addresses(m.bgp)),
+        "exabgp": exabgp.render_config(m.bgp, speaker.api_run(runtime_dir), speaker.local_addresses(m.bgp)),
     }
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from lbagent import model, tls
 from lbagent.files import write_private
 from lbagent.l3 import render as exabgp
-from lbagent.l3 import speaker as apply_bgp
+from lbagent.l3 import speaker
 from lbagent.l4.iptables import apply as apply_iptables
 from lbagent.l7 import haproxy as apply_haproxy
 from lbagent.ops import artifacts
@@ -223,7 +223,7 @@ def _haproxy(work: Path, config: str, m: model.Model) -> Verdict:
 def _exabgp(work: Path, config: str, m: model.Model) -> Verdict:
     what = "exabgp validate exabgp.conf"
     try:
-        executable = apply_bgp.resolve(m.bgp.exabgp)
+        executable = speaker.resolve(m.bgp.exabgp)
     except FileNotFoundError as exc:
         return Verdict(what, Outcome.NOT_CHECKED, (str(exc),))
     (work / "exabgp.conf").write_text(config)
