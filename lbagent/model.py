@@ -94,6 +94,9 @@ class Service:
     session_affinity_timeout: int | None = None  # ClientIP affinity when set
     source_ranges: tuple[IPNetwork, ...] = ()  # loadBalancerSourceRanges; empty: everyone
     ipvs_scheduler: str = "mh"
+    # externalTrafficPolicy Local: the nodes the API says have endpoints (EndpointSlices), sorted; None when the
+    # source does not know (the file): then the healthCheckNodePort probe alone decides.
+    endpoint_nodes: tuple[str, ...] | None = None
 
     @property
     def key(self) -> str:

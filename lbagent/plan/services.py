@@ -132,7 +132,8 @@ def plan_service(
 ) -> tuple[tuple[Frontend, ...], ServiceDecision]:
     """One service's frontends and announce decision: services are planned independently of each other."""
     key = service.key
-    healthy = [n for n in nodes if health.get((key, n.name), False)]
+    endpoints = service.endpoint_nodes
+    healthy = [n for n in nodes if health.get((key, n.name), False) and (endpoints is None or n.name in endpoints)]
     taking = [n for n in healthy if not n.draining]
     frontends = []
     for vip in service.vips:
@@ -155,7 +156,8 @@ def plan_service(
         reason = Reason.ANNOUNCED
     decision = ServiceDecision(
         key, service.vips, reason is Reason.ANNOUNCED, reason, tuple(n.name for n in taking),
-        tuple(n.name for n in nodes if not health.get((key, n.name), False)),
+        tuple(n.name for n in nodes if not health.get((key, n.name), False)
+              or (endpoints is not None and n.name not in endpoints)),
         tuple(n.name for n in healthy if n.draining),
     )
     return tuple(frontends), decision
