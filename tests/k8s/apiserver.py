@@ -189,6 +189,7 @@ class KubeAPIServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.run_dir: Path | None = None
         self.log_file = self.workdir / "kube-apiserver.log"
+        self.log_offset = 0  # where the current server's output starts in log_file
         self.startup_seconds = 0.0
         self.users: dict[str, User] = {}
         self.ca: TestCA | None = None
@@ -281,6 +282,7 @@ class KubeAPIServer:
         with self.log_file.open("ab") as log:
             log.write(f"\n=== {' '.join(argv)}\n".encode())
             log.flush()
+            self.log_offset = log.tell()
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
@@ -291,7 +293,7 @@ class KubeAPIServer:
         last = "no answer yet"
         while time.monotonic() < deadline:
             if (code := self.proc.poll()) is not None:
-                if "address already in use" in self.log_tail(20):
+                if "bind: address already in use" in self._log_since_spawn():
                     return False
                 raise APIServerError(f"kube-apiserver exited with {code} while starting\n{self.log_tail()}")
             try:
@@ -335,6 +337,11 @@ class KubeAPIServer:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+
+    def _log_since_spawn(self) -> str:
+        with self.log_file.open("rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

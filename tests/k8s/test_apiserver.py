@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s import build, objects
+from tests.k8s import apiserver, build, objects
 from tests.k8s.apiserver import LBAGENT_USER, RBAC_MANIFEST, REPO, SERVICE_CIDRS, KubeAPIServer
 
 NODE_IP = "192.0.2.11"
@@ -234,6 +235,19 @@ def test_a_failing_test_still_tears_the_server_down(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         api._raw_request(api.admin_cert, "GET", "/readyz", timeout=5.0)
     assert port == api.port
+
+
+def test_a_port_taken_meanwhile_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Another process may bind the port between choosing it and kube-apiserver's bind: a new one is tried."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], apiserver.free_port()]
+        monkeypatch.setattr(apiserver, "free_port", lambda: ports.pop(0))
+        with KubeAPIServer(tmp_path) as api:
+            assert api.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+    assert "bind: address already in use" in (tmp_path / "kube-apiserver.log").read_text()
+    assert ports == []
 
 
 STARTER = """
