@@ -178,6 +178,31 @@ class Agent:
     metrics_address: str | None = "127.0.0.1:9469"  # host:port for /metrics; None: not served
 
 
+@dataclass(frozen=True)
+class AddressPool:
+    """Load-balancer addresses the Kubernetes source may give Services: CIDRs and `first-last` ranges, as written."""
+
+    name: str
+    addresses: tuple[str, ...]
+    auto_assign: bool = True
+
+
+@dataclass(frozen=True)
+class Kubernetes:
+    """The Kubernetes API as a source of services and nodes, beside the file's (None: the file alone)."""
+
+    kubeconfig: str | None = None  # None: in-cluster (the pod's service account)
+    load_balancer_class: str = "lbagent.io/lbagent"
+    node_address_type: str = "InternalIP"
+    pools: tuple[AddressPool, ...] = ()
+    lease_namespace: str = "kube-system"
+    lease_name: str = "lbagent"
+    lease_seconds: float = 15.0  # a dead writer is replaced within this
+    # what the file's healthCheckDefaults and dataplane.forwardingMode give every Service of the API
+    health_check: HealthCheck = field(default_factory=lambda: HealthCheck(interval=2.0, timeout=1.0, rise=2, fall=3))
+    forwarding_mode: ForwardingMode = ForwardingMode.MASQUERADE
+
+
 # ---- Layer 7: HAProxy listeners, HTTP routes (Gateway API HTTPRoute semantics) and their backends ----------
 
 
@@ -416,6 +441,7 @@ class Model:
     listeners: tuple[Listener, ...] = ()
     routes: tuple[Route, ...] = ()
     backends: tuple[StaticBackend, ...] = ()
+    kubernetes: Kubernetes | None = None
 
     def digest(self) -> str:
         """A stable hash of the whole model: the loaded config's identity in logs and metrics. Worked out once

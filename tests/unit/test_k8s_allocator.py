@@ -160,3 +160,11 @@ def test_ten_thousand_services_get_ten_thousand_addresses() -> None:
     given = [a for v in result.addresses.values() for a in v]
     assert len(given) == len(set(given)) == 10_000 and not result.problems
     assert given[0] == ip_address("192.0.2.0") and given[-1] == ip_address("2001:db8::251b")
+
+
+def test_addresses_the_file_serves_are_never_given() -> None:
+    request, _ = Request.of(svc("a", status=("192.0.2.64",)))
+    assert request is not None
+    r = Allocator(POOLS).allocate([request], reserved={ip_address("192.0.2.64"): "file services[0] (default/web)",
+                                                       ip_address("192.0.2.65"): "file listeners[0] (web)"})
+    assert [str(a) for a in r.addresses["default/a"]] == ["192.0.2.66"]

@@ -29,6 +29,7 @@ from lbagent.sources.file.base import (
     _parse_duration,
     short,
 )
+from lbagent.sources.kubernetes.allocator import Pool
 
 __all__ = ["ConfigError", "Problem", "field_line", "load", "parse"]
 
@@ -156,6 +157,35 @@ class BackendEntry(config_http.StaticBackendEntry):
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
 
 
+class PoolEntry(Strict):
+    name: str = Field(pattern=_NAME)
+    addresses: list[str] = Field(min_length=1)
+    auto_assign: bool = Field(True, alias="autoAssign")
+
+    @model_validator(mode="after")
+    def _addresses(self) -> PoolEntry:
+        try:
+            Pool.parse(self.name, self.addresses)
+        except ValueError as exc:
+            raise ValueError(f"pool {self.name}: {exc}") from None
+        return self
+
+
+class LeaseSection(Strict):
+    namespace: str = Field("kube-system", pattern=_NAME)
+    name: str = Field("lbagent", pattern=_NAME)
+    duration: Annotated[float, BeforeValidator(_parse_duration), Field(ge=2, le=300)] = 15.0
+
+
+class KubernetesSection(Strict):
+    kubeconfig: str | None = Field(None, min_length=1)
+    load_balancer_class: str = Field("lbagent.io/lbagent", alias="loadBalancerClass",
+                                     pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    node_address_type: Literal["InternalIP", "ExternalIP"] = Field("InternalIP", alias="nodeAddressType")
+    pools: list[PoolEntry] = []
+    lease: LeaseSection = Field(default_factory=LeaseSection)
+
+
 class ConfigFile(Strict):
     node: NodeSection
     agent: AgentSection = Field(default_factory=AgentSection)
@@ -164,8 +194,9 @@ class ConfigFile(Strict):
     health_check_defaults: HealthCheckSection = Field(
         default_factory=HealthCheckSection, alias="healthCheckDefaults"
     )
-    nodes: list[NodeEntry] = Field(min_length=1)
+    nodes: list[NodeEntry] = []  # at least one unless `kubernetes` gives them
     services: list[ServiceEntry] = []
+    kubernetes: KubernetesSection | None = None
     proxy: config_http.ProxySection = Field(default_factory=config_http.ProxySection)
     listeners: list[config_http.ListenerEntry] = []
     routes: list[config_http.RouteEntry] = []
@@ -406,6 +437,10 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
                           f"too long for the unix sockets made in it: at most {room} characters"
                           f"{' with listeners' if config.listeners else ''} (a socket path holds {SUN_PATH_MAX} "
                           f"bytes; the longest here is {longest[1]})")
+    if not config.nodes and config.kubernetes is None:
+        yield Problem("nodes", "[]", "at least one node, unless the `kubernetes` section gives them")
+    if config.kubernetes is not None:
+        yield from _kubernetes_checks(config, config.kubernetes)
     own: dict[str, str] = {str(config.bgp.router_id): "bgp.routerID"}
     seen_peers: dict[str, int] = {}
     for i, peer in enumerate(config.bgp.peers):
@@ -493,6 +528,32 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
                               f"{seen_node_ports[node_port]}")
             seen_node_ports.setdefault(node_port, key)
     yield from _http_checks(config)
+
+
+def _kubernetes_checks(config: ConfigFile, section: KubernetesSection) -> Iterable[Problem]:
+    """Pools with unique names that overlap neither each other nor an address the file uses (the allocator would
+    give a Service an address the file already serves)."""
+    pools: list[tuple[int, Pool]] = []
+    for i, entry in enumerate(section.pools):
+        pool = Pool.parse(entry.name, entry.addresses)
+        for j, other in pools:
+            if other.name == pool.name:
+                yield Problem(f"kubernetes.pools[{i}].name", pool.name, f"the name of kubernetes.pools[{j}] too")
+            elif any(first.version == a.version and int(first) <= int(b) and int(a) <= int(last)
+                     for first, last in pool.ranges for a, b in other.ranges):
+                yield Problem(f"kubernetes.pools[{i}].addresses", ", ".join(entry.addresses),
+                              f"overlaps kubernetes.pools[{j}] ({other.name})")
+        pools.append((i, pool))
+    used = [(f"services[{k}]", v) for k, s in enumerate(config.services) for v in s.all_vips]
+    used += [(f"listeners[{k}]", v) for k, lst in enumerate(config.listeners) for v in lst.all_vips]
+    used += [(f"nodes[{k}].addresses", a) for k, n in enumerate(config.nodes) for a in n.addresses]
+    used += [(f"bgp.peers[{k}].address", p.address) for k, p in enumerate(config.bgp.peers)]
+    used.append(("bgp.routerID", config.bgp.router_id))
+    for i, pool in pools:
+        for where, address in used:
+            if address in pool:
+                yield Problem(f"kubernetes.pools[{i}].addresses", str(address),
+                              f"holds {where}'s address: the pool would give it to a Service")
 
 
 def _http_checks(config: ConfigFile) -> Iterable[Problem]:
@@ -621,4 +682,15 @@ def _to_model(config: ConfigFile) -> model.Model:
         routes=config_http.routes_model(config.routes),
         backends=tuple(model.StaticBackend(b.name, tuple(b.endpoints), _health(defaults, b.health_check))
                        for b in config.backends),
+        kubernetes=None if config.kubernetes is None else model.Kubernetes(
+            kubeconfig=config.kubernetes.kubeconfig,
+            load_balancer_class=config.kubernetes.load_balancer_class,
+            node_address_type=config.kubernetes.node_address_type,
+            pools=tuple(model.AddressPool(p.name, tuple(p.addresses), p.auto_assign) for p in config.kubernetes.pools),
+            lease_namespace=config.kubernetes.lease.namespace,
+            lease_name=config.kubernetes.lease.name,
+            lease_seconds=config.kubernetes.lease.duration,
+            health_check=defaults,
+            forwarding_mode=model.ForwardingMode(config.dataplane.forwarding_mode),
+        ),
     )

@@ -222,10 +222,13 @@ class Allocator:
     def _pool_named(self, name: str) -> Pool:
         return next((p for p in self.pools if p.name == name), Pool(name, ()))
 
-    def allocate(self, requests: Iterable[Request]) -> Result:
+    def allocate(self, requests: Iterable[Request], reserved: Mapping[model.IPAddress, str] | None = None) -> Result:
         """Every Service's addresses: first what status already holds (oldest Service first, so of two Services
-        claiming one address in status the older keeps it), then the rest."""
+        claiming one address in status the older keeps it), then the rest. `reserved`: addresses lbagent serves
+        from elsewhere (the file's services and listeners), never given, each with what holds it."""
         self._held.clear()
+        for address, owner in (reserved or {}).items():
+            self._held[address] = _Holder([owner], None, set())
         self._shared.clear()
         self._cursors.clear()
         self._handed_back.clear()

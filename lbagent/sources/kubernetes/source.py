@@ -1,0 +1,368 @@
+"""The Kubernetes API as a source, beside the file: the file gives the node's own settings (BGP, data plane, pools,
+its own services and listeners), the API gives Services of lbagent's class, their EndpointSlices and the Nodes.
+
+- Nothing is known until the first full lists of all three kinds are in: `start()` waits for them, and the agent
+  programs nothing before.
+- The API's objects are kept as the last lists and watches left them; an outage changes nothing (`status()` says
+  the source is stale, and since when), and what changed meanwhile is applied when the API is back.
+- One LB node at a time (the Lease holder) allocates addresses and writes status and Events (writer.py); every LB
+  node programs what the Services' status says, so all of them serve the same addresses.
+- A Service of the API that clashes with the file (same address, protocol and port) is not served; the file is the
+  operator's own word. The clash is logged on every node and an Event on the Service names both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lbagent import model
+from lbagent.logfmt import event
+from lbagent.sources import Problem, SourceError
+from lbagent.sources.file import config
+from lbagent.sources.kubernetes import translate
+from lbagent.sources.kubernetes.allocator import Allocator, Pool, Request
+from lbagent.sources.kubernetes.reflector import Reflector
+from lbagent.sources.kubernetes.writer import Lease, Recorder, apply_status, problem_message
+
+log = logging.getLogger("lbagent.kubernetes")
+
+WRITER_DEBOUNCE = 0.05  # changes coming together (a list, a burst of events) are written once
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The three stores as they were at one moment on the loop (shallow copies: objects are never mutated)."""
+
+    services: dict[str, Obj]
+    slices: dict[str, Obj]
+    nodes: dict[str, Obj]
+
+
+@dataclass
+class Built:
+    """The API's part of the model, and what is wrong with its objects (object key -> problems)."""
+
+    services: list[model.Service] = field(default_factory=list)
+    nodes: list[model.Node] = field(default_factory=list)
+    problems: dict[str, list[Problem]] = field(default_factory=lambda: defaultdict(list))
+
+
+def settings_of(m: model.Model) -> translate.Settings:
+    assert m.kubernetes is not None
+    k = m.kubernetes
+    return translate.Settings(load_balancer_class=k.load_balancer_class, node_address_type=k.node_address_type,
+                              health_check=k.health_check, forwarding_mode=k.forwarding_mode)
+
+
+def slices_by_service(slices: Mapping[str, Obj]) -> dict[str, list[Obj]]:
+    out: dict[str, list[Obj]] = defaultdict(list)
+    for eps in slices.values():
+        name = ((eps.get("metadata") or {}).get("labels") or {}).get(translate.SERVICE_NAME_LABEL)
+        if name:
+            out[f"{(eps.get('metadata') or {}).get('namespace')}/{name}"].append(eps)
+    return out
+
+
+def build(base: model.Model, snap: Snapshot) -> Built:
+    """The API's services and nodes, translated and checked against the file's. Pure."""
+    settings = settings_of(base)
+    built = Built()
+    for key, obj in sorted(snap.nodes.items()):
+        node, problems = translate.translate_node(obj, settings)
+        if problems:
+            built.problems[f"Node {key}"] += problems
+        if node is not None:
+            built.nodes.append(node)
+    file_nodes = {n.name for n in base.nodes}
+    for node in list(built.nodes):
+        if node.name in file_nodes:
+            built.nodes.remove(node)
+            built.problems[f"Node {node.name}"].append(Problem(
+                f"Node {node.name}", node.name, "a node of the same name is in the file's `nodes`: the file's is used"))
+    taken: dict[tuple[model.IPAddress, model.Protocol, int], str] = {}
+    for k, s in enumerate(base.services):
+        for vip in s.vips:
+            for p in s.ports:
+                taken[(vip, p.protocol, p.port)] = f"the file's services[{k}] ({s.key})"
+    for k, lst in enumerate(base.listeners):
+        for vip in lst.vips:
+            taken[(vip, model.Protocol.TCP, lst.port)] = f"the file's listeners[{k}] ({lst.name})"
+    slices = slices_by_service(snap.slices)
+    ours = [o for o in snap.services.values() if translate.is_ours(o, settings)]
+    ours.sort(key=lambda o: (str((o.get("metadata") or {}).get("creationTimestamp") or ""), translate.key_of(o)))
+    for obj in ours:
+        key = translate.key_of(obj)
+        service, problems = translate.translate_service(obj, slices.get(key, []), settings)
+        if problems:
+            built.problems[f"Service {key}"] += problems
+        if service is None:
+            continue
+        clashes = [(vip, p, taken[(vip, p.protocol, p.port)]) for vip in service.vips for p in service.ports
+                   if (vip, p.protocol, p.port) in taken]
+        if clashes:
+            vip, port, holder = clashes[0]
+            built.problems[f"Service {key}"].append(Problem(
+                f"Service {key}: status.loadBalancer.ingress", f"{vip} {port.protocol.value} {port.port}",
+                f"also served by {holder}: not served"))
+            continue
+        for vip in service.vips:
+            for p in service.ports:
+                taken[(vip, p.protocol, p.port)] = f"Service {key}"
+        built.services.append(service)
+    return built
+
+
+def merged(base: model.Model, built: Built) -> model.Model:
+    return replace(base, services=base.services + tuple(built.services), nodes=base.nodes + tuple(built.nodes))
+
+
+class KubernetesSource:
+    """The file and the Kubernetes API together (the module says how)."""
+
+    def __init__(self, path: str | Path, identity: str) -> None:
+        self.path = Path(path)
+        self.identity = identity
+        self._file: model.Model | None = None
+        self._file_dirty = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: Callable[[], None] = lambda: None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._api: Any = None
+        self.services: Reflector | None = None
+        self.slices: Reflector | None = None
+        self.nodes: Reflector | None = None
+        self.lease: Lease | None = None
+        self._recorder: Recorder | None = None
+        self._write_pending = False
+        self._problems_logged: dict[str, str] = {}
+        self.writes = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.path} + kubernetes"
+
+    # ---- the Source protocol --------------------------------------------------------------------------------
+
+    def file_model(self) -> model.Model:
+        if self._file is None or self._file_dirty:
+            m = config.load(self.path)
+            if m.kubernetes is None:
+                raise SourceError(str(self.path), [Problem("kubernetes", "absent",
+                                                           "the running agent reads the Kubernetes API: this file "
+                                                           "no longer configures it (a restart is needed to stop)")])
+            self._file, self._file_dirty = m, False
+        return self._file
+
+    def load(self) -> model.Model:
+        """The file's model with the API's services and nodes; in a worker thread (the snapshot is taken on the
+        loop)."""
+        base = self.file_model()
+        snap = self._snapshot_from_thread()
+        built = build(base, snap)
+        self._log_problems(built.problems)
+        return merged(base, built)
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        self._changed = changed
+        loop = asyncio.get_running_loop()
+
+        def hup() -> None:
+            self._file_dirty = True
+            changed()
+            self._schedule_write()
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
+
+    # ---- start, stop, status -----------------------------------------------------------------------------------
+
+    async def start(self, api_client: Any | None = None) -> None:
+        """Connect, and wait for the first full lists of Services, EndpointSlices and Nodes."""
+        # kubernetes_asyncio takes 0.3-0.5 s to import: only an agent that uses the API pays for it
+        from kubernetes_asyncio import client  # noqa: PLC0415
+        from kubernetes_asyncio import config as kube_config  # noqa: PLC0415
+
+        self._loop = asyncio.get_running_loop()
+        base = self.file_model()
+        assert base.kubernetes is not None
+        if api_client is None:
+            configuration = client.Configuration()
+            if base.kubernetes.kubeconfig:
+                await kube_config.load_kube_config(config_file=base.kubernetes.kubeconfig,
+                                                   client_configuration=configuration)
+            else:
+                kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            api_client = client.ApiClient(configuration)
+        self._api = api_client
+        core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
+        self.services = Reflector("Service", core.list_service_for_all_namespaces, self._services_changed)
+        self.slices = Reflector("EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces, self._api_changed,
+                                label_selector=translate.SERVICE_NAME_LABEL)
+        self.nodes = Reflector("Node", core.list_node, self._api_changed)
+        self._recorder = Recorder(core, self.identity)
+        self.lease = Lease(client.CoordinationV1Api(api_client), base.kubernetes.lease_namespace,
+                           base.kubernetes.lease_name, self.identity, base.kubernetes.lease_seconds,
+                           lambda leading: self._schedule_write() if leading else None)
+        for reflector in (self.services, self.slices, self.nodes):
+            self._tasks.append(asyncio.create_task(reflector.run(), name=f"kubernetes-{reflector.kind}"))
+        started = time.monotonic()
+        while True:
+            waiting = [r.kind for r in (self.services, self.slices, self.nodes) if not r.synced.is_set()]
+            if not waiting:
+                break
+            try:
+                await asyncio.wait_for(asyncio.gather(*(r.synced.wait() for r in (self.services, self.slices,
+                                                                                   self.nodes))), timeout=10)
+            except TimeoutError:
+                errors = {r.kind: r.last_error for r in (self.services, self.slices, self.nodes) if r.last_error}
+                event(log, logging.WARNING, "kubernetes_waiting", waiting=",".join(waiting),
+                      seconds=round(time.monotonic() - started), errors=errors or "-")
+        event(log, logging.INFO, "kubernetes_synced", services=len(self.services.store),
+              endpointslices=len(self.slices.store), nodes=len(self.nodes.store),
+              seconds=round(time.monotonic() - started, 2))
+        self._tasks.append(asyncio.create_task(self.lease.run(), name="kubernetes-lease"))
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._api is not None:
+            await self._api.close()
+
+    def status(self) -> dict[str, Any]:
+        reflectors = [r for r in (self.services, self.slices, self.nodes) if r is not None]
+        stale = [r.stale_since for r in reflectors if r.stale_since is not None]
+        return {
+            "synced": bool(reflectors) and all(r.synced.is_set() for r in reflectors),
+            "staleSince": min(stale) if stale else None,
+            "errors": {r.kind: r.last_error for r in reflectors if r.last_error},
+            "objects": {r.kind: len(r.store) for r in reflectors},
+            "writer": self.lease.leading if self.lease else False,
+            "writerIdentity": self.lease.holder if self.lease else None,
+            "statusWrites": self.writes,
+        }
+
+    # ---- changes -------------------------------------------------------------------------------------------
+
+    def _api_changed(self, keys: set[str]) -> None:
+        self._changed()
+
+    def _services_changed(self, keys: set[str]) -> None:
+        self._changed()
+        self._schedule_write()
+
+    def _snapshot(self) -> Snapshot:
+        assert self.services and self.slices and self.nodes
+        return Snapshot(dict(self.services.store), dict(self.slices.store), dict(self.nodes.store))
+
+    def _snapshot_from_thread(self) -> Snapshot:
+        if self._loop is None:
+            raise SourceError(self.name, [Problem("kubernetes", "not started", "the API source was not started")])
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            return self._snapshot()
+
+        async def take() -> Snapshot:
+            return self._snapshot()
+
+        return asyncio.run_coroutine_threadsafe(take(), self._loop).result(timeout=30)
+
+    def _log_problems(self, problems: Mapping[str, list[Problem]]) -> None:
+        """Each object's problems once (every node logs them; the writer also records Events)."""
+        seen = {}
+        for key, found in problems.items():
+            text = problem_message(found)
+            seen[key] = text
+            if self._problems_logged.get(key) != text:
+                for p in found:
+                    event(log, logging.WARNING, "kubernetes_object_problem", object=key,
+                          field=p.path.split(": ", 1)[-1], value=p.value, error=p.message)
+        self._problems_logged = seen
+
+    # ---- the writer (the Lease holder only) ---------------------------------------------------------------------
+
+    def _schedule_write(self) -> None:
+        if self._write_pending or self.lease is None or not self.lease.leading:
+            return
+        self._write_pending = True
+        self._tasks.append(asyncio.create_task(self._write_soon(), name="kubernetes-write"))
+
+    async def _write_soon(self) -> None:
+        await asyncio.sleep(WRITER_DEBOUNCE)
+        self._write_pending = False
+        try:
+            await self.write()
+        except Exception as exc:
+            event(log, logging.ERROR, "kubernetes_write_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def write(self) -> None:
+        """Allocate and write every Service's status that differs; Events for what cannot be served."""
+        assert self._recorder is not None
+        if self.lease is None or not self.lease.leading:
+            return
+        base = self.file_model()
+        assert base.kubernetes is not None
+        snap = self._snapshot()
+        settings = settings_of(base)
+        ours = {translate.key_of(o): o for o in snap.services.values() if translate.is_ours(o, settings)}
+        pools = [Pool.parse(p.name, p.addresses, p.auto_assign) for p in base.kubernetes.pools]
+        reserved = {vip: f"the file's service {s.key}" for s in base.services for vip in s.vips}
+        reserved |= {vip: f"the file's listener {lst.name}" for lst in base.listeners for vip in lst.vips}
+        requests: list[Request] = []
+        for obj in ours.values():
+            request, problems = Request.of(obj)
+            if request is None:
+                await self._recorder.record(obj, "Service", "Warning", "InvalidLoadBalancerRequest",
+                                            problem_message(problems))
+                continue
+            requests.append(request)
+        result = await asyncio.to_thread(Allocator(pools).allocate, requests, reserved)
+        for key, problems in result.problems.items():
+            await self._recorder.record(ours[key], "Service", "Warning", "AllocationFailed",
+                                        problem_message(problems))
+        for key, problems in result.warnings.items():
+            await self._recorder.record(ours[key], "Service", "Warning", "AddressOutsidePools",
+                                        problem_message(problems))
+        for key, addresses in result.addresses.items():
+            obj = ours[key]
+            wanted = tuple(str(a) for a in addresses)
+            have = tuple(translate.status_ips(obj))
+            modes = [e.get("ipMode") for e in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")
+                     or []]
+            if wanted == have and all(m == "Proxy" for m in modes):
+                continue
+            meta = obj.get("metadata") or {}
+            error = await apply_status(self._recorder._api, str(meta.get("namespace")), str(meta.get("name")),
+                                       wanted)
+            if error is not None:
+                event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
+                continue
+            self.writes += 1
+            event(log, logging.INFO, "kubernetes_status_written", service=key, addresses=",".join(wanted) or "-",
+                  previous=",".join(have) or "-")
+            if wanted:
+                await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
+                                            f"lbagent gave {', '.join(wanted)}")
+        built = await asyncio.to_thread(build, base, snap)
+        for key, problems in built.problems.items():
+            kind, name = key.split(" ", 1)
+            found = (snap.services if kind == "Service" else snap.nodes).get(name)
+            if found is not None:
+                await self._recorder.record(found, kind, "Warning", "NotServed" if kind == "Service" else "NotUsed",
+                                            problem_message(problems))
