@@ -143,15 +143,19 @@ def test_lbagent_records_an_event_about_a_service(kube_apiserver: KubeAPIServer,
     assert "AllocationFailed" in events and "203.0.113.99" in events
 
 
-# (verb, resource, subresource): what lbagent needs and nothing more.
-GRANTED = [
+# (verb, resource, subresource[, namespace]): what lbagent needs and nothing more. Without a namespace: in every one.
+GRANTED: list[tuple[str, ...]] = [
     ("list", "services", ""), ("watch", "services", ""), ("get", "services", ""),
     ("list", "endpointslices.discovery.k8s.io", ""), ("watch", "endpointslices.discovery.k8s.io", ""),
     ("list", "nodes", ""), ("watch", "nodes", ""),
     ("patch", "services", "status"),
     ("create", "events", ""), ("create", "events.events.k8s.io", ""),
+    # the writer's Lease: in kube-system, and only the one named lbagent may be read or renewed
+    ("create", "leases.coordination.k8s.io", "", "kube-system"),
+    ("get", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
+    ("update", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
 ]
-REFUSED = [
+REFUSED: list[tuple[str, ...]] = [
     ("delete", "services", ""), ("create", "services", ""), ("update", "services", ""), ("patch", "services", ""),
     ("update", "services", "status"), ("deletecollection", "services", ""),
     ("get", "secrets", ""), ("list", "secrets", ""), ("watch", "secrets", ""),
@@ -160,13 +164,17 @@ REFUSED = [
     ("patch", "nodes", ""), ("delete", "nodes", ""), ("patch", "nodes", "status"),
     ("delete", "events", ""), ("list", "events", ""),
     ("create", "leases.coordination.k8s.io", ""),
+    ("get", "leases.coordination.k8s.io/kube-scheduler", "", "kube-system"),
+    ("update", "leases.coordination.k8s.io/kube-scheduler", "", "kube-system"),
+    ("delete", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
+    ("update", "leases.coordination.k8s.io/lbagent", "", "default"),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", ""), ("escalate", "clusterroles", ""),
     ("impersonate", "users", ""),
 ]
 
 
-def _can_i(api: KubeAPIServer, verb: str, resource: str, subresource: str) -> str:
-    args = ["auth", "can-i", verb, resource, "--all-namespaces"]
+def _can_i(api: KubeAPIServer, verb: str, resource: str, subresource: str, namespace: str = "") -> str:
+    args = ["auth", "can-i", verb, resource, *(["-n", namespace] if namespace else ["--all-namespaces"])]
     if subresource:
         args.append(f"--subresource={subresource}")
     proc = api.kubectl(*args, user=LBAGENT_USER, check=False)
@@ -202,9 +210,11 @@ def test_what_lbagent_may_not_do_is_refused(kube_apiserver: KubeAPIServer, names
 def test_the_rbac_manifest_is_what_the_server_holds(kube_apiserver: KubeAPIServer) -> None:
     """The fixture applied deploy/kubernetes/rbac.yaml itself: no rule was added on the side."""
     documents = list(yaml.safe_load_all(RBAC_MANIFEST.read_text()))
-    role = next(d for d in documents if d["kind"] == "ClusterRole")
-    held = json.loads(kube_apiserver.kubectl("get", "clusterrole", role["metadata"]["name"], "-o", "json").stdout)
-    assert held["rules"] == [{k: v for k, v in rule.items() if v} for rule in role["rules"]]
+    for role in (d for d in documents if d["kind"] in ("ClusterRole", "Role")):
+        where = ["-n", role["metadata"]["namespace"]] if role["kind"] == "Role" else []
+        held = json.loads(kube_apiserver.kubectl("get", role["kind"].lower(), role["metadata"]["name"], *where,
+                                                 "-o", "json").stdout)
+        assert held["rules"] == [{k: v for k, v in rule.items() if v} for rule in role["rules"]]
 
 
 def _gone(pid: int) -> bool:

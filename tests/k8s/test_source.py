@@ -1,0 +1,188 @@
+"""lbagent's Kubernetes source against the real kube-apiserver, as lbagent's least-privilege user: Services of its
+class get an address from the pool, written once into their status by the one writer, and come out of the source as
+model services with the Nodes as backends; requests it cannot meet get an Event naming the field; the writer's
+Lease passes to another LB node without any address changing; a restart changes no address."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lbagent.sources.kubernetes.allocator import IPS_ANNOTATION, SHARING_ANNOTATION
+from lbagent.sources.kubernetes.source import KubernetesSource
+from tests.k8s import objects
+from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer
+
+POOL = "203.0.113.64/29"
+
+
+def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str, node: str = "lb1") -> Path:
+    path = tmp_path / f"{node}.yaml"
+    path.write_text(yaml.safe_dump({
+        "node": {"name": node},
+        "agent": {"runtimeDir": str(tmp_path / node)},
+        "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
+        "kubernetes": {"kubeconfig": str(api.kubeconfig(LBAGENT_USER)), "loadBalancerClass": lb_class,
+                       "pools": [{"name": "public", "addresses": [POOL]}], "lease": {"duration": "4s"}},
+    }))
+    return path
+
+
+def service(name: str, lb_class: str, port: int = 80, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    svc = objects.lb_service(name, port=port, local=False)
+    svc["spec"]["loadBalancerClass"] = lb_class
+    svc["metadata"]["annotations"] = annotations or {}
+    return svc
+
+
+async def until(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def external_ips(api: KubeAPIServer, namespace: str) -> dict[str, str]:
+    out = json.loads(api.kubectl("get", "svc", "-n", namespace, "-o", "json").stdout)
+    return {s["metadata"]["name"]: ",".join(i.get("ip", "") for i in
+                                             ((s.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [])
+            for s in out["items"]}
+
+
+def run(coroutine: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coroutine(), timeout=120))
+
+
+@pytest.fixture
+def lb_class() -> str:
+    """A class of the test's own: the session's server holds every other test's Services too."""
+    return f"lbagent.io/t-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    api = kube_apiserver
+    node_name = f"node-{namespace}"
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(
+        service("web", lb_class), objects.endpoint_slice("web", {"198.51.100.21": node_name}),
+        objects.node(node_name, "192.0.2.21"), service("other-class", "example.com/other")))
+
+    async def scenario() -> None:
+        source = KubernetesSource(config_file(tmp_path, api, lb_class), "lb1")
+        await source.start()
+        try:
+            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
+            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
+            assert ip_address(ips) in __import__("ipaddress").ip_network(POOL)
+            assert external_ips(api, namespace)["other-class"] == ""  # not lbagent's class: left alone
+            m = await until("the source's model to hold the service",
+                            lambda: (m := source.load()).has_service(f"{namespace}/web") and m)
+            web = m.service(f"{namespace}/web")
+            assert web.vips == (ip_address(ips),) and web.ports[0].port == 80
+            assert any(n.name == node_name and n.addresses == (ip_address("192.0.2.21"),) for n in m.nodes)
+            writes = source.status()["statusWrites"]
+            api.kubectl("label", "svc", "web", "-n", namespace, "touched=yes")  # a change that needs no new write
+            await source.write()
+            assert source.status()["statusWrites"] == writes == 1
+        finally:
+            await source.close()
+        svc = json.loads(api.kubectl("get", "svc", "web", "-n", namespace, "-o", "json",
+                                     "--show-managed-fields").stdout)
+        assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": ips, "ipMode": "Proxy"}]
+        managers = {(f["manager"], f.get("subresource")) for f in svc["metadata"]["managedFields"]}
+        assert ("lbagent", "status") in managers
+
+    run(scenario)
+
+
+def test_requests_it_cannot_meet_get_an_event_naming_the_field(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    api = kube_apiserver
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(
+        service("first", lb_class, annotations={IPS_ANNOTATION: "203.0.113.66"}),
+        service("outside", lb_class, annotations={IPS_ANNOTATION: "203.0.113.200"})))
+
+    async def scenario() -> None:
+        source = KubernetesSource(config_file(tmp_path, api, lb_class), "lb1")
+        await source.start()
+        try:
+            await until("first's requested address", lambda: external_ips(api, namespace)["first"] == "203.0.113.66")
+            shared = {SHARING_ANNOTATION: "k", IPS_ANNOTATION: "203.0.113.67"}
+            api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(
+                service("taken", lb_class, annotations={IPS_ANNOTATION: "203.0.113.66"}),
+                service("shared-a", lb_class, 53, annotations=shared),
+                service("shared-b", lb_class, 53, annotations=shared)))
+
+            def events() -> str:
+                return api.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+
+            await until("the Events", lambda: all(
+                any(e["involvedObject"]["name"] == name and e["reason"] == "AllocationFailed"
+                    for e in json.loads(events())["items"]) for name in ("outside", "taken", "shared-b")))
+            by_name = {e["involvedObject"]["name"]: e["message"] for e in json.loads(events())["items"]
+                       if e["reason"] == "AllocationFailed"}
+            assert IPS_ANNOTATION in by_name["outside"] and "none of lbagent's pools" in by_name["outside"]
+            assert "already given to" in by_name["taken"] and f"{namespace}/first" in by_name["taken"]
+            assert "uses TCP 53 too" in by_name["shared-b"]  # the same key, but the same port: b came second
+            ips = external_ips(api, namespace)
+            assert ips["first"] == "203.0.113.66" and ips["outside"] == "" and ips["taken"] == ""
+            assert ips["shared-a"] == "203.0.113.67" and ips["shared-b"] == ""
+        finally:
+            await source.close()
+
+    run(scenario)
+
+
+def test_the_lease_passes_to_another_node_and_no_address_changes(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    api = kube_apiserver
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("a", lb_class)))
+
+    async def scenario() -> None:
+        lb1 = KubernetesSource(config_file(tmp_path, api, lb_class, "lb1"), "lb1")
+        lb2 = KubernetesSource(config_file(tmp_path, api, lb_class, "lb2"), "lb2")
+        restarted = KubernetesSource(config_file(tmp_path, api, lb_class, "lb1"), "lb1")
+        try:
+            await lb1.start()
+            await until("lb1 to write", lambda: lb1.status()["writer"])
+            await lb2.start()
+            first = await until("a's address", lambda: external_ips(api, namespace)["a"])
+            await until("lb2 to see lb1 hold the Lease", lambda: lb2.status()["writerIdentity"] == "lb1")
+            assert not lb2.status()["writer"]
+            # lb1 dies without releasing the Lease: lb2 waits out the lease (4 s) and takes over
+            assert lb1.lease is not None
+            lb1.lease.leading = False
+            for task in lb1._tasks:
+                task.cancel()
+            started = time.monotonic()
+            await until("lb2 to take over", lambda: lb2.status()["writer"], timeout=20)
+            took = time.monotonic() - started
+            api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("b", lb_class, 81)))
+            second = await until("b's address from lb2", lambda: external_ips(api, namespace)["b"])
+            assert external_ips(api, namespace)["a"] == first
+            assert took >= 2, "lb2 must not take a live-looking Lease before it expires"
+            # lb2 stops cleanly: it releases the Lease and a restarted lb1 writes at once, changing nothing
+            await lb2.close()
+            await restarted.start()
+            await until("the restarted lb1 to write", lambda: restarted.status()["writer"], timeout=3)
+            await restarted.write()
+            assert external_ips(api, namespace) == {"a": first, "b": second}
+            assert restarted.status()["statusWrites"] == 0
+        finally:
+            for source in (restarted, lb2, lb1):
+                await source.close()
+
+    run(scenario)
