@@ -14,6 +14,7 @@ from lbagent.l4.nftables import render as nftables
 from lbagent.ops import judge
 from lbagent.ops.artifacts import plan_document
 from lbagent.plan.services import all_healthy, plan
+from lbagent.sources import Source
 from lbagent.sources.file import config
 
 
@@ -187,7 +188,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config)
     if m is None:
         return 1
-    return asyncio.run(Agent(FileSource(args.config), m).run(serve_metrics=True))
+    source: Source = FileSource(args.config)
+    if m.kubernetes is not None:
+        from lbagent.sources.kubernetes.source import KubernetesSource
+
+        source = KubernetesSource(args.config, identity=m.node_name)
+    return asyncio.run(Agent(source, m).run(serve_metrics=True))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from lbagent import model
 
@@ -56,3 +56,13 @@ class Source(Protocol):
     def watch(self, changed: Callable[[], None]) -> None:
         """From now on, call `changed` on the running event loop whenever the model may have changed: the agent
         then loads it again."""
+
+    async def start(self) -> None:
+        """Connect, and return once `load` gives the whole model (the Kubernetes API: its first full lists). The
+        agent programs nothing before."""
+
+    async def close(self) -> None:
+        """The agent stops: let go of connections (and of the writer's Lease, so another node takes over)."""
+
+    def status(self) -> dict[str, Any]:
+        """What `lbagent status` shows of the source (e.g. since when it may be behind)."""

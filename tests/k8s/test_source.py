@@ -99,8 +99,8 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
             assert source.status()["statusWrites"] == writes == 1
         finally:
             await source.close()
-        svc = json.loads(api.kubectl("get", "svc", "web", "-n", namespace, "-o", "json",
-                                     "--show-managed-fields").stdout)
+        status, svc = api.request("admin", "GET", f"/api/v1/namespaces/{namespace}/services/web")  # managedFields too
+        assert status == 200
         assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": ips, "ipMode": "Proxy"}]
         managers = {(f["manager"], f.get("subresource")) for f in svc["metadata"]["managedFields"]}
         assert ("lbagent", "status") in managers

@@ -44,3 +44,54 @@ def test_the_model_keeps_file_services_and_drops_an_api_service_that_clashes(tmp
     (problem,) = built.problems["Service ns/clash"]
     assert "the file's services[0] (default/file)" in problem.message and "203.0.113.9 TCP 80" in problem.value
     assert isinstance(m, model.Model)
+
+
+def _config(tmp_path: Path, **extra: Any) -> Path:
+    path = tmp_path / "lb.yaml"
+    doc: dict[str, Any] = {
+        "node": {"name": "lb1"}, "agent": {"runtimeDir": str(tmp_path / "run")},
+        "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
+    }
+    path.write_text(yaml.safe_dump({**doc, **extra}))
+    return path
+
+
+def _problems(path: Path) -> list[str]:
+    try:
+        config.load(path)
+    except config.ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+def test_the_kubernetes_section_is_checked_as_the_file_is(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\n")
+    kubeconfig.chmod(0o644)
+    path = _config(tmp_path, nodes=[{"name": "n1", "addresses": ["192.0.2.31"]}],
+                   services=[{"name": "f", "vip": "203.0.113.70", "ports": [{"port": 80, "nodePort": 30080}]}],
+                   kubernetes={"kubeconfig": str(kubeconfig), "pools": [
+                       {"name": "a", "addresses": ["203.0.113.64/29"]},
+                       {"name": "b", "addresses": ["203.0.113.70-203.0.113.80"]},
+                       {"name": "a", "addresses": ["198.51.100.200/32"]},
+                       {"name": "c", "addresses": ["192.0.2.31-192.0.2.31"]}]})
+    found = _problems(path)
+    assert any("kubernetes.kubeconfig" in p and "mode 0644" in p for p in found), found
+    assert any("kubernetes.pools[1].addresses" in p and "overlaps kubernetes.pools[0] (a)" in p for p in found)
+    assert any("kubernetes.pools[2].name" in p for p in found)
+    assert any("kubernetes.pools[3].addresses" in p and "holds nodes[0].addresses's address" in p for p in found)
+    assert any("kubernetes.pools[1].addresses" in p and "holds services[0]'s address" in p for p in found), found
+
+
+def test_nodes_may_come_from_the_api_only_when_it_is_configured(tmp_path: Path) -> None:
+    assert any("at least one node" in p for p in _problems(_config(tmp_path)))
+    m = config.load(_config(tmp_path, kubernetes={"pools": [{"name": "p", "addresses": [POOL]}],
+                                                   "lease": {"duration": "6s"}}))
+    assert m.nodes == () and m.kubernetes is not None and m.kubernetes.lease_seconds == 6.0
+    assert m.kubernetes.pools == (model.AddressPool("p", (POOL,)),) and m.kubernetes.kubeconfig is None
+
+
+def test_a_pool_address_that_is_neither_cidr_nor_range_is_named(tmp_path: Path) -> None:
+    found = _problems(_config(tmp_path, kubernetes={"pools": [
+        {"name": "c", "addresses": ["203.0.113.64/29", "203.0.113.300/32"]}]}))
+    assert len(found) == 1 and "kubernetes.pools[0].addresses[1]" in found[0] and "203.0.113.300/32" in found[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from lbagent import model, routing, tls
 from lbagent.files import read_file
@@ -157,18 +157,19 @@ class BackendEntry(config_http.StaticBackendEntry):
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
 
 
+def _pool_address(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            Pool.parse("-", [value])
+        except ValueError as exc:
+            raise ValueError(f"a CIDR (203.0.113.64/27) or a range (first-last) of one family: {exc}") from None
+    return value
+
+
 class PoolEntry(Strict):
     name: str = Field(pattern=_NAME)
-    addresses: list[str] = Field(min_length=1)
+    addresses: list[Annotated[str, AfterValidator(_pool_address)]] = Field(min_length=1)
     auto_assign: bool = Field(True, alias="autoAssign")
-
-    @model_validator(mode="after")
-    def _addresses(self) -> PoolEntry:
-        try:
-            Pool.parse(self.name, self.addresses)
-        except ValueError as exc:
-            raise ValueError(f"pool {self.name}: {exc}") from None
-        return self
 
 
 class LeaseSection(Strict):
@@ -533,6 +534,17 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
 def _kubernetes_checks(config: ConfigFile, section: KubernetesSection) -> Iterable[Problem]:
     """Pools with unique names that overlap neither each other nor an address the file uses (the allocator would
     give a Service an address the file already serves)."""
+    if section.kubeconfig is not None:
+        path = Path(section.kubeconfig)
+        if not path.is_absolute():
+            yield Problem("kubernetes.kubeconfig", section.kubeconfig, "must be an absolute path")
+        elif not path.is_file():
+            yield Problem("kubernetes.kubeconfig", section.kubeconfig,
+                          "no such file" if not path.exists() else "not a regular file")
+        elif path.stat().st_mode & 0o077:
+            yield Problem("kubernetes.kubeconfig", section.kubeconfig,
+                          f"readable by others (mode {path.stat().st_mode & 0o777:04o}): it holds lbagent's "
+                          "credentials; make it 0600")
     pools: list[tuple[int, Pool]] = []
     for i, entry in enumerate(section.pools):
         pool = Pool.parse(entry.name, entry.addresses)

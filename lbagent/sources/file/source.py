@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lbagent import model
 from lbagent.sources.file import config
@@ -27,3 +28,12 @@ class FileSource:
 
     def watch(self, changed: Callable[[], None]) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, changed)
+
+    async def start(self) -> None:
+        """The file is whole whenever it is read."""
+
+    async def close(self) -> None:
+        """Nothing is held open."""
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "file", "path": str(self.path)}

@@ -184,7 +184,7 @@ class KubernetesSource:
 
     # ---- start, stop, status -----------------------------------------------------------------------------------
 
-    async def start(self, api_client: Any | None = None) -> None:
+    async def start(self, api_client: Any = None) -> None:
         """Connect, and wait for the first full lists of Services, EndpointSlices and Nodes."""
         # kubernetes_asyncio takes 0.3-0.5 s to import: only an agent that uses the API pays for it
         from kubernetes_asyncio import client  # noqa: PLC0415
@@ -244,6 +244,7 @@ class KubernetesSource:
         reflectors = [r for r in (self.services, self.slices, self.nodes) if r is not None]
         stale = [r.stale_since for r in reflectors if r.stale_since is not None]
         return {
+            "kind": "file+kubernetes", "path": str(self.path),
             "synced": bool(reflectors) and all(r.synced.is_set() for r in reflectors),
             "staleSince": min(stale) if stale else None,
             "errors": {r.kind: r.last_error for r in reflectors if r.last_error},
