@@ -161,6 +161,8 @@ class Agent:
         self._decisions: Mapping[str, ServiceDecision] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloading = False  # a reload task runs (_source_changed)
+        self._reload_again = False  # the source changed again while it ran
         self._watch_drift = watch_drift
         self._drift_pending = False  # the kernel lost what the data plane applied: unknown until the next apply
         self._drift_streak = 0  # drift reports with less than DRIFT_QUIET seconds between them
@@ -480,6 +482,7 @@ class Agent:
         now = time.monotonic()
         return {
             "version": __version__, "node": self.model.node_name, "configHash": self.model.digest(),
+            "source": self.source.status(),
             "dataplane": self.model.dataplane.kind.value, "draining": self.draining,
             "peers": dict(self.speaker.peers()),
             "vips": [{"prefix": model.host_prefix(v), "announced": model.host_prefix(v) in announced,
@@ -525,7 +528,11 @@ class Agent:
         await status.start()
         loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
-        self.source.watch(lambda: self._spawn(self.reload(), "reload"))  # the file's: SIGHUP
+        self.source.watch(self._source_changed)  # the file's: SIGHUP; the Kubernetes API's: its changes too
+        self._spawn(self._supervise("watchdog", self.notifier.feed_watchdog), "watchdog")
+        if not await self._start_source():
+            await status.stop()
+            return 1
         event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.source.name,
               config_hash=self.model.digest(), services=len(self.model.services), nodes=len(self.model.nodes))
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
@@ -535,7 +542,6 @@ class Agent:
         await self.speaker.start()
         for name, runner in self.runners.items():
             self._spawn(self._supervise(f"runner {name}", runner.run_forever), f"runner {name}")
-        self._spawn(self._supervise("watchdog", self.notifier.feed_watchdog), "watchdog")
         self._spawn(self._supervise("certificate watcher", self._watch_certificates), "certificate watcher")
         if self._watch_drift:
             self._spawn(self._supervise("dataplane drift watcher", self._watch_dataplane), "dataplane drift watcher")
@@ -549,8 +555,55 @@ class Agent:
         event(log, logging.INFO, "agent_started", node=self.model.node_name)
         await self._stop.wait()
         await self._shutdown()
+        await self.source.close()
         await status.stop()
         return self._exit_code
+
+    async def _start_source(self) -> bool:
+        """Wait for the source to be whole (the Kubernetes API: its first full lists; programming a half-listed
+        cluster would withdraw the rest), then take its model. The watchdog is fed meanwhile; SIGTERM ends the
+        wait."""
+        start = asyncio.ensure_future(self.source.start())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([start, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not start.done():
+            start.cancel()
+            await self.source.close()
+            return False
+        start.result()
+        try:
+            new = await asyncio.to_thread(load_off_the_loop, self.source)
+        except SourceError as exc:
+            for problem in exc.problems:
+                event(log, logging.ERROR, "config_problem", file=exc.source, line=problem.line or "-",
+                      field=problem.path, value=problem.value, error=problem.message)
+            await self.source.close()
+            return False
+        if new != self.model:
+            self.model = new
+            self.metrics.config_loaded(new.digest())
+            self._invalidate()
+        return True
+
+    def _source_changed(self) -> None:
+        """Reload, one at a time: changes that come while a reload runs are taken by one more reload after it
+        (the Kubernetes API sends them in bursts; each reload reads the whole source)."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        self._spawn(self._reload_while_changed(), "reload")
+
+    async def _reload_while_changed(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self.reload()
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = False
 
     async def _first_snapshot(self) -> None:
         """Program nothing until every (service, node) pair has a verdict, bounded by the longest probe timeout."""
