@@ -143,7 +143,8 @@ class KubernetesSource:
         self.lease: Lease | None = None
         self._recorder: Recorder | None = None
         self._write_pending = False
-        self._problems_logged: dict[str, str] = {}
+        self._problems_logged: dict[str, str] = {}  # what every node logs: what it cannot serve
+        self._allocation_logged: dict[str, str] = {}  # what the writer logs: what it cannot give an address
         self.writes = 0
 
     @property
@@ -168,7 +169,7 @@ class KubernetesSource:
         base = self.file_model()
         snap = self._snapshot_from_thread()
         built = build(base, snap)
-        self._log_problems(built.problems)
+        self._log_problems(built.problems, self._problems_logged)
         return merged(base, built)
 
     def watch(self, changed: Callable[[], None]) -> None:
@@ -243,11 +244,15 @@ class KubernetesSource:
     def status(self) -> dict[str, Any]:
         reflectors = [r for r in (self.services, self.slices, self.nodes) if r is not None]
         stale = [r.stale_since for r in reflectors if r.stale_since is not None]
+        errors: dict[str, str | None] = {r.kind: r.last_error for r in reflectors if r.last_error}
+        if self.lease is not None and self.lease.failing_since is not None:
+            stale.append(self.lease.failing_since)
+            errors["Lease"] = self.lease.last_error
         return {
             "kind": "file+kubernetes", "path": str(self.path),
             "synced": bool(reflectors) and all(r.synced.is_set() for r in reflectors),
             "staleSince": min(stale) if stale else None,
-            "errors": {r.kind: r.last_error for r in reflectors if r.last_error},
+            "errors": errors,
             "objects": {r.kind: len(r.store) for r in reflectors},
             "writer": self.lease.leading if self.lease else False,
             "writerIdentity": self.lease.holder if self.lease else None,
@@ -282,17 +287,18 @@ class KubernetesSource:
 
         return asyncio.run_coroutine_threadsafe(take(), self._loop).result(timeout=30)
 
-    def _log_problems(self, problems: Mapping[str, list[Problem]]) -> None:
-        """Each object's problems once (every node logs them; the writer also records Events)."""
+    def _log_problems(self, problems: Mapping[str, list[Problem]], logged: dict[str, str]) -> None:
+        """Each object's problems once while they last (`logged`: what was logged last time, updated)."""
         seen = {}
         for key, found in problems.items():
             text = problem_message(found)
             seen[key] = text
-            if self._problems_logged.get(key) != text:
+            if logged.get(key) != text:
                 for p in found:
                     event(log, logging.WARNING, "kubernetes_object_problem", object=key,
                           field=p.path.split(": ", 1)[-1], value=p.value, error=p.message)
-        self._problems_logged = seen
+        logged.clear()
+        logged.update(seen)
 
     # ---- the writer (the Lease holder only) ---------------------------------------------------------------------
 
@@ -326,14 +332,18 @@ class KubernetesSource:
         reserved = {vip: f"the file's service {s.key}" for s in base.services for vip in s.vips}
         reserved |= {vip: f"the file's listener {lst.name}" for lst in base.listeners for vip in lst.vips}
         requests: list[Request] = []
-        for obj in ours.values():
+        refused: dict[str, list[Problem]] = {}
+        for key, obj in ours.items():
             request, problems = Request.of(obj)
             if request is None:
+                refused[f"Service {key}"] = problems
                 await self._recorder.record(obj, "Service", "Warning", "InvalidLoadBalancerRequest",
                                             problem_message(problems))
                 continue
             requests.append(request)
         result = await asyncio.to_thread(Allocator(pools).allocate, requests, reserved)
+        refused |= {f"Service {key}": problems for key, problems in result.problems.items()}
+        self._log_problems(refused, self._allocation_logged)
         for key, problems in result.problems.items():
             await self._recorder.record(ours[key], "Service", "Warning", "AllocationFailed",
                                         problem_message(problems))

@@ -72,6 +72,8 @@ class Lease:
         self._observed_at = 0.0
         self._renewed_at = 0.0
         self._record: dict[str, Any] | None = None
+        self.failing_since: float | None = None  # wall clock of the first failed round since the last answer
+        self.last_error: str | None = None
 
     def _spec(self, transitions: int, acquired: str | None) -> dict[str, Any]:
         now = now_micro()
@@ -125,12 +127,17 @@ class Lease:
         while True:
             try:
                 held = await self._try()
+                self.failing_since, self.last_error = None, None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # every round asks the API: its failing is the quickest sign that the API is away (a watch on a
+                # hung connection only notices after its read timeout)
                 held = False
+                self.failing_since = self.failing_since or time.time()
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 event(log, logging.DEBUG, "kubernetes_lease_error", lease=f"{self.namespace}/{self.name}",
-                      error=f"{type(exc).__name__}: {exc}")
+                      error=self.last_error)
             now = time.monotonic()
             if held:
                 self._renewed_at = now
