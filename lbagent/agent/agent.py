@@ -55,6 +55,11 @@ _RESTART_ONLY: dict[str, Callable[[model.Model], object]] = {
     "agent.metricsAddress": lambda m: m.agent.metrics_address,
     "dataplane.table": lambda m: m.dataplane.table,
     "dataplane.kind": lambda m: m.dataplane.kind,
+    # the source itself: whether the API is read, with which credentials, and the writer's Lease
+    "kubernetes": lambda m: m.kubernetes is not None,
+    "kubernetes.kubeconfig": lambda m: m.kubernetes.kubeconfig if m.kubernetes else None,
+    "kubernetes.lease": lambda m: (m.kubernetes.lease_namespace, m.kubernetes.lease_name, m.kubernetes.lease_seconds)
+    if m.kubernetes else None,
 }
 # Fixed while lbagent runs a HAProxy (from the first listener until the last one is removed).
 _RESTART_ONLY_PROXY: dict[str, Callable[[model.Model], object]] = {
@@ -131,6 +136,7 @@ class Agent:
         self.source = source  # where the model comes from: the agent does not know which source it is
         self.model = initial
         self.metrics = metrics or Metrics()
+        self.metrics.follow_source(self.source.status)
         self.notifier = notifier or Notifier()
         self.draining = False
         self.health = HealthChecker(self._health_changed, prober)

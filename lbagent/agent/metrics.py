@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -68,7 +68,23 @@ class Metrics:
             "lbagent_certificate_not_before_timestamp_seconds",
             "Unix time from which the served certificate is valid (above time(): clients refuse it).",
             ["listener", "file"], registry=r)
+        self.source_stale_since = Gauge(
+            "lbagent_source_stale_since_timestamp_seconds",
+            "Unix time since when the source (the Kubernetes API) may be behind: lists, watches or the Lease fail; "
+            "0 while it is current. What is programmed stays as last known meanwhile.", registry=r)
+        self.source_synced = Gauge("lbagent_source_synced",
+                                   "1 once the source is whole (the Kubernetes API: its first full lists are in).",
+                                   registry=r)
+        self.kubernetes_writer = Gauge("lbagent_kubernetes_writer",
+                                       "1 while this LB node holds the Lease: it allocates addresses and writes "
+                                       "status and Events.", registry=r)
         self._vip_labels: dict[str, str] = {}
+
+    def follow_source(self, status: Callable[[], Mapping[str, object]]) -> None:
+        """The source's gauges, read from its status when scraped."""
+        self.source_stale_since.set_function(lambda: float(status().get("staleSince") or 0))  # type: ignore[arg-type]
+        self.source_synced.set_function(lambda: float(bool(status().get("synced", True))))
+        self.kubernetes_writer.set_function(lambda: float(bool(status().get("writer", False))))
 
     def serve(self, address: str, port: int) -> None:
         """Serve /metrics (prometheus-client's own HTTP server, in its thread)."""
