@@ -4,6 +4,7 @@ against a real kube-apiserver)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,27 @@ def test_a_pool_address_that_is_neither_cidr_nor_range_is_named(tmp_path: Path) 
     found = _problems(_config(tmp_path, kubernetes={"pools": [
         {"name": "c", "addresses": ["203.0.113.64/29", "203.0.113.300/32"]}]}))
     assert len(found) == 1 and "kubernetes.pools[0].addresses[1]" in found[0] and "203.0.113.300/32" in found[0]
+
+
+def test_a_build_translates_again_only_what_changed(tmp_path: Path) -> None:
+    base = config.load(_config(tmp_path, kubernetes={"pools": [{"name": "p", "addresses": [POOL]}]}))
+    services: dict[str, Mapping[str, Any]] = {}
+    for name in ("a", "b"):
+        svc = service(name)
+        svc["metadata"]["resourceVersion"] = "1"
+        svc["spec"].update(externalTrafficPolicy="Local", healthCheckNodePort=32000)
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": f"203.0.113.{65 + len(services)}"}]}}
+        services[f"ns/{name}"] = svc
+
+    def slice_of(name: str, node: str, version: str) -> dict[str, Any]:
+        return {"metadata": {"name": f"{name}-1", "namespace": "ns", "resourceVersion": version,
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["198.51.100.9"], "nodeName": node}]}
+
+    cache: dict[str, Any] = {}
+    first = build(base, Snapshot(services, {"ns/a-1": slice_of("a", "n1", "5"), "ns/b-1": slice_of("b", "n1", "6")},
+                                 {}), cache)
+    again = build(base, Snapshot(services, {"ns/a-1": slice_of("a", "n2", "7"), "ns/b-1": slice_of("b", "n1", "6")},
+                                 {}), cache)
+    assert again.services[1] is first.services[1]  # b: nothing of it changed, not translated again
+    assert first.services[0].endpoint_nodes == ("n1",) and again.services[0].endpoint_nodes == ("n2",)

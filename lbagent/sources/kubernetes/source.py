@@ -35,6 +35,7 @@ from lbagent.sources.kubernetes.writer import Lease, Recorder, apply_status, pro
 log = logging.getLogger("lbagent.kubernetes")
 
 WRITER_DEBOUNCE = 0.05  # changes coming together (a list, a burst of events) are written once
+WRITE_CONCURRENCY = 16  # status writes in flight at once (10,000 one after the other take a minute)
 Obj = Mapping[str, Any]
 
 
@@ -72,9 +73,22 @@ def slices_by_service(slices: Mapping[str, Obj]) -> dict[str, list[Obj]]:
     return out
 
 
-def build(base: model.Model, snap: Snapshot) -> Built:
-    """The API's services and nodes, translated and checked against the file's. Pure."""
+# A Service's translation, by what it was translated from: its resourceVersion and those of its EndpointSlices.
+TranslationCache = dict[str, tuple[tuple[str, ...], model.Service | None, list[Problem]]]
+
+
+def _version(obj: Obj) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or id(obj))
+
+
+def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = None) -> Built:
+    """The API's services and nodes, translated and checked against the file's. Pure, but for `cache`: a
+    Service whose object and EndpointSlices have not changed since the last build is not translated again (at
+    10,000 Services one EndpointSlice change would otherwise translate them all)."""
     settings = settings_of(base)
+    if cache is not None and cache.get("", ((), None, []))[0] != (repr(settings),):
+        cache.clear()
+        cache[""] = ((repr(settings),), None, [])
     built = Built()
     for key, obj in sorted(snap.nodes.items()):
         node, problems = translate.translate_node(obj, settings)
@@ -101,7 +115,15 @@ def build(base: model.Model, snap: Snapshot) -> Built:
     ours.sort(key=lambda o: (str((o.get("metadata") or {}).get("creationTimestamp") or ""), translate.key_of(o)))
     for obj in ours:
         key = translate.key_of(obj)
-        service, problems = translate.translate_service(obj, slices.get(key, []), settings)
+        mine = slices.get(key, [])
+        versions = (_version(obj), *sorted(_version(eps) for eps in mine))
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None and cached[0] == versions:
+            service, problems = cached[1], cached[2]
+        else:
+            service, problems = translate.translate_service(obj, mine, settings)
+            if cache is not None:
+                cache[key] = (versions, service, problems)
         if problems:
             built.problems[f"Service {key}"] += problems
         if service is None:
@@ -142,10 +164,12 @@ class KubernetesSource:
         self.nodes: Reflector | None = None
         self.lease: Lease | None = None
         self._recorder: Recorder | None = None
+        self._core: Any = None
         self._write_pending = False
         self._problems_logged: dict[str, str] = {}  # what every node logs: what it cannot serve
         self._allocation_logged: dict[str, str] = {}  # what the writer logs: what it cannot give an address
         self.writes = 0
+        self._translated: TranslationCache = {}  # load()'s, in the worker thread (one load at a time)
 
     @property
     def name(self) -> str:
@@ -168,7 +192,7 @@ class KubernetesSource:
         loop)."""
         base = self.file_model()
         snap = self._snapshot_from_thread()
-        built = build(base, snap)
+        built = build(base, snap, self._translated)
         self._log_problems(built.problems, self._problems_logged)
         return merged(base, built)
 
@@ -209,6 +233,7 @@ class KubernetesSource:
                                 label_selector=translate.SERVICE_NAME_LABEL)
         self.nodes = Reflector("Node", core.list_node, self._api_changed)
         self._recorder = Recorder(core, self.identity)
+        self._core = core
         self.lease = Lease(client.CoordinationV1Api(api_client), base.kubernetes.lease_namespace,
                            base.kubernetes.lease_name, self.identity, base.kubernetes.lease_seconds,
                            lambda leading: self._schedule_write() if leading else None)
@@ -350,26 +375,30 @@ class KubernetesSource:
         for key, problems in result.warnings.items():
             await self._recorder.record(ours[key], "Service", "Warning", "AddressOutsidePools",
                                         problem_message(problems))
-        for key, addresses in result.addresses.items():
+        limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+        async def write_one(key: str, addresses: tuple[model.IPAddress, ...]) -> None:
             obj = ours[key]
             wanted = tuple(str(a) for a in addresses)
             have = tuple(translate.status_ips(obj))
             modes = [e.get("ipMode") for e in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")
                      or []]
             if wanted == have and all(m == "Proxy" for m in modes):
-                continue
+                return
             meta = obj.get("metadata") or {}
-            error = await apply_status(self._recorder._api, str(meta.get("namespace")), str(meta.get("name")),
-                                       wanted)
-            if error is not None:
-                event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
-                continue
-            self.writes += 1
-            event(log, logging.INFO, "kubernetes_status_written", service=key, addresses=",".join(wanted) or "-",
-                  previous=",".join(have) or "-")
-            if wanted:
-                await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
-                                            f"lbagent gave {', '.join(wanted)}")
+            async with limit:
+                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted)
+                if error is not None:
+                    event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
+                    return
+                self.writes += 1
+                event(log, logging.INFO, "kubernetes_status_written", service=key,
+                      addresses=",".join(wanted) or "-", previous=",".join(have) or "-")
+                if wanted and self._recorder is not None:
+                    await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
+                                                f"lbagent gave {', '.join(wanted)}")
+
+        await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()))
         built = await asyncio.to_thread(build, base, snap)
         for key, problems in built.problems.items():
             kind, name = key.split(" ", 1)
