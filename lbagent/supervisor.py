@@ -332,8 +332,8 @@ class Supervisor:
               status=status, planned=planned)
         try:
             self._on_exit(child, status, planned)
-        except Exception as error:
-            event(self._log, logging.ERROR, f"{self.name}_on_exit_failed", error=repr(error))
+        except Exception:
+            self._log.exception(f"{self.name}_on_exit_failed")  # event=..._on_exit_failed error=<the traceback>
 
     async def _supervise(self) -> None:
         low, high = self._backoff

@@ -26,16 +26,15 @@ from lbagent.agent import status
 from lbagent.agent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
 from lbagent.agent.sdnotify import Notifier
 from lbagent.health import Target
-from lbagent.l3.speaker import FakeBgpSpeaker
 from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
 from lbagent.l4.nft import NftError
 from lbagent.l4.nftables.apply import NftForwarder
 from lbagent.l4.nftables.render import render_full
-from lbagent.l7.haproxy import FakeProxy
 from lbagent.plan.http import ServerState
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
+from tests.fakes import FakeBgpSpeaker, FakeProxy
 
 CONFIG = {
     "node": {"name": "lb1"},

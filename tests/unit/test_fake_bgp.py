@@ -9,8 +9,9 @@ from ipaddress import ip_address
 import pytest
 
 from lbagent import model
-from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, BgpSpeaker, FakeBgpSpeaker, diff
+from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, BgpSpeaker, diff
 from lbagent.plan.services import Announcement
+from tests.fakes import FakeBgpSpeaker
 
 BGP = model.Bgp(
     local_as=64513,

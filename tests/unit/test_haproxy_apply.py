@@ -34,7 +34,6 @@ from cryptography.x509.oid import NameOID
 
 from lbagent.l7.haproxy import (
     ApplyResult,
-    FakeProxy,
     HaproxyProcess,
     ProxyError,
     ProxyLayer,
@@ -43,6 +42,7 @@ from lbagent.l7.haproxy import (
     runtime_commands,
 )
 from lbagent.plan.http import ServerState
+from tests.fakes import FakeProxy
 
 READY, DRAIN, MAINT = ServerState.READY, ServerState.DRAIN, ServerState.MAINT
 Runtime = dict[tuple[str, str], tuple[int, ServerState]]
