@@ -11,7 +11,8 @@ from ipaddress import ip_address
 from lbagent import model
 from lbagent.l3 import render
 from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, sync
-from lbagent.l7.haproxy import ApplyResult, ConfigRefused, ProxyError, RuntimeState, ServerRuntime, runtime_commands
+from lbagent.l7.process import ApplyResult, ConfigRefused
+from lbagent.l7.runtime import ProxyError, RuntimeState, ServerRuntime, runtime_commands
 from lbagent.plan.http import ServerState
 from lbagent.plan.services import Announcement
 

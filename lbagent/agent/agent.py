@@ -28,7 +28,8 @@ from lbagent.l4.drift import NftChange, NftWatcher
 from lbagent.l4.forwarder import Forwarder, make_forwarder
 from lbagent.l7 import render as render_haproxy
 from lbagent.l7.certs import CertificateStore
-from lbagent.l7.haproxy import ConfigRefused, HaproxyProcess, ProxyError, ProxyLayer
+from lbagent.l7.process import ConfigRefused, HaproxyProcess, ProxyLayer
+from lbagent.l7.runtime import ProxyError
 from lbagent.logfmt import event
 from lbagent.plan import http as plan_http
 from lbagent.plan.services import (

@@ -1,5 +1,5 @@
-"""lbagent.l7.haproxy against the real HAProxy (Debian's 2.6): start, runtime API, seamless reloads, refusals,
-supervision, certificates, stop, adoption; and FakeProxy against the same promises.
+"""lbagent.l7.process and lbagent.l7.runtime against the real HAProxy (Debian's 2.6): start, runtime API, seamless
+reloads, refusals, supervision, certificates, stop, adoption; and FakeProxy against the same promises.
 
 No root needed: everything listens on 127.0.0.1, on ports the kernel hands out. The configs are written by hand
 here, not by lbagent.l7.render. A test that needs HAProxy fails (never skips) when it is not installed.
@@ -32,15 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent.l7.haproxy import (
-    ApplyResult,
-    HaproxyProcess,
-    ProxyError,
-    ProxyLayer,
-    ServerRuntime,
-    parse_servers_state,
-    runtime_commands,
-)
+from lbagent.l7.process import ApplyResult, HaproxyProcess, ProxyLayer
+from lbagent.l7.runtime import ProxyError, ServerRuntime, parse_servers_state, runtime_commands
 from lbagent.plan.http import ServerState
 from tests.fakes import FakeProxy
 
@@ -732,7 +725,7 @@ def test_stop_ends_every_process(haproxy: str, runtime_dir: Path, backends: tupl
 
 ABANDONED_AGENT = """
 import asyncio, sys
-from lbagent.l7.haproxy import HaproxyProcess
+from lbagent.l7.process import HaproxyProcess
 from lbagent.plan.http import ServerState
 
 async def main():
