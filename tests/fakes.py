@@ -67,6 +67,7 @@ class FakeBgpSpeaker:
         self.stopped = True
         self.connected = False
         self._announced.clear()
+        self._peers = dict.fromkeys(self._peers, "down")  # ExaBGP stopped: its sessions closed
 
     def restart(self) -> None:
         """Simulate a new ExaBGP instance connecting: nothing announced any more."""
@@ -158,8 +159,11 @@ class FakeProxy:
         if started or reloaded:
             self.configs.append(config)
             self.structure = structure
-            # The rendered config carries the runtime values of its plan: nothing to set right after.
-            self.state = dict(runtime)
+            # What the rendered config carries (lbagent.l7.render): each server's weight, a drained one at weight 0
+            # (and ready), one in maintenance disabled. The runtime API sets the rest, as below.
+            self.state = {key: (0 if state is ServerState.DRAIN else weight,
+                                ServerState.MAINT if state is ServerState.MAINT else ServerState.READY)
+                          for key, (weight, state) in runtime.items()}
         current = {key: ServerRuntime(w, s, 0, 2) for key, (w, s) in self.state.items()}
         commands = runtime_commands(current, runtime)
         self.commands += commands

@@ -1,4 +1,5 @@
-"""FakeBgpSpeaker keeps the BgpSpeaker promises the real one is held to in tests/integration."""
+"""FakeBgpSpeaker's own workings: the API lines it renders, refusals, its simulated ExaBGP. The promises the real
+speaker keeps too are in tests/contracts/bgp.py."""
 
 from __future__ import annotations
 
