@@ -25,7 +25,7 @@ from lbagent.l3.speaker import BgpSpeaker, ExaBgpSpeaker
 from lbagent.l3.vips import VipBinder, apply_sysctls, watch_removed_addresses
 from lbagent.l4.conntrack import clear_udp
 from lbagent.l4.drift import NftChange, NftWatcher
-from lbagent.l4.forwarder import Forwarder, make_forwarder
+from lbagent.l4.forwarder import Forwarder, FrontendChange, make_forwarder
 from lbagent.l7 import render as render_haproxy
 from lbagent.l7.certs import CertificateStore
 from lbagent.l7.haproxy import ConfigRefused, HaproxyProcess, ProxyError, ProxyLayer
@@ -151,6 +151,7 @@ class Agent:
         self._started = False  # the first syncs are done: what the BGP runner announces is complete
         self._programmed: set[model.IPAddress] = set()
         self._applied: Mapping[str, tuple[Frontend, ...]] = {}
+        self._applied_vips: tuple[model.IPAddress, ...] = ()
         self._speaker_restarts = 0
         self.clear_udp = clear_udp
         self._plan: Plan | None = None
@@ -280,9 +281,11 @@ class Agent:
     async def _sync_dataplane(self, resync: bool) -> None:
         p = self.current_plan()
         dirty, self._dataplane_dirty = self._dataplane_dirty, set()
-        changed = None if resync or dirty is None else {k: p.by_service.get(k, ()) for k in dirty}
+        change = None
+        if not resync and dirty is not None and p.l4_vips == self._applied_vips:
+            change = FrontendChange.of(self._applied, p.by_service, dirty)
         try:
-            how = await self.forwarder.apply(p.frontends, p.l4_vips, force=resync, changed=changed)
+            how = await self.forwarder.apply(p.frontends, p.l4_vips, force=resync, change=change)
         except BaseException:
             self._dataplane_dirty = None  # whatever happened, the next sync applies everything
             if self._drift_pending and self._programmed:
@@ -292,11 +295,12 @@ class Agent:
             raise
         self._drift_pending = False
         self.metrics.dataplane_applies.labels(how).inc()
-        keys = self._applied.keys() | p.by_service.keys() if changed is None else changed.keys()
-        for key in keys:
-            for stale in stale_udp_flows(self._applied.get(key, ()), p.by_service.get(key, ())):
+        if change is None:
+            change = FrontendChange(self._applied, p.by_service)
+        for key in change.services:
+            for stale in stale_udp_flows(change.before(key), change.after(key)):
                 await self.clear_udp(stale)
-        self._applied = p.by_service
+        self._applied, self._applied_vips = p.by_service, p.l4_vips
         programmed = self.forwarder.programmed()
         if programmed != self._programmed:
             self._programmed = programmed
