@@ -23,7 +23,8 @@ import yaml
 
 from lbagent import model
 from lbagent.agent import status
-from lbagent.agent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
+from lbagent.agent.agent import Agent, load_off_the_loop
+from lbagent.agent.dataplane import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, drift_repair_delay
 from lbagent.agent.sdnotify import Notifier
 from lbagent.health import Target
 from lbagent.l3.speaker import FakeBgpSpeaker
@@ -464,31 +465,31 @@ def test_drift_is_repaired_at_once_and_what_cannot_be_repaired_is_withdrawn(tmp_
         run = asyncio.create_task(h.agent.run())
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         applied = len(h.forwarder.scripts)
-        h.agent._dataplane_drift(deleted)
+        h.agent.dataplane.drift(deleted)
         await until(lambda: len(h.forwarder.scripts) > applied)
         assert "delete table inet lbagent" in h.forwarder.scripts[-1]  # the whole table, not a delta
         assert h.announced() == {"192.0.2.10/32"}
 
         h.forwarder.fail = True
-        h.agent._dataplane_drift(deleted)
+        h.agent.dataplane.drift(deleted)
         await until(lambda: h.announced() == set())  # nothing known to forward: not attracting traffic
         h.forwarder.fail = False
         await until(lambda: h.announced() == {"192.0.2.10/32"})  # the runner's retry repaired it
 
         h.binder.vips.discard(vip)
-        h.agent._address_removed(vip)
+        h.agent.vips.address_removed(vip)
         await until(lambda: vip in h.binder.vips)
         assert h.announced() == {"192.0.2.10/32"}
 
         h.binder.broken = True
         h.binder.vips.discard(vip)
-        h.agent._address_removed(vip)
+        h.agent.vips.address_removed(vip)
         await until(lambda: h.announced() == set())
         h.binder.broken = False
         await until(lambda: vip in h.binder.vips and h.announced() == {"192.0.2.10/32"})
 
         before = len(h.forwarder.scripts)
-        h.agent._address_removed(ip_address("192.0.2.99"))  # not a VIP of this node: not drift
+        h.agent.vips.address_removed(ip_address("192.0.2.99"))  # not a VIP of this node: not drift
         await asyncio.sleep(0)
         assert len(h.forwarder.scripts) == before
         h.agent.stop("test")
@@ -517,13 +518,13 @@ def test_repeated_drift_puts_the_repair_off(tmp_path: Path) -> None:
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         for _ in range(DRIFT_PROMPT_REPAIRS):
             before = len(h.forwarder.scripts)
-            h.agent._dataplane_drift(deleted)
+            h.agent.dataplane.drift(deleted)
             await until(lambda before=before: len(h.forwarder.scripts) > before)  # type: ignore[misc]
         applied = len(h.forwarder.scripts)
         loop = asyncio.get_running_loop()
         reported = loop.time()
-        h.agent._dataplane_drift(deleted)
-        h.agent._dataplane_drift(deleted)  # reports while a repair is put off share that repair
+        h.agent.dataplane.drift(deleted)
+        h.agent.dataplane.drift(deleted)  # reports while a repair is put off share that repair
         await until(lambda: len(h.forwarder.scripts) > applied)
         assert loop.time() - reported >= drift_repair_delay(DRIFT_PROMPT_REPAIRS + 1)
         assert len(h.forwarder.scripts) == applied + 1
