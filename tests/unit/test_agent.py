@@ -30,13 +30,11 @@ from lbagent.health import Target
 from lbagent.l3.speaker import FakeBgpSpeaker
 from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
-from lbagent.l4.nft import NftError
-from lbagent.l4.nftables.apply import NftForwarder
-from lbagent.l4.nftables.render import render_full
 from lbagent.l7.haproxy import FakeProxy
 from lbagent.plan.http import ServerState
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
+from tests.fake_forwarder import FakeForwarder
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -46,24 +44,6 @@ CONFIG = {
     "nodes": [{"name": f"node{i}", "addresses": [f"203.0.113.1{i}"]} for i in (1, 2, 3)],
     "services": [{"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}],
 }
-
-
-class FakeForwarder(NftForwarder):
-    """The real nftables forwarder (full and incremental paths) with the kernel left out."""
-
-    def __init__(self) -> None:
-        super().__init__(model.Dataplane())
-        self.fail = False
-        self.scripts: list[str] = []
-
-    async def _run(self, script: str) -> None:
-        if self.fail:
-            raise NftError("nft refused")
-        self.scripts.append(script)
-
-    @property
-    def text(self) -> str:
-        return render_full(self.applied) if self.applied is not None else ""
 
 
 class FakeBinder(VipBinder):
