@@ -32,6 +32,7 @@ from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
 from lbagent.l7.haproxy import FakeProxy
 from lbagent.plan.http import ServerState
+from lbagent.plan.services import StaleFlows
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
 from tests.fake_forwarder import FakeForwarder
@@ -248,6 +249,44 @@ def test_a_static_backend_endpoint_going_down_reaches_haproxy_only(tmp_path: Pat
         await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.13"})
         assert all(r.failures == 0 for r in h.agent.runners.values()), {
             n: r.last_error for n, r in h.agent.runners.items()}
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
+def test_udp_flows_to_a_node_that_left_rotation_are_cleared(tmp_path: Path) -> None:
+    """UDP has no connection end: when a node leaves a UDP frontend's rotation, by its health (a change record) or
+    by a reload (everything applied afresh), the conntrack entries NATed to it are deleted, for that frontend and
+    that node only. Real counterpart: tests/lab/test_l4.py."""
+    dns = {"name": "dns", "vip": "192.0.2.11", "ports": [{"protocol": "UDP", "port": 53, "nodePort": 30053}]}
+    web = {"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}
+    h = Harness(tmp_path, extra={"services": [web, dns]})
+    cleared: list[StaleFlows] = []
+
+    async def clear(stale: StaleFlows) -> int:
+        cleared.append(stale)
+        return 1
+
+    h.agent.dataplane.clear_udp = clear
+    node = {f"node{i}": ip_address(f"203.0.113.1{i}") for i in (1, 2, 3)}
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.11/32"})
+        assert cleared == []
+        h.down.add("203.0.113.12")  # node2 fails web (TCP) and dns (UDP)
+        await until(lambda: bool(cleared))
+        assert cleared == [StaleFlows(ip_address("192.0.2.11"), 53, node["node2"], 30053)]
+        h.down.clear()  # back in rotation: it only gains flows
+        await until(lambda: "203.0.113.12" in h.rotation())
+        assert len(cleared) == 1
+        without_node3 = yaml.safe_load(h.path.read_text())
+        without_node3["nodes"] = without_node3["nodes"][:2]
+        h.path.write_text(yaml.safe_dump(without_node3))
+        assert await h.agent.reload() is True
+        await until(lambda: len(cleared) == 2)
+        assert cleared[1] == StaleFlows(ip_address("192.0.2.11"), 53, node["node3"], 30053)
         h.agent.stop("test")
         await run
 
