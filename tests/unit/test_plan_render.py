@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, plan, replan
 from lbagent.sources.file import config
@@ -310,8 +311,7 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
                 health[k] = not health[k]
             services = {k[0] for k in changed_keys}
             p2 = replan(p, m, health, services)
-            script = nftables.update(rs, [f for s in services for f in p.by_service[s]],
-                                     [f for s in services for f in p2.by_service[s]])
+            script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services))
             if script:
                 nft(names[0], script)
             nft(names[1], nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))

@@ -29,6 +29,7 @@ from ipaddress import ip_address
 from typing import Any, NamedTuple
 
 from lbagent import model
+from lbagent.l4 import nftscript
 from lbagent.plan.services import Frontend
 
 IPPROTO = {model.Protocol.TCP: 6, model.Protocol.UDP: 17}
@@ -393,23 +394,19 @@ def merge(a: Companion, b: Companion) -> Companion:
     return Companion(b.table, {name: a.elements.get(name, frozenset()) | b.elements[name] for name in SET_NAMES})
 
 
-def _listed(elements: Iterable[str]) -> str:
-    listed = sorted(elements)
-    return f" elements = {{ {', '.join(listed)} }};" if listed else ""
-
-
 def render_companion(c: Companion) -> str:
     """The whole table, replacing any previous one in the same transaction."""
     t = c.table
-    lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+    lines = nftscript.replace_table(t)
+    e = {name: nftscript.elements(items) for name, items in c.elements.items()}  # each set's elements clause
     for v in (4, 6):
         a, triple = _ADDR[v], f"{_ADDR[v]} . inet_proto . inet_service"
         lines += [
-            f"\tset vips_v{v} {{ type {a};{_listed(c.elements[f'vips_v{v}'])} }}",
-            f"\tset owned_v{v} {{ type {triple};{_listed(c.elements[f'owned_v{v}'])} }}",
-            f"\tset masquerade_v{v} {{ type {triple};{_listed(c.elements[f'masquerade_v{v}'])} }}",
-            f"\tset ranged_v{v} {{ type {triple};{_listed(c.elements[f'ranged_v{v}'])} }}",
-            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{_listed(c.elements[f'allowed_v{v}'])} }}",
+            f"\tset vips_v{v} {{ type {a};{e[f'vips_v{v}']} }}",
+            f"\tset owned_v{v} {{ type {triple};{e[f'owned_v{v}']} }}",
+            f"\tset masquerade_v{v} {{ type {triple};{e[f'masquerade_v{v}']} }}",
+            f"\tset ranged_v{v} {{ type {triple};{e[f'ranged_v{v}']} }}",
+            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{e[f'allowed_v{v}']} }}",
         ]
     frontend = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
     lines += [
@@ -439,20 +436,12 @@ def render_companion_delta(old: Companion, new: Companion) -> str:
     """Element changes only, one transaction (deletions first): "" when nothing changed."""
     if old.table != new.table:
         return render_companion(new)
-    removals, additions = [], []
-    for name in SET_NAMES:
-        gone = sorted(old.elements[name] - new.elements[name])
-        came = sorted(new.elements[name] - old.elements[name])
-        if gone:
-            removals.append(f"delete element inet {new.table} {name} {{ {', '.join(gone)} }}")
-        if came:
-            additions.append(f"add element inet {new.table} {name} {{ {', '.join(came)} }}")
-    lines = removals + additions
-    return "\n".join(lines) + "\n" if lines else ""
+    deletions, additions = nftscript.element_changes(new.table, old.elements, new.elements, SET_NAMES)
+    return nftscript.script([*deletions, *additions])
 
 
 def render_companion_delete(table: str) -> str:
-    return f"table inet {table}\ndelete table inet {table}\n"
+    return nftscript.delete_table(table)
 
 
 def recorded(nft_json: str, table: str) -> set[ServiceKey]:
