@@ -20,6 +20,7 @@ from lbagent import model
 from lbagent.l4 import maglev
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.iptables.apply import IptablesError, run_tool, tool
+from lbagent.l4.jhash import HASH_SEED
 from lbagent.plan.services import Backend, Frontend, all_healthy, plan
 from lbagent.sources.file import config
 from tests.dataplane.kernel import (
@@ -430,9 +431,9 @@ def test_hmark_slot_is_the_kernels_mark(variant: str, netns: Netns) -> None:
         rules = "\n".join([
             "*mangle",
             f"-A OUTPUT -d {vip} -p tcp --dport 80 -j HMARK --hmark-tuple src,sport --hmark-mod 1021 "
-            f"--hmark-rnd {iptables.HASH_SEED:#x}",
+            f"--hmark-rnd {HASH_SEED:#x}",
             f"-A OUTPUT -d {vip} -p udp --dport 53 -j HMARK --hmark-tuple src --hmark-mod 1021 "
-            f"--hmark-rnd {iptables.HASH_SEED:#x} --hmark-offset 7",
+            f"--hmark-rnd {HASH_SEED:#x} --hmark-offset 7",
             f"-A OUTPUT -d {vip} -j CONNMARK --save-mark",
             "COMMIT", ""])
         netns.exec([tool(family, variant, "restore")], rules)
