@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from lbagent import model
@@ -17,17 +16,16 @@ from lbagent.l3 import speaker
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
+from lbagent.l7 import certs
 from lbagent.l7 import render as haproxy
 from lbagent.plan import http as plan_http
 from lbagent.plan.services import all_healthy, listener_decision, plan, with_listeners
 
 
 def certificate_paths(m: model.Model, directory: str | None = None) -> dict[str, tuple[str, ...]]:
-    """Listener name -> the combined PEM files HAProxy reads, in `directory` (by default where `run` writes them:
-    `<runtimeDir>/haproxy/certs`)."""
-    base = directory if directory is not None else str(Path(m.agent.runtime_dir) / "haproxy" / "certs")  # as Agent
-    return {listener.name: tuple(f"{base}/{listener.name}-{i}.pem" for i in range(len(listener.certificates)))
-            for listener in m.listeners if listener.certificates}
+    """Listener name -> the combined PEM files HAProxy reads, in `directory` (by default where `run` writes them)."""
+    where = directory if directory is not None else certs.directory(m.agent.runtime_dir)
+    return certs.combined_paths(m.listeners, where)
 
 
 def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
