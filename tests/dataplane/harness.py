@@ -258,7 +258,8 @@ class Plane:
         self.lab = dl.lab
         self.forwarders: dict[str, ForwarderProcess] = {}
         self.size = DATAPLANES[kind].maglev_table_size
-        self._ipvs_listing: str | None = None  # lb1's /proc/net/ip_vs since the last apply
+        # lb1's IPVS services and real servers (/proc/net/ip_vs), read once after each apply
+        self._ipvs_listing: dict[ipvs.ServiceKey, dict[ipvs.DestKey, ipvs.Dest]] | None = None
         for lb in ("lb1", "lb2"):
             dl.flush_conntrack(lb)  # no flow of an earlier test may bypass this one's rules
 
@@ -287,8 +288,8 @@ class Plane:
         kernel keeps them and with their weights: false while one drains at weight 0 (what it weighed before, which
         the kernel fills its table by, is not shown anywhere)."""
         if self._ipvs_listing is None:
-            self._ipvs_listing = self.lab.exec("lb1", ["cat", "/proc/net/ip_vs"]).stdout
-        listed = ipvs.parse_proc(self._ipvs_listing).get(ipvs.key_of(f), {})
+            self._ipvs_listing = ipvs.parse_proc(self.lab.exec("lb1", ["cat", "/proc/net/ip_vs"]).stdout)
+        listed = self._ipvs_listing.get(ipvs.key_of(f), {})
         return [(d, dest.weight) for d, dest in listed.items()] == [
             (ipvs.DestKey(s.address, s.port), s.weight) for s in ipvs.mh_servers(f)]
 

@@ -390,9 +390,9 @@ HSIPHASH_VECTORS = (0x050FC4DC, 0x7D57CA93, 0x4DC7D44D, 0xE7DDF7FB, 0x88D38328, 
                     0x7D908B66, 0x63DBD80C)
 
 
-def servers(*weights: int, last: tuple[int, ...] | None = None) -> list[mh.RealServer]:
-    return [mh.RealServer(ip_address(f"203.0.113.{11 + i}"), 30080, w, (last or weights)[i])
-            for i, w in enumerate(weights)]
+def servers(*weights: int, last: tuple[int, ...] | None = None) -> tuple[mh.RealServer, ...]:
+    return tuple(mh.RealServer(ip_address(f"203.0.113.{11 + i}"), 30080, w, (last or weights)[i])
+                 for i, w in enumerate(weights))
 
 
 def test_hsiphash_is_the_kernels() -> None:
@@ -407,7 +407,7 @@ def test_mh_table_fills_every_slot_in_proportion_to_the_weights() -> None:
     # The kernel scales weights down to at most 2^(index/2) turns per round (64 for the default 12): 100, 1, 50 take
     # 50, 1, 25 turns, and the weight-1 server gets twice its share.
     assert sorted(Counter(mh.lookup_table(servers(100, 1, 50))).values()) == [54, 1339, 2700]
-    assert mh.lookup_table(servers(0, 0)) == [None] * 4093
+    assert mh.lookup_table(servers(0, 0)) == (None,) * 4093
     with pytest.raises(ValueError, match="CONFIG_IP_VS_MH_TAB_INDEX must be 8-17"):
         mh.table_size(18)
 

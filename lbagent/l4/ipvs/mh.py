@@ -18,6 +18,7 @@ The kernel's choice depends on more than lbagent's own Maglev table (lbagent.l4.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ def _hashkey(address: model.IPAddress, port: int, key: tuple[int, int], offset: 
     return hsiphash(((offset + port + folded) & _M32).to_bytes(4, "little"), key)
 
 
-def lookup_table(servers: Sequence[RealServer], index: int = DEFAULT_TABLE_INDEX) -> list[int | None]:
+@functools.lru_cache(maxsize=64)  # a few ms each (4093 slots), and every flow of a service asks for the same one
+def lookup_table(servers: tuple[RealServer, ...], index: int = DEFAULT_TABLE_INDEX) -> tuple[int | None, ...]:
     """ip_vs_mh_reassign(): slot -> index into `servers`, given in the kernel's list order (the most recently added
     first); every slot None when no server has a weight."""
     size = table_size(index)
@@ -108,7 +110,7 @@ def lookup_table(servers: Sequence[RealServer], index: int = DEFAULT_TABLE_INDEX
     weights = [s.last_weight for s in servers]
     gcd = math.gcd(*(w for w in weights if w > 0)) if any(w > 0 for w in weights) else 0
     if gcd < 1:
-        return [None] * size
+        return (None,) * size
     # Weights are scaled down so the heaviest takes at most 2^(index/2) turns per round.
     shift = max((max(weights) // gcd).bit_length() - index // 2, 0)
     turns = [(w // gcd) >> shift or (1 if w != 0 else 0) for w in weights]
@@ -124,7 +126,7 @@ def lookup_table(servers: Sequence[RealServer], index: int = DEFAULT_TABLE_INDEX
                 slots[preferred[i]] = i
                 filled += 1
                 if filled == size:
-                    return slots
+                    return tuple(slots)
 
 
 def schedule(servers: Sequence[RealServer], table: Sequence[int | None], source: model.IPAddress,

@@ -284,7 +284,7 @@ def predict(frontend: Frontend, source: model.IPAddress, source_port: int,
         raise ValueError(f"IPVS scheduler {frontend.scheduler!r} cannot be predicted from the config, only 'mh'")
     servers = mh_servers(frontend)
     flags = attributes(frontend).flags
-    chosen = mh.schedule(servers, mh.lookup_table(servers, table_index), source,
+    chosen = mh.schedule(servers, mh.lookup_table(tuple(servers), table_index), source,
                          source_port if flags & F_SCHED2 else None, bool(flags & F_SCHED1))
     if chosen is None:
         return None
