@@ -47,7 +47,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
         rules = {f"ipv{family}": iptables.render_full(ruleset, family) for family in sorted(ruleset.families())}
     elif kind is model.DataplaneKind.IPVS:
         services = ipvs.desired(p.frontends)
-        table = f"{m.dataplane.table}_ipvs"
+        table = ipvs.companion_table(m.dataplane)
         ipvs_doc = {
             "services": len(services),
             "operations": [str(op) for op in ipvs.diff({}, services)],

@@ -389,6 +389,11 @@ class Companion:
     elements: Mapping[str, frozenset[str]]
 
 
+def companion_table(dataplane: model.Dataplane) -> str:
+    """The companion table's name: `<dataplane.table>_ipvs` (`table inet lbagent_ipvs`)."""
+    return f"{dataplane.table}_ipvs"
+
+
 def _triple(address: model.IPAddress, protocol: model.Protocol, port: int) -> str:
     return f"{address} . {protocol.value.lower()} . {port}"
 
