@@ -135,7 +135,7 @@ def cmd_flow(m: model.Model, flow: str) -> int:
     else:
         index, where = _mh_table_index()
         backend = ipvs.predict(frontend, source, source_port, index)
-        how = f"IPVS mh: Maglev slot by the kernel's hsiphash of the {hashed}"
+        how = f"IPVS mh: Maglev slot by the kernel's hsiphash (64-bit kernels) of the {hashed}"
         notes = [f"the kernel's mh table has {mh.table_size(index)} slots ({where})",
                  "holds while the service's real servers are the ones lbagent added when it created it: the kernel "
                  "fills the table in the order they were added, so a node deleted and added back since can move a "

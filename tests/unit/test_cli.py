@@ -117,7 +117,7 @@ def test_plan_flow_answers_with_the_configured_data_planes_own_hash(
     out = _said(_kind(tmp_path, "iptables"), f"{client}:40000,192.0.2.10:80", capsys)
     assert "(Maglev slot by HMARK's hash of the client address and port; every LB node running iptables agrees)" in out
     out = _said(_kind(tmp_path, "ipvs"), f"{client}:40000,192.0.2.10:80", capsys)
-    assert "(IPVS mh: Maglev slot by the kernel's hsiphash of the client address and port)" in out
+    assert "(IPVS mh: Maglev slot by the kernel's hsiphash (64-bit kernels) of the client address and port)" in out
     assert "the kernel's mh table has 4093 slots" in out and "in the order they were added" in out
 
 
