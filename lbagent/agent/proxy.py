@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from lbagent import model
 from lbagent.agent.metrics import Metrics
 from lbagent.agent.reconciler import Desired, Reconciler
 from lbagent.health import HealthChecker
+from lbagent.l7 import certs
 from lbagent.l7 import render as render_haproxy
 from lbagent.l7.certs import CertificateStore
 from lbagent.l7.process import ConfigRefused, ProxyLayer
@@ -39,7 +39,7 @@ class ProxyReconciler(Reconciler):
         self._factory = factory
         self._process: ProxyLayer | None = None  # made when the first listener is configured
         runtime_dir = desired.model.agent.runtime_dir
-        self.certificates = CertificateStore(Path(runtime_dir) / "haproxy" / "certs", runtime_dir)
+        self.certificates = CertificateStore(certs.directory(runtime_dir), runtime_dir)
         self.running: plan_http.ProxyPlan | None = None  # what HAProxy runs now (None: not running)
         # its structure (plan without runtime state, settings) and that structure rendered, to skip rendering again
         self._shape: tuple[tuple[plan_http.ProxyPlan, model.Proxy], str] | None = None

@@ -125,6 +125,16 @@ def resolve(executable: str) -> str:
     return found
 
 
+def haproxy_directory(runtime_dir: str | Path) -> Path:
+    """Where HAProxy's config, sockets and pid file live: `<runtimeDir>/haproxy` (absolute: HAProxy runs elsewhere)."""
+    return Path(os.path.abspath(runtime_dir)) / "haproxy"
+
+
+def runtime_socket(runtime_dir: str | Path) -> str:
+    """The runtime API socket haproxy.cfg names and the agent talks to."""
+    return str(haproxy_directory(runtime_dir) / "api.sock")
+
+
 class HaproxyProcess:
     """Runs one master-worker HAProxy on files under `<runtime_dir>/haproxy/`, supervised by lbagent.supervisor."""
 
@@ -142,7 +152,7 @@ class HaproxyProcess:
         backoff: tuple[float, float] = (0.5, 10.0),
     ) -> None:
         self._executable = executable
-        self.directory = Path(os.path.abspath(runtime_dir)) / "haproxy"
+        self.directory = haproxy_directory(runtime_dir)
         for sock in (self.master_socket, self.runtime_socket):
             if len(sock) + _TMP_SUFFIX > _SUN_PATH_MAX:
                 raise ValueError(f"runtime directory too deep for a unix socket path: {sock}")
@@ -186,7 +196,7 @@ class HaproxyProcess:
 
     @property
     def runtime_socket(self) -> str:
-        return str(self.directory / "api.sock")
+        return runtime_socket(self.directory.parent)
 
     @property
     def pid_path(self) -> str:

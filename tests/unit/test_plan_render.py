@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import uuid
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +19,8 @@ from lbagent.l4.change import FrontendChange
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, plan, replan
 from lbagent.sources.file import config
+from tests import golden
 from tests.unit.test_config import MINIMAL
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "nftables"
 
 THREE_NODES = yaml.safe_load(MINIMAL) | {
     "nodes": [
@@ -127,13 +125,6 @@ def test_sysctls() -> None:
                          "net/ipv4/conf/all/arp_announce": "2", "net/ipv6/conf/all/forwarding": "1"}
 
 
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
-
-
 def _nft_check(text: str) -> None:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     if not os.path.exists(nft):
@@ -155,7 +146,7 @@ def test_nftables_golden_and_valid(name: str, unhealthy: set[tuple[str, str]]) -
     health = {k: k not in unhealthy for k in all_healthy(m)}
     p = plan(m, health)
     text = nftables.render(p.frontends, p.vips, m.dataplane)
-    _golden(name, text)
+    golden.check("nftables", name, text)
     _nft_check(text)
 
 
@@ -171,7 +162,7 @@ def test_empty_config_renders_a_valid_empty_table() -> None:
     m = config.parse(yaml.safe_dump(yaml.safe_load(MINIMAL) | {"services": []}))
     p = plan(m, {})
     text = nftables.render(p.frontends, p.vips, m.dataplane)
-    _golden("no-services.nft", text)
+    golden.check("nftables", "no-services.nft", text)
     _nft_check(text)
     _nft_check(nftables.render_delete(m.dataplane))
 

@@ -109,7 +109,7 @@ class IpvsForwarder:
 
     def __init__(self, dataplane: model.Dataplane, nft: NftRunner = run_nft) -> None:
         self.dataplane = dataplane
-        self.table = f"{dataplane.table}_ipvs"
+        self.table = render.companion_table(dataplane)
         self._nft = nft
         self._companion: Companion | None = None  # what the kernel's nft table holds; None: unknown, write it whole
         self._recorded: set[ServiceKey] = set()

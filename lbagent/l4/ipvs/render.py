@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 
 from lbagent import model
 from lbagent.l4 import nftscript
-from lbagent.plan.services import Frontend
+from lbagent.l4.ipvs import mh
+from lbagent.plan.services import Backend, Frontend
 
 IPPROTO = {model.Protocol.TCP: 6, model.Protocol.UDP: 17}
 PROTOCOL_BY_NUMBER = {number: protocol for protocol, number in IPPROTO.items()}
@@ -266,6 +267,32 @@ def programmed(state: State) -> set[model.IPAddress]:
     return {key.vip for key, service in state.items() if service.taking}
 
 
+def mh_servers(frontend: Frontend) -> list[mh.RealServer]:
+    """The real servers of the service lbagent creates for `frontend`, in the order the kernel lists them: diff()
+    adds them in DestKey order, and the kernel puts each one it adds first."""
+    dests = desired([frontend])[key_of(frontend)].dests
+    return [mh.RealServer(d.address, d.port, dest.weight, dest.weight)
+            for d, dest in sorted(dests.items(), reverse=True)]
+
+
+def predict(frontend: Frontend, source: model.IPAddress, source_port: int,
+            table_index: int = mh.DEFAULT_TABLE_INDEX) -> Backend | None:
+    """The backend IPVS `mh` sends a new flow to, in the service as lbagent creates it with the frontend's active
+    backends, and as long as none of them was removed and added back since (lbagent.l4.ipvs.mh says why that
+    matters); None when it refuses the flow. `table_index` is the kernel's CONFIG_IP_VS_MH_TAB_INDEX. Only `mh`:
+    the other schedulers choose by state no config shows (ValueError)."""
+    if frontend.scheduler != "mh":
+        raise ValueError(f"IPVS scheduler {frontend.scheduler!r} cannot be predicted from the config, only 'mh'")
+    servers = mh_servers(frontend)
+    flags = attributes(frontend).flags
+    chosen = mh.schedule(servers, mh.lookup_table(tuple(servers), table_index), source,
+                         source_port if flags & F_SCHED2 else None, bool(flags & F_SCHED1))
+    if chosen is None:
+        return None
+    server = servers[chosen]
+    return next(b for b in frontend.active if (b.address, b.port) == (server.address, server.port))
+
+
 # -- reading the kernel's answers ------------------------------------------------------------------
 
 def service_from_attrs(attrs: Mapping[str, Any]) -> tuple[ServiceKey, Attributes] | None:
@@ -361,6 +388,11 @@ class Companion:
 
     table: str
     elements: Mapping[str, frozenset[str]]
+
+
+def companion_table(dataplane: model.Dataplane) -> str:
+    """The companion table's name: `<dataplane.table>_ipvs` (`table inet lbagent_ipvs`)."""
+    return f"{dataplane.table}_ipvs"
 
 
 def _triple(address: model.IPAddress, protocol: model.Protocol, port: int) -> str:

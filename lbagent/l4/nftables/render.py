@@ -17,12 +17,8 @@ from dataclasses import dataclass, field
 from lbagent import model
 from lbagent.l4 import maglev, nftscript
 from lbagent.l4.change import FrontendChange
-from lbagent.l4.jhash import flow_fields, nft_jhash
+from lbagent.l4.jhash import HASH_SEED, flow_fields, nft_jhash
 from lbagent.plan.services import Backend, Frontend
-
-# Every LB node must pick the same backend for the same flow, so an ECMP change at the router that moves
-# a flow to another LB keeps it on its node: the hash seed is a constant, not random per boot.
-HASH_SEED = 0x6C626167
 
 FrontendKey = tuple[str, str, int]  # (vip, "tcp"/"udp", port)
 # The sets and maps of the table, in the order element changes are written.
