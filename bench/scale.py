@@ -2,7 +2,8 @@
 
 Each data plane is driven through the same Forwarder interface the agent uses, inside a throwaway network
 namespace (the script re-runs itself there), so the kernel work is real. One change = one node fails one
-service's health check, applied as the agent does it (re-plan that service, `changed=`); its baseline, in
+service's health check, applied as the agent does it (re-plan that service, hand the forwarder its change record
+from the previous plan to the new one); its baseline, in
 the same run, is a forced full re-apply (what a naive agent does, and what the periodic resync does).
 
 Usage: .venv/bin/python bench/scale.py [--dataplane nftables iptables iptables-legacy] [--services 1000 10000]
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbagent import model
 from lbagent.l3.vips import apply_sysctls
-from lbagent.l4.forwarder import make_forwarder
+from lbagent.l4.forwarder import FrontendChange, make_forwarder
 from lbagent.plan.services import IPVS_SYSCTLS, plan, replan
 
 POOL = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
@@ -79,7 +80,7 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         health[(victim, "node3")] = False
         start = time.perf_counter()
         p2 = replan(p, m, health, {victim})
-        how = await fwd.apply(p2.frontends, p2.vips, changed={victim: p2.by_service[victim]})
+        how = await fwd.apply(p2.frontends, p2.vips, change=FrontendChange.of(p.by_service, p2.by_service, [victim]))
         changes.append(time.perf_counter() - start)
         assert how == "delta", how
         start = time.perf_counter()
@@ -87,7 +88,7 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         baselines.append(time.perf_counter() - start)
         health[(victim, "node3")] = True
         p = replan(p2, m, health, {victim})
-        await fwd.apply(p.frontends, p.vips, changed={victim: p.by_service[victim]})
+        await fwd.apply(p.frontends, p.vips, change=FrontendChange.of(p2.by_service, p.by_service, [victim]))
     # Peak Python memory of deciding, in its own pass: tracemalloc slows Python, so it stays out of the timings.
     tracemalloc.start()
     plan(m, health)

@@ -1,2 +1,3 @@
-"""The daemon: the Agent sequencing health, plan and the layers; its runners; what it reports through (the status
-socket, Prometheus metrics, systemd notifications)."""
+"""The daemon: the Agent sequencing source, health, plan and one reconciler per subsystem (VIPs, data plane, BGP,
+HAProxy), each with its runner; what it reports through (the status socket, Prometheus metrics, systemd
+notifications)."""

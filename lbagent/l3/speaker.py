@@ -1,15 +1,17 @@
-"""BGP announcements through a supervised ExaBGP child: diffing, acknowledged commands, neighbor state."""
+"""BGP announcements through ExaBGP, run by lbagent.supervisor: diffing, acknowledged commands, neighbor state.
+
+What is ExaBGP's own stays here: its config and environment rendered before every start, the API connection from
+its bridge process (only the current instance's), commands that must be acknowledged in time (an instance that
+does not answer, or whose bridge went away, is restarted), neighbor states and End-of-RIB."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import struct
 import sys
@@ -21,16 +23,14 @@ from typing import Protocol
 from lbagent import model
 from lbagent.files import prepare_runtime_dir, write_private
 from lbagent.l3 import render
+from lbagent.logfmt import event
 from lbagent.plan.services import Announcement
+from lbagent.supervisor import Child, Supervisor, spawn, terminate_steps
 
 LOG = logging.getLogger("lbagent.bgp")
 
 SOCKET_NAME = "exabgp-api.sock"
 CONFIG_NAME = "exabgp.conf"
-
-_PR_SET_PDEATHSIG = 1
-# Resolved in the parent: the child between fork and exec should do as little as possible.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class BgpError(Exception):
@@ -48,7 +48,10 @@ class BgpCommandError(BgpError):
 class BgpSpeaker(Protocol):
     """Announces VIP prefixes to the configured BGP peers."""
 
-    restarts: int  # speaker processes started after the first
+    @property
+    def restarts(self) -> int:
+        """Speaker processes started after the first."""
+
     async def start(self) -> None: ...
 
     async def apply(self, desired: Mapping[str, Announcement], complete: bool = True) -> None:
@@ -110,7 +113,7 @@ async def sync(
         if not neighbors(a):
             announced.pop(a.prefix, None)
     for a, command in withdraws:
-        log.info("withdraw %s", a.prefix)
+        event(log, logging.INFO, "bgp_withdraw", prefix=a.prefix)
         try:
             await send(command)
         except BgpCommandError as error:
@@ -119,23 +122,19 @@ async def sync(
         announced.pop(a.prefix, None)
     for a, command in announces:
         if not neighbors(a):
-            log.error("cannot announce %s: no IPv%d peer", a.prefix, ip_network(a.prefix).version)
-            failures.append(f"no IPv{ip_network(a.prefix).version} peer for {a.prefix}")
+            family = f"IPv{ip_network(a.prefix).version}"
+            event(log, logging.ERROR, "bgp_announce_impossible", prefix=a.prefix, error=f"no {family} peer")
+            failures.append(f"no {family} peer for {a.prefix}")
             continue
-        log.info(
-            "announce %s med=%s local-pref=%s communities=%s",
-            a.prefix,
-            a.med,
-            a.local_pref,
-            ",".join(a.communities) or "-",
-        )
+        event(log, logging.INFO, "bgp_announce", prefix=a.prefix, med=a.med, local_pref=a.local_pref,
+              communities=a.communities or "-")
         try:
             await send(command)
         except BgpCommandError as error:
             failures.append(str(error))
             # ExaBGP may have taken the route for some neighbors before failing on another one:
             # withdraw it everywhere so that its RIB matches `announced`.
-            log.warning("withdraw %s after a refused announcement", a.prefix)
+            event(log, logging.WARNING, "bgp_withdraw", prefix=a.prefix, reason="announcement refused")
             with contextlib.suppress(BgpCommandError):
                 await send(render.withdraw_command(a, neighbors(a)))
                 announced.pop(a.prefix, None)
@@ -152,7 +151,7 @@ class _Connection:
 
 
 class ExaBgpSpeaker:
-    """Runs and supervises `exabgp server`, talking to it through the exabgp_bridge API process."""
+    """Runs `exabgp server` under a Supervisor, talking to it through the exabgp_bridge API process."""
 
     def __init__(
         self,
@@ -176,26 +175,30 @@ class ExaBgpSpeaker:
         self._ack_timeout = ack_timeout
         self._connect_timeout = connect_timeout
         self._stop_timeout = stop_timeout
-        self._backoff = backoff
+        # ExaBGP's bridge shares its stderr and may hold it a moment after ExaBGP exits.
+        self._supervisor = Supervisor("exabgp", self._launch, logger, on_exit=self._exited,
+                                      stop_steps=terminate_steps(stop_timeout), backoff=backoff, output_grace=2.0)
         self._announced: dict[str, Announcement] = {}
         self._desired: dict[str, Announcement] = {}
         self._eor_due: set[str] = set()  # neighbors whose session came up and that await End-of-RIB from us
         self._complete = False  # whether `_desired` is all the agent will announce (End-of-RIB may follow it)
         self._peers: dict[str, str] = {str(peer.address): "unknown" for peer in bgp.peers}
-        self._proc: asyncio.subprocess.Process | None = None
         self._conn: _Connection | None = None
         self._connections = 0
         self._pending: asyncio.Future[str] | None = None
         self._server: asyncio.Server | None = None
-        self._supervisor: asyncio.Task[None] | None = None
+        self._started = False
+        self._watchdog: asyncio.Task[None] | None = None  # the current instance's API must connect in time
         self._clients: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
-        self._kick = asyncio.Event()
         self._pulse = asyncio.Event()
         self._stopping = False
-        self._restart_now = False
-        self.restarts = 0
+        self._restart_now = False  # a restart for new settings is under way: its session losses are expected
+
+    @property
+    def restarts(self) -> int:
         """ExaBGP instances started after the first (crashes, lost API bridges, hung commands, new settings)."""
+        return self._supervisor.restarts
 
     @property
     def socket_path(self) -> str:
@@ -208,7 +211,8 @@ class ExaBgpSpeaker:
     @property
     def exabgp_pid(self) -> int | None:
         """The running ExaBGP's pid, if any."""
-        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+        child = self._supervisor.child
+        return child.pid if child is not None else None
 
     @property
     def connected(self) -> bool:
@@ -222,8 +226,9 @@ class ExaBgpSpeaker:
 
     async def start(self) -> None:
         """Listen for the bridge, start ExaBGP and wait (up to connect_timeout) for it to connect."""
-        if self._supervisor is not None:
+        if self._started:
             raise RuntimeError("already started")
+        self._started = True
         prepare_runtime_dir(self._runtime_dir)
         write_private(
             os.path.join(self._runtime_dir, render.ENV_FILE),
@@ -233,9 +238,10 @@ class ExaBgpSpeaker:
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(self._on_client, path=self.socket_path, limit=1 << 20)
         os.chmod(self.socket_path, 0o600)
-        self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
+        self._supervisor.run()
         if not await self.wait_connected(self._connect_timeout):
-            self._log.error("ExaBGP has not connected within %g s; still trying", self._connect_timeout)
+            event(self._log, logging.ERROR, "exabgp_not_connected", timeout=self._connect_timeout,
+                  detail="still trying")
 
     async def wait_connected(self, timeout: float) -> bool:
         """Wait until an ExaBGP instance is connected; False on timeout."""
@@ -256,13 +262,12 @@ class ExaBgpSpeaker:
                 return
             render.render_config(bgp, self._api_run)
             self._bgp = bgp
-            if self._supervisor is None or self._stopping:
+            if not self._started or self._stopping:
                 self._peers = {str(peer.address): "unknown" for peer in bgp.peers}
                 return
-            self._log.info("BGP settings changed: restarting ExaBGP")
             before = self._connections
             self._restart_now = True
-            self._kick.set()
+            self._supervisor.restart("BGP settings changed", planned=True)
             timeout = self._stop_timeout + self._connect_timeout
             back = await self._wait_until(
                 lambda: self._stopping or (self._connections > before and self._conn is not None), timeout
@@ -274,9 +279,7 @@ class ExaBgpSpeaker:
     async def stop(self) -> None:
         """Stop ExaBGP (its peers see the sessions close) and stop listening."""
         self._stopping = True
-        self._kick.set()
-        if self._supervisor is not None:
-            await self._supervisor
+        await self._supervisor.stop()
         if self._server is not None:
             self._server.close()
         self._drop_connection("stopping")
@@ -317,10 +320,11 @@ class ExaBgpSpeaker:
             try:
                 await self._command(render.eor_command(ip_address(address)))
             except BgpCommandError as error:
-                self._log.warning("End-of-RIB to %s refused (tried again on the next sync): %s", address, error)
+                event(self._log, logging.WARNING, "bgp_eor_refused", peer=address, error=str(error),
+                      detail="tried again on the next sync")
                 continue
             self._eor_due.discard(address)
-            self._log.info("End-of-RIB sent to %s", address)
+            event(self._log, logging.INFO, "bgp_eor_sent", peer=address)
 
     async def _command(self, line: str) -> None:
         conn = self._conn
@@ -335,10 +339,10 @@ class ExaBgpSpeaker:
             async with asyncio.timeout(self._ack_timeout):
                 result = await answer
         except TimeoutError:
-            self._log.error("ExaBGP did not answer within %g s: restarting it", self._ack_timeout)
+            event(self._log, logging.ERROR, "exabgp_no_answer", timeout=self._ack_timeout, command=line)
             # A late answer would be taken for the next command's: this instance cannot be trusted.
             self._drop_connection("no answer")
-            self._kick.set()
+            self._supervisor.restart(f"no answer within {self._ack_timeout:g} s", planned=False)
             raise BgpNotConnected(f"no answer from ExaBGP to: {line}") from None
         except OSError as error:
             raise BgpNotConnected(f"lost ExaBGP while sending: {error}") from error
@@ -361,11 +365,12 @@ class ExaBgpSpeaker:
             self._clients.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        proc = self._proc
+        # The supervisor holds the instance from the moment _launch returns, long before its bridge can connect.
+        child = self._supervisor.child
         pid = _peer_pid(writer.get_extra_info("socket"))
         # Only the bridge of the ExaBGP we are running now: not a leftover of a killed instance.
-        if proc is None or self._stopping or pid is None or _parent_pid(pid) != proc.pid:
-            self._log.warning("refusing an API connection from pid %s: not the current ExaBGP's", pid)
+        if child is None or self._stopping or pid is None or _parent_pid(pid) != child.pid:
+            event(self._log, logging.WARNING, "exabgp_api_refused", pid=pid, detail="not the current ExaBGP's")
             writer.close()
             return
         if self._conn is not None:
@@ -374,19 +379,18 @@ class ExaBgpSpeaker:
         self._conn = conn
         self._connections += 1
         self._announced.clear()
-        self._log.info("ExaBGP (pid %d) connected", proc.pid)
+        event(self._log, logging.INFO, "exabgp_connected", pid=child.pid)
         self._changed()
         try:
             while line := await reader.readline():
                 self._handle(line.decode("utf-8", "replace").strip())
         except (OSError, ValueError) as error:
-            self._log.warning("reading from ExaBGP failed: %s", error)
+            event(self._log, logging.WARNING, "exabgp_api_read_failed", error=str(error))
         finally:
             if self._conn is conn:
                 self._drop_connection("API connection closed")
                 if not self._stopping and not self._restart_now:
-                    self._log.warning("ExaBGP's API process went away: restarting ExaBGP")
-                    self._kick.set()
+                    self._supervisor.restart("its API process went away", planned=False, of=child)
                 self._changed()
 
     def _drop_connection(self, reason: str) -> None:
@@ -404,14 +408,14 @@ class ExaBgpSpeaker:
             if self._pending is not None and not self._pending.done():
                 self._pending.set_result(line)
             else:
-                self._log.warning("unexpected answer from ExaBGP: %s", line)
+                event(self._log, logging.WARNING, "exabgp_unexpected_answer", answer=line)
             return
         try:
             message = json.loads(line)
         except ValueError:
             message = None
         if not isinstance(message, dict):
-            self._log.warning("unexpected line from ExaBGP: %r", line[:200])
+            event(self._log, logging.WARNING, "exabgp_unexpected_line", line=line[:200])
             return
         neighbor = message.get("neighbor")
         if not isinstance(neighbor, dict):
@@ -422,22 +426,18 @@ class ExaBgpSpeaker:
         if message.get("type") == "state":
             self._neighbor_state(str(address), str(neighbor.get("state")), neighbor.get("reason"))
         elif message.get("type") == "notification" and message.get("notification") == "shutdown":
-            self._log.info("ExaBGP is shutting down")
+            event(self._log, logging.INFO, "exabgp_shutting_down")
         elif message.get("type") == "notification":
-            self._log.warning(
-                "BGP notification %s neighbor %s: %s",
-                neighbor.get("direction"),
-                address,
-                json.dumps(neighbor.get("notification")),
-            )
+            event(self._log, logging.WARNING, "bgp_notification", peer=address, direction=neighbor.get("direction"),
+                  notification=json.dumps(neighbor.get("notification")))
         else:
-            self._log.debug("ExaBGP: %s", line)
+            event(self._log, logging.DEBUG, "exabgp_message", line=line)
 
     def _neighbor_state(self, address: str, state: str, reason: object) -> None:
         with contextlib.suppress(ValueError):
             address = str(ip_address(address))
         if address not in self._peers:
-            self._log.warning("state %s for unknown neighbor %s", state, address)
+            event(self._log, logging.WARNING, "bgp_unknown_neighbor", peer=address, state=state)
             return
         previous, self._peers[address] = self._peers[address], state
         if previous == state:
@@ -448,141 +448,55 @@ class ExaBgpSpeaker:
             self._eor_due.discard(address)
         planned = self._stopping or self._restart_now
         level = logging.WARNING if state == "down" and not planned else logging.INFO
-        self._log.log(
-            level, "BGP neighbor %s %s -> %s%s", address, previous, state, f" ({reason})" if reason else ""
-        )
+        fields = {"reason": str(reason)} if reason else {}
+        event(self._log, level, "bgp_neighbor", peer=address, state=state, was=previous, **fields)
         self._changed()
 
-    # -- the ExaBGP process
+    # -- the ExaBGP process (started, watched, restarted and stopped by the supervisor)
 
-    async def _supervise(self) -> None:
-        low, high = self._backoff
-        delay = low
-        loop = asyncio.get_running_loop()
-        first = True
-        while not self._stopping:
-            if not first:
-                self.restarts += 1
-            first = False
-            self._kick.clear()
-            self._restart_now = False
-            started = loop.time()
-            proc = None
-            try:
-                proc = self._proc = await self._spawn()
-                await self._run(proc)
-            except (OSError, ValueError) as error:
-                self._log.error("cannot start ExaBGP: %s", error)
-            except Exception:
-                self._log.exception("cannot run ExaBGP")
-            finally:
-                self._proc = None
-                if proc is not None:
-                    self._lost_instance()
-            if self._stopping:
-                break
-            if self._restart_now:
-                delay = low
-                continue
-            if loop.time() - started >= high:
-                delay = low
-            self._log.warning("restarting ExaBGP in %.1f s", delay)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._kick.wait()
-            delay = min(delay * 2, high)
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _launch(self) -> Child:
+        """Render the config with the peers' current source addresses, start ExaBGP, and expect its API in time."""
+        self._restart_now = False
         bgp = self._bgp
         local = local_addresses(bgp)
         for peer in bgp.peers:
             if peer.local_address is not None:
                 continue
             if peer.address in local:
-                self._log.info(
-                    "local address for peer %s: %s (routing table)", peer.address, local[peer.address]
-                )
+                event(self._log, logging.INFO, "bgp_local_address", peer=peer.address, address=local[peer.address],
+                      source="routing table")
             else:
-                self._log.warning(
-                    "no route to peer %s: ExaBGP refuses announcements to it until its session has been up",
-                    peer.address,
-                )
+                event(self._log, logging.WARNING, "bgp_no_route_to_peer", peer=peer.address,
+                      detail="ExaBGP refuses announcements to it until its session has been up")
         config = render.render_config(bgp, self._api_run, local)
         write_private(self.config_path, config)
         # An operator's exabgp.* variables must not override what the agent relies on.
         env = {k: v for k, v in os.environ.items() if not k.lower().startswith("exabgp")}
         env.update(render.environment(self._runtime_dir))
         self._peers = {str(peer.address): self._peers.get(str(peer.address), "unknown") for peer in bgp.peers}
-        executable = resolve(bgp.exabgp)
-        proc = await asyncio.create_subprocess_exec(
-            executable,
-            "server",
-            self.config_path,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            # its own session: a ^C meant for the agent must not skip the agent's orderly shutdown
-            start_new_session=True,
-            preexec_fn=_die_with(os.getpid()),
-        )
-        self._log.info("started ExaBGP (pid %d): %s server %s", proc.pid, executable, self.config_path)
-        return proc
+        argv = [resolve(bgp.exabgp), "server", self.config_path]
+        # It dies with the agent: a dead agent cannot health-check, so it must not keep attracting traffic.
+        child = await spawn("exabgp", argv, self._log, env=env, die_with_parent=True)
+        event(self._log, logging.INFO, "exabgp_started", pid=child.pid, command=" ".join(argv))
+        self._watchdog = asyncio.create_task(self._expect_connection(child), name="exabgp-connect")
+        return child
 
-    async def _run(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        output = asyncio.create_task(self._pump(proc.stdout))
-        exited = asyncio.create_task(proc.wait())
-        kicked = asyncio.create_task(self._kick.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {exited, kicked}, timeout=self._connect_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done and self._conn is None:
-                self._log.error("ExaBGP's API process did not connect within %g s", self._connect_timeout)
-            elif not done:
-                await asyncio.wait({exited, kicked}, return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
-                _signal_child(proc, signal.SIGTERM)
-                if not (await asyncio.wait({exited}, timeout=self._stop_timeout))[0]:
-                    self._log.warning("ExaBGP (pid %d) did not exit on SIGTERM: killing it", proc.pid)
-                    _signal_child(proc, signal.SIGKILL)
-            returncode = await exited
-        finally:
-            kicked.cancel()
-            if not exited.done():
-                # Cancelled while it runs (the agent is going away): do not leave it behind.
-                _signal_child(proc, signal.SIGKILL)
-            # The bridge shares ExaBGP's stderr and may hold it a moment longer.
-            await asyncio.wait({output}, timeout=2)
-            output.cancel()
-        planned = self._stopping or self._restart_now
-        self._log.log(
-            logging.INFO if planned else logging.WARNING,
-            "ExaBGP (pid %d) exited with status %s",
-            proc.pid,
-            returncode,
-        )
+    async def _expect_connection(self, child: Child) -> None:
+        if await self._wait_until(lambda: self._conn is not None or not child.running, self._connect_timeout):
+            return
+        event(self._log, logging.ERROR, "exabgp_api_timeout", pid=child.pid, timeout=self._connect_timeout)
+        self._supervisor.restart(f"its API process did not connect within {self._connect_timeout:g} s",
+                                 planned=False, of=child)
 
-    def _lost_instance(self) -> None:
+    def _exited(self, child: Child, status: int | None, planned: bool) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
         self._drop_connection("ExaBGP exited")
         for address in self._peers:
             self._peers[address] = "down"
         self._signal()
         self._changed()
-
-    async def _pump(self, stream: asyncio.StreamReader) -> None:
-        pending = b""
-        while chunk := await stream.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) > 65536:
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                if text := line.decode("utf-8", "replace").rstrip():
-                    self._log.info("exabgp: %s", text)
-        if pending.strip():
-            self._log.info("exabgp: %s", pending.decode("utf-8", "replace").rstrip())
 
     # -- small helpers
 
@@ -591,7 +505,7 @@ class ExaBgpSpeaker:
         try:
             self._on_change()
         except Exception:
-            self._log.exception("on_change callback failed")
+            self._log.exception("on_change_failed")  # event=on_change_failed error=<the traceback>
 
     def _signal(self) -> None:
         self._pulse.set()
@@ -608,91 +522,6 @@ class ExaBgpSpeaker:
                 async with asyncio.timeout(remaining):
                     await self._pulse.wait()
         return True
-
-
-class FakeBgpSpeaker:
-    """In-memory BgpSpeaker for tests: same diffing and command rendering, ExaBGP simulated."""
-
-    def __init__(self, bgp: model.Bgp | None = None, on_change: Callable[[], None] | None = None) -> None:
-        """Without `bgp`, one IPv4 peer (192.0.2.1) is assumed."""
-        self.bgp = bgp
-        self.on_change = on_change or (lambda: None)
-        self.started = False
-        self.stopped = False
-        self.complete = False  # the last apply's `complete`
-        self.connected = True
-        self.refuse: set[str] = set()
-        """Prefixes whose announcements 'ExaBGP' answers with `error`."""
-        self.commands: list[str] = []
-        """Every API line 'sent', in order."""
-        self.restarts = 0
-        self._announced: dict[str, Announcement] = {}
-        self._desired: dict[str, Announcement] = {}
-        self._peers = {str(peer.address): "unknown" for peer in (bgp.peers if bgp else ())}
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def apply(self, desired: Mapping[str, Announcement], complete: bool = True) -> None:
-        self._desired = dict(desired)
-        self.complete = complete
-        await self._sync()
-
-    def announced(self) -> Mapping[str, Announcement]:
-        return dict(self._announced)
-
-    def peers(self) -> Mapping[str, str]:
-        return dict(self._peers)
-
-    async def withdraw_all(self) -> None:
-        await self.apply({})
-
-    async def reconfigure(self, bgp: model.Bgp) -> None:
-        if bgp == self.bgp:
-            return
-        render.render_config(bgp, "/bin/true")  # the same refusals as the real speaker
-        self.bgp = bgp
-        self._peers = {str(peer.address): "unknown" for peer in bgp.peers}
-        self.restart()
-        await self._sync()
-
-    async def stop(self) -> None:
-        self.stopped = True
-        self.connected = False
-        self._announced.clear()
-
-    def restart(self) -> None:
-        """Simulate a new ExaBGP instance connecting: nothing announced any more."""
-        self.restarts += 1
-        self.connected = True
-        self._announced.clear()
-        self.on_change()
-
-    def disconnect(self) -> None:
-        """Simulate ExaBGP dying: nothing announced, commands fail until `restart()`."""
-        self.connected = False
-        self._announced.clear()
-        self._peers = dict.fromkeys(self._peers, "down")
-        self.on_change()
-
-    def set_peer_state(self, address: str, state: str) -> None:
-        self._peers[str(ip_address(address))] = state
-        self.on_change()
-
-    async def _sync(self) -> None:
-        if not self.connected:
-            raise BgpNotConnected("ExaBGP is not connected")
-        peers = [peer.address for peer in self.bgp.peers] if self.bgp else [ip_address("192.0.2.1")]
-        await sync(self._announced, self._desired, peers, self._send)
-
-    async def _send(self, line: str) -> None:
-        if not self.connected:
-            raise BgpNotConnected("ExaBGP is not connected")
-        self.commands.append(line)
-        words = line.split()
-        prefix = words[words.index("route") + 1]
-        if "announce" in words and prefix in self.refuse:
-            raise BgpCommandError(f"ExaBGP answered error to: {line}")
 
 
 def api_run(runtime_dir: str, python: str = sys.executable) -> str:
@@ -728,23 +557,6 @@ def _source_address(peer: model.IPAddress) -> model.IPAddress | None:
         except OSError:
             return None
         return ip_address(probe.getsockname()[0])
-
-
-def _signal_child(proc: asyncio.subprocess.Process, signum: int) -> None:
-    # Not proc.terminate(): Popen.send_signal() polls first, reaping a dead child behind the back of
-    # asyncio's child watcher, which then reports status 255 instead of how it really ended.
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signum)
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    def preexec() -> None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the agent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 def _peer_pid(sock: socket.socket | None) -> int | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.plan.services import Frontend
+
+__all__ = ["Forwarder", "FrontendChange", "make_forwarder"]
 
 
 class Forwarder(Protocol):
@@ -17,11 +20,13 @@ class Forwarder(Protocol):
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
-        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+        change: FrontendChange | None = None,
     ) -> str:
-        """Make the kernel match; `force` re-applies everything (periodic resync). `changed`, when given, holds
-        the new frontends of the only services that changed since the last call: an implementation may use it
-        to do less. Returns "full", "delta" or "unchanged". Raises on failure, leaving the kernel as it was or
+        """Make the kernel match; `force` re-applies everything (periodic resync). `change`, when given, is the
+        change since the last successful call (the caller's record of what it applied; the VIPs are the same):
+        the only services whose frontends differ, before and after. An implementation may use it to do less, and
+        keeps no copy of the frontends to work it out itself. After a call that raised, the caller passes no
+        change. Returns "full", "delta" or "unchanged". Raises on failure, leaving the kernel as it was or
         repaired on the next call."""
 
     def programmed(self) -> set[model.IPAddress]:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
+# The seed of the hash that picks a flow's Maglev slot, in both data planes that hash (nft's `jhash ... seed`,
+# iptables' `HMARK --hmark-rnd`). Every LB node must pick the same backend for the same flow, so an ECMP change
+# at the router that moves a flow to another LB keeps it on its node: a constant, not random per boot.
+HASH_SEED = 0x6C626167
+
 _M = 0xFFFFFFFF
 _INITVAL = 0xDEADBEEF
 

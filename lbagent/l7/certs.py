@@ -33,6 +33,23 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
 
+def directory(runtime_dir: str | Path) -> Path:
+    """Where `run` writes the combined files, so where haproxy.cfg's `crt` lines point: `<runtimeDir>/haproxy/certs`
+    (`lbagent plan` shows the same paths)."""
+    return Path(runtime_dir) / "haproxy" / "certs"
+
+
+def combined_paths(listeners: Iterable[model.Listener], directory: str | Path) -> dict[str, tuple[str, ...]]:
+    """Listener name -> its combined files in `directory`, one per certificate in the listener's order, named as
+    CertificateStore writes them (listeners without certificates are left out)."""
+    return {listener.name: tuple(_combined_path(directory, listener.name, i) for i in range(len(listener.certificates)))
+            for listener in listeners if listener.certificates}
+
+
+def _combined_path(directory: str | Path, listener: str, index: int) -> str:
+    return str(Path(directory) / f"{listener}-{index}.pem")
+
+
 @dataclass(frozen=True)
 class Replaced:
     path: str  # the combined file HAProxy reads
@@ -55,7 +72,7 @@ class CertificateStore:
         self._refused: set[str] = set()  # combined files whose current sources did not pass the checks
 
     def path_for(self, listener: str, index: int) -> str:
-        return str(self.directory / f"{listener}-{index}.pem")
+        return _combined_path(self.directory, listener, index)
 
     def sync(self, listeners: Iterable[model.Listener]) -> dict[str, tuple[str, ...]]:
         """Each HTTPS listener's combined files, written when missing or when their sources changed. A source that
@@ -144,7 +161,7 @@ class CertificateStore:
         return pem
 
     def _listener(self, path: str) -> str:
-        return Path(path).stem.rsplit("-", 1)[0]
+        return Path(path).stem.rsplit("-", 1)[0]  # undoes _combined_path
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,8 @@ for each BGP peer, as `run` does (lbagent.l3.speaker.local_addresses)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from lbagent import model
@@ -17,17 +15,16 @@ from lbagent.l3 import speaker
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
+from lbagent.l7 import certs, process
 from lbagent.l7 import render as haproxy
 from lbagent.plan import http as plan_http
 from lbagent.plan.services import all_healthy, listener_decision, plan, with_listeners
 
 
 def certificate_paths(m: model.Model, directory: str | None = None) -> dict[str, tuple[str, ...]]:
-    """Listener name -> the combined PEM files HAProxy reads, in `directory` (by default where `run` writes them:
-    `<runtimeDir>/haproxy/certs`)."""
-    base = directory if directory is not None else str(Path(m.agent.runtime_dir) / "haproxy" / "certs")  # as Agent
-    return {listener.name: tuple(f"{base}/{listener.name}-{i}.pem" for i in range(len(listener.certificates)))
-            for listener in m.listeners if listener.certificates}
+    """Listener name -> the combined PEM files HAProxy reads, in `directory` (by default where `run` writes them)."""
+    where = directory if directory is not None else certs.directory(m.agent.runtime_dir)
+    return certs.combined_paths(m.listeners, where)
 
 
 def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
@@ -49,7 +46,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
         rules = {f"ipv{family}": iptables.render_full(ruleset, family) for family in sorted(ruleset.families())}
     elif kind is model.DataplaneKind.IPVS:
         services = ipvs.desired(p.frontends)
-        table = f"{m.dataplane.table}_ipvs"
+        table = ipvs.companion_table(m.dataplane)
         ipvs_doc = {
             "services": len(services),
             "operations": [str(op) for op in ipvs.diff({}, services)],
@@ -94,7 +91,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
              "defaultBackend": f.default_backend or "404"}
             for f in proxy.frontends
         ],
-        "haproxy": haproxy.render(proxy, m.proxy, os.path.join(os.path.abspath(runtime_dir), "haproxy", "api.sock"))
+        "haproxy": haproxy.render(proxy, m.proxy, process.runtime_socket(runtime_dir))
         if m.listeners else None,
         # The source addresses as this host's routing table has them now, as `run` looks them up.
         "exabgp": exabgp.render_config(m.bgp, speaker.api_run(runtime_dir), speaker.local_addresses(m.bgp)),

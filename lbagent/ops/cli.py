@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from lbagent import __version__, files, model
+from lbagent.l4.iptables import render as iptables
+from lbagent.l4.ipvs import mh
+from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
 from lbagent.ops import judge
 from lbagent.ops.artifacts import plan_document
@@ -95,7 +100,8 @@ def _endpoint(text: str) -> tuple[model.IPAddress, int]:
 
 
 def cmd_flow(m: model.Model, flow: str) -> int:
-    """Which node a new flow goes to, as the nftables data plane decides it (all nodes assumed healthy)."""
+    """Which node a new flow goes to, as the configured data plane decides it with its own hash (all nodes assumed
+    healthy); for an IPVS scheduler that decides by state no config shows, the candidates and why."""
     try:
         parts = [p.strip() for p in flow.split(",")]
         if len(parts) not in (2, 3):
@@ -110,14 +116,77 @@ def cmd_flow(m: model.Model, flow: str) -> int:
     if frontend is None:
         print(f"no service listens on {protocol.value} {vip} port {port}: the LB refuses the flow")
         return 1
-    backend = nftables.predict(frontend, source, source_port, m.dataplane.maglev_table_size)
-    if backend is None:
+    what = f"{protocol.value} {parts[0]} -> {parts[1]} ({frontend.service})"
+    if not frontend.active:
         print(f"{frontend.service}: no node takes new flows")
         return 1
-    how = "client address (session affinity)" if frontend.affinity_timeout else "client address and port"
-    print(f"{protocol.value} {parts[0]} -> {parts[1]} ({frontend.service}) goes to {backend.node} "
-          f"{backend.address}:{backend.port} (Maglev slot by jhash of the {how}; every LB node agrees)")
+    hashed = "client address (session affinity)" if frontend.affinity_timeout else "client address and port"
+    kind = m.dataplane.kind
+    notes: list[str] = []
+    if kind is model.DataplaneKind.NFTABLES:
+        backend = nftables.predict(frontend, source, source_port, m.dataplane.maglev_table_size)
+        how = f"Maglev slot by nft's jhash of the {hashed}; every LB node running nftables agrees"
+    elif kind is model.DataplaneKind.IPTABLES:
+        backend = iptables.predict(frontend, source, source_port, m.dataplane.maglev_table_size)
+        how = f"Maglev slot by HMARK's hash of the {hashed}; every LB node running iptables agrees"
+    elif frontend.scheduler != "mh":
+        nodes = ", ".join(f"{b.node} {b.address}:{b.port}" for b in frontend.active)
+        print(f"{what} goes to one of {nodes}: IPVS {frontend.scheduler} {_UNPREDICTABLE[frontend.scheduler]}")
+        return 0
+    else:
+        index, where = _mh_table_index()
+        backend = ipvs.predict(frontend, source, source_port, index)
+        how = f"IPVS mh: Maglev slot by the kernel's hsiphash (64-bit kernels) of the {hashed}"
+        notes = [f"the kernel's mh table has {mh.table_size(index)} slots ({where})",
+                 "holds while the service's real servers are the ones lbagent added when it created it: the kernel "
+                 "fills the table in the order they were added, so a node deleted and added back since can move a "
+                 "few slots (a few flows in a thousand), and LB nodes that saw different changes can disagree on those"]
+    if backend is None:  # not expected with an active backend; said rather than guessed
+        print(f"{what}: the {kind.value} data plane refuses it")
+        return 1
+    if len(frontend.active) == 1:
+        how = "the only node taking new flows"
+    print(f"{what} goes to {backend.node} {backend.address}:{backend.port} ({how})")
+    for note in notes:
+        print(f"  {note}")
     return 0
+
+
+# Why IPVS places a flow by what happened before it, per scheduler lbagent can configure (but mh).
+_UNPREDICTABLE = {
+    "rr": "gives each new connection to the next node in turn on the LB node that gets it, so the answer depends on "
+          "every connection before it: lbagent cannot predict it",
+    "wrr": "gives each new connection to the next node in weighted turn on the LB node that gets it, so the answer "
+           "depends on every connection before it: lbagent cannot predict it",
+    "lc": "gives each new connection to the node with the fewest connections on the LB node that gets it at that "
+          "moment: lbagent cannot predict it",
+    "sh": "hashes the client address into a table the kernel fills in the order the real servers were added, which "
+          "no config shows: lbagent predicts only mh",
+}
+
+
+def _mh_table_index(release: str | None = None,
+                    paths: tuple[str, ...] = ("/proc/config.gz", "/boot/config-{release}")) -> tuple[int, str]:
+    """The IPVS mh table size this machine's kernel was built with (CONFIG_IP_VS_MH_TAB_INDEX) and where that was
+    read; the kernel's default when its build config does not say (`plan` may run on another machine than the LB)."""
+    release = release or os.uname().release
+    for template in paths:
+        path = template.format(release=release)
+        try:
+            raw = Path(path).read_bytes()
+            if path.endswith(".gz"):
+                raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            continue
+        for line in raw.decode(errors="replace").splitlines():
+            if line.startswith("CONFIG_IP_VS_MH_TAB_INDEX="):
+                value = line.partition("=")[2]
+                if value.isdigit() and 8 <= int(value) <= 17:
+                    return int(value), f"CONFIG_IP_VS_MH_TAB_INDEX={value} in {path}"
+        return mh.DEFAULT_TABLE_INDEX, (f"assumed: the default CONFIG_IP_VS_MH_TAB_INDEX={mh.DEFAULT_TABLE_INDEX}; "
+                                        f"{path} has no IPVS mh, so this is not the LB node's kernel")
+    return mh.DEFAULT_TABLE_INDEX, (f"assumed: the default CONFIG_IP_VS_MH_TAB_INDEX={mh.DEFAULT_TABLE_INDEX}; this "
+                                    f"machine's kernel build config is not readable")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -158,7 +227,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"\n## iptables, {family} (applied with `iptables-restore --noflush`)")
         print(rules, end="")
     if doc["ipvs"] is not None:
-        print("\n## IPVS services (created over netlink)")
+        print("\n## IPVS services (created over netlink, in this order)")
         for op in doc["ipvs"]["operations"]:
             print(f"  {op}")
         print("\n## nftables beside IPVS (source ranges, masquerade, refusals)")
@@ -264,7 +333,8 @@ def parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("-c", "--config", required=True)
     plan_cmd.add_argument("--json", action="store_true")
     plan_cmd.add_argument("--flow", metavar="CLIENT:PORT,VIP:PORT[,tcp|udp]",
-                          help="say which node this new flow goes to (nftables data plane, all nodes healthy)")
+                          help="say which node this new flow goes to, by the configured data plane's own hash "
+                               "(all nodes healthy)")
     plan_cmd.set_defaults(func=cmd_plan)
     cleanup = sub.add_parser("cleanup", help="remove what lbagent programmed in its data plane and the VIPs it bound")
     cleanup.add_argument("-c", "--config", required=True)

@@ -25,7 +25,8 @@ from lbagent.files import write_private
 from lbagent.l3 import render as exabgp
 from lbagent.l3 import speaker
 from lbagent.l4.iptables import apply as apply_iptables
-from lbagent.l7 import haproxy as apply_haproxy
+from lbagent.l7 import process as haproxy_process
+from lbagent.l7.runtime import ProxyError, haproxy_words
 from lbagent.ops import artifacts
 
 TIMEOUT = 60.0  # seconds one tool may take
@@ -201,8 +202,8 @@ def _ruleset_verdict(what: str, done: subprocess.CompletedProcess[str] | str, wo
 def _haproxy(work: Path, config: str, m: model.Model) -> Verdict:
     what = "haproxy -c -f haproxy.cfg"
     try:
-        executable = apply_haproxy.resolve(m.proxy.haproxy)
-    except apply_haproxy.ProxyError as exc:
+        executable = haproxy_process.resolve(m.proxy.haproxy)
+    except ProxyError as exc:
         return Verdict(what, Outcome.NOT_CHECKED, (str(exc),))
     (work / "haproxy.cfg").write_text(config)
     done = _run([executable, "-c", "-f", "haproxy.cfg"], work)
@@ -214,7 +215,7 @@ def _haproxy(work: Path, config: str, m: model.Model) -> Verdict:
     alerts = [line for line in output.splitlines() if "[ALERT]" in line] or output.splitlines()
     number = _found_line(r"\[haproxy\.cfg:(\d+)\]", output)
     line = _line(config, number)
-    return Verdict(what, Outcome.REFUSED, tuple(_words(apply_haproxy.haproxy_words(alerts).replace(" | ", "\n"),
+    return Verdict(what, Outcome.REFUSED, tuple(_words(haproxy_words(alerts).replace(" | ", "\n"),
                                                        work)),
                    f"haproxy.cfg:{number}: {_short(line)}" if line is not None else None,
                    _haproxy_origins(m, config, number) if number is not None else ())

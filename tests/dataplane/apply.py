@@ -11,8 +11,9 @@ from typing import Any
 
 from lbagent import model
 from lbagent.l3.vips import apply_sysctls
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.forwarder import Forwarder, make_forwarder
-from lbagent.plan.services import IPVS_SYSCTLS
+from lbagent.plan.services import IPVS_SYSCTLS, Frontend
 from tests.dataplane.frontends import by_service, load
 
 PROTOCOL = """\
@@ -21,7 +22,9 @@ Usage: ip netns exec NS python -m tests.dataplane.apply --kind K, then one JSON 
       -> {"ok": true, "how": "full", "programmed": ["192.0.2.10", ...]}
   {"op": "cleanup"} -> {"ok": true}
   failures -> {"ok": false, "error": "..."}
-The forwarder object lives as long as the process, so its delta and update paths run as in the agent.
+The forwarder object lives as long as the process, so its delta and update paths run as in the agent: "changed"
+names the services whose frontends changed, and this process makes the change record from what it last applied,
+as the agent's data-plane reconciler does (none after a failed apply: the next one is full).
 """
 
 # The data planes the suite knows, by the name tests are parameterized with.
@@ -47,18 +50,33 @@ def dataplane_with(dataplane: model.Dataplane, **changes: Any) -> model.Dataplan
     return dataclasses.replace(dataplane, **changes)
 
 
-async def handle(fwd: Forwarder, request: dict[str, Any]) -> dict[str, Any]:
-    op = request.get("op")
-    if op == "apply":
-        frontends, vips = load(request)
-        keys = request.get("changed")
-        changed = None if keys is None else by_service(frontends, keys)
-        how = await fwd.apply(frontends, vips, force=bool(request.get("force")), changed=changed)
-        return {"ok": True, "how": how, "programmed": sorted(str(v) for v in fwd.programmed())}
-    if op == "cleanup":
-        await fwd.cleanup()
-        return {"ok": True}
-    raise ValueError(f"unknown op {op!r}")
+class Driver:
+    """One forwarder and the record of what it was last given, by service (the agent's data-plane reconciler's
+    part): what a request's "changed" services were before."""
+
+    def __init__(self, fwd: Forwarder) -> None:
+        self.fwd = fwd
+        self.applied: dict[str, tuple[Frontend, ...]] | None = None
+        self.vips: list[model.IPAddress] = []
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "apply":
+            frontends, vips = load(request)
+            keys = request.get("changed")
+            current = by_service(frontends, {f.service for f in frontends})
+            change = None
+            if keys is not None and self.applied is not None and vips == self.vips:
+                change = FrontendChange.of(self.applied, current, keys)
+            self.applied = None  # unknown until the apply succeeds
+            how = await self.fwd.apply(frontends, vips, force=bool(request.get("force")), change=change)
+            self.applied, self.vips = current, vips
+            return {"ok": True, "how": how, "programmed": sorted(str(v) for v in self.fwd.programmed())}
+        if op == "cleanup":
+            await self.fwd.cleanup()
+            self.applied = None
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="maglevTableSize (default: the model's)")
     args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
-    fwd: Forwarder | Exception
+    fwd: Driver | Exception
     try:
-        fwd = forwarder(args.kind, args.size)
+        fwd = Driver(forwarder(args.kind, args.size))
     except Exception as exc:  # a data plane not built yet: every request says so
         fwd = exc
     try:
@@ -80,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if isinstance(fwd, Exception):
                     raise fwd
-                answer = loop.run_until_complete(handle(fwd, json.loads(line)))
+                answer = loop.run_until_complete(fwd.handle(json.loads(line)))
             except Exception as exc:  # the caller decides: an answer per request, never a dead pipe
                 answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             print(json.dumps(answer), flush=True)

@@ -43,5 +43,5 @@ def load(doc: Mapping[str, Any]) -> tuple[list[Frontend], list[model.IPAddress]]
 
 
 def by_service(frontends: Sequence[Frontend], keys: Iterable[str]) -> dict[str, tuple[Frontend, ...]]:
-    """The `changed` argument of Forwarder.apply for these services."""
+    """These services' frontends, by service."""
     return {key: tuple(f for f in frontends if f.service == key) for key in keys}

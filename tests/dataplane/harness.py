@@ -14,6 +14,7 @@ from typing import Any
 
 from lbagent import model
 from lbagent.l4.iptables import render as iptables
+from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Backend, Frontend
 from tests.dataplane.apply import DATAPLANES
@@ -34,13 +35,14 @@ CLIENT = {4: address("client"), 6: address6("client")}
 LB1_CLUSTER = {4: address("lb1", "cluster"), 6: address6("lb1", "cluster")}
 
 Predictor = Callable[[Frontend, model.IPAddress, int, int], Backend | None]
-# How each data plane picks a node, to check the kernel against; None: not predictable (the suite then only
-# checks that a flow sticks to one node).
+# How each data plane picks a node (what `lbagent plan --flow` says), to check the kernel against; None: not
+# predictable (the suite then only checks that a flow sticks to one node). IPVS mh's own table size is the kernel's
+# (the default), not maglevTableSize.
 PREDICTORS: dict[str, Predictor | None] = {
     "nftables": nftables.predict,
     "iptables": iptables.predict,
     "iptables-legacy": iptables.predict,
-    "ipvs": None,
+    "ipvs": lambda f, source, port, size: ipvs.predict(f, source, port),
 }
 
 
@@ -256,6 +258,8 @@ class Plane:
         self.lab = dl.lab
         self.forwarders: dict[str, ForwarderProcess] = {}
         self.size = DATAPLANES[kind].maglev_table_size
+        # lb1's IPVS services and real servers (/proc/net/ip_vs), read once after each apply
+        self._ipvs_listing: dict[ipvs.ServiceKey, dict[ipvs.DestKey, ipvs.Dest]] | None = None
         for lb in ("lb1", "lb2"):
             dl.flush_conntrack(lb)  # no flow of an earlier test may bypass this one's rules
 
@@ -264,11 +268,30 @@ class Plane:
         fwd = self.forwarders.get(lb)
         if fwd is None:
             fwd = self.forwarders[lb] = ForwarderProcess(self.lab.ns(lb), self.kind)
+        self._ipvs_listing = None
         return fwd.apply(frontends, VIPS, force=force, changed=changed)
 
+    @property
+    def predictable(self) -> bool:
+        return PREDICTORS.get(self.kind) is not None
+
     def predict(self, f: Frontend, source: str, source_port: int) -> Backend | None:
+        """Where lb1 sends a new flow, as the data plane's prediction says; None when the kind has none, or (IPVS)
+        when lb1's service no longer is as lbagent creates it, the state the prediction is for."""
         predictor = PREDICTORS.get(self.kind)
-        return None if predictor is None else predictor(f, ip_address(source), source_port, self.size)
+        if predictor is None or (self.kind == "ipvs" and not self._ipvs_as_created(f)):
+            return None
+        return predictor(f, ip_address(source), source_port, self.size)
+
+    def _ipvs_as_created(self, f: Frontend) -> bool:
+        """Whether lb1's real servers for f are those lbagent adds when it creates the service, in the order the
+        kernel keeps them and with their weights: false while one drains at weight 0 (what it weighed before, which
+        the kernel fills its table by, is not shown anywhere)."""
+        if self._ipvs_listing is None:
+            self._ipvs_listing = ipvs.parse_proc(self.lab.exec("lb1", ["cat", "/proc/net/ip_vs"]).stdout)
+        listed = self._ipvs_listing.get(ipvs.key_of(f), {})
+        return [(d, dest.weight) for d, dest in listed.items()] == [
+            (ipvs.DestKey(s.address, s.port), s.weight) for s in ipvs.mh_servers(f)]
 
     def close(self) -> None:
         errors = []

@@ -34,7 +34,8 @@ def test_i_lbs_agree_flow_by_flow_and_a_lost_node_moves_only_its_flows(plane: Pl
     assert plane.dl.destinations("lb2", flows) == first  # an ECMP change between LBs keeps every flow's node
     names = {address(n): n for n in ("node1", "node2", "node3")}
     predicted = {flow: p.node for flow in flows if (p := plane.predict(f, *flow)) is not None}
-    assert not predicted or predicted == {flow: names[a] for flow, a in first.items()}
+    if plane.predictable:  # every flow where the data plane's own prediction (`lbagent plan --flow`) says
+        assert predicted == {flow: names[a] for flow, a in first.items()}
     share = Counter(names[a] for a in first.values())
     assert all(0.25 < share[n] / FLOWS < 0.42 for n in names.values()), share
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPVS, IPVSService
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.ipvs import render
 from lbagent.l4.ipvs.apply import IpvsForwarder, load_ipvs
 from lbagent.plan.services import Backend, Frontend
@@ -266,14 +267,22 @@ class Driver:
     def __init__(self, lb: str) -> None:
         self.lb = lb
         self.forwarder = IpvsForwarder(model.Dataplane(kind=model.DataplaneKind.IPVS, table=TABLE))
+        self.applied: dict[str, tuple[Frontend, ...]] = {}  # what the last apply got, by service (the agent's part)
 
     def run(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         with netns(self.lb):
             return asyncio.run(make())
 
     def apply(self, fronts: dict[str, Frontend], vips: Sequence[model.IPAddress] = VIPS, force: bool = False,
-              changed: dict[str, tuple[Frontend, ...]] | None = None) -> dict[str, Any]:
-        how = self.run(lambda: self.forwarder.apply(list(fronts.values()), vips, force=force, changed=changed))
+              changed: Sequence[str] | None = None) -> dict[str, Any]:
+        """`changed`: the services whose frontends changed since the last apply, as the agent says it (a change
+        record from what that apply got)."""
+        current: dict[str, tuple[Frontend, ...]] = {}
+        for f in fronts.values():
+            current[f.service] = (*current.get(f.service, ()), f)
+        change = None if changed is None else FrontendChange.of(self.applied, current, changed)
+        how = self.run(lambda: self.forwarder.apply(list(fronts.values()), vips, force=force, change=change))
+        self.applied = current
         ops = [str(op) for op in self.forwarder.last_ops]
         log(f"apply -> {how}: {ops}")
         return {"how": how, "ops": ops}
@@ -416,7 +425,7 @@ def check(requests: int) -> dict[str, Any]:
 
         def victim_gone() -> bool:
             # As the agent calls it when no service changed: only the draining services are read back.
-            removal["applies"].append(lab.apply(without, changed={}))
+            removal["applies"].append(lab.apply(without, changed=[]))
             return all(victim not in s["dests"] for s in lab.services().values())
 
         removal["deleted_after_close_s"] = wait_until(victim_gone, 60)
@@ -441,7 +450,7 @@ def check(requests: int) -> dict[str, Any]:
         weighted["mh"] = Frontend("lab/mh", "http", ip_address(VIP), model.Protocol.TCP, 81,
                                   tuple(b._replace(weight=3) if b.node == "be1" else b for b in backends(30081)),
                                   mode=model.ForwardingMode.MASQUERADE, scheduler="mh")
-        report["delta"] = lab.apply(weighted, changed={"lab/mh": (weighted["mh"],)})
+        report["delta"] = lab.apply(weighted, changed=["lab/mh"])
         report["delta_weights"] = {be: d["weight"] for be, d in lab.services()[f"tcp {VIP}:81"]["dests"].items()}
 
         log("frontend gone")

@@ -1,1 +1,2 @@
-"""Tests of lbagent's parts against the real programs they drive, in network namespaces (need root)."""
+"""Tests of lbagent's parts against the real programs they drive: ExaBGP with BIRD in network namespaces (need root),
+HAProxy on loopback; among them the real side of the contracts in tests/contracts."""

@@ -84,8 +84,16 @@ def test_client_address_masquerade_versus_nat(lab_factory: Callable[..., Lab]) -
     assert {a["client"].rsplit(":", 1)[0] for a in kept if a} == {CLIENT}
 
 
-def test_plan_flow_names_the_node_a_real_flow_reaches(lab_factory: Callable[..., Lab]) -> None:
-    lab = lab_factory()
+@pytest.mark.parametrize("kind", ["nftables", "iptables"])
+def test_plan_flow_names_the_node_a_real_flow_reaches(lab_factory: Callable[..., Lab], kind: str) -> None:
+    """`lbagent plan --flow` predicts with the configured data plane's own hash (nft's jhash, HMARK's): each one
+    names the node the running agents' kernels send the flow to."""
+    lab = lab_factory(start_agents=False)
+    for lb in LBS:
+        settings = lab.default_agent_config(lb)
+        settings["dataplane"]["kind"] = kind
+        lab.write_agent_config(lb, settings)
+        lab.start_agent(lb)
     _announced(lab, "192.0.2.10/32")
     config = str(lab.agent_config_path("lb1"))
     seen_lbs = set()

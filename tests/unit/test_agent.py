@@ -23,19 +23,18 @@ import yaml
 
 from lbagent import model
 from lbagent.agent import status
-from lbagent.agent.agent import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, Agent, drift_repair_delay, load_off_the_loop
+from lbagent.agent.agent import Agent, load_off_the_loop
+from lbagent.agent.dataplane import DRIFT_DELAY_MAX, DRIFT_PROMPT_REPAIRS, drift_repair_delay
 from lbagent.agent.sdnotify import Notifier
 from lbagent.health import Target
-from lbagent.l3.speaker import FakeBgpSpeaker
 from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
-from lbagent.l4.nft import NftError
-from lbagent.l4.nftables.apply import NftForwarder
-from lbagent.l4.nftables.render import render_full
-from lbagent.l7.haproxy import FakeProxy
 from lbagent.plan.http import ServerState
+from lbagent.plan.services import StaleFlows
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
+from tests.fake_forwarder import FakeForwarder
+from tests.fakes import FakeBgpSpeaker, FakeProxy
 
 CONFIG = {
     "node": {"name": "lb1"},
@@ -45,24 +44,6 @@ CONFIG = {
     "nodes": [{"name": f"node{i}", "addresses": [f"203.0.113.1{i}"]} for i in (1, 2, 3)],
     "services": [{"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}],
 }
-
-
-class FakeForwarder(NftForwarder):
-    """The real nftables forwarder (full and incremental paths) with the kernel left out."""
-
-    def __init__(self) -> None:
-        super().__init__(model.Dataplane())
-        self.fail = False
-        self.scripts: list[str] = []
-
-    async def _run(self, script: str) -> None:
-        if self.fail:
-            raise NftError("nft refused")
-        self.scripts.append(script)
-
-    @property
-    def text(self) -> str:
-        return render_full(self.applied) if self.applied is not None else ""
 
 
 class FakeBinder(VipBinder):
@@ -273,6 +254,44 @@ def test_a_static_backend_endpoint_going_down_reaches_haproxy_only(tmp_path: Pat
     asyncio.run(scenario())
 
 
+def test_udp_flows_to_a_node_that_left_rotation_are_cleared(tmp_path: Path) -> None:
+    """UDP has no connection end: when a node leaves a UDP frontend's rotation, by its health (a change record) or
+    by a reload (everything applied afresh), the conntrack entries NATed to it are deleted, for that frontend and
+    that node only. Real counterpart: tests/lab/test_l4.py."""
+    dns = {"name": "dns", "vip": "192.0.2.11", "ports": [{"protocol": "UDP", "port": 53, "nodePort": 30053}]}
+    web = {"name": "web", "vip": "192.0.2.10", "ports": [{"port": 80, "nodePort": 30080}]}
+    h = Harness(tmp_path, extra={"services": [web, dns]})
+    cleared: list[StaleFlows] = []
+
+    async def clear(stale: StaleFlows) -> int:
+        cleared.append(stale)
+        return 1
+
+    h.agent.dataplane.clear_udp = clear
+    node = {f"node{i}": ip_address(f"203.0.113.1{i}") for i in (1, 2, 3)}
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.11/32"})
+        assert cleared == []
+        h.down.add("203.0.113.12")  # node2 fails web (TCP) and dns (UDP)
+        await until(lambda: bool(cleared))
+        assert cleared == [StaleFlows(ip_address("192.0.2.11"), 53, node["node2"], 30053)]
+        h.down.clear()  # back in rotation: it only gains flows
+        await until(lambda: "203.0.113.12" in h.rotation())
+        assert len(cleared) == 1
+        without_node3 = yaml.safe_load(h.path.read_text())
+        without_node3["nodes"] = without_node3["nodes"][:2]
+        h.path.write_text(yaml.safe_dump(without_node3))
+        assert await h.agent.reload() is True
+        await until(lambda: len(cleared) == 2)
+        assert cleared[1] == StaleFlows(ip_address("192.0.2.11"), 53, node["node3"], 30053)
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
 def test_nothing_is_announced_while_the_vip_cannot_be_bound_or_programmed(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     h.binder.broken = True
@@ -464,31 +483,31 @@ def test_drift_is_repaired_at_once_and_what_cannot_be_repaired_is_withdrawn(tmp_
         run = asyncio.create_task(h.agent.run())
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         applied = len(h.forwarder.scripts)
-        h.agent._dataplane_drift(deleted)
+        h.agent.dataplane.drift(deleted)
         await until(lambda: len(h.forwarder.scripts) > applied)
         assert "delete table inet lbagent" in h.forwarder.scripts[-1]  # the whole table, not a delta
         assert h.announced() == {"192.0.2.10/32"}
 
         h.forwarder.fail = True
-        h.agent._dataplane_drift(deleted)
+        h.agent.dataplane.drift(deleted)
         await until(lambda: h.announced() == set())  # nothing known to forward: not attracting traffic
         h.forwarder.fail = False
         await until(lambda: h.announced() == {"192.0.2.10/32"})  # the runner's retry repaired it
 
         h.binder.vips.discard(vip)
-        h.agent._address_removed(vip)
+        h.agent.vips.address_removed(vip)
         await until(lambda: vip in h.binder.vips)
         assert h.announced() == {"192.0.2.10/32"}
 
         h.binder.broken = True
         h.binder.vips.discard(vip)
-        h.agent._address_removed(vip)
+        h.agent.vips.address_removed(vip)
         await until(lambda: h.announced() == set())
         h.binder.broken = False
         await until(lambda: vip in h.binder.vips and h.announced() == {"192.0.2.10/32"})
 
         before = len(h.forwarder.scripts)
-        h.agent._address_removed(ip_address("192.0.2.99"))  # not a VIP of this node: not drift
+        h.agent.vips.address_removed(ip_address("192.0.2.99"))  # not a VIP of this node: not drift
         await asyncio.sleep(0)
         assert len(h.forwarder.scripts) == before
         h.agent.stop("test")
@@ -517,13 +536,13 @@ def test_repeated_drift_puts_the_repair_off(tmp_path: Path) -> None:
         await until(lambda: h.announced() == {"192.0.2.10/32"})
         for _ in range(DRIFT_PROMPT_REPAIRS):
             before = len(h.forwarder.scripts)
-            h.agent._dataplane_drift(deleted)
+            h.agent.dataplane.drift(deleted)
             await until(lambda before=before: len(h.forwarder.scripts) > before)  # type: ignore[misc]
         applied = len(h.forwarder.scripts)
         loop = asyncio.get_running_loop()
         reported = loop.time()
-        h.agent._dataplane_drift(deleted)
-        h.agent._dataplane_drift(deleted)  # reports while a repair is put off share that repair
+        h.agent.dataplane.drift(deleted)
+        h.agent.dataplane.drift(deleted)  # reports while a repair is put off share that repair
         await until(lambda: len(h.forwarder.scripts) > applied)
         assert loop.time() - reported >= drift_repair_delay(DRIFT_PROMPT_REPAIRS + 1)
         assert len(h.forwarder.scripts) == applied + 1

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from lbagent import model
+from lbagent.l7 import certs
 from lbagent.l7.certs import CertificateStore
+from lbagent.ops import artifacts
 from tests.certs import TestCA
 
 
@@ -59,3 +62,20 @@ def test_a_refused_source_is_said_once_and_keeps_the_last_good_file(tmp_path: Pa
     for _ in range(3):
         assert store2.sync([fresh]) == {}  # no file to give HAProxy
     assert [r.getMessage() for r in caplog.records].count("certificate_refused") == 1
+
+
+def test_plan_names_the_files_the_store_writes(tmp_path: Path) -> None:
+    """haproxy.cfg as `lbagent plan` and `check` render it points at the files `run` writes: one naming for both."""
+    ca = TestCA(tmp_path / "src")
+    first, second = _listener(ca, "shop"), _listener(ca, "blog")
+    listener = replace(first, certificates=first.certificates + second.certificates)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    written = CertificateStore(certs.directory(runtime_dir), runtime_dir).sync([listener])
+    assert written == certs.combined_paths([listener], certs.directory(runtime_dir))
+    assert written["websecure"] == (f"{runtime_dir}/haproxy/certs/websecure-0.pem",
+                                    f"{runtime_dir}/haproxy/certs/websecure-1.pem")
+    bgp = model.Bgp(local_as=64512, router_id=ip_address("192.0.2.1"), peers=())  # type: ignore[arg-type]
+    m = model.Model("lb1", "lo", bgp, nodes=(), services=(), agent=model.Agent(runtime_dir=str(runtime_dir)),
+                    listeners=(listener,))
+    assert artifacts.certificate_paths(m) == written

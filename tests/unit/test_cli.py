@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
 from collections.abc import Callable
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,11 @@ import pytest
 import yaml
 
 from lbagent import __version__, model
+from lbagent.l4.iptables import render as iptables
+from lbagent.l4.ipvs import render as ipvs
+from lbagent.l4.nftables import render as nftables
 from lbagent.ops import artifacts, cli
+from lbagent.plan.services import Backend, Frontend, all_healthy, plan
 from lbagent.sources.file import config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +78,99 @@ def test_plan_flow_names_the_node_and_refuses_nonsense() -> None:
     assert lbagent("plan", "-c", str(EXAMPLE), "--flow", "192.0.2.130:40000,192.0.2.10:8080").returncode == 1
     bad = lbagent("plan", "-c", str(EXAMPLE), "--flow", "192.0.2.130,192.0.2.10:80")
     assert bad.returncode == 2 and "not ADDRESS:PORT" in bad.stderr
+
+
+def _kind(tmp_path: Path, kind: str, scheduler: str = "mh") -> Path:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["dataplane"]["kind"] = kind
+        doc["services"][0]["ipvsScheduler"] = scheduler
+
+    return _variant(tmp_path, f"{kind}-{scheduler}.yaml", edit)
+
+
+def _said(path: Path, flow: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["plan", "-c", str(path), "--flow", flow]) == 0
+    return capsys.readouterr().out
+
+
+PREDICTORS: dict[str, Callable[[Frontend, model.IPAddress, int], Backend | None]] = {
+    "nftables": lambda f, source, port: nftables.predict(f, source, port, 1021),
+    "iptables": lambda f, source, port: iptables.predict(f, source, port, 1021),
+    "ipvs": ipvs.predict,
+}
+
+
+def test_plan_flow_answers_with_the_configured_data_planes_own_hash(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    client, ports = ip_address("192.0.2.130"), range(40000, 40030)
+    answers = {}
+    for kind, predict in PREDICTORS.items():
+        path = _kind(tmp_path, kind)
+        m = config.load(str(path))
+        web = next(f for f in plan(m, all_healthy(m)).frontends if f.port == 80)
+        answers[kind] = [_said(path, f"{client}:{port},192.0.2.10:80", capsys).split(" goes to ")[1].split()[0]
+                         for port in ports]
+        assert answers[kind] == [b.node if (b := predict(web, client, port)) else None for port in ports], kind
+    # Each data plane hashes its own way: the same flow goes to another node under another kind.
+    assert answers["nftables"] != answers["iptables"] and answers["iptables"] != answers["ipvs"]
+    assert answers["nftables"] != answers["ipvs"]
+    out = _said(_kind(tmp_path, "iptables"), f"{client}:40000,192.0.2.10:80", capsys)
+    assert "(Maglev slot by HMARK's hash of the client address and port; every LB node running iptables agrees)" in out
+    out = _said(_kind(tmp_path, "ipvs"), f"{client}:40000,192.0.2.10:80", capsys)
+    assert "(IPVS mh: Maglev slot by the kernel's hsiphash (64-bit kernels) of the client address and port)" in out
+    assert "the kernel's mh table has 4093 slots" in out and "in the order they were added" in out
+
+
+def test_plan_flow_with_an_ipvs_scheduler_that_decides_by_state_names_the_candidates(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for scheduler, why in (("rr", "next node in turn"), ("wrr", "weighted turn"), ("lc", "fewest connections"),
+                           ("sh", "lbagent predicts only mh")):
+        out = _said(_kind(tmp_path, "ipvs", scheduler), "192.0.2.130:40000,192.0.2.10:80", capsys)
+        assert out.startswith("TCP 192.0.2.130:40000 -> 192.0.2.10:80 (default/web) goes to one of node1 "
+                              "203.0.113.11:30080, node2 203.0.113.12:30080, node3 203.0.113.13:30080: IPVS "
+                              f"{scheduler} "), out
+        assert why in out
+
+
+def test_the_ipvs_mh_table_size_comes_from_the_kernels_build_config(tmp_path: Path) -> None:
+    proc, boot = tmp_path / "config.gz", tmp_path / "config-6.1.0"
+    paths = (str(proc), str(tmp_path / "config-{release}"))
+    assert cli._mh_table_index("6.1.0", paths) == (12, "assumed: the default CONFIG_IP_VS_MH_TAB_INDEX=12; this "
+                                                       "machine's kernel build config is not readable")
+    boot.write_text("CONFIG_IP_VS=m\nCONFIG_IP_VS_MH=m\nCONFIG_IP_VS_MH_TAB_INDEX=10\n")
+    assert cli._mh_table_index("6.1.0", paths) == (10, f"CONFIG_IP_VS_MH_TAB_INDEX=10 in {boot}")
+    proc.write_bytes(gzip.compress(b"# CONFIG_IP_VS is not set\n"))  # /proc/config.gz first: the running kernel
+    index, where = cli._mh_table_index("6.1.0", paths)
+    assert index == 12 and f"{proc} has no IPVS mh" in where
+
+
+@pytest.mark.parametrize(("kind", "shown", "absent"), [
+    ("nftables", ["## nftables (applied with `nft -f` in one transaction)\ntable inet lbagent\n"],
+     ["## iptables", "## IPVS"]),
+    ("iptables", ["## iptables, ipv4 (applied with `iptables-restore --noflush`)\n*mangle\n",
+                  "## iptables, ipv6 (applied with `iptables-restore --noflush`)\n*mangle\n"],
+     ["## nftables", "## IPVS", "table inet"]),
+    ("ipvs", ["## IPVS services (created over netlink, in this order)\n  add-service tcp/192.0.2.10:80 mh\n",
+              "## nftables beside IPVS (source ranges, masquerade, refusals)\ntable inet lbagent_ipvs\n"],
+     ["## iptables", "## nftables (applied", "table inet lbagent\n"]),
+])
+def test_plan_shows_what_the_configured_data_plane_programs(
+        kind: str, shown: list[str], absent: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _kind(tmp_path, kind)
+    assert cli.main(["plan", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert all(text in out for text in shown), out
+    assert not any(text in out for text in absent), out
+    m = config.load(str(path))
+    p = plan(m, all_healthy(m))
+    if kind == "nftables":
+        assert nftables.render(p.frontends, p.l4_vips, m.dataplane) in out
+    elif kind == "iptables":
+        rules = iptables.build(p.frontends, p.l4_vips, m.dataplane)
+        assert all(iptables.render_full(rules, family) in out for family in (4, 6))
+    else:
+        ops = ipvs.diff({}, ipvs.desired(p.frontends))
+        assert "".join(f"  {op}\n" for op in ops) in out
 
 
 def test_version() -> None:

@@ -1,4 +1,5 @@
-"""FakeBgpSpeaker keeps the BgpSpeaker promises the real one is held to in tests/integration."""
+"""FakeBgpSpeaker's own workings: the API lines it renders, refusals, its simulated ExaBGP. The promises the real
+speaker keeps too are in tests/contracts/bgp.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from ipaddress import ip_address
 import pytest
 
 from lbagent import model
-from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, BgpSpeaker, FakeBgpSpeaker, diff
+from lbagent.l3.speaker import BgpCommandError, BgpNotConnected, BgpSpeaker, diff
 from lbagent.plan.services import Announcement
+from tests.fakes import FakeBgpSpeaker
 
 BGP = model.Bgp(
     local_as=64513,

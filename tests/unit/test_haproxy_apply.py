@@ -1,5 +1,6 @@
-"""lbagent.l7.haproxy against the real HAProxy (Debian's 2.6): start, runtime API, seamless reloads, refusals,
-supervision, certificates, stop, adoption; and FakeProxy against the same promises.
+"""lbagent.l7.process and lbagent.l7.runtime against the real HAProxy (Debian's 2.6): start, runtime API, seamless
+reloads, refusals, supervision, certificates, stop, adoption. The promises FakeProxy keeps too are in
+tests/contracts/proxy.py.
 
 No root needed: everything listens on 127.0.0.1, on ports the kernel hands out. The configs are written by hand
 here, not by lbagent.l7.render. A test that needs HAProxy fails (never skips) when it is not installed.
@@ -32,16 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent.l7.haproxy import (
-    ApplyResult,
-    FakeProxy,
-    HaproxyProcess,
-    ProxyError,
-    ProxyLayer,
-    ServerRuntime,
-    parse_servers_state,
-    runtime_commands,
-)
+from lbagent.l7.process import ApplyResult, HaproxyProcess, ProxyLayer
+from lbagent.l7.runtime import ProxyError, ServerRuntime, parse_servers_state, runtime_commands
 from lbagent.plan.http import ServerState
 
 READY, DRAIN, MAINT = ServerState.READY, ServerState.DRAIN, ServerState.MAINT
@@ -333,37 +326,6 @@ def test_missing_executable_and_undeclared_admin_socket_are_proxy_errors(runtime
 
     asyncio.run(scenario())
     assert list((runtime_dir / "haproxy").glob("*candidate*")) == []
-
-
-def test_fake_proxy_keeps_the_same_promises() -> None:
-    changes = Changes()
-    fake = FakeProxy(changes)
-    layer: ProxyLayer = fake
-    desired: Runtime = {("app", "s1"): (10, READY), ("app", "s2"): (10, READY)}
-
-    async def scenario() -> None:
-        assert not layer.up()
-        assert await layer.apply("c1", "s1", desired, "start") == ApplyResult(False, 0, True)
-        assert await layer.apply("c1", "s1", desired, "start") == ApplyResult(False, 0, False)
-        changed = {**desired, ("app", "s2"): (0, DRAIN)}
-        assert await layer.apply("c1b", "s1", changed, "routes") == ApplyResult(False, 2, False)
-        assert fake.commands == ["set server app/s2 state drain", "set server app/s2 weight 0"]
-        assert await layer.apply("c2", "s2", changed, "routes") == ApplyResult(True, 0, False)
-        assert fake.configs == ["c1", "c2"] and layer.reloads == {"routes": 1}
-        fake.reject = "bad"
-        with pytest.raises(ProxyError):
-            await layer.apply("bad", "s3", changed, "routes")
-        assert fake.configs == ["c1", "c2"] and fake.structure == "s2"
-        fake.kill()
-        assert not layer.up() and changes.count == 1
-        assert (await layer.apply("c2", "s2", changed, "start")).started
-        assert layer.restarts == 1 and layer.up()
-        await layer.set_certificate("/x.pem", "PEM")
-        assert fake.certificates == {"/x.pem": "PEM"}
-        await layer.stop(2.0)
-        assert not layer.up() and fake.stopped == [2.0]
-
-    asyncio.run(scenario())
 
 
 def test_haproxy_process_is_a_proxy_layer(runtime_dir: Path) -> None:
@@ -732,7 +694,7 @@ def test_stop_ends_every_process(haproxy: str, runtime_dir: Path, backends: tupl
 
 ABANDONED_AGENT = """
 import asyncio, sys
-from lbagent.l7.haproxy import HaproxyProcess
+from lbagent.l7.process import HaproxyProcess
 from lbagent.plan.http import ServerState
 
 async def main():

@@ -52,3 +52,11 @@ def test_grafana_dashboard_queries_only_metrics_the_agent_exports() -> None:
     used = {name for panel in dashboard["panels"] for target in panel["targets"]
             for name in re.findall(r"lbagent_\w+", target["expr"])}
     assert used and used <= exported, used - exported
+
+
+def test_every_metric_is_in_the_operations_guide_and_the_guide_names_no_other() -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    table = guide.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(lbagent_\w+)` \|", table, re.MULTILINE))
+    exported = {family.name + ("_total" if family.type == "counter" else "") for family in Metrics().registry.collect()}
+    assert documented == exported, f"undocumented: {exported - documented}; not exported: {documented - exported}"

@@ -9,19 +9,18 @@ import shutil
 import subprocess
 import uuid
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, plan, replan
 from lbagent.sources.file import config
+from tests import golden
 from tests.unit.test_config import MINIMAL
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "nftables"
 
 THREE_NODES = yaml.safe_load(MINIMAL) | {
     "nodes": [
@@ -126,13 +125,6 @@ def test_sysctls() -> None:
                          "net/ipv4/conf/all/arp_announce": "2", "net/ipv6/conf/all/forwarding": "1"}
 
 
-def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
-
-
 def _nft_check(text: str) -> None:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     if not os.path.exists(nft):
@@ -154,7 +146,7 @@ def test_nftables_golden_and_valid(name: str, unhealthy: set[tuple[str, str]]) -
     health = {k: k not in unhealthy for k in all_healthy(m)}
     p = plan(m, health)
     text = nftables.render(p.frontends, p.vips, m.dataplane)
-    _golden(name, text)
+    golden.check("nftables", name, text)
     _nft_check(text)
 
 
@@ -170,7 +162,7 @@ def test_empty_config_renders_a_valid_empty_table() -> None:
     m = config.parse(yaml.safe_dump(yaml.safe_load(MINIMAL) | {"services": []}))
     p = plan(m, {})
     text = nftables.render(p.frontends, p.vips, m.dataplane)
-    _golden("no-services.nft", text)
+    golden.check("nftables", "no-services.nft", text)
     _nft_check(text)
     _nft_check(nftables.render_delete(m.dataplane))
 
@@ -310,8 +302,7 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
                 health[k] = not health[k]
             services = {k[0] for k in changed_keys}
             p2 = replan(p, m, health, services)
-            script = nftables.update(rs, [f for s in services for f in p.by_service[s]],
-                                     [f for s in services for f in p2.by_service[s]])
+            script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services))
             if script:
                 nft(names[0], script)
             nft(names[1], nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))

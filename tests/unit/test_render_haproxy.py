@@ -34,10 +34,10 @@ from lbagent.l7 import render as haproxy
 from lbagent.plan.http import HttpBackend, HttpFrontend, ProxyPlan, Server, ServerState, structural
 from lbagent.routing import RouteEntry, attempt_timeouts
 from lbagent.sources.file import pcre2
+from tests import golden
 from tests.unit.test_haproxy_apply import Backend
 from tests.unit.test_pcre2 import PYTHON_ONLY
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "haproxy"
 SOCKET = "/run/lbagent/haproxy/admin.sock"
 PLACEHOLDER = "@TMP@"
 TOKEN = 'Bearer t0k%en"x\\y'  # a log-format `%`, and quotes and a backslash HAProxy's tokeniser would eat
@@ -201,15 +201,6 @@ def haproxy_check(text: str, directory: Path) -> None:
     assert "WARNING" not in output and "ALERT" not in output, output
 
 
-def golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} is missing; create it with UPDATE_GOLDEN=1 after checking the rendering"
-    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
-
-
 # every field given: the golden files must not follow the model's defaults
 PROXY = model.Proxy(haproxy="haproxy", metrics_address="127.0.0.1:9470", connect_timeout=5.0, client_timeout=30.0,
                     server_timeout=60.5, max_connections=20000, certificate_check_interval=5.0,
@@ -221,26 +212,26 @@ PROXY = model.Proxy(haproxy="haproxy", metrics_address="127.0.0.1:9470", connect
 
 def test_routing_golden_and_valid(tmp_path: Path) -> None:
     text = haproxy.render(routing_plan(), PROXY, SOCKET)
-    golden("routing.cfg", text)
+    golden.check("haproxy", "routing.cfg", text)
     haproxy_check(text, tmp_path)
 
 
 def test_filters_golden_and_valid(tmp_path: Path) -> None:
     text = haproxy.render(filters_plan(), replace(PROXY, metrics_address=None), SOCKET)
-    golden("filters.cfg", text)
+    golden.check("haproxy", "filters.cfg", text)
     haproxy_check(text, tmp_path)
 
 
 def test_tls_golden_and_valid(certs: Path, tmp_path: Path) -> None:
     plan = tls_plan(str(certs / "default.pem"), str(certs / "shop.pem"))
     text = haproxy.render(plan, replace(PROXY, metrics_address="[::1]:9470"), SOCKET, errors_dir=str(certs))
-    golden("tls.cfg", text.replace(str(certs), PLACEHOLDER))
+    golden.check("haproxy", "tls.cfg", text.replace(str(certs), PLACEHOLDER))
     haproxy_check(text, tmp_path)
 
 
 def test_empty_plan_golden_and_valid(tmp_path: Path) -> None:
     text = haproxy.render(ProxyPlan(), replace(PROXY, client_timeout=60.0, server_timeout=60.0), SOCKET)
-    golden("empty.cfg", text)
+    golden.check("haproxy", "empty.cfg", text)
     haproxy_check(text, tmp_path)
 
 

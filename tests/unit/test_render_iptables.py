@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from ipaddress import ip_address, ip_network
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +18,10 @@ from lbagent import model
 from lbagent.l4 import maglev
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.iptables.apply import IptablesError, run_tool, tool
+from lbagent.l4.jhash import HASH_SEED
 from lbagent.plan.services import Backend, Frontend, all_healthy, plan
 from lbagent.sources.file import config
+from tests import golden
 from tests.dataplane.kernel import (
     ForwarderProcess,
     Netns,
@@ -32,7 +32,6 @@ from tests.dataplane.kernel import (
 )
 from tests.unit.test_config import MINIMAL
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "iptables"
 VARIANTS = ("nft", "legacy")
 SMALL = 31  # maglevTableSize of the golden files: tries short enough to read
 
@@ -82,13 +81,6 @@ def rendered(name: str) -> dict[int, str]:
     return {v: iptables.render_full(rs, v) for v in sorted(rs.families())}
 
 
-def _golden(path: Path, text: str) -> None:
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert path.exists(), f"{path} is missing; create it with UPDATE_GOLDEN=1 after checking the rendering"
-    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 after checking the change"
-
-
 def _restore_test(text: str, family: int) -> None:
     """Both restore variants parse the input (--test commits nothing; the legacy one also resolves jumps)."""
     require_root_and_tools()
@@ -113,7 +105,7 @@ def test_golden_files_are_accepted_by_both_variants_and_the_kernel(name: str, ne
     texts = rendered(name)
     assert set(texts) == ({4, 6} if name == "dual-stack" else {4})
     for family, text in texts.items():
-        _golden(GOLDEN / f"{name}.v{family}.rules", text)
+        golden.check("iptables", f"{name}.v{family}.rules", text)
         _restore_test(text, family)
         # --test stops before the kernel: apply for real, list, and clean up again, with both variants
         for variant in VARIANTS:
@@ -430,9 +422,9 @@ def test_hmark_slot_is_the_kernels_mark(variant: str, netns: Netns) -> None:
         rules = "\n".join([
             "*mangle",
             f"-A OUTPUT -d {vip} -p tcp --dport 80 -j HMARK --hmark-tuple src,sport --hmark-mod 1021 "
-            f"--hmark-rnd {iptables.HASH_SEED:#x}",
+            f"--hmark-rnd {HASH_SEED:#x}",
             f"-A OUTPUT -d {vip} -p udp --dport 53 -j HMARK --hmark-tuple src --hmark-mod 1021 "
-            f"--hmark-rnd {iptables.HASH_SEED:#x} --hmark-offset 7",
+            f"--hmark-rnd {HASH_SEED:#x} --hmark-offset 7",
             f"-A OUTPUT -d {vip} -j CONNMARK --save-mark",
             "COMMIT", ""])
         netns.exec([tool(family, variant, "restore")], rules)

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
 
 import pytest
 
 from lbagent import model
+from lbagent.l4.ipvs import mh
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.ipvs.render import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
 from lbagent.plan.services import Backend, Frontend
@@ -377,3 +379,83 @@ def test_rendered_companion_is_accepted_by_nft() -> None:
 def test_op_text() -> None:
     assert str(Op(OpKind.DEL_SERVICE, key(53, UDP))) == "del-service udp/198.51.100.80:53"
     assert str(Op(OpKind.DEL_DEST, key(), dest=dest("node1"))) == "del-dest tcp/198.51.100.80:80 203.0.113.11:30080"
+
+
+# -- the mh scheduler, reproduced (real IPVS checks it: tests/dataplane with DATAPLANE_KINDS=ipvs) ---------------
+
+# lib/siphash_kunit.c, 64-bit kernels: hsiphash of bytes 0, 1, ..., i-1 under the key bytes 0..15.
+HSIPHASH_KEY = (0x0706050403020100, 0x0F0E0D0C0B0A0908)
+HSIPHASH_VECTORS = (0x050FC4DC, 0x7D57CA93, 0x4DC7D44D, 0xE7DDF7FB, 0x88D38328, 0x49533B67, 0xC59F22A7, 0x9BB11140,
+                    0x8D299A8E, 0x6C063DE4, 0x92FF097F, 0xF94DC352, 0x57B4D9A2, 0x1229FFA7, 0xC0F95D34, 0x2A519956,
+                    0x7D908B66, 0x63DBD80C)
+
+
+def servers(*weights: int, last: tuple[int, ...] | None = None) -> tuple[mh.RealServer, ...]:
+    return tuple(mh.RealServer(ip_address(f"203.0.113.{11 + i}"), 30080, w, (last or weights)[i])
+                 for i, w in enumerate(weights))
+
+
+def test_hsiphash_is_the_kernels() -> None:
+    assert [mh.hsiphash(bytes(range(n)), HSIPHASH_KEY) for n in range(len(HSIPHASH_VECTORS))] == list(HSIPHASH_VECTORS)
+
+
+def test_mh_table_fills_every_slot_in_proportion_to_the_weights() -> None:
+    table = mh.lookup_table(servers(1, 1, 2))
+    assert len(table) == 4093 and None not in table
+    assert sorted(Counter(table).values()) == [1023, 1024, 2046]
+    assert len(mh.lookup_table(servers(1, 1), 8)) == 251
+    # The kernel scales weights down to at most 2^(index/2) turns per round (64 for the default 12): 100, 1, 50 take
+    # 50, 1, 25 turns, and the weight-1 server gets twice its share.
+    assert sorted(Counter(mh.lookup_table(servers(100, 1, 50))).values()) == [54, 1339, 2700]
+    assert mh.lookup_table(servers(0, 0)) == (None,) * 4093
+    with pytest.raises(ValueError, match="CONFIG_IP_VS_MH_TAB_INDEX must be 8-17"):
+        mh.table_size(18)
+
+
+def test_mh_table_depends_on_the_order_servers_were_added_in_a_few_slots() -> None:
+    """Why `lbagent plan --flow` says its IPVS answer holds for a service as lbagent created it."""
+    three = servers(1, 1, 1)
+    first = [three[i] if i is not None else None for i in mh.lookup_table(three)]
+    turned = three[1:] + three[:1]
+    second = [turned[i] if i is not None else None for i in mh.lookup_table(turned)]
+    moved = sum(a != b for a, b in zip(first, second, strict=True))
+    assert 0 < moved < 20
+
+
+def test_mh_a_draining_server_keeps_its_slots_and_fallback_hashes_its_flows_elsewhere() -> None:
+    live, draining = servers(1, 1, 1), servers(1, 0, 1, last=(1, 1, 1))
+    table = mh.lookup_table(draining)
+    assert table == mh.lookup_table(live)  # filled by the last weight: nothing moves while it drains
+    sources = [ip_address(f"192.0.2.{i}") for i in range(130, 250)]
+    on_it = [s for s in sources if mh.schedule(live, table, s, None, fallback=False) == 1]
+    assert on_it
+    assert all(mh.schedule(draining, table, s, None, fallback=False) is None for s in on_it)
+    assert {mh.schedule(draining, table, s, None, fallback=True) for s in on_it} <= {0, 2}
+    others = [s for s in sources if s not in on_it]
+    assert all(mh.schedule(draining, table, s, None, True) == mh.schedule(live, table, s, None, True) for s in others)
+
+
+def test_mh_real_servers_are_listed_as_the_kernel_keeps_them_newest_first() -> None:
+    f = replace(frontend(scheduler="mh"), backends=(
+        Backend("node2", ip_address(NODES["node2"]), 30080), Backend("node1", ip_address(NODES["node1"]), 30080, 3),
+        Backend("node3", ip_address(NODES["node3"]), 30080)))
+    added = [op.dest for op in ipvs.diff({}, ipvs.desired([f])) if op.kind is OpKind.ADD_DEST]
+    listed = ipvs.mh_servers(f)
+    assert [DestKey(s.address, s.port) for s in listed] == list(reversed(added))
+    assert [s.weight for s in listed] == [1, 1, 3]
+
+
+def test_predict_hashes_the_port_unless_there_is_affinity() -> None:
+    client = ip_address("192.0.2.130")
+    f = frontend(scheduler="mh")
+    spread = Counter(b.node for port in range(40000, 40300) if (b := ipvs.predict(f, client, port)) is not None)
+    assert set(spread) == set(NODES) and min(spread.values()) > 60
+    sticky = replace(f, affinity_timeout=10800)
+    assert len({ipvs.predict(sticky, client, port) for port in range(40000, 40100)}) == 1
+    six = replace(f, vip=VIP6, backends=tuple(Backend(n, ip_address(f"2001:db8:1::{i}"), 30080)
+                                              for i, n in enumerate(NODES, 11)))
+    chosen = [ipvs.predict(six, ip_address("2001:db8:c::5"), port) for port in range(40000, 40050)]
+    assert {b.node for b in chosen if b is not None} == set(NODES)
+    assert ipvs.predict(frontend(scheduler="mh", nodes=()), client, 1) is None
+    with pytest.raises(ValueError, match="'rr' cannot be predicted"):
+        ipvs.predict(frontend(scheduler="rr"), client, 40000)

@@ -17,9 +17,9 @@ import yaml
 from lbagent.agent import status
 from lbagent.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
 from lbagent.l3 import speaker as bgp
-from lbagent.l7 import haproxy
+from lbagent.l7 import process as haproxy
 from lbagent.l7.certs import CertificateStore
-from lbagent.l7.haproxy import HaproxyProcess
+from lbagent.l7.process import HaproxyProcess
 from lbagent.ops import cli
 from lbagent.sources.file import config
 from tests.unit.test_agent import Harness
@@ -180,8 +180,8 @@ def test_a_runtime_dir_that_cannot_go_unquoted_into_the_configs_is_refused(value
 
 
 def test_the_socket_names_check_knows_are_the_ones_the_agent_makes() -> None:
-    """check's runtimeDir length limit is computed from names that status.py, apply/bgp.py and apply/haproxy.py
-    own: if one of them changes, this fails, not a node at start."""
+    """check's runtimeDir length limit is computed from names that agent/status.py, l3/speaker.py and
+    l7/process.py own: if one of them changes, this fails, not a node at start."""
     run = "/run/lbagent"
     proxy = HaproxyProcess("haproxy", run)
     assert {status.SOCKET_NAME, bgp.SOCKET_NAME} == set(config.RUNTIME_SOCKETS)

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.drift import remember_own
 from lbagent.l4.iptables.render import (
     ChainChanges,
@@ -84,23 +85,19 @@ class IptablesForwarder:
         self.dataplane = dataplane
         self.variant = dataplane.iptables_variant
         self.applied: Ruleset | None = None
-        self._by_service: dict[str, tuple[Frontend, ...]] = {}
         self._families: set[int] = set()  # the families whose chains are in the kernel
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
-        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+        change: FrontendChange | None = None,
     ) -> str:
-        """`changed`: the new frontends of the only services whose health changed: only their chains are
-        re-rendered and sent. Otherwise the whole ruleset is rebuilt and the chains that differ are sent."""
+        """`change`: the only services whose health changed, before and after: only their chains are re-rendered
+        and sent. Otherwise the whole ruleset is rebuilt and the chains that differ are sent."""
         how = None
-        if changed is not None and not force and self.applied is not None and self._vips_unchanged(vips):
-            how = await self._update(changed)
+        if change is not None and not force and self.applied is not None:
+            how = await self._update(change)
         if how is None:
             how = await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
-            self._by_service = {}
-            for f in frontends:
-                self._by_service[f.service] = (*self._by_service.get(f.service, ()), f)
         return how
 
     def programmed(self) -> set[model.IPAddress]:
@@ -159,18 +156,12 @@ class IptablesForwarder:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    def _vips_unchanged(self, vips: Sequence[model.IPAddress]) -> bool:
-        assert self.applied is not None
-        return {v: {str(a) for a in vips if a.version == v} for v in FAMILIES} == self.applied.vips
-
-    async def _update(self, changed: Mapping[str, tuple[Frontend, ...]]) -> str | None:
+    async def _update(self, change: FrontendChange) -> str | None:
         """The in-place path: None when it does not apply (the set of frontends changed)."""
         assert self.applied is not None
-        old = [f for key in changed for f in self._by_service.get(key, ())]
-        changes = update(self.applied, old, [f for fs in changed.values() for f in fs])
+        changes = update(self.applied, change.old(), change.new())
         if changes is None:
             return None
-        self._by_service.update(changed)
         if not any(changes.values()):
             return "unchanged"
         try:
@@ -181,7 +172,7 @@ class IptablesForwarder:
             self.applied = None
             return None
         event(log, logging.INFO, "dataplane_applied", kind="iptables", variant=self.variant, how="update",
-              services=len(changed), chains=sum(len(t) for f in changes.values() for t in f.values()))
+              services=len(change.services), chains=sum(len(t) for f in changes.values() for t in f.values()))
         return "delta"
 
     async def _send(self, changes: ChainChanges) -> None:

@@ -58,11 +58,8 @@ from ipaddress import IPv4Address, ip_address
 
 from lbagent import model
 from lbagent.l4 import maglev
-from lbagent.l4.jhash import jhash
+from lbagent.l4.jhash import HASH_SEED, jhash
 from lbagent.plan.services import Backend, Frontend
-
-# Every LB node must pick the same backend for the same flow, so the seed is a constant, not random per boot.
-HASH_SEED = 0x6C626167
 
 PREFIX = "LBAGENT-"
 TABLES = ("mangle", "nat", "filter")  # restored in this order: source filtering before dispatch

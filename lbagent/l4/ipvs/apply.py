@@ -8,13 +8,14 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from pyroute2 import AsyncIPVS, IPVSDest, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.ipvs import render
 from lbagent.l4.ipvs.render import Companion, Op, OpKind, Service, ServiceKey
 from lbagent.l4.nft import NftError, run_nft
@@ -98,9 +99,9 @@ def _attrs(msg: Any, nla: str) -> dict[str, Any]:
 class IpvsForwarder:
     """IPVS services (NAT to the nodePorts) for the frontends, with `table inet <dataplane.table>_ipvs` beside them.
 
-    Every apply reads the kernel's services back (all of them, or with `changed` only those of the changed services
-    and those still draining), so connection counts are current and anything changed behind lbagent's back is
-    repaired; the nft table is kept in memory and sent as element changes. See lbagent.l4.ipvs.render for the
+    Every apply reads the kernel's services back (all of them, or with a change record only those of the changed
+    services and those still draining), so connection counts are current and anything changed behind lbagent's back
+    is repaired; the nft table is kept in memory and sent as element changes. See lbagent.l4.ipvs.render for the
     ownership rule, graceful removal and what the nft table does.
     """
 
@@ -108,36 +109,28 @@ class IpvsForwarder:
 
     def __init__(self, dataplane: model.Dataplane, nft: NftRunner = run_nft) -> None:
         self.dataplane = dataplane
-        self.table = f"{dataplane.table}_ipvs"
+        self.table = render.companion_table(dataplane)
         self._nft = nft
         self._companion: Companion | None = None  # what the kernel's nft table holds; None: unknown, write it whole
         self._recorded: set[ServiceKey] = set()
         self._state: dict[ServiceKey, render.Service] = {}  # lbagent's services as after the last apply
         self._draining: set[ServiceKey] = set()
-        self._by_service: dict[str, tuple[Frontend, ...]] = {}
-        self._vips: set[model.IPAddress] = set()
+        self._vips: set[model.IPAddress] = set()  # the VIPs of the last apply: whatever is on them is lbagent's
         self.last_ops: list[Op] = []  # what the last apply sent, for logs and tests
 
     # -- the Forwarder interface ----------------------------------------------------------------------
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
-        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+        change: FrontendChange | None = None,
     ) -> str:
-        """`changed`: only those services' frontends (and draining ones) are read back and diffed."""
-        wanted_vips = set(vips)
+        """`change`: only those services' frontends, before and after (and the draining ones), are read back and
+        diffed."""
         scope: set[ServiceKey] | None = None
-        if changed is not None and not force and self._companion is not None and wanted_vips == self._vips:
-            old = [f for key in changed for f in self._by_service.get(key, ())]
-            self._by_service.update(changed)
-            scope = {render.key_of(f) for f in [*old, *(f for fs in changed.values() for f in fs)]} | self._draining
-        else:
-            self._by_service = {}
-            for f in frontends:
-                self._by_service[f.service] = (*self._by_service.get(f.service, ()), f)
-        current = [f for fs in self._by_service.values() for f in fs]
+        if change is not None and not force and self._companion is not None:
+            scope = {render.key_of(f) for f in [*change.old(), *change.new()]} | self._draining
         try:
-            return await self._apply(current, wanted_vips, scope, force)
+            return await self._apply(list(frontends), set(vips), scope, force)
         except BaseException:
             # Whatever got through, the next call reads everything again and rewrites the nft table whole.
             self._companion = None

@@ -29,7 +29,9 @@ from ipaddress import ip_address
 from typing import Any, NamedTuple
 
 from lbagent import model
-from lbagent.plan.services import Frontend
+from lbagent.l4 import nftscript
+from lbagent.l4.ipvs import mh
+from lbagent.plan.services import Backend, Frontend
 
 IPPROTO = {model.Protocol.TCP: 6, model.Protocol.UDP: 17}
 PROTOCOL_BY_NUMBER = {number: protocol for protocol, number in IPPROTO.items()}
@@ -265,6 +267,32 @@ def programmed(state: State) -> set[model.IPAddress]:
     return {key.vip for key, service in state.items() if service.taking}
 
 
+def mh_servers(frontend: Frontend) -> list[mh.RealServer]:
+    """The real servers of the service lbagent creates for `frontend`, in the order the kernel lists them: diff()
+    adds them in DestKey order, and the kernel puts each one it adds first."""
+    dests = desired([frontend])[key_of(frontend)].dests
+    return [mh.RealServer(d.address, d.port, dest.weight, dest.weight)
+            for d, dest in sorted(dests.items(), reverse=True)]
+
+
+def predict(frontend: Frontend, source: model.IPAddress, source_port: int,
+            table_index: int = mh.DEFAULT_TABLE_INDEX) -> Backend | None:
+    """The backend IPVS `mh` sends a new flow to, in the service as lbagent creates it with the frontend's active
+    backends, and as long as none of them was removed and added back since (lbagent.l4.ipvs.mh says why that
+    matters); None when it refuses the flow. `table_index` is the kernel's CONFIG_IP_VS_MH_TAB_INDEX. Only `mh`:
+    the other schedulers choose by state no config shows (ValueError)."""
+    if frontend.scheduler != "mh":
+        raise ValueError(f"IPVS scheduler {frontend.scheduler!r} cannot be predicted from the config, only 'mh'")
+    servers = mh_servers(frontend)
+    flags = attributes(frontend).flags
+    chosen = mh.schedule(servers, mh.lookup_table(tuple(servers), table_index), source,
+                         source_port if flags & F_SCHED2 else None, bool(flags & F_SCHED1))
+    if chosen is None:
+        return None
+    server = servers[chosen]
+    return next(b for b in frontend.active if (b.address, b.port) == (server.address, server.port))
+
+
 # -- reading the kernel's answers ------------------------------------------------------------------
 
 def service_from_attrs(attrs: Mapping[str, Any]) -> tuple[ServiceKey, Attributes] | None:
@@ -362,6 +390,11 @@ class Companion:
     elements: Mapping[str, frozenset[str]]
 
 
+def companion_table(dataplane: model.Dataplane) -> str:
+    """The companion table's name: `<dataplane.table>_ipvs` (`table inet lbagent_ipvs`)."""
+    return f"{dataplane.table}_ipvs"
+
+
 def _triple(address: model.IPAddress, protocol: model.Protocol, port: int) -> str:
     return f"{address} . {protocol.value.lower()} . {port}"
 
@@ -393,23 +426,19 @@ def merge(a: Companion, b: Companion) -> Companion:
     return Companion(b.table, {name: a.elements.get(name, frozenset()) | b.elements[name] for name in SET_NAMES})
 
 
-def _listed(elements: Iterable[str]) -> str:
-    listed = sorted(elements)
-    return f" elements = {{ {', '.join(listed)} }};" if listed else ""
-
-
 def render_companion(c: Companion) -> str:
     """The whole table, replacing any previous one in the same transaction."""
     t = c.table
-    lines = [f"table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+    lines = nftscript.replace_table(t)
+    e = {name: nftscript.elements(items) for name, items in c.elements.items()}  # each set's elements clause
     for v in (4, 6):
         a, triple = _ADDR[v], f"{_ADDR[v]} . inet_proto . inet_service"
         lines += [
-            f"\tset vips_v{v} {{ type {a};{_listed(c.elements[f'vips_v{v}'])} }}",
-            f"\tset owned_v{v} {{ type {triple};{_listed(c.elements[f'owned_v{v}'])} }}",
-            f"\tset masquerade_v{v} {{ type {triple};{_listed(c.elements[f'masquerade_v{v}'])} }}",
-            f"\tset ranged_v{v} {{ type {triple};{_listed(c.elements[f'ranged_v{v}'])} }}",
-            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{_listed(c.elements[f'allowed_v{v}'])} }}",
+            f"\tset vips_v{v} {{ type {a};{e[f'vips_v{v}']} }}",
+            f"\tset owned_v{v} {{ type {triple};{e[f'owned_v{v}']} }}",
+            f"\tset masquerade_v{v} {{ type {triple};{e[f'masquerade_v{v}']} }}",
+            f"\tset ranged_v{v} {{ type {triple};{e[f'ranged_v{v}']} }}",
+            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{e[f'allowed_v{v}']} }}",
         ]
     frontend = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
     lines += [
@@ -439,20 +468,12 @@ def render_companion_delta(old: Companion, new: Companion) -> str:
     """Element changes only, one transaction (deletions first): "" when nothing changed."""
     if old.table != new.table:
         return render_companion(new)
-    removals, additions = [], []
-    for name in SET_NAMES:
-        gone = sorted(old.elements[name] - new.elements[name])
-        came = sorted(new.elements[name] - old.elements[name])
-        if gone:
-            removals.append(f"delete element inet {new.table} {name} {{ {', '.join(gone)} }}")
-        if came:
-            additions.append(f"add element inet {new.table} {name} {{ {', '.join(came)} }}")
-    lines = removals + additions
-    return "\n".join(lines) + "\n" if lines else ""
+    deletions, additions = nftscript.element_changes(new.table, old.elements, new.elements, SET_NAMES)
+    return nftscript.script([*deletions, *additions])
 
 
 def render_companion_delete(table: str) -> str:
-    return f"table inet {table}\ndelete table inet {table}\n"
+    return nftscript.delete_table(table)
 
 
 def recorded(nft_json: str, table: str) -> set[ServiceKey]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from ipaddress import ip_address
 
 from lbagent import model
+from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, run_nft
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
 from lbagent.logfmt import event
@@ -22,20 +23,16 @@ class NftForwarder:
 
     def __init__(self, dataplane: model.Dataplane) -> None:
         self.dataplane = dataplane
-        self.applied: Ruleset | None = None
-        self._by_service: dict[str, tuple[Frontend, ...]] = {}
-        self._vips: set[model.IPAddress] = set()
+        self.applied: Ruleset | None = None  # what the kernel's table holds; None: unknown, write it whole
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
-        changed: Mapping[str, tuple[Frontend, ...]] | None = None,
+        change: FrontendChange | None = None,
     ) -> str:
-        """`changed`: the new frontends of the only services that changed since the last apply (their health):
-        then the ruleset is updated in place and only those elements go to the kernel."""
-        if changed is not None and not force and self.applied is not None and self._vips == set(vips):
-            old = [f for key in changed for f in self._by_service.get(key, ())]
-            script = update(self.applied, old, [f for fs in changed.values() for f in fs])
-            self._by_service.update(changed)
+        """`change`: the only services that changed since the last apply (their health), before and after: then
+        the ruleset is updated in place and only their elements go to the kernel."""
+        if change is not None and not force and self.applied is not None:
+            script = update(self.applied, change)
             if not script:
                 return "unchanged"
             try:
@@ -46,15 +43,9 @@ class NftForwarder:
                 self.applied = None
             else:
                 event(log, logging.INFO, "dataplane_applied", kind="nftables", how="update",
-                      services=len(changed), bytes=len(script))
+                      services=len(change.services), bytes=len(script))
                 return "delta"
-        how = await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
-        self._by_service = {}
-        for f in frontends:
-            self._by_service.setdefault(f.service, ())
-            self._by_service[f.service] += (f,)
-        self._vips = set(vips)
-        return how
+        return await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
 
     def nft_tables(self) -> set[tuple[str, str]]:
         return {("inet", self.dataplane.table)}

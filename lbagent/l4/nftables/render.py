@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from lbagent import model
-from lbagent.l4 import maglev
-from lbagent.l4.jhash import flow_fields, nft_jhash
+from lbagent.l4 import maglev, nftscript
+from lbagent.l4.change import FrontendChange
+from lbagent.l4.jhash import HASH_SEED, flow_fields, nft_jhash
 from lbagent.plan.services import Backend, Frontend
 
-# Every LB node must pick the same backend for the same flow, so an ECMP change at the router that moves
-# a flow to another LB keeps it on its node: the hash seed is a constant, not random per boot.
-HASH_SEED = 0x6C626167
-
 FrontendKey = tuple[str, str, int]  # (vip, "tcp"/"udp", port)
+# The sets and maps of the table, in the order element changes are written.
+_CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6)
+                    for name in ("vips", "dispatch", "node_ports", "masquerade", "ranged", "allowed"))
 
 
 @dataclass(frozen=True)
@@ -123,28 +123,47 @@ def _remove(rs: Ruleset, f: Frontend) -> None:
     rs.allowed[v] -= {(key, str(net)) for net in f.source_ranges}
 
 
-def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> set[tuple[str, str]]:
-    """(container, element) pairs the given frontends hold in the ruleset now."""
-    out: set[tuple[str, str]] = set()
+def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> dict[str, set[str]]:
+    """The elements the given frontends hold in the ruleset now, by set or map."""
+    out: dict[str, set[str]] = {name: set() for name in _CONTAINERS}
     for f in frontends:
         v, key = f.vip.version, _key(f)
         chain = rs.dispatch[v].get(key)
         if chain is None:
             continue
         k = _frontend(key)
-        out.add((f"dispatch_v{v}", f"{k} : goto {chain}"))
-        out.add((f"node_ports_v{v}", f"{k} : {rs.node_ports[v][key]}"))
+        out[f"dispatch_v{v}"].add(f"{k} : goto {chain}")
+        out[f"node_ports_v{v}"].add(f"{k} : {rs.node_ports[v][key]}")
         if key in rs.masquerade[v]:
-            out.add((f"masquerade_v{v}", k))
+            out[f"masquerade_v{v}"].add(k)
         if key in rs.ranged[v]:
-            out.add((f"ranged_v{v}", k))
-            out.update((f"allowed_v{v}", f"{k} . {net}") for kk, net in rs.allowed[v] if kk == key)
+            out[f"ranged_v{v}"].add(k)
+            out[f"allowed_v{v}"].update(f"{k} . {net}" for kk, net in rs.allowed[v] if kk == key)
     return out
 
 
-def update(rs: Ruleset, old: Sequence[Frontend], new: Sequence[Frontend]) -> str:
-    """Replace some frontends (those of the services that changed) in `rs`, in place, and return the nft
-    transaction that does the same in the kernel. Costs what changed, whatever the size of `rs`."""
+def _contents(rs: Ruleset) -> dict[str, Iterator[str]]:
+    """Every element of every set and map of the table, by set or map (each read once: a whole table's worth)."""
+    out: dict[str, Iterator[str]] = {}
+    for v in (4, 6):
+        out[f"vips_v{v}"] = iter(rs.vips[v])
+        out[f"dispatch_v{v}"] = (f"{_frontend(k)} : goto {c}" for k, c in rs.dispatch[v].items())
+        out[f"node_ports_v{v}"] = (f"{_frontend(k)} : {p}" for k, p in rs.node_ports[v].items())
+        out[f"masquerade_v{v}"] = (_frontend(k) for k in rs.masquerade[v])
+        out[f"ranged_v{v}"] = (_frontend(k) for k in rs.ranged[v])
+        out[f"allowed_v{v}"] = (f"{_frontend(k)} . {net}" for k, net in rs.allowed[v])
+    return out
+
+
+def _content_sets(rs: Ruleset) -> dict[str, set[str]]:
+    """`_contents` as sets, to compare two whole rulesets."""
+    return {name: set(elements) for name, elements in _contents(rs).items()}
+
+
+def update(rs: Ruleset, change: FrontendChange) -> str:
+    """Replace the changed services' frontends (`change.previous` by `change.current`) in `rs`, in place, and
+    return the nft transaction that does the same in the kernel. Costs what changed, whatever the size of `rs`."""
+    old, new = change.old(), change.new()
     before = _elements_of(rs, old)
     tables_before, chains_before = set(rs.tables), set(rs.chains)
     for f in old:
@@ -159,24 +178,25 @@ def update(rs: Ruleset, old: Sequence[Frontend], new: Sequence[Frontend]) -> str
         del rs.chains[name], rs.users[name]
     for name in dead_tables:
         del rs.tables[name], rs.users[name]
+    return _transaction(rs, set(rs.tables) - tables_before, set(rs.chains) - chains_before, before, after,
+                        chains_before.intersection(dead_chains), tables_before.intersection(dead_tables))
+
+
+def _transaction(rs: Ruleset, tables_added: set[str], chains_added: set[str], before: nftscript.Contents,
+                 after: nftscript.Contents, chains_gone: set[str], tables_gone: set[str]) -> str:
+    """One nft transaction from the table as it is to `rs`, whichever way the difference was found (a change
+    record, or two whole rulesets). Order matters inside it: new lookup tables and chains first, then element
+    changes (deletions first), then the chains and tables nothing points at any more."""
     t = rs.table
-    lines = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {t} ', 1)}"
-             for n in sorted(set(rs.tables) - tables_before)]
-    for name in sorted(set(rs.chains) - chains_before):
-        lines.append(f"add chain inet {t} {name}")
-        lines += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(rs, name)]
-    lines += _element_lines("delete", t, before - after)
-    lines += _element_lines("add", t, after - before)
-    lines += [f"delete chain inet {t} {name}" for name in dead_chains if name in chains_before]
-    lines += [f"delete map inet {t} {name}" for name in dead_tables if name in tables_before]
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-def _element_lines(verb: str, table: str, pairs: set[tuple[str, str]]) -> list[str]:
-    by_container: dict[str, list[str]] = {}
-    for container, element in pairs:
-        by_container.setdefault(container, []).append(element)
-    return [f"{verb} element inet {table} {c} {{ {', '.join(sorted(e))} }}" for c, e in sorted(by_container.items())]
+    head = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {t} ', 1)}"
+            for n in sorted(tables_added)]
+    for name in sorted(chains_added):
+        head.append(f"add chain inet {t} {name}")
+        head += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(rs, name)]
+    deletions, additions = nftscript.element_changes(t, before, after, _CONTAINERS)
+    tail = [f"delete chain inet {t} {name}" for name in sorted(chains_gone)]
+    tail += [f"delete map inet {t} {name}" for name in sorted(tables_gone)]
+    return nftscript.script([*head, *deletions, *additions, *tail])
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -203,28 +223,24 @@ def _chain_body(rs: Ruleset, name: str) -> list[str]:
     return rules
 
 
-def _elements(items: Iterable[str]) -> str:
-    listed = sorted(items)
-    return f" elements = {{ {', '.join(listed)} }};" if listed else ""
-
-
 def _declarations(rs: Ruleset) -> list[str]:
     """Sets and maps, each on one line: `nft -f` reads a whole table definition in one transaction."""
     out = []
+    c = _contents(rs)
     for v in (4, 6):
         a = _ADDR[v]
         out += [
-            f"\tset vips_v{v} {{ type {a};{_elements(rs.vips[v])} }}",
+            f"\tset vips_v{v} {{ type {a};{nftscript.elements(c[f'vips_v{v}'])} }}",
             f"\tmap dispatch_v{v} {{ type {a} . inet_proto . inet_service : verdict;"
-            + _elements(f"{_frontend(k)} : goto {c}" for k, c in rs.dispatch[v].items()) + " }",
+            + nftscript.elements(c[f"dispatch_v{v}"]) + " }",
             f"\tmap node_ports_v{v} {{ type {a} . inet_proto . inet_service : inet_service;"
-            + _elements(f"{_frontend(k)} : {p}" for k, p in rs.node_ports[v].items()) + " }",
+            + nftscript.elements(c[f"node_ports_v{v}"]) + " }",
             f"\tset masquerade_v{v} {{ type {a} . inet_proto . inet_service;"
-            + _elements(_frontend(k) for k in rs.masquerade[v]) + " }",
+            + nftscript.elements(c[f"masquerade_v{v}"]) + " }",
             f"\tset ranged_v{v} {{ type {a} . inet_proto . inet_service;"
-            + _elements(_frontend(k) for k in rs.ranged[v]) + " }",
+            + nftscript.elements(c[f"ranged_v{v}"]) + " }",
             f"\tset allowed_v{v} {{ type {a} . inet_proto . inet_service . {a}; flags interval;"
-            + _elements(f"{_frontend(k)} . {net}" for k, net in rs.allowed[v]) + " }",
+            + nftscript.elements(c[f"allowed_v{v}"]) + " }",
         ]
     for table in sorted(rs.tables.values(), key=lambda t: t.name):
         out.append(_table_declaration(table))
@@ -277,7 +293,7 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
 
 def render_full(rs: Ruleset) -> str:
     """Declare, delete and redefine the table: the kernel swaps old for new in one transaction."""
-    lines = [f"table inet {rs.table}", f"delete table inet {rs.table}", f"table inet {rs.table} {{"]
+    lines = nftscript.replace_table(rs.table)
     lines += _declarations(rs)
     lines += _fixed_chains(rs)
     for name in sorted(rs.chains):
@@ -290,54 +306,19 @@ def render(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datap
     return render_full(build(frontends, vips, dataplane))
 
 
-def _set_delta(name: str, old: set[str], new: set[str], table: str, out: list[str], adds: list[str]) -> None:
-    gone, came = sorted(old - new), sorted(new - old)
-    if gone:
-        out.append(f"delete element inet {table} {name} {{ {', '.join(gone)} }}")
-    if came:
-        adds.append(f"add element inet {table} {name} {{ {', '.join(came)} }}")
-
-
-def _map_elements(items: Mapping[FrontendKey, object]) -> set[str]:
-    return {f"{_frontend(k)} : {v}" for k, v in items.items()}
-
-
 def render_delta(old: Ruleset, new: Ruleset) -> str | None:
-    """Only what changed, as one nft transaction, or None when the fixed part changed (render_full then).
-
-    Order matters inside the transaction: new lookup tables and chains first, then element changes, then
-    the chains and tables nothing points at any more.
-    """
+    """Only what changed between two whole rulesets (a new model: no change record says what moved), as one nft
+    transaction, or None when the fixed part changed (render_full then)."""
     if (old.table, old.mark, old.size) != (new.table, new.mark, new.size):
         return None
-    t = new.table
-    head: list[str] = []
-    removals: list[str] = []
-    additions: list[str] = []
-    for name in sorted(new.tables.keys() - old.tables.keys()):
-        head.append(f"add {_table_declaration(new.tables[name]).strip().replace('map ', f'map inet {t} ', 1)}")
-    for name in sorted(new.chains.keys() - old.chains.keys()):
-        head.append(f"add chain inet {t} {name}")
-        head += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(new, name)]
-    for v in (4, 6):
-        _set_delta(f"vips_v{v}", old.vips[v], new.vips[v], t, removals, additions)
-        _set_delta(f"dispatch_v{v}", {f"{_frontend(k)} : goto {c}" for k, c in old.dispatch[v].items()},
-                   {f"{_frontend(k)} : goto {c}" for k, c in new.dispatch[v].items()}, t, removals, additions)
-        _set_delta(f"node_ports_v{v}", _map_elements(old.node_ports[v]), _map_elements(new.node_ports[v]), t,
-                   removals, additions)
-        for name in ("masquerade", "ranged"):
-            _set_delta(f"{name}_v{v}", {_frontend(k) for k in getattr(old, name)[v]},
-                       {_frontend(k) for k in getattr(new, name)[v]}, t, removals, additions)
-        _set_delta(f"allowed_v{v}", {f"{_frontend(k)} . {n}" for k, n in old.allowed[v]},
-                   {f"{_frontend(k)} . {n}" for k, n in new.allowed[v]}, t, removals, additions)
-    tail = [f"delete chain inet {t} {name}" for name in sorted(old.chains.keys() - new.chains.keys())]
-    tail += [f"delete map inet {t} {name}" for name in sorted(old.tables.keys() - new.tables.keys())]
-    return "\n".join([*head, *removals, *additions, *tail]) + "\n" if head or removals or additions or tail else ""
+    return _transaction(new, new.tables.keys() - old.tables.keys(), new.chains.keys() - old.chains.keys(),
+                        _content_sets(old), _content_sets(new), old.chains.keys() - new.chains.keys(),
+                        old.tables.keys() - new.tables.keys())
 
 
 def render_delete(dataplane: model.Dataplane) -> str:
     """Remove lbagent's table and with it everything lbagent programmed (`lbagent cleanup`)."""
-    return f"table inet {dataplane.table}\ndelete table inet {dataplane.table}\n"
+    return nftscript.delete_table(dataplane.table)
 
 
 def predict(frontend: Frontend, source: model.IPAddress, source_port: int, size: int) -> Backend | None:

@@ -411,7 +411,7 @@ def _routable(address: model.IPAddress) -> bool:
 _RUNTIME_DIR = re.compile(r"/[A-Za-z0-9._/-]*", re.ASCII)
 # The unix sockets lbagent makes in the runtime dir, whose paths must fit sockaddr_un.sun_path (107 bytes): the
 # status and ExaBGP API sockets always; with listeners, HAProxy's master and admin sockets, which HAProxy binds as
-# "<path>.<pid>.tmp" first. Their owners (status.py, apply/bgp.py, apply/haproxy.py) are held to these names by
+# "<path>.<pid>.tmp" first. Their owners (agent/status.py, l3/speaker.py, l7/process.py) are held to these names by
 # tests/unit/test_runtime_dir.py.
 SUN_PATH_MAX = 107
 RUNTIME_SOCKETS = ("status.sock", "exabgp-api.sock")
