@@ -48,7 +48,7 @@ def node(name: str, *addresses: tuple[str, str], labels: dict[str, str] | None =
 
 def endpoint_slice(*endpoints: tuple[str, dict[str, bool]], address_type: str = "IPv4") -> dict[str, Any]:
     return {"addressType": address_type, "endpoints": [
-        {"addresses": ["10.244.0.1"], "nodeName": n, "conditions": c} for n, c in endpoints]}
+        {"addresses": ["198.51.100.21"], "nodeName": n, "conditions": c} for n, c in endpoints]}
 
 
 def test_only_load_balancers_of_lbagents_class_not_being_deleted_are_ours() -> None:

@@ -169,6 +169,8 @@ class KubernetesSource:
         self._problems_logged: dict[str, str] = {}  # what every node logs: what it cannot serve
         self._allocation_logged: dict[str, str] = {}  # what the writer logs: what it cannot give an address
         self.writes = 0
+        self._write_lock = asyncio.Lock()
+        self._written: dict[str, tuple[tuple[str, ...], str]] = {}  # key -> (addresses, the version written over)
         self._translated: TranslationCache = {}  # load()'s, in the worker thread (one load at a time)
 
     @property
@@ -344,7 +346,12 @@ class KubernetesSource:
             self._tasks = [t for t in self._tasks if not t.done()]
 
     async def write(self) -> None:
-        """Allocate and write every Service's status that differs; Events for what cannot be served."""
+        """Allocate and write every Service's status that differs; Events for what cannot be served. One pass at a
+        time: two passes over the same snapshot would write the same status twice."""
+        async with self._write_lock:
+            await self._write()
+
+    async def _write(self) -> None:
         assert self._recorder is not None
         if self.lease is None or not self.lease.leading:
             return
@@ -386,12 +393,16 @@ class KubernetesSource:
             if wanted == have and all(m == "Proxy" for m in modes):
                 return
             meta = obj.get("metadata") or {}
+            version = str(meta.get("resourceVersion") or "")
+            if self._written.get(key) == (wanted, version):
+                return  # written from this very version already: the watch has not brought our write back yet
             async with limit:
                 error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted)
                 if error is not None:
                     event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
                     return
                 self.writes += 1
+                self._written[key] = (wanted, version)
                 event(log, logging.INFO, "kubernetes_status_written", service=key,
                       addresses=",".join(wanted) or "-", previous=",".join(have) or "-")
                 if wanted and self._recorder is not None:
