@@ -180,9 +180,11 @@ def kubectl_path() -> str:
 class KubeAPIServer:
     """kube-apiserver and its etcd in one process, on 127.0.0.1; see the module's docstring."""
 
-    def __init__(self, workdir: Path, binary: Path | None = None, log: Log = _stderr) -> None:
+    def __init__(self, workdir: Path, binary: Path | None = None, log: Log = _stderr,
+                 extra_flags: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir)
         self.binary = binary
+        self.extra_flags = tuple(extra_flags)  # e.g. a wider --service-node-port-range for the benchmark
         self.log = log
         self.port = 0
         self.url = ""
@@ -267,6 +269,7 @@ class KubeAPIServer:
             # It waits for token controllers of a kube-controller-manager that does not run here.
             "--disable-admission-plugins=ServiceAccount",
             "--profiling=false",
+            *self.extra_flags,
         ]
 
     def _spawn(self) -> None:
