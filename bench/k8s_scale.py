@@ -103,7 +103,8 @@ def slice_of(i: int, nodes: int, shift: int) -> dict[str, Any]:
     on = [f"node{(i + shift) % nodes}", f"node{(i + shift + 1) % nodes}"]
     return {"metadata": {"name": f"svc{i}-1", "labels": {"kubernetes.io/service-name": f"svc{i}"}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": [f"198.51.100.{(2 * i + k) % 250 + 1}"], "nodeName": n, "conditions": {"ready": True}}
+            "endpoints": [{"addresses": [f"198.51.100.{(2 * i + k) % 250 + 1}"], "nodeName": n,
+                           "conditions": {"ready": True}}
                           for k, n in enumerate(on)],
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
 
