@@ -61,7 +61,9 @@ kube-apiserver: deps
 test: lint kube-apiserver
 	$(VENV)/bin/pytest -v -rA tests
 
-demo: deps
+# The namespace lab with both agents: BGP and ECMP, L4, the HTTP layer, then the Kubernetes source against the
+# tests' kube-apiserver (its first build takes minutes; cached after).
+demo: deps kube-apiserver
 	$(VENV)/bin/python -m tests.lab demo
 
 # Benchmarks (numbers in docs/benchmarks.md); they need wrk, nginx and git (config_load.py's baseline: the code

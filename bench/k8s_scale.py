@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,14 +130,20 @@ async def inside_kubernetes(config_path: str, changes: int) -> dict[str, Any]:
     total = time.perf_counter() - started
     print(json.dumps({"ready": True}), flush=True)
     done: list[float] = []
+    steps: dict[str, list[float]] = {"load": [], "plan": [], "apply": []}
     while len(done) < changes:
         await changed.wait()
         changed.clear()
+        t0 = time.perf_counter()
         new = await asyncio.to_thread(source.load)
+        t1 = time.perf_counter()
         keys = {s.key for s in new.services if s != (m.service(s.key) if m.has_service(s.key) else None)}
         p2 = replan(p, new, all_healthy(new), keys)
+        t2 = time.perf_counter()
         await fwd.apply(p2.frontends, p2.vips, change=FrontendChange.of(p.by_service, p2.by_service, keys))
         now = time.monotonic()
+        for step, seconds in (("load", t1 - t0), ("plan", t2 - t1), ("apply", time.perf_counter() - t2)):
+            steps[step].append(seconds)
         done += [now] * len(keys)
         for key in sorted(keys):
             print(json.dumps({"applied": key, "at": now}), flush=True)
@@ -144,7 +151,8 @@ async def inside_kubernetes(config_path: str, changes: int) -> dict[str, Any]:
     await fwd.cleanup()
     await source.close()
     return {"lists_s": round(t_lists, 2), "model_s": round(t_model, 2), "to_programmed_s": round(total, 2),
-            "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "change_p50_ms": {step: round(statistics.median(v) * 1000, 1) for step, v in steps.items() if v}}
 
 
 async def inside_file(config_path: str) -> dict[str, Any]:
@@ -182,9 +190,16 @@ def main() -> int:
 
 
 async def orchestrate(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="lbagent-k8s-bench-"))
+    try:
+        return await run_in(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def run_in(work: Path, args: argparse.Namespace) -> int:
     from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer, write_kubeconfig  # noqa: PLC0415
 
-    work = Path(tempfile.mkdtemp(prefix="lbagent-k8s-bench-"))
     result: dict[str, Any] = {"services": args.services, "nodes": args.nodes}
     with KubeAPIServer(work / "api", extra_flags=["--service-node-port-range=20000-55000"]) as api:
         started = time.perf_counter()
@@ -281,13 +296,17 @@ async def measure_changes(api: Any, agent: subprocess.Popen[str], args: argparse
     await kube_config.load_kube_config(config_file=str(api.kubeconfig("admin")), client_configuration=configuration)
     latencies: list[float] = []
     assert agent.stdout is not None
+    shifts: dict[int, int] = {}
     async with client.ApiClient(configuration) as c:
         discovery = client.DiscoveryV1Api(c)
         for n in range(args.changes):
             i = (n * 7919) % args.services
+            # a shift the slice does not have now (a multiple of the node count would change nothing, and
+            # nothing would be applied)
+            shift = shifts[i] = 1 + shifts.get(i, 0) % (args.nodes - 1)
             written = time.monotonic()  # from the write request: the watch event may beat the API's answer
             await discovery.replace_namespaced_endpoint_slice(
-                f"svc{i}-1", NAMESPACE, raw(slice_of(i, args.nodes, n + 3)))
+                f"svc{i}-1", NAMESPACE, raw(slice_of(i, args.nodes, shift)))
             while True:
                 line = await asyncio.to_thread(agent.stdout.readline)
                 item = json.loads(line)
