@@ -12,7 +12,7 @@ N Services of type LoadBalancer (externalTrafficPolicy Local, 2 ports) with an E
 The agent's health checks are left out (every node healthy), as in bench/scale.py.
 
 Usage: .venv/bin/python bench/k8s_scale.py [--services 10000] [--nodes 20] [--changes 100] [--json]   (root)
-Work in progress: see docs/benchmarks.md once the numbers are in.
+Numbers: docs/benchmarks.md, "The Kubernetes source".
 """
 
 # The orchestrator starts processes and namespaces between awaits on purpose: it measures, it does not serve.
