@@ -61,14 +61,18 @@ kube-apiserver: deps
 test: lint kube-apiserver
 	$(VENV)/bin/pytest -v -rA tests
 
-demo: deps
+# The namespace lab with both agents: BGP and ECMP, L4, the HTTP layer, then the Kubernetes source against the
+# tests' kube-apiserver (its first build takes minutes; cached after).
+demo: deps kube-apiserver
 	$(VENV)/bin/python -m tests.lab demo
 
 # Benchmarks (numbers in docs/benchmarks.md); they need wrk, nginx and git (config_load.py's baseline: the code
 # before issue 10) besides the test packages.
-bench: deps
+bench: deps kube-apiserver
 	@$(call apt_install,$(BENCH_PACKAGES))
 	$(VENV)/bin/python bench/scale.py --services 1000 10000 --repeat 5
+	$(VENV)/bin/python bench/k8s_scale.py --services 1000
+	$(VENV)/bin/python bench/k8s_scale.py --services 10000
 	$(VENV)/bin/python bench/config_load.py --repeat 3
 	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3

@@ -12,6 +12,8 @@ What it sets up (tests/k8s/README.md says why):
   controller-manager makes the tokens it waits for);
 - ClusterIP ranges 198.18.0.0/16 and 2001:db8:ffff::/112 (dual stack), away from the documentation ranges that
   tests use for node addresses, endpoints and load-balancer IPs;
+- `lbagent` also has a bearer token (--token-auth-file), as the Vagrant lab's k3s gives it
+  (lbagent-token.kubeconfig: the shape vagrant/provision/lb.sh writes);
 - readiness by polling /readyz; a kubeconfig per user in the work directory (admin.kubeconfig, lbagent.kubeconfig).
 
 Stopping sends SIGTERM to the server's process group (SIGKILL after a grace period) and deletes etcd's data; the
@@ -27,6 +29,7 @@ import http.client
 import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -145,6 +148,24 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, user: str, cert_fil
         "contexts": [{"name": context, "context": {"cluster": CLUSTER_NAME, "user": user, "namespace": namespace}}],
         "current-context": context,
     }
+    _write_kubeconfig_file(path, config)
+
+
+def write_token_kubeconfig(path: Path, server: str, ca_file: Path, user: str, token: str) -> None:
+    """A kubeconfig with a bearer token, the shape vagrant/provision/lb.sh writes for the LB nodes."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": CLUSTER_NAME,
+                      "cluster": {"server": server, "certificate-authority-data": _b64(ca_file)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": f"{user}@{CLUSTER_NAME}", "context": {"cluster": CLUSTER_NAME, "user": user}}],
+        "current-context": f"{user}@{CLUSTER_NAME}",
+    }
+    _write_kubeconfig_file(path, config)
+
+
+def _write_kubeconfig_file(path: Path, config: Mapping[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -180,9 +201,11 @@ def kubectl_path() -> str:
 class KubeAPIServer:
     """kube-apiserver and its etcd in one process, on 127.0.0.1; see the module's docstring."""
 
-    def __init__(self, workdir: Path, binary: Path | None = None, log: Log = _stderr) -> None:
+    def __init__(self, workdir: Path, binary: Path | None = None, log: Log = _stderr,
+                 extra_flags: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir)
         self.binary = binary
+        self.extra_flags = tuple(extra_flags)  # e.g. a wider --service-node-port-range for the benchmark
         self.log = log
         self.port = 0
         self.url = ""
@@ -193,6 +216,9 @@ class KubeAPIServer:
         self.startup_seconds = 0.0
         self.users: dict[str, User] = {}
         self.ca: TestCA | None = None
+        # lbagent's user also has a bearer token (--token-auth-file), as k3s gives it in the Vagrant lab
+        self.lbagent_token = secrets.token_hex(32)
+        self.token_kubeconfig = self.workdir / f"{LBAGENT_USER}-token.kubeconfig"
 
     # Life cycle
 
@@ -236,6 +262,10 @@ class KubeAPIServer:
                              dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"])
         self.admin_cert = _sign(ca, "admin", ADMIN_USER, organizations=[ADMIN_GROUP])
         self.lbagent_cert = _sign(ca, "lbagent", LBAGENT_USER)
+        self.token_file = pki / "tokens.csv"  # token,user,uid
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{self.lbagent_token},{LBAGENT_USER},{LBAGENT_USER}\n")
         # Service-account tokens: kube-apiserver insists on a signing key even though no test uses a token.
         self.sa_key = pki / "service-account.key"
         self.sa_pub = pki / "service-account.pub"
@@ -258,6 +288,7 @@ class KubeAPIServer:
             f"--tls-cert-file={serving_cert}",
             f"--tls-private-key-file={serving_key}",
             f"--client-ca-file={self.ca.cert_file}",
+            f"--token-auth-file={self.token_file}",
             "--authorization-mode=Node,RBAC",
             "--anonymous-auth=false",
             f"--service-cluster-ip-range={','.join(SERVICE_CIDRS)}",
@@ -267,6 +298,7 @@ class KubeAPIServer:
             # It waits for token controllers of a kube-controller-manager that does not run here.
             "--disable-admission-plugins=ServiceAccount",
             "--profiling=false",
+            *self.extra_flags,
         ]
 
     def _spawn(self) -> None:
@@ -313,6 +345,7 @@ class KubeAPIServer:
             kubeconfig = self.workdir / f"{name}.kubeconfig"
             write_kubeconfig(kubeconfig, self.url, self.ca.cert_file, name, cert, key)
             self.users[name] = User(name, cert, key, kubeconfig)
+        write_token_kubeconfig(self.token_kubeconfig, self.url, self.ca.cert_file, LBAGENT_USER, self.lbagent_token)
 
     def _kill(self) -> None:
         """SIGTERM to the process group (kube-apiserver shuts down, then etcd), SIGKILL if it takes too long."""

@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,14 @@ from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer
 POOL = "203.0.113.64/29"
 
 
-def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str, node: str = "lb1") -> Path:
+def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str, node: str = "lb1",
+                kubeconfig: Path | None = None) -> Path:
     path = tmp_path / f"{node}.yaml"
     path.write_text(yaml.safe_dump({
         "node": {"name": node},
         "agent": {"runtimeDir": str(tmp_path / node)},
         "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
-        "kubernetes": {"kubeconfig": str(api.kubeconfig(LBAGENT_USER)), "loadBalancerClass": lb_class,
+        "kubernetes": {"kubeconfig": str(kubeconfig or api.kubeconfig(LBAGENT_USER)), "loadBalancerClass": lb_class,
                        "pools": [{"name": "public", "addresses": [POOL]}], "lease": {"duration": "4s"}},
     }))
     return path
@@ -86,7 +87,7 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
         try:
             await until("lb1 to hold the Lease", lambda: source.status()["writer"])
             ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
-            assert ip_address(ips) in __import__("ipaddress").ip_network(POOL)
+            assert ip_address(ips) in ip_network(POOL)
             assert external_ips(api, namespace)["other-class"] == ""  # not lbagent's class: left alone
             m = await until("the source's model to hold the service",
                             lambda: (m := source.load()).has_service(f"{namespace}/web") and m)
@@ -104,6 +105,63 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
         assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": ips, "ipMode": "Proxy"}]
         managers = {(f["manager"], f.get("subresource")) for f in svc["metadata"]["managedFields"]}
         assert ("lbagent", "status") in managers
+
+    run(scenario)
+
+
+def test_a_bearer_token_kubeconfig_does_the_same(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    """The Vagrant lab's LB nodes authenticate with a token (vagrant/provision/lb.sh), not a client certificate:
+    the same user, the same rights (deploy/kubernetes/rbac.yaml), the Lease taken and the status written."""
+    api = kube_apiserver
+    kubeconfig = yaml.safe_load(api.token_kubeconfig.read_text())
+    assert set(kubeconfig["users"][0]["user"]) == {"token"}
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("web", lb_class)))
+
+    async def scenario() -> None:
+        source = KubernetesSource(config_file(tmp_path, api, lb_class, kubeconfig=api.token_kubeconfig), "lb1")
+        await source.start()
+        try:
+            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
+            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
+            assert ip_address(ips) in ip_network(POOL)
+        finally:
+            await source.close()
+
+    run(scenario)
+
+
+def test_a_service_that_stops_being_lbagents_gives_its_address_back(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    """Its type changed to ClusterIP: the writer takes the address out of its status (only what lbagent wrote),
+    once, and another Service may have it."""
+    api = kube_apiserver
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("web", lb_class)))
+
+    async def scenario() -> None:
+        source = KubernetesSource(config_file(tmp_path, api, lb_class), "lb1")
+        await source.start()
+        try:
+            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
+            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
+            api.kubectl("patch", "svc", "web", "-n", namespace, "--type", "merge", "-p",
+                        json.dumps({"spec": {"type": "ClusterIP"}}))
+            await until("the address to leave the status", lambda: external_ips(api, namespace)["web"] == "")
+            await until("the model to drop the service", lambda: not source.load().has_service(f"{namespace}/web"))
+            writes = source.status()["statusWrites"]
+            assert writes == 2  # the address, then its release
+            api.kubectl("label", "svc", "web", "-n", namespace, "touched=yes")
+            await source.write()  # nothing more: lbagent holds no field of it now
+            assert source.status()["statusWrites"] == writes
+            status, svc = api.request("admin", "GET", f"/api/v1/namespaces/{namespace}/services/web")
+            assert status == 200
+            assert not any(f["manager"] == "lbagent" for f in svc["metadata"].get("managedFields") or [])
+            # the address is free again: a Service that asks for it gets it
+            api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(
+                service("web2", lb_class, annotations={IPS_ANNOTATION: ips})))
+            assert await until("web2's address", lambda: external_ips(api, namespace).get("web2")) == ips
+        finally:
+            await source.close()
 
     run(scenario)
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
-from tests.lab.lab import DEFAULT_SERVICES, LBS, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
+import yaml
+
+from tests.k8s.apiserver import KubeAPIServer
+from tests.lab.kube import POOL, KubeLab
+from tests.lab.lab import DEFAULT_SERVICES, LBS, NODES, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
 
 # The demo's HTTP layer: two versions of a shop behind one listener, with ingress-nginx's canary annotations.
 DEMO_LISTENER_VIP = "192.0.2.20"
@@ -32,6 +40,13 @@ DEMO_HTTP = {
     ]}],
 }
 VERSIONS = {30081: "v1", 30082: "v2"}
+# The Kubernetes stage: a Service as a user writes it, of lbagent's class; the lab's backends serve its nodePort.
+DEMO_K8S_SERVICE = {
+    "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+    "spec": {"type": "LoadBalancer", "loadBalancerClass": "lbagent.io/lbagent", "selector": {"app": "web"},
+             "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
+}
+EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -164,7 +179,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  failed requests: {failures}")
         print("  every answer comes from a node, and each node saw an LB's cluster address as the client: "
               "the LBs spread the flows over the nodes and masquerade toward them.")
-        return 0 if failures == 0 and answers and _demo_http(lab, args) else 1
+        if not (failures == 0 and answers and _demo_http(lab, args)):
+            return 1
+        return 0 if args.no_kubernetes or _demo_kubernetes(lab, args) else 1
     finally:
         _step(f"tearing down lab {lab.prefix}")
         lab.down()
@@ -210,6 +227,70 @@ def _demo_http(lab: Lab, args: argparse.Namespace) -> bool:
     print("  lbagent turned the routes into HAProxy config, the canary into weights, and sends node health to "
           "HAProxy's runtime API." if ok else "  the HTTP layer did not answer as configured")
     return ok
+
+
+def _demo_kubernetes(lab: Lab, args: argparse.Namespace) -> bool:
+    """The Kubernetes source: both agents restarted to take Nodes and Services from a real kube-apiserver; a
+    Service applied with kubectl gets an address, is announced and served; an excluded node leaves; a deleted
+    Service is withdrawn."""
+    _step("Kubernetes: a real kube-apiserver (built once from k8s.io/kubernetes, cached); both agents restarted "
+          "with a `kubernetes` section: the Nodes and Services come from the API")
+    workdir = Path(tempfile.mkdtemp(prefix="lbagent-demo-k8s-"))
+    try:
+        with KubeAPIServer(workdir / "api", log=lambda line: print(f"  {line}", flush=True)) as api:
+            for lb in LBS:
+                lab.stop_agent(lb)
+            kube = KubeLab(lab, api, workdir)
+            try:
+                kube.start()
+                print("  lbagent.yaml on each LB: " + json.dumps(lab.agent_config("lb1")["kubernetes"]))
+                return _demo_kubernetes_steps(kube, args, POOL)
+            finally:
+                kube.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _demo_kubernetes_steps(kube: KubeLab, args: argparse.Namespace, pool: str) -> bool:
+    lab, api = kube.lab, kube.api
+    _step("the Nodes, written by the demo as each node's kubelet would register them: kubectl get nodes -o wide")
+    print("  " + "\n  ".join(api.kubectl("get", "nodes", "-o", "wide").stdout.rstrip().splitlines()))
+    print("  (no kubelet runs here, hence STATUS Unknown: lbagent leaves a node's readiness to its own health "
+          "checks, as Kubernetes' service controller does)")
+    _step(f"kubectl apply -f - (a Service of type LoadBalancer, class lbagent.io/lbagent; pool {pool})")
+    print("  " + "\n  ".join(yaml.safe_dump(DEMO_K8S_SERVICE, sort_keys=False).rstrip().splitlines()))
+    started = time.monotonic()
+    api.kubectl("apply", "-f", "-", input=json.dumps(DEMO_K8S_SERVICE))
+    ip = kube.wait_ip("default/web")
+    print(f"  kubectl get svc web ({time.monotonic() - started:.1f} s after the apply):")
+    print("  " + "\n  ".join(api.kubectl("get", "svc", "web").stdout.rstrip().splitlines()))
+    writers = [lb for lb in LBS if kube.status(lb)["source"]["writer"]]
+    print(f"  the writer (the Lease kube-system/lbagent): {', '.join(writers)}; the other LB programs the same")
+    wait_for(lambda: _both_lbs_announce(lab, ip), args.timeout, 0.2, f"both LBs as next hops of {ip}")
+    print("    " + "\n    ".join(lab.router_route(ip).splitlines()))
+    everyone = wait_for(lambda: kube.answering_nodes(ip, tries=30) == set(NODES), args.timeout, 0.5,
+                        f"answers from every node at {ip}")
+    print(f"  requests from the client to http://{ip}/: answered by {', '.join(sorted(NODES))}")
+
+    _step(f"kubectl label node node3 {EXCLUDE_LABEL}=  (Kubernetes' label for nodes an LB must not use)")
+    api.kubectl("label", "node", "node3", f"{EXCLUDE_LABEL}=")
+    left = wait_for(lambda: kube.answering_nodes(ip, tries=30) == {"node1", "node2"}, args.timeout, 0.5,
+                    "answers from node1 and node2 only")
+    print("  answered by node1, node2: node3 left rotation on both LBs")
+    api.kubectl("label", "node", "node3", f"{EXCLUDE_LABEL}-")
+
+    _step("kubectl delete svc web")
+    api.kubectl("delete", "svc", "web")
+    gone = wait_for(lambda: not lab.router_nexthops(f"{ip}/32"), args.timeout, 0.2, f"the router to drop {ip}")
+
+    def cleared(lb: str) -> bool:
+        bound = lab.exec(lb, ["ip", "-o", "addr", "show", "dev", "lo"]).stdout
+        return ip not in bound and ip not in lab.nft_ruleset(lb)
+
+    for lb in LBS:
+        wait_for(lambda: cleared(lb), args.timeout, 0.2, f"{ip} unbound and unprogrammed on {lb}")  # noqa: B023
+    print(f"  the router holds no route to {ip}, and neither LB binds it or has a rule for it")
+    return bool(everyone and left and gone)
 
 
 def _both_lbs_announce(lab: Lab, vip: str) -> bool:
@@ -258,11 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="print the prefix of every lab found")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("demo", help="build a lab with agents, show ECMP, L4 load balancing and the HTTP layer, "
-                                    "tear it down")
+    p = sub.add_parser("demo", help="build a lab with agents, show ECMP, L4 load balancing, the HTTP layer and "
+                                    "the Kubernetes source, tear it down")
     p.add_argument("--prefix")
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--timeout", type=float, default=30, help="seconds to wait for BGP and the first answer")
+    p.add_argument("--no-kubernetes", action="store_true", help="skip the stage with the kube-apiserver")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,33 +3,26 @@ address from the pool, written once by the one writer, announced by both LBs and
 nodePorts; EndpointSlices steer Local traffic; deletions, excluded nodes, bad objects, an API outage, a killed
 writer and restarted agents, each as a user would see them (kubectl, the router's routes, the client's answers).
 
-The kube-apiserver runs on the host's loopback (tests/k8s); each LB namespace reaches it at its own
-127.0.0.1:6443 through tests/k8s/bridge.py (a unix socket joins the namespaces). The test plays the cluster's
-controllers: it writes Nodes and EndpointSlices as the kubelet and the EndpointSlice controller would, and tells each
-lab node's backend (kube-proxy's health check) how many local endpoints it has.
+The kube-apiserver runs on the host's loopback (tests/k8s) and reaches each LB namespace as tests/lab/kube.py
+describes. The test plays the cluster's controllers: it writes Nodes and EndpointSlices as the kubelet and the
+EndpointSlice controller would, and tells each lab node's backend (kube-proxy's health check) how many local
+endpoints it has.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.k8s import objects
-from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer, write_kubeconfig
+from tests.k8s.apiserver import KubeAPIServer
+from tests.lab.kube import REPO, KubeLab, endpoint_slice, lb_service
 from tests.lab.lab import LBS, NODES, Lab, address, wait_for
 
-POOL = "192.0.2.64/28"
-REPO = Path(__file__).resolve().parents[2]
 SEED_SERVICE = REPO / "configs" / "kubernetes" / "ingress-nginx-controller.yaml"
 SEED_KEY = "ingress/ingress-nginx-controller"
 HC_PORT = 32080
@@ -43,116 +36,6 @@ LAB_SERVICES: list[dict[str, Any]] = [
     {"name": "shop", "namespace": "default", "vip": "192.0.2.11",
      "ports": [{"name": "http", "port": 80, "nodePort": 30081}]},
 ]
-
-
-class KubeLab:
-    """The lab, the API server and the bridges between them."""
-
-    def __init__(self, lab: Lab, api: KubeAPIServer, workdir: Path) -> None:
-        self.lab, self.api, self.workdir = lab, api, workdir
-        self.socket = workdir / "api.sock"
-        self.host_bridge: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        port = self.api.url.rsplit(":", 1)[1]
-        self.host_bridge = subprocess.Popen(
-            [sys.executable, "-m", "tests.k8s.bridge", "unix-to-tcp", str(self.socket), f"127.0.0.1:{port}"],
-            cwd=REPO, stdout=subprocess.PIPE, start_new_session=True)
-        assert self.host_bridge.stdout is not None and self.host_bridge.stdout.readline().strip() == b"ready"
-        assert self.api.ca is not None
-        for lb in LBS:
-            self.lab.spawn(lb, "apibridge", [sys.executable, "-m", "tests.k8s.bridge", "tcp-to-unix",
-                                             f"127.0.0.1:{API_PORT_IN_LB}", str(self.socket)])
-            kubeconfig = self.lab.state_dir / lb / "kubeconfig"
-            user = self.api.users[LBAGENT_USER]
-            write_kubeconfig(kubeconfig, f"https://127.0.0.1:{API_PORT_IN_LB}", self.api.ca.cert_file, LBAGENT_USER,
-                             user.cert_file, user.key_file)
-            config = self.lab.default_agent_config(lb)
-            config["nodes"], config["services"] = [], []
-            config["kubernetes"] = {"kubeconfig": str(kubeconfig), "pools": [{"name": "lab", "addresses": [POOL]}],
-                                    "lease": {"duration": "4s"}}
-            self.lab.write_agent_config(lb, config)
-        self.apply(*(objects.node(node, address(node)) for node in NODES))
-        self.api.kubectl("create", "namespace", "ingress")
-        for lb in LBS:
-            self.lab.start_agent(lb)
-        for lb in LBS:
-            wait_for(lambda: "event=agent_started" in self.lab.agent_log(lb, since_start=True), 60,  # noqa: B023
-                     message=f"the agent on {lb} to start")
-
-    def stop(self) -> None:
-        if self.host_bridge is not None:
-            self.host_bridge.kill()
-            self.host_bridge.wait()
-
-    def apply(self, *docs: dict[str, Any], namespace: str | None = None) -> None:
-        self.api.kubectl("apply", *(["-n", namespace] if namespace else []), "-f", "-",
-                         input=objects.manifest(*docs))
-
-    def service(self, key: str) -> dict[str, Any]:
-        namespace, name = key.split("/")
-        answer: dict[str, Any] = json.loads(self.api.kubectl("get", "svc", name, "-n", namespace, "-o", "json").stdout)
-        return answer
-
-    def external_ip(self, key: str) -> str:
-        namespace, name = key.split("/")
-        rows = objects.table(self.api.kubectl("get", "svc", name, "-n", namespace).stdout)
-        return rows[0]["EXTERNAL-IP"]
-
-    def wait_ip(self, key: str) -> str:
-        def shown() -> str | None:
-            ip = self.external_ip(key)
-            return None if ip == "<pending>" else ip
-
-        found = wait_for(shown, 30, message=f"kubectl get svc to show {key}'s address")
-        assert found is not None
-        return found
-
-    def events(self, key: str) -> list[dict[str, Any]]:
-        namespace, name = key.split("/")
-        items = json.loads(self.api.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-        return [e for e in items if e["involvedObject"]["name"] == name]
-
-    def announced_by_both(self, ip: str) -> bool:
-        return self.lab.router_nexthops(f"{ip}/32") == {address(lb, "uplink") for lb in LBS}
-
-    def answering_nodes(self, ip: str, port: int = 80, tries: int = 30) -> set[str]:
-        nodes = set()
-        for source_port in range(42000, 42000 + tries):
-            answer = self.lab.request(f"http://{ip}:{port}/", local_port=source_port)
-            if answer is not None:
-                nodes.add(str(answer["node"]))
-        return nodes
-
-    def bridge_signal(self, sig: int) -> None:
-        for lb in LBS:
-            pid = self.lab.process_pid(lb, "apibridge")
-            assert pid is not None
-            os.kill(pid, sig)
-
-    def status(self, lb: str) -> dict[str, Any]:
-        out = self.lab.exec(lb, [str(REPO / ".venv" / "bin" / "lbagent"), "status", "-c",
-                                 str(self.lab.agent_config_path(lb)), "--json"])
-        answer: dict[str, Any] = json.loads(out.stdout)
-        return answer
-
-
-def lb_service(name: str, port: int, node_port: int | None = None,
-               annotations: dict[str, str] | None = None, lb_class: str = objects.LB_CLASS) -> dict[str, Any]:
-    """A Cluster-policy Service of lbagent's class in `default` (nodePort: one the lab's backends serve)."""
-    svc = objects.lb_service(name, port=port, local=False)
-    svc["metadata"] = {"name": name, "namespace": "default", "annotations": annotations or {}}
-    svc["spec"]["loadBalancerClass"] = lb_class
-    if node_port is not None:
-        svc["spec"]["ports"][0]["nodePort"] = node_port
-    return svc
-
-
-def endpoint_slice(key: str, nodes: list[str]) -> dict[str, Any]:
-    namespace, name = key.split("/")
-    eps = objects.endpoint_slice(name, {f"198.51.100.{20 + NODES.index(n)}": n for n in nodes})
-    eps["metadata"]["namespace"] = namespace
-    return eps
 
 
 @pytest.fixture(scope="module")

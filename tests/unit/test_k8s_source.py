@@ -13,6 +13,7 @@ import yaml
 from lbagent import model
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes.source import Snapshot, build, merged
+from lbagent.sources.kubernetes.writer import holds_status
 
 POOL = "203.0.113.64/29"
 
@@ -120,3 +121,17 @@ def test_a_build_translates_again_only_what_changed(tmp_path: Path) -> None:
                                  {}), cache)
     assert again.services[1] is first.services[1]  # b: nothing of it changed, not translated again
     assert first.services[0].endpoint_nodes == ("n1",) and again.services[0].endpoint_nodes == ("n2",)
+
+
+def test_lbagent_holds_a_status_only_where_its_manager_wrote_the_load_balancer() -> None:
+    """Which Services the writer may clear when they stop being lbagent's: never one another controller wrote."""
+    def svc(*entries: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"managedFields": list(entries)}}
+
+    ours = {"manager": "lbagent", "operation": "Apply", "subresource": "status",
+            "fieldsV1": {"f:status": {"f:loadBalancer": {"f:ingress": {}}}}}
+    assert holds_status(svc(ours))
+    assert not holds_status(svc({**ours, "manager": "metallb-controller"}))
+    assert not holds_status(svc({**ours, "subresource": None}))  # lbagent never writes a Service's spec
+    assert not holds_status(svc({**ours, "fieldsV1": {"f:status": {"f:conditions": {}}}}))
+    assert not holds_status(svc()) and not holds_status({})

@@ -1,8 +1,8 @@
 """The Vagrant lab (vagrant/, configs/lab/), checked without booting it: the Vagrantfile parses and, run
 against a stand-in for Vagrant's API, builds the namespace lab's machines and addresses; the provisioning scripts
-pass shellcheck; the LB configs pass lbagent's validation and describe the namespace lab's topology
-(tests/lab/lab.py); the BIRD config parses and peers with both LBs; the demo manifest's Services carry the
-LB configs' ports and policies."""
+pass shellcheck; the LB configs pass lbagent's validation and, with the demo manifest's Services as lbagent's
+Kubernetes source reads them (allocated and translated by its own code), describe the namespace lab's topology
+(tests/lab/lab.py); the BIRD config parses and peers with both LBs and accepts every pool address."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ import yaml
 
 from lbagent import model
 from lbagent.sources.file import config
+from lbagent.sources.kubernetes import translate
+from lbagent.sources.kubernetes.allocator import Allocator, Pool, Request
+from lbagent.sources.kubernetes.source import settings_of
 from tests import programs
 from tests.lab.lab import HOSTS, LB_AS, LBS, NODES, ROUTER_AS, ROUTER_UPLINK, Lab
 
@@ -35,6 +39,7 @@ BIRD_CONF = LAB_CONFIGS / "bird.conf"
 INSTALL = REPO / "systemd" / "install.sh"
 UNIT = REPO / "systemd" / "lbagent.service"
 LB_CLASS = "lbagent.io/lbagent"
+KUBECONFIG = "/etc/lbagent/kubeconfig"  # where vagrant/provision/lb.sh writes it
 
 
 def _tool(name: str) -> str:
@@ -63,6 +68,32 @@ def _lb_config(lb: str) -> dict[str, Any]:
     data = yaml.safe_load(_lb_config_path(lb).read_text())
     assert isinstance(data, dict)
     return data
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A stand-in for the kubeconfig lb.sh writes on an LB node: validation wants a 0600 file there."""
+    path = tmp_path_factory.mktemp("kube") / "kubeconfig"
+    path.write_text("apiVersion: v1\nkind: Config\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def _lb_doc(lb: str, kubeconfig: str) -> dict[str, Any]:
+    doc = _lb_config(lb)
+    assert doc["kubernetes"]["kubeconfig"] == KUBECONFIG
+    doc["kubernetes"]["kubeconfig"] = kubeconfig
+    return doc
+
+
+def _lb_model(lb: str, kubeconfig: str) -> model.Model:
+    """configs/lab/LB.yaml as lbagent reads it, the kubeconfig in a temporary place."""
+    return _parse(_lb_doc(lb, kubeconfig))
+
+
+def _pools(m: model.Model) -> list[Pool]:
+    assert m.kubernetes is not None
+    return [Pool.parse(p.name, p.addresses, p.auto_assign) for p in m.kubernetes.pools]
 
 
 # ----- the Vagrantfile ----------------------------------------------------------------------------------------
@@ -216,7 +247,7 @@ def test_vagrantfile_syncs_the_repository_and_provisions_each_role(vagrant_machi
     expected: dict[str, list[tuple[str, list[str]]]] = {
         "router": [("router.sh", [])],
         "client": [],
-        **{lb: [("lb.sh", [lb])] for lb in LBS},
+        **{lb: [("lb.sh", [lb, server])] for lb in LBS},
         "node1": [("k3s-server.sh", [server])],
         **{node: [("k3s-agent.sh", [HOSTS[node].addresses[0], server])] for node in NODES[1:]},
     }
@@ -233,7 +264,7 @@ def test_vagrantfile_syncs_the_repository_and_provisions_each_role(vagrant_machi
         assert [(Path(p["options"]["path"]).name, p["options"]["args"]) for p in rest] == expected[name], name
 
 
-def test_topology_file_has_the_namespace_labs_hosts_and_routes() -> None:
+def test_topology_file_has_the_namespace_labs_hosts_and_routes(kubeconfig: str) -> None:
     topology = _topology()
     networks = {name: ipaddress.ip_network(prefix) for name, prefix in topology["networks"].items()}
     hosts = topology["hosts"]
@@ -252,9 +283,12 @@ def test_topology_file_has_the_namespace_labs_hosts_and_routes() -> None:
         assert gateways == ({lab.gateway} if lab.gateway else set()), name
         for route in host.get("routes", []):
             ipaddress.ip_network(route.split(" via ")[0])
-    vips = {ipaddress.ip_address(s["vip"]) for s in _lb_config("lb1")["services"]}
+    # every address the pools may give (the first and last of each range) is routed by the client via the router
+    pools = _pools(_lb_model("lb1", kubeconfig))
+    vips = {end for pool in pools for first, last in pool.ranges for end in (first, last)}
     client_routes = [ipaddress.ip_network(r.split(" via ")[0]) for r in hosts["client"]["routes"]]
-    assert all(any(vip in net for net in client_routes) for vip in vips), "the client routes the VIPs via the router"
+    assert vips and all(any(vip in net for net in client_routes) for vip in vips), \
+        "the client routes the VIPs via the router"
     for lb in LBS:
         lb_routes = [ipaddress.ip_network(r.split(" via ")[0]) for r in hosts[lb]["routes"]]
         assert networks["client"] in lb_routes, f"{lb} answers the clients via the router"
@@ -294,6 +328,23 @@ def test_lb_script_installs_with_the_projects_install_script() -> None:
     text = (PROVISION / "lb.sh").read_text()
     assert 'bash "$src/systemd/install.sh" --config "$config" --start' in text
     assert 'config="$src/configs/lab/$name.yaml"' in text
+    # the kubeconfig is written (0600) before the install checks the config that names it
+    assert f"kubeconfig={KUBECONFIG}\n" in text and "umask 077" in text
+    assert text.index('mv "$kubeconfig.new" "$kubeconfig"') < text.index('bash "$src/systemd/install.sh"')
+    assert '"https://$server_ip:6443/cacerts"' in text and '"$src/vagrant/.lbagent-token"' in text
+
+
+def test_k3s_server_knows_lbagents_token_and_applies_its_rbac() -> None:
+    """The user lb.sh's token authenticates as is the subject of deploy/kubernetes/rbac.yaml."""
+    server = (PROVISION / "k3s-server.sh").read_text()
+    assert '"$src/vagrant/.lbagent-token"' in server and "%s,lbagent,lbagent" in server
+    assert '--kube-apiserver-arg "token-auth-file=$lbagent_tokens"' in server
+    rbac = server.index('apply -f "$src/deploy/kubernetes/rbac.yaml"')
+    assert rbac < server.index('apply -f "$src/vagrant/manifests/demo.yaml"')
+    subjects = [s for d in yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "rbac.yaml").read_text())
+                if d and d["kind"].endswith("Binding") for s in d["subjects"]]
+    assert subjects and all(s == {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "lbagent"}
+                            for s in subjects)
 
 
 def test_k3s_scripts_disable_servicelb_and_traefik_and_share_the_token() -> None:
@@ -315,15 +366,15 @@ def test_router_script_installs_the_lab_bird_config() -> None:
 
 # ----- the LB configs -----------------------------------------------------------------------------------------
 
-def _lab_configs() -> list[Path]:
-    paths = sorted(LAB_CONFIGS.glob("*.yaml"))
-    assert {p.name for p in paths} >= {"lb1.yaml", "lb2.yaml"}
-    return paths
+def test_lab_configs_are_the_lbs() -> None:
+    assert {p.name for p in LAB_CONFIGS.glob("*.yaml")} == {f"{lb}.yaml" for lb in LBS}
 
 
-@pytest.mark.parametrize("path", _lab_configs(), ids=lambda p: p.name)
-def test_lab_config_is_valid(path: Path) -> None:
-    config.load(path)
+@pytest.mark.parametrize("lb", LBS)
+def test_lab_config_is_valid_and_takes_services_from_the_api(lb: str, kubeconfig: str) -> None:
+    m = _lb_model(lb, kubeconfig)
+    assert m.kubernetes is not None and m.kubernetes.load_balancer_class == LB_CLASS
+    assert not m.services and not m.nodes, "the cluster's Services and Nodes come from the API, not the file"
 
 
 def _service_topology(service: model.Service) -> tuple[object, ...]:
@@ -337,16 +388,68 @@ def _service_topology(service: model.Service) -> tuple[object, ...]:
     )
 
 
-def _topology_of(m: model.Model) -> dict[str, object]:
+def _topology_of(m: model.Model, nodes: list[tuple[str, tuple[str, ...]]],
+                 services: Iterable[model.Service]) -> dict[str, object]:
     """What defines the lab's topology in an lbagent config (not timings, paths or data-plane choices)."""
     return {
         "node": m.node_name,
         "localAS": m.bgp.local_as,
         "routerID": str(m.bgp.router_id),
         "peers": sorted((str(p.address), p.peer_as) for p in m.bgp.peers),
-        "nodes": [(n.name, tuple(str(a) for a in n.addresses)) for n in m.nodes],
-        "services": sorted(_service_topology(s) for s in m.services),
+        "nodes": sorted(nodes),
+        "services": sorted(_service_topology(s) for s in services),
     }
+
+
+def _k3s_nodes() -> list[tuple[str, tuple[str, ...]]]:
+    """The Nodes the API will list: k3s names a node by its hostname, with --node-ip (its cluster address) as
+    its InternalIP (vagrant/provision/k3s-*.sh)."""
+    return [(name, (host["addresses"]["cluster"].split("/")[0],)) for name, host in _topology()["hosts"].items()
+            if host["role"].startswith("k3s-")]
+
+
+def _demo_services(m: model.Model, later: tuple[Path, ...] = ()) -> list[model.Service]:
+    """The manifest's Services (and those of `later` manifests, created after them) as the LB nodes will serve
+    them: lbagent's own allocator gives each its address (as the writer does), which goes into its status, and
+    lbagent's own translation reads them back."""
+    settings = settings_of(m)
+    objects = []
+    docs = [*_kind("Service").values(), *(d for path in later for d in yaml.safe_load_all(path.read_text()) if d)]
+    for n, doc in enumerate(docs):
+        obj = json.loads(json.dumps(doc))
+        obj["metadata"]["creationTimestamp"] = f"2026-01-01T00:00:{n:02d}Z"
+        for i, port in enumerate(obj["spec"]["ports"]):  # the API server gives a nodePort where none is written
+            port.setdefault("nodePort", 32700 + 10 * n + i)
+        assert translate.is_ours(obj, settings), f"{translate.key_of(obj)} is not of lbagent's class"
+        objects.append(obj)
+    requests = []
+    for obj in objects:
+        request, problems = Request.of(obj)
+        assert request is not None and not problems, problems
+        requests.append(request)
+    result = Allocator(_pools(m)).allocate(requests)
+    assert not result.problems and not result.warnings, (result.problems, result.warnings)
+    services = []
+    for obj in objects:
+        obj["status"] = {"loadBalancer": {"ingress": [{"ip": str(a)} for a in result.addresses[translate.key_of(obj)]]}}
+        service, problems = translate.translate_service(obj, [], settings)
+        assert service is not None and not problems, problems
+        services.append(service)
+    return services
+
+
+def _file_form(s: model.Service) -> dict[str, Any]:
+    """A Service as a file service (the namespace lab's form)."""
+    (vip,) = s.vips
+    doc: dict[str, Any] = {
+        "name": s.name, "namespace": s.namespace, "vip": str(vip),
+        "externalTrafficPolicy": s.external_traffic_policy.value,
+        "ports": [{"name": p.name, "protocol": p.protocol.value, "port": p.port, "nodePort": p.node_port}
+                  for p in s.ports],
+    }
+    if s.health_check_node_port is not None:
+        doc["healthCheckNodePort"] = s.health_check_node_port
+    return doc
 
 
 def _parse(doc: dict[str, Any]) -> model.Model:
@@ -354,23 +457,25 @@ def _parse(doc: dict[str, Any]) -> model.Model:
 
 
 @pytest.mark.parametrize("lb", LBS)
-def test_lb_config_has_the_namespace_labs_topology(lb: str) -> None:
-    ours = config.load(_lb_config_path(lb))
+def test_lb_config_has_the_namespace_labs_topology(lb: str, kubeconfig: str) -> None:
+    ours = _lb_model(lb, kubeconfig)
+    demo = _demo_services(ours)
     # The namespace lab running these same services: everything but the services comes from the lab.
-    services = _lb_config(lb)["services"]
-    lab_model = _parse(Lab(prefix="vagrant", start_agents=False, services=services).default_agent_config(lb))
-    assert _topology_of(ours) == _topology_of(lab_model)
+    lab_model = _parse(Lab(prefix="vagrant", start_agents=False,
+                           services=[_file_form(s) for s in demo]).default_agent_config(lb))
+    lab_nodes = [(n.name, tuple(str(a) for a in n.addresses)) for n in lab_model.nodes]
+    assert _topology_of(ours, _k3s_nodes(), demo) == _topology_of(lab_model, lab_nodes, lab_model.services)
     # The lab's own services are among them, unchanged.
     default_model = _parse(_lab().default_agent_config(lb))
-    assert {_service_topology(s) for s in default_model.services} <= {_service_topology(s) for s in ours.services}
+    assert {_service_topology(s) for s in default_model.services} <= {_service_topology(s) for s in demo}
     # One service per traffic policy.
-    assert {s.external_traffic_policy for s in ours.services} == set(model.TrafficPolicy)
+    assert {s.external_traffic_policy for s in demo} == set(model.TrafficPolicy)
 
 
 @pytest.mark.parametrize("lb", LBS)
-def test_lb_config_uses_production_values_and_the_installs_paths(lb: str) -> None:
-    doc = _lb_config(lb)
-    ours = config.load(_lb_config_path(lb))
+def test_lb_config_uses_production_values_and_the_installs_paths(lb: str, kubeconfig: str) -> None:
+    doc = _lb_doc(lb, kubeconfig)
+    ours = _parse(doc)
     # agent, health checks and hold times are lbagent's defaults, written out: the same model without them
     stripped = json.loads(json.dumps(doc))
     del stripped["agent"], stripped["healthCheckDefaults"]
@@ -402,7 +507,7 @@ def test_bird_config_parses() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_bird_config_peers_with_both_lbs_as_the_namespace_lab_does() -> None:
+def test_bird_config_peers_with_both_lbs_as_the_namespace_lab_does(kubeconfig: str) -> None:
     text = re.sub(r"#.*", "", BIRD_CONF.read_text())
     lab = _lab()
     assert re.search(rf"^router id {re.escape(ROUTER_UPLINK)};", text, re.M)
@@ -424,11 +529,12 @@ def test_bird_config_peers_with_both_lbs_as_the_namespace_lab_does() -> None:
     # every VIP of the LB configs passes the import filter's prefix set
     vip_set = re.search(r"net ~ \[ ([0-9./]+)\{32,32\} \]", text)
     assert vip_set
-    for service in _lb_config("lb1")["services"]:
-        assert ipaddress.ip_address(service["vip"]) in ipaddress.ip_network(vip_set.group(1))
+    for pool in _pools(_lb_model("lb1", kubeconfig)):
+        for first, last in pool.ranges:
+            assert first in ipaddress.ip_network(vip_set.group(1)) and last in ipaddress.ip_network(vip_set.group(1))
     # the LBs' hold time is the router's
     hold = re.search(r"hold time (\d+);", template.group(2))
-    assert hold and {p.hold_time for lb in LBS for p in config.load(_lb_config_path(lb)).bgp.peers} == {
+    assert hold and {p.hold_time for lb in LBS for p in _lb_model(lb, kubeconfig).bgp.peers} == {
         int(hold.group(1))
     }
 
@@ -445,29 +551,37 @@ def _kind(kind: str) -> dict[str, dict[str, Any]]:
     return {f"{d['metadata']['namespace']}/{d['metadata']['name']}": d for d in _manifest() if d["kind"] == kind}
 
 
-def test_demo_services_match_the_lb_configs() -> None:
+def test_demo_services_are_lbagents_with_the_namespace_labs_ports(kubeconfig: str) -> None:
     services = _kind("Service")
-    fronted = config.load(_lb_config_path("lb1")).services
-    assert set(services) == {f"{s.namespace}/{s.name}" for s in fronted}
-    for s in fronted:
-        spec = services[f"{s.namespace}/{s.name}"]["spec"]
-        assert spec["externalTrafficPolicy"] == s.external_traffic_policy.value
-        ports = [(p["name"], p["protocol"], p["port"], p["nodePort"]) for p in spec["ports"]]
-        assert ports == [(p.name, p.protocol.value, p.port, p.node_port) for p in s.ports]
-        if s.external_traffic_policy is model.TrafficPolicy.LOCAL:
-            # Only a LoadBalancer Service with externalTrafficPolicy Local gets a healthCheckNodePort.
-            assert spec["type"] == "LoadBalancer"
-            assert spec["loadBalancerClass"] == LB_CLASS and spec["allocateLoadBalancerNodePorts"] is True
-            assert spec["healthCheckNodePort"] == s.health_check_node_port
+    demo = {f"{s.namespace}/{s.name}": s for s in _demo_services(_lb_model("lb1", kubeconfig))}
+    assert set(services) == set(demo)
+    for key, svc in services.items():
+        spec = svc["spec"]
+        # lbagent's class, with node ports (lbagent forwards to them), each asking for its address
+        assert spec["type"] == "LoadBalancer" and spec["loadBalancerClass"] == LB_CLASS, key
+        assert spec.get("allocateLoadBalancerNodePorts", True) is True, key
+        asked = svc["metadata"]["annotations"]["lbagent.io/loadBalancerIPs"]
+        assert [str(v) for v in demo[key].vips] == [asked], key
+        if spec["externalTrafficPolicy"] == "Local":
+            assert spec["healthCheckNodePort"] == demo[key].health_check_node_port, key
         else:
-            assert spec["type"] == "NodePort" and "healthCheckNodePort" not in spec
+            assert "healthCheckNodePort" not in spec, key
     # the namespace lab's node ports and health-check ports, as its backends serve them
-    lab = Lab(prefix="vagrant", start_agents=False, services=_lb_config("lb1")["services"])
+    lab = Lab(prefix="vagrant", start_agents=False, services=[_file_form(s) for s in demo.values()])
     assert sorted(p["nodePort"] for svc in services.values() for p in svc["spec"]["ports"]) == lab.node_ports()
     assert {k: v["spec"]["healthCheckNodePort"] for k, v in services.items() if "healthCheckNodePort" in v["spec"]} \
         == lab.health_check_node_ports()
     node_port_range = range(30000, 32768)  # the API server's default --service-node-port-range
     assert all(port in node_port_range for port in [*lab.node_ports(), *lab.health_check_node_ports().values()])
+
+
+def test_walk_through_service_gets_the_next_address(kubeconfig: str) -> None:
+    """README step 5: web2.yaml, applied after the demo, asks for no address and gets 192.0.2.12."""
+    doc = yaml.safe_load((VAGRANT / "manifests" / "web2.yaml").read_text())
+    assert "annotations" not in doc["metadata"] and "loadBalancerIP" not in doc["spec"]
+    services = _demo_services(_lb_model("lb1", kubeconfig), later=(VAGRANT / "manifests" / "web2.yaml",))
+    assert {s.name: [str(v) for v in s.vips] for s in services}["web2"] == ["192.0.2.12"]
+    assert "http://192.0.2.12:8080/" in (VAGRANT / "README.md").read_text()
 
 
 def test_demo_deployments_are_two_versions_behind_the_services() -> None:

@@ -30,7 +30,7 @@ from lbagent.sources.file import config
 from lbagent.sources.kubernetes import translate
 from lbagent.sources.kubernetes.allocator import Allocator, Pool, Request
 from lbagent.sources.kubernetes.reflector import Reflector
-from lbagent.sources.kubernetes.writer import Lease, Recorder, apply_status, problem_message
+from lbagent.sources.kubernetes.writer import Lease, Recorder, apply_status, holds_status, problem_message
 
 log = logging.getLogger("lbagent.kubernetes")
 
@@ -409,7 +409,30 @@ class KubernetesSource:
                     await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
                                                 f"lbagent gave {', '.join(wanted)}")
 
-        await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()))
+        async def release_one(obj: Obj) -> None:
+            """A Service lbagent gave an address that is no longer a LoadBalancer (its type changed, which drops
+            its class too): the address leaves its status, as the service controller clears what a cloud LB
+            wrote. Only the type says so: a LoadBalancer of another class that lbagent's manager wrote belongs to
+            another lbagent installation (another class, the same manager name) and is left to it."""
+            meta = obj.get("metadata") or {}
+            key = translate.key_of(obj)
+            if self._written.get(key) == ((), str(meta.get("resourceVersion") or "")):
+                return
+            async with limit:
+                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), None)
+                if error is not None:
+                    event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
+                    return
+                self.writes += 1
+                self._written[key] = ((), str(meta.get("resourceVersion") or ""))
+                event(log, logging.INFO, "kubernetes_status_released", service=key,
+                      previous=",".join(translate.status_ips(obj)) or "-")
+
+        released = [o for o in snap.services.values()
+                    if (o.get("spec") or {}).get("type") != "LoadBalancer"
+                    and not (o.get("metadata") or {}).get("deletionTimestamp") and holds_status(o)]
+        await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()),
+                             *(release_one(o) for o in released))
         built = await asyncio.to_thread(build, base, snap)
         for key, problems in built.problems.items():
             kind, name = key.split(" ", 1)

@@ -221,12 +221,25 @@ class Recorder:
             del self._sent[key]
 
 
-async def apply_status(core: Any, namespace: str, name: str, addresses: tuple[str, ...]) -> str | None:
-    """Server-side apply of the Service's status; an error's text, or None."""
+async def apply_status(core: Any, namespace: str, name: str, addresses: tuple[str, ...] | None) -> str | None:
+    """Server-side apply of the Service's status; an error's text, or None. `addresses` None: give up every status
+    field lbagent holds (the Service is no longer lbagent's), so the API server removes them."""
+    body = status_body(namespace, name, addresses) if addresses is not None else \
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}}
     status, answer = await _json(await core.patch_namespaced_service_status(
-        name, namespace, status_body(namespace, name, addresses), field_manager=FIELD_MANAGER, force=True,
+        name, namespace, body, field_manager=FIELD_MANAGER, force=True,
         _content_type="application/apply-patch+yaml", _preload_content=False, _request_timeout=(5, 10)))
     return None if status < 300 else f"HTTP {status}: {answer.get('message')}"
+
+
+def holds_status(service: Mapping[str, Any]) -> bool:
+    """Whether lbagent's field manager holds fields of the Service's status.loadBalancer (it wrote them)."""
+    for entry in (service.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER and entry.get("subresource") == "status":
+            fields = entry.get("fieldsV1") or {}
+            if "f:loadBalancer" in (fields.get("f:status") or {}):
+                return True
+    return False
 
 
 def problem_message(problems: list[Problem]) -> str:
