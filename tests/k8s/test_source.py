@@ -6,10 +6,11 @@ Lease passes to another LB node without any address changing; a restart changes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,21 @@ def external_ips(api: KubeAPIServer, namespace: str) -> dict[str, str]:
             for s in out["items"]}
 
 
+@contextlib.asynccontextmanager
+async def writing(tmp_path: Path, api: KubeAPIServer, lb_class: str, namespace: str,
+                  kubeconfig: Path | None = None) -> AsyncIterator[tuple[KubernetesSource, str]]:
+    """A source on lb1 once it holds the Lease and the Service `web` has its address: (the source, the address)."""
+    source = KubernetesSource(config_file(tmp_path, api, lb_class, kubeconfig=kubeconfig), "lb1")
+    await source.start()
+    try:
+        await until("lb1 to hold the Lease", lambda: source.status()["writer"])
+        ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
+        assert ip_address(ips) in ip_network(POOL)
+        yield source, ips
+    finally:
+        await source.close()
+
+
 def run(coroutine: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(coroutine(), timeout=120))
 
@@ -82,12 +98,7 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
         objects.node(node_name, "192.0.2.21"), service("other-class", "example.com/other")))
 
     async def scenario() -> None:
-        source = KubernetesSource(config_file(tmp_path, api, lb_class), "lb1")
-        await source.start()
-        try:
-            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
-            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
-            assert ip_address(ips) in ip_network(POOL)
+        async with writing(tmp_path, api, lb_class, namespace) as (source, ips):
             assert external_ips(api, namespace)["other-class"] == ""  # not lbagent's class: left alone
             m = await until("the source's model to hold the service",
                             lambda: (m := source.load()).has_service(f"{namespace}/web") and m)
@@ -98,8 +109,6 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
             api.kubectl("label", "svc", "web", "-n", namespace, "touched=yes")  # a change that needs no new write
             await source.write()
             assert source.status()["statusWrites"] == writes == 1
-        finally:
-            await source.close()
         status, svc = api.request("admin", "GET", f"/api/v1/namespaces/{namespace}/services/web")  # managedFields too
         assert status == 200
         assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": ips, "ipMode": "Proxy"}]
@@ -119,14 +128,8 @@ def test_a_bearer_token_kubeconfig_does_the_same(
     api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("web", lb_class)))
 
     async def scenario() -> None:
-        source = KubernetesSource(config_file(tmp_path, api, lb_class, kubeconfig=api.token_kubeconfig), "lb1")
-        await source.start()
-        try:
-            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
-            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
-            assert ip_address(ips) in ip_network(POOL)
-        finally:
-            await source.close()
+        async with writing(tmp_path, api, lb_class, namespace, kubeconfig=api.token_kubeconfig) as (source, _):
+            assert source.status()["statusWrites"] == 1
 
     run(scenario)
 
@@ -139,11 +142,7 @@ def test_a_service_that_stops_being_lbagents_gives_its_address_back(
     api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("web", lb_class)))
 
     async def scenario() -> None:
-        source = KubernetesSource(config_file(tmp_path, api, lb_class), "lb1")
-        await source.start()
-        try:
-            await until("lb1 to hold the Lease", lambda: source.status()["writer"])
-            ips = await until("the address in status", lambda: external_ips(api, namespace)["web"])
+        async with writing(tmp_path, api, lb_class, namespace) as (source, ips):
             api.kubectl("patch", "svc", "web", "-n", namespace, "--type", "merge", "-p",
                         json.dumps({"spec": {"type": "ClusterIP"}}))
             await until("the address to leave the status", lambda: external_ips(api, namespace)["web"] == "")
@@ -160,8 +159,6 @@ def test_a_service_that_stops_being_lbagents_gives_its_address_back(
             api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(
                 service("web2", lb_class, annotations={IPS_ANNOTATION: ips})))
             assert await until("web2's address", lambda: external_ips(api, namespace).get("web2")) == ips
-        finally:
-            await source.close()
 
     run(scenario)
 

@@ -384,6 +384,21 @@ class KubernetesSource:
                                         problem_message(problems))
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
 
+        async def put(key: str, obj: Obj, wanted: tuple[str, ...] | None) -> bool:
+            """Apply the status (None: give back what lbagent holds); whether it was written now."""
+            meta = obj.get("metadata") or {}
+            done = (wanted or (), str(meta.get("resourceVersion") or ""))
+            if self._written.get(key) == done:
+                return False  # written from this very version already: the watch has not brought our write back yet
+            async with limit:
+                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted)
+            if error is not None:
+                event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
+                return False
+            self.writes += 1
+            self._written[key] = done
+            return True
+
         async def write_one(key: str, addresses: tuple[model.IPAddress, ...]) -> None:
             obj = ours[key]
             wanted = tuple(str(a) for a in addresses)
@@ -392,39 +407,21 @@ class KubernetesSource:
                      or []]
             if wanted == have and all(m == "Proxy" for m in modes):
                 return
-            meta = obj.get("metadata") or {}
-            version = str(meta.get("resourceVersion") or "")
-            if self._written.get(key) == (wanted, version):
-                return  # written from this very version already: the watch has not brought our write back yet
-            async with limit:
-                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted)
-                if error is not None:
-                    event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
-                    return
-                self.writes += 1
-                self._written[key] = (wanted, version)
-                event(log, logging.INFO, "kubernetes_status_written", service=key,
-                      addresses=",".join(wanted) or "-", previous=",".join(have) or "-")
-                if wanted and self._recorder is not None:
-                    await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
-                                                f"lbagent gave {', '.join(wanted)}")
+            if not await put(key, obj, wanted):
+                return
+            event(log, logging.INFO, "kubernetes_status_written", service=key,
+                  addresses=",".join(wanted) or "-", previous=",".join(have) or "-")
+            if wanted and self._recorder is not None:
+                await self._recorder.record(obj, "Service", "Normal", "IPAllocated",
+                                            f"lbagent gave {', '.join(wanted)}")
 
         async def release_one(obj: Obj) -> None:
             """A Service lbagent gave an address that is no longer a LoadBalancer (its type changed, which drops
             its class too): the address leaves its status, as the service controller clears what a cloud LB
             wrote. Only the type says so: a LoadBalancer of another class that lbagent's manager wrote belongs to
             another lbagent installation (another class, the same manager name) and is left to it."""
-            meta = obj.get("metadata") or {}
             key = translate.key_of(obj)
-            if self._written.get(key) == ((), str(meta.get("resourceVersion") or "")):
-                return
-            async with limit:
-                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), None)
-                if error is not None:
-                    event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
-                    return
-                self.writes += 1
-                self._written[key] = ((), str(meta.get("resourceVersion") or ""))
+            if await put(key, obj, None):
                 event(log, logging.INFO, "kubernetes_status_released", service=key,
                       previous=",".join(translate.status_ips(obj)) or "-")
 
