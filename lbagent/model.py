@@ -188,6 +188,17 @@ class AddressPool:
 
 
 @dataclass(frozen=True)
+class IngressSettings:
+    """Ingress objects of lbagent's IngressClasses, served on these addresses (one per family)."""
+
+    controller: str = "lbagent.io/ingress-controller"  # IngressClass.spec.controller
+    addresses: tuple[IPAddress, ...] = ()
+    http_port: int = 80
+    https_port: int = 443
+    watch_without_class: bool = False  # also Ingresses that name no class (ingress-nginx's option of that name)
+
+
+@dataclass(frozen=True)
 class Kubernetes:
     """The Kubernetes API as a source of services and nodes, beside the file's (None: the file alone)."""
 
@@ -201,6 +212,8 @@ class Kubernetes:
     # what the file's healthCheckDefaults and dataplane.forwardingMode give every Service of the API
     health_check: HealthCheck = field(default_factory=lambda: HealthCheck(interval=2.0, timeout=1.0, rise=2, fall=3))
     forwarding_mode: ForwardingMode = ForwardingMode.MASQUERADE
+    ingress: IngressSettings | None = None
+    pods_routable: bool = False  # ClusterIP backends at their EndpointSlices' addresses
 
 
 # ---- Layer 7: HAProxy listeners, HTTP routes (Gateway API HTTPRoute semantics) and their backends ----------
@@ -255,12 +268,16 @@ class HeaderModifier:
 class PathModifierType(StrEnum):
     REPLACE_FULL_PATH = "ReplaceFullPath"
     REPLACE_PREFIX_MATCH = "ReplacePrefixMatch"
+    # not the Gateway API's: nginx's `rewrite` (ingress-nginx's rewrite-target): when `pattern` matches the path,
+    # the whole path becomes `value`, \1... taken from the pattern's capture groups
+    REGEX_REPLACE = "RegexReplace"
 
 
 @dataclass(frozen=True)
 class PathModifier:
     type: PathModifierType
     value: str
+    pattern: str | None = None  # REGEX_REPLACE's regular expression (PCRE, searched in the path)
 
 
 @dataclass(frozen=True)

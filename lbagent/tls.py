@@ -224,40 +224,49 @@ def chain_findings(cert_file: str, chain: list[x509.Certificate]) -> tuple[list[
 def read_pair(cert_file: str, key_file: str, now: datetime.datetime | None = None) -> Pair:
     """The certificate chain and key, what keeps them from being served, and what should be known about them."""
     problems: list[TlsProblem] = []
-    warnings: list[TlsProblem] = []
-    chain: list[x509.Certificate] = []
-    key: PrivateKeyTypes | None = None
     data = _read(cert_file)
     if isinstance(data, str):
         problems.append(TlsProblem(cert_file, data))
-    else:
-        try:
-            chain = x509.load_pem_x509_certificates(data)
-        except ValueError:
-            problems.append(TlsProblem(cert_file, "no PEM certificate in the file"))
     if (why := key_permission_problem(key_file)) is not None and not why.startswith("cannot stat"):
         problems.append(TlsProblem(key_file, why, key=True))
     key_data = _read(key_file)
     if isinstance(key_data, str):
         problems.append(TlsProblem(key_file, key_data, key=True))
-    else:
+    pair = pair_of(data if isinstance(data, bytes) else None, key_data if isinstance(key_data, bytes) else None,
+                   cert_file, key_file, now)
+    return Pair(pair.chain, pair.key, problems + pair.problems, pair.warnings)
+
+
+def pair_of(data: bytes | None, key_data: bytes | None, cert_name: str, key_name: str,
+            now: datetime.datetime | None = None) -> Pair:
+    """read_pair's checks on PEM data already read (a Kubernetes Secret's tls.crt and tls.key); None: not read."""
+    problems: list[TlsProblem] = []
+    warnings: list[TlsProblem] = []
+    chain: list[x509.Certificate] = []
+    key: PrivateKeyTypes | None = None
+    if data is not None:
+        try:
+            chain = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            problems.append(TlsProblem(cert_name, "no PEM certificate in the file"))
+    if key_data is not None:
         try:
             key = serialization.load_pem_private_key(key_data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            problems.append(TlsProblem(key_file, f"no usable unencrypted PEM private key: {exc}", key=True))
+            problems.append(TlsProblem(key_name, f"no usable unencrypted PEM private key: {exc}", key=True))
     if chain and key is not None:
         public = key.public_key().public_bytes(serialization.Encoding.DER,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
         leaf = chain[0].public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
         if public != leaf:
-            problems.append(TlsProblem(key_file, f"the private key does not belong to the certificate in {cert_file}",
+            problems.append(TlsProblem(key_name, f"the private key does not belong to the certificate in {cert_name}",
                                        key=True))
     if chain:
-        problems += _weakness_problems(cert_file, chain)
-        chain_problems, chain_warnings = chain_findings(cert_file, chain)
+        problems += _weakness_problems(cert_name, chain)
+        chain_problems, chain_warnings = chain_findings(cert_name, chain)
         problems += chain_problems
-        warnings += validity_warnings(cert_file, chain, now) + chain_warnings
+        warnings += validity_warnings(cert_name, chain, now) + chain_warnings
     return Pair(chain, key, problems, warnings)
 
 

@@ -445,6 +445,11 @@ def _choose_prefix(b: HttpBackend, split: bool) -> tuple[list[str], list[_Choice
 def _rewrite_path(modifier: model.PathModifier, b: HttpBackend) -> list[str]:
     if modifier.type is model.PathModifierType.REPLACE_FULL_PATH:
         return [f"{_INDENT}http-request set-path {_fmt(_text(modifier.value))}"]  # the query stays
+    if modifier.type is model.PathModifierType.REGEX_REPLACE:
+        # HAProxy replaces the whole path by the format when the pattern matches anywhere in it, \N being the
+        # pattern's groups: nginx's `rewrite` (the query stays)
+        assert modifier.pattern is not None
+        return [f"{_INDENT}http-request replace-path {_word(modifier.pattern)} {_fmt(_text(modifier.value))}"]
     replacement = _prefix(modifier.value)
     lines, choices = _choose_prefix(b, split=not replacement)
     for c in choices:

@@ -178,6 +178,18 @@ class LeaseSection(Strict):
     duration: Annotated[float, BeforeValidator(_parse_duration), Field(ge=2, le=300)] = 15.0
 
 
+class IngressSection(Strict):
+    """Ingress objects of the IngressClasses whose spec.controller is `controller`, served by HAProxy on `addresses`
+    (one per family) at httpPort and httpsPort."""
+
+    controller: str = Field("lbagent.io/ingress-controller",
+                            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+    addresses: list[IPAddress] = Field(min_length=1, max_length=2)
+    http_port: int = Field(80, alias="httpPort", ge=1, le=65535)
+    https_port: int = Field(443, alias="httpsPort", ge=1, le=65535)
+    watch_without_class: bool = Field(False, alias="watchIngressWithoutClass")
+
+
 class KubernetesSection(Strict):
     kubeconfig: str | None = Field(None, min_length=1)
     load_balancer_class: str = Field("lbagent.io/lbagent", alias="loadBalancerClass",
@@ -185,6 +197,10 @@ class KubernetesSection(Strict):
     node_address_type: Literal["InternalIP", "ExternalIP"] = Field("InternalIP", alias="nodeAddressType")
     pools: list[PoolEntry] = []
     lease: LeaseSection = Field(default_factory=LeaseSection)
+    ingress: IngressSection | None = None
+    # whether the LB nodes route to the pod network (the CNI announces pod CIDRs by BGP, or static routes): then an
+    # HTTP backend that is a ClusterIP Service is reached at its EndpointSlices' addresses
+    pods_routable: bool = Field(False, alias="podsRoutable")
 
 
 class ConfigFile(Strict):
@@ -566,6 +582,26 @@ def _kubernetes_checks(config: ConfigFile, section: KubernetesSection) -> Iterab
             if address in pool:
                 yield Problem(f"kubernetes.pools[{i}].addresses", str(address),
                               f"holds {where}'s address: the pool would give it to a Service")
+    if section.ingress is not None:
+        yield from _ingress_checks(section.ingress, used, pools)
+
+
+def _ingress_checks(ingress: IngressSection, used: list[tuple[str, Any]], pools: list[tuple[int, Pool]]
+                    ) -> Iterable[Problem]:
+    if len({a.version for a in ingress.addresses}) != len(ingress.addresses):
+        yield Problem("kubernetes.ingress.addresses", ", ".join(map(str, ingress.addresses)),
+                      "one address per family")
+    if ingress.http_port == ingress.https_port:
+        yield Problem("kubernetes.ingress.httpsPort", str(ingress.https_port), "the same as httpPort")
+    for k, address in enumerate(ingress.addresses):
+        for where, other in used:
+            if address == other:
+                yield Problem(f"kubernetes.ingress.addresses[{k}]", str(address),
+                              f"also {where}'s address: the Ingress listeners need their own")
+        for i, pool in pools:
+            if address in pool:
+                yield Problem(f"kubernetes.ingress.addresses[{k}]", str(address),
+                              f"in kubernetes.pools[{i}] ({pool.name}): the pool would give it to a Service")
 
 
 def _http_checks(config: ConfigFile) -> Iterable[Problem]:
@@ -704,5 +740,13 @@ def _to_model(config: ConfigFile) -> model.Model:
             lease_seconds=config.kubernetes.lease.duration,
             health_check=defaults,
             forwarding_mode=model.ForwardingMode(config.dataplane.forwarding_mode),
+            ingress=None if config.kubernetes.ingress is None else model.IngressSettings(
+                controller=config.kubernetes.ingress.controller,
+                addresses=tuple(config.kubernetes.ingress.addresses),
+                http_port=config.kubernetes.ingress.http_port,
+                https_port=config.kubernetes.ingress.https_port,
+                watch_without_class=config.kubernetes.ingress.watch_without_class,
+            ),
+            pods_routable=config.kubernetes.pods_routable,
         ),
     )

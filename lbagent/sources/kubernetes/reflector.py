@@ -62,11 +62,12 @@ class Reflector:
     every key), never while the store is half-updated."""
 
     def __init__(self, kind: str, list_function: ListFunction, on_change: Callable[[set[str]], None],
-                 label_selector: str | None = None) -> None:
+                 label_selector: str | None = None, field_selector: str | None = None) -> None:
         self.kind = kind
         self._list = list_function
         self._on_change = on_change
         self._selector = label_selector
+        self._field_selector = field_selector
         self.store: dict[str, Obj] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
@@ -76,7 +77,8 @@ class Reflector:
         self.events = 0
 
     def _params(self) -> dict[str, Any]:
-        return {"label_selector": self._selector} if self._selector else {}
+        params = {"label_selector": self._selector} if self._selector else {}
+        return params | ({"field_selector": self._field_selector} if self._field_selector else {})
 
     async def _request(self, **params: Any) -> Any:
         response = await self._list(**self._params(), **params, _preload_content=False)

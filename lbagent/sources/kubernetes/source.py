@@ -24,13 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from lbagent import model
+from lbagent.files import prepare_runtime_dir, private_dir, write_private
 from lbagent.logfmt import event
 from lbagent.sources import Problem, SourceError
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes import translate
 from lbagent.sources.kubernetes.allocator import Allocator, Pool, Request
+from lbagent.sources.kubernetes.ingress import TLS_SECRET_TYPE, IngressBuilt, Inputs, build_ingresses
 from lbagent.sources.kubernetes.reflector import Reflector
-from lbagent.sources.kubernetes.writer import Lease, Recorder, apply_status, holds_status, problem_message
+from lbagent.sources.kubernetes.writer import (
+    Lease,
+    Recorder,
+    apply_ingress_status,
+    apply_status,
+    holds_status,
+    problem_message,
+)
 
 log = logging.getLogger("lbagent.kubernetes")
 
@@ -41,11 +50,15 @@ Obj = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The three stores as they were at one moment on the loop (shallow copies: objects are never mutated)."""
+    """The stores as they were at one moment on the loop (shallow copies: objects are never mutated). Ingresses,
+    IngressClasses and TLS Secrets are watched only with `kubernetes.ingress` configured."""
 
     services: dict[str, Obj]
     slices: dict[str, Obj]
     nodes: dict[str, Obj]
+    ingresses: dict[str, Obj] = field(default_factory=dict)
+    classes: dict[str, Obj] = field(default_factory=dict)
+    secrets: dict[str, Obj] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class Built:
     services: list[model.Service] = field(default_factory=list)
     nodes: list[model.Node] = field(default_factory=list)
     problems: dict[str, list[Problem]] = field(default_factory=lambda: defaultdict(list))
+    http: IngressBuilt | None = None  # the Ingresses' listeners, routes and backends
 
 
 def settings_of(m: model.Model) -> translate.Settings:
@@ -140,11 +154,44 @@ def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = No
             for p in service.ports:
                 taken[(vip, p.protocol, p.port)] = f"Service {key}"
         built.services.append(service)
+    if base.kubernetes is not None and base.kubernetes.ingress is not None:
+        known = {s.key: s for s in (*base.services, *built.services)}
+        inputs = Inputs(snap.ingresses, snap.classes, snap.services, slices, snap.secrets)
+        built.http = build_ingresses(inputs, base.kubernetes, known, certificate_dir(base))
+        for key, problems in built.http.problems.items():
+            built.problems[key] += problems
     return built
 
 
+def certificate_dir(m: model.Model) -> Path:
+    """Where the TLS Secrets of Ingresses are written for HAProxy (0600 files in a 0700 directory)."""
+    return Path(m.agent.runtime_dir) / "kubernetes" / "certs"
+
+
 def merged(base: model.Model, built: Built) -> model.Model:
-    return replace(base, services=base.services + tuple(built.services), nodes=base.nodes + tuple(built.nodes))
+    m = replace(base, services=base.services + tuple(built.services), nodes=base.nodes + tuple(built.nodes))
+    if built.http is not None:
+        m = replace(m, services=m.services + tuple(built.http.services),
+                    listeners=m.listeners + tuple(built.http.listeners), routes=m.routes + tuple(built.http.routes),
+                    backends=m.backends + tuple(built.http.backends))
+    return m
+
+
+def write_certificates(m: model.Model, certificates: Mapping[str, bytes]) -> None:
+    """The Secrets' certificates as files, each rewritten only when it changed (HAProxy is given a replaced one
+    without a reload); files no Ingress uses any more are removed."""
+    directory = certificate_dir(m)
+    private_dir(directory, base=prepare_runtime_dir(m.agent.runtime_dir))
+    for path, pem in certificates.items():
+        try:
+            if Path(path).read_bytes() == pem:
+                continue
+        except OSError:
+            pass
+        write_private(path, pem.decode())
+    for stale in directory.glob("*.pem"):
+        if str(stale) not in certificates:
+            stale.unlink(missing_ok=True)
 
 
 class KubernetesSource:
@@ -162,6 +209,10 @@ class KubernetesSource:
         self.services: Reflector | None = None
         self.slices: Reflector | None = None
         self.nodes: Reflector | None = None
+        self.ingresses: Reflector | None = None
+        self.classes: Reflector | None = None
+        self.secrets: Reflector | None = None
+        self._networking: Any = None
         self.lease: Lease | None = None
         self._recorder: Recorder | None = None
         self._core: Any = None
@@ -196,6 +247,8 @@ class KubernetesSource:
         snap = self._snapshot_from_thread()
         built = build(base, snap, self._translated)
         self._log_problems(built.problems, self._problems_logged)
+        if built.http is not None:
+            write_certificates(base, built.http.certificates)
         return merged(base, built)
 
     def watch(self, changed: Callable[[], None]) -> None:
@@ -234,27 +287,34 @@ class KubernetesSource:
         self.slices = Reflector("EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces, self._api_changed,
                                 label_selector=translate.SERVICE_NAME_LABEL)
         self.nodes = Reflector("Node", core.list_node, self._api_changed)
+        if base.kubernetes.ingress is not None:
+            networking = client.NetworkingV1Api(api_client)
+            self._networking = networking
+            self.ingresses = Reflector("Ingress", networking.list_ingress_for_all_namespaces, self._services_changed)
+            self.classes = Reflector("IngressClass", networking.list_ingress_class, self._services_changed)
+            # only TLS Secrets: the others are none of lbagent's business
+            self.secrets = Reflector("Secret", core.list_secret_for_all_namespaces, self._api_changed,
+                                     field_selector=f"type={TLS_SECRET_TYPE}")
         self._recorder = Recorder(core, self.identity)
         self._core = core
         self.lease = Lease(client.CoordinationV1Api(api_client), base.kubernetes.lease_namespace,
                            base.kubernetes.lease_name, self.identity, base.kubernetes.lease_seconds,
                            lambda leading: self._schedule_write() if leading else None)
-        for reflector in (self.services, self.slices, self.nodes):
+        reflectors = self._reflectors()
+        for reflector in reflectors:
             self._tasks.append(asyncio.create_task(reflector.run(), name=f"kubernetes-{reflector.kind}"))
         started = time.monotonic()
         while True:
-            waiting = [r.kind for r in (self.services, self.slices, self.nodes) if not r.synced.is_set()]
+            waiting = [r.kind for r in reflectors if not r.synced.is_set()]
             if not waiting:
                 break
             try:
-                await asyncio.wait_for(asyncio.gather(*(r.synced.wait() for r in (self.services, self.slices,
-                                                                                   self.nodes))), timeout=10)
+                await asyncio.wait_for(asyncio.gather(*(r.synced.wait() for r in reflectors)), timeout=10)
             except TimeoutError:
-                errors = {r.kind: r.last_error for r in (self.services, self.slices, self.nodes) if r.last_error}
+                errors = {r.kind: r.last_error for r in reflectors if r.last_error}
                 event(log, logging.WARNING, "kubernetes_waiting", waiting=",".join(waiting),
                       seconds=round(time.monotonic() - started), errors=errors or "-")
-        event(log, logging.INFO, "kubernetes_synced", services=len(self.services.store),
-              endpointslices=len(self.slices.store), nodes=len(self.nodes.store),
+        event(log, logging.INFO, "kubernetes_synced", **{r.kind.lower() + "s": len(r.store) for r in reflectors},
               seconds=round(time.monotonic() - started, 2))
         self._tasks.append(asyncio.create_task(self.lease.run(), name="kubernetes-lease"))
 
@@ -268,8 +328,32 @@ class KubernetesSource:
         if self._api is not None:
             await self._api.close()
 
+    async def _write_ingress(self, obj: Obj, addresses: tuple[str, ...]) -> None:
+        """An Ingress lbagent serves gets the addresses it is served on in its status, once."""
+        have = tuple(translate.status_ips(obj))
+        if have == addresses:
+            return
+        meta = obj.get("metadata") or {}
+        key = f"Ingress {translate.key_of(obj)}"
+        done = (addresses, str(meta.get("resourceVersion") or ""))
+        if self._written.get(key) == done:
+            return
+        error = await apply_ingress_status(self._networking, str(meta.get("namespace")), str(meta.get("name")),
+                                           addresses)
+        if error is not None:
+            event(log, logging.WARNING, "kubernetes_status_failed", ingress=translate.key_of(obj), error=error)
+            return
+        self.writes += 1
+        self._written[key] = done
+        event(log, logging.INFO, "kubernetes_status_written", ingress=translate.key_of(obj),
+              addresses=",".join(addresses), previous=",".join(have) or "-")
+
+    def _reflectors(self) -> list[Reflector]:
+        return [r for r in (self.services, self.slices, self.nodes, self.ingresses, self.classes, self.secrets)
+                if r is not None]
+
     def status(self) -> dict[str, Any]:
-        reflectors = [r for r in (self.services, self.slices, self.nodes) if r is not None]
+        reflectors = self._reflectors()
         stale = [r.stale_since for r in reflectors if r.stale_since is not None]
         errors: dict[str, str | None] = {r.kind: r.last_error for r in reflectors if r.last_error}
         if self.lease is not None and self.lease.failing_since is not None:
@@ -297,7 +381,12 @@ class KubernetesSource:
 
     def _snapshot(self) -> Snapshot:
         assert self.services and self.slices and self.nodes
-        return Snapshot(dict(self.services.store), dict(self.slices.store), dict(self.nodes.store))
+
+        def store(r: Reflector | None) -> dict[str, Obj]:
+            return dict(r.store) if r is not None else {}
+
+        return Snapshot(dict(self.services.store), dict(self.slices.store), dict(self.nodes.store),
+                        store(self.ingresses), store(self.classes), store(self.secrets))
 
     def _snapshot_from_thread(self) -> Snapshot:
         if self._loop is None:
@@ -431,9 +520,15 @@ class KubernetesSource:
         await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()),
                              *(release_one(o) for o in released))
         built = await asyncio.to_thread(build, base, snap)
+        if built.http is not None and base.kubernetes.ingress is not None:
+            addresses = tuple(str(a) for a in base.kubernetes.ingress.addresses)
+            await asyncio.gather(*(self._write_ingress(snap.ingresses[key], addresses)
+                                   for key in built.http.served if key in snap.ingresses))
+        stores = {"Service": snap.services, "Node": snap.nodes, "Ingress": snap.ingresses}
         for key, problems in built.problems.items():
             kind, name = key.split(" ", 1)
-            found = (snap.services if kind == "Service" else snap.nodes).get(name)
+            found = stores.get(kind, {}).get(name)
             if found is not None:
-                await self._recorder.record(found, kind, "Warning", "NotServed" if kind == "Service" else "NotUsed",
-                                            problem_message(problems))
+                served = kind == "Ingress" and built.http is not None and name in built.http.served
+                reason = "NotUsed" if kind == "Node" else "PartlyServed" if served else "NotServed"
+                await self._recorder.record(found, kind, "Warning", reason, problem_message(problems))

@@ -31,6 +31,8 @@ from lbagent.sources import Problem
 log = logging.getLogger("lbagent.kubernetes")
 
 FIELD_MANAGER = "lbagent"
+# involvedObject.apiVersion of the kinds lbagent records Events about (list items carry no apiVersion of their own)
+API_VERSIONS = {"Service": "v1", "Node": "v1", "Ingress": "networking.k8s.io/v1"}
 COMPONENT = "lbagent"
 
 
@@ -201,7 +203,8 @@ class Recorder:
         body = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": name, "namespace": namespace},
-            "involvedObject": {"apiVersion": "v1", "kind": kind, "name": meta.get("name"), "namespace": namespace,
+            "involvedObject": {"apiVersion": API_VERSIONS.get(kind, "v1"), "kind": kind, "name": meta.get("name"),
+                               "namespace": namespace,
                                "uid": uid, "resourceVersion": meta.get("resourceVersion")},
             "type": event_type, "reason": reason, "message": message[:1024],
             "source": {"component": COMPONENT, "host": self.instance},
@@ -227,6 +230,17 @@ async def apply_status(core: Any, namespace: str, name: str, addresses: tuple[st
     body = status_body(namespace, name, addresses) if addresses is not None else \
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}}
     status, answer = await _json(await core.patch_namespaced_service_status(
+        name, namespace, body, field_manager=FIELD_MANAGER, force=True,
+        _content_type="application/apply-patch+yaml", _preload_content=False, _request_timeout=(5, 10)))
+    return None if status < 300 else f"HTTP {status}: {answer.get('message')}"
+
+
+async def apply_ingress_status(networking: Any, namespace: str, name: str, addresses: tuple[str, ...]) -> str | None:
+    """Server-side apply of an Ingress's status.loadBalancer (the addresses it is served on); an error, or None."""
+    body = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"loadBalancer": {"ingress": [{"ip": a} for a in addresses]}}}
+    status, answer = await _json(await networking.patch_namespaced_ingress_status(
         name, namespace, body, field_manager=FIELD_MANAGER, force=True,
         _content_type="application/apply-patch+yaml", _preload_content=False, _request_timeout=(5, 10)))
     return None if status < 300 else f"HTTP {status}: {answer.get('message')}"
