@@ -56,6 +56,7 @@ from tests.k8s import build
 
 REPO = programs.REPO
 RBAC_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac.yaml"
+RBAC_INGRESS_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac-ingress.yaml"  # what serving Ingresses adds
 KUBECTL = "kubectl"
 # The least-privilege user lbagent connects as: the common name of its client certificate, the User subject of the
 # ClusterRoleBinding in RBAC_MANIFEST.
@@ -251,7 +252,7 @@ class KubeAPIServer:
                 raise APIServerError(f"kube-apiserver could not bind a port {START_ATTEMPTS} times\n{self.log_tail()}")
             self.log(f"port {self.port} was taken meanwhile; trying another")
         self._write_kubeconfigs()
-        self.kubectl("apply", "-f", str(RBAC_MANIFEST))
+        self.kubectl("apply", "-f", str(RBAC_MANIFEST), "-f", str(RBAC_INGRESS_MANIFEST))
         self.startup_seconds = time.monotonic() - started
         self.log(f"ready at {self.url} in {self.startup_seconds:.1f} s (kubeconfigs in {self.workdir})")
 

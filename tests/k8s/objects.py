@@ -35,8 +35,8 @@ def lb_service(name: str, port: int = 80, target_port: int = 8080, local: bool =
     }
 
 
-def endpoint_slice(service: str, addresses: dict[str, str], port: int = 8080) -> Object:
-    """The Service's endpoints, address -> node name, all ready."""
+def endpoint_slice(service: str, addresses: dict[str, str], port: int = 8080, port_name: str = "http") -> Object:
+    """The Service's endpoints, address -> node name, all ready, on the port of that name."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -45,7 +45,7 @@ def endpoint_slice(service: str, addresses: dict[str, str], port: int = 8080) ->
         "endpoints": [{"addresses": [address], "nodeName": node,
                        "conditions": {"ready": True, "serving": True, "terminating": False}}
                       for address, node in addresses.items()],
-        "ports": [{"name": "http", "protocol": "TCP", "port": port}],
+        "ports": [{"name": port_name, "protocol": "TCP", "port": port}],
     }
 
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.k8s import apiserver, build, objects
-from tests.k8s.apiserver import LBAGENT_USER, RBAC_MANIFEST, REPO, SERVICE_CIDRS, KubeAPIServer
+from tests.k8s.apiserver import LBAGENT_USER, RBAC_INGRESS_MANIFEST, RBAC_MANIFEST, REPO, SERVICE_CIDRS, KubeAPIServer
 
 NODE_IP = "192.0.2.11"
 ENDPOINT_IP = "198.51.100.21"
@@ -154,11 +154,17 @@ GRANTED: list[tuple[str, ...]] = [
     ("create", "leases.coordination.k8s.io", "", "kube-system"),
     ("get", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
     ("update", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
+    # rbac-ingress.yaml: Ingresses and their classes, the status of Ingresses, Secrets (TLS) to read
+    ("list", "ingresses.networking.k8s.io", ""), ("watch", "ingresses.networking.k8s.io", ""),
+    ("list", "ingressclasses.networking.k8s.io", ""), ("patch", "ingresses.networking.k8s.io", "status"),
+    ("get", "secrets", ""), ("list", "secrets", ""), ("watch", "secrets", ""),
 ]
 REFUSED: list[tuple[str, ...]] = [
     ("delete", "services", ""), ("create", "services", ""), ("update", "services", ""), ("patch", "services", ""),
     ("update", "services", "status"), ("deletecollection", "services", ""),
-    ("get", "secrets", ""), ("list", "secrets", ""), ("watch", "secrets", ""),
+    ("create", "secrets", ""), ("update", "secrets", ""), ("delete", "secrets", ""),
+    ("patch", "ingresses.networking.k8s.io", ""), ("update", "ingresses.networking.k8s.io", "status"),
+    ("create", "ingresses.networking.k8s.io", ""), ("update", "ingressclasses.networking.k8s.io", ""),
     ("list", "pods", ""), ("list", "configmaps", ""),
     ("create", "endpointslices.discovery.k8s.io", ""), ("delete", "endpointslices.discovery.k8s.io", ""),
     ("patch", "nodes", ""), ("delete", "nodes", ""), ("patch", "nodes", "status"),
@@ -193,7 +199,7 @@ def test_what_lbagent_may_not_do_is_refused(kube_apiserver: KubeAPIServer, names
     api.kubectl("create", "secret", "generic", "s", "-n", namespace, "--from-literal=k=v")
 
     for args in (["delete", "svc", "web", "-n", namespace],
-                 ["get", "secrets", "-n", namespace],
+                 ["delete", "secret", "s", "-n", namespace],
                  ["label", "svc", "web", "-n", namespace, "x=y"],
                  ["create", "configmap", "c", "-n", namespace]):
         proc = api.kubectl(*args, user=LBAGENT_USER, check=False)
@@ -207,9 +213,19 @@ def test_what_lbagent_may_not_do_is_refused(kube_apiserver: KubeAPIServer, names
     assert _get_svc(api, namespace, "web")["EXTERNAL-IP"] == "<pending>"
 
 
+def test_only_the_ingress_manifest_grants_secrets() -> None:
+    """A site that serves no Ingress applies rbac.yaml alone: lbagent then holds no right on Secrets."""
+    def resources(path: Path) -> set[str]:
+        return {r for d in yaml.safe_load_all(path.read_text()) if d["kind"] in ("ClusterRole", "Role")
+                for rule in d["rules"] for r in rule["resources"]}
+
+    assert "secrets" not in resources(RBAC_MANIFEST) and "secrets" in resources(RBAC_INGRESS_MANIFEST)
+
+
 def test_the_rbac_manifest_is_what_the_server_holds(kube_apiserver: KubeAPIServer) -> None:
-    """The fixture applied deploy/kubernetes/rbac.yaml itself: no rule was added on the side."""
-    documents = list(yaml.safe_load_all(RBAC_MANIFEST.read_text()))
+    """The fixture applied deploy/kubernetes/rbac.yaml and rbac-ingress.yaml themselves: no rule was added on the
+    side."""
+    documents = [*yaml.safe_load_all(RBAC_MANIFEST.read_text()), *yaml.safe_load_all(RBAC_INGRESS_MANIFEST.read_text())]
     for role in (d for d in documents if d["kind"] in ("ClusterRole", "Role")):
         where = ["-n", role["metadata"]["namespace"]] if role["kind"] == "Role" else []
         held = json.loads(kube_apiserver.kubectl("get", role["kind"].lower(), role["metadata"]["name"], *where,

@@ -253,3 +253,26 @@ def test_path_types(tmp_path: Path, path_type: str, kind: model.PathMatchType) -
     m = merged(base, build(base, snapshot([ingress("p", None, "svc-v1", path="/foo", path_type=path_type)],
                                           [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])])))
     assert m.routes[0].hostnames == () and m.routes[0].rules[0].matches[0].path == model.PathMatch(kind, "/foo")
+
+
+SEEDS = Path(__file__).resolve().parents[2] / "configs" / "kubernetes" / "canary"
+
+
+def test_the_seeds_manifests_as_written_their_ingresses_name_the_target_port(tmp_path: Path) -> None:
+    """configs/kubernetes/canary: the Services listen on 9001 and the Ingresses name 8080, the targetPort."""
+    docs = [d for name in ("svc-v1.yaml", "svc-v2.yaml", "canary-ingress1.yaml", "canary-ingress2.yaml")
+            for d in yaml.safe_load_all((SEEDS / name).read_text()) if d]
+    for d in docs:
+        d["metadata"].setdefault("namespace", "default")
+    services = [d for d in docs if d["kind"] == "Service"]
+    ingresses = [d for d in docs if d["kind"] == "Ingress"]
+    assert {p["port"] for s in services for p in s["spec"]["ports"]} == {9001}
+    slices = [pods("svc-v1", ["198.51.100.31"]), pods("svc-v2", ["198.51.100.41"])]
+    for eps in slices:
+        eps["ports"][0]["name"] = "web-port"
+    base = base_model(tmp_path)
+    built = build(base, snapshot(ingresses, services, slices))
+    assert not built.problems
+    (route,) = merged(base, built).routes
+    assert [(r.name, r.weight) for r in route.rules[0].backend_refs] == [("default/svc-v1:9001", 90),
+                                                                         ("default/svc-v2:9001", 10)]

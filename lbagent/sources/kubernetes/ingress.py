@@ -18,7 +18,8 @@ its users rely on it:
   "always" or "never"), then the weight (`canary-weight` of `canary-weight-total`, default 100).
 - `rewrite-target` replaces the whole path by the target, `$1`... taken from the path's capture groups, as nginx's
   `rewrite` does (a path of `/something(/|$)(.*)` and a target `/$2` strip the prefix).
-- A backend Service with a nodePort for the port is reached through the nodes, as lbagent's own Services; a
+- A backend's port names the Service's port by number or name, or (as ingress-nginx also accepts, and the seeds'
+  manifests use) its targetPort. A backend Service with a nodePort for the port is reached through the nodes, as lbagent's own Services; a
   ClusterIP Service at its EndpointSlices' ready addresses when `kubernetes.podsRoutable` says the LB nodes route to
   the pod network. A backend lbagent cannot reach (no such Service or port, a ClusterIP Service without routable
   pods) answers 503 for its share, as ingress-nginx does, and the Ingress gets an Event saying why.
@@ -252,7 +253,9 @@ class _Backends:
             return self._empty(f"{key}:{wanted}", f"no Service {key}")
         spec = obj.get("spec") or {}
         ports = spec.get("ports") or []
-        port = next((p for p in ports if str(p.get("port")) == wanted or (p.get("name") or "") == wanted), None)
+        # ingress-nginx's rule, which users' manifests rely on: the Service's port, its name, or its targetPort
+        port = next((p for p in ports if str(p.get("port")) == wanted or (p.get("name") or "") == wanted), None) \
+            or next((p for p in ports if str(p.get("targetPort")) == wanted), None)
         if port is None or port.get("protocol", "TCP") != "TCP":
             return self._empty(f"{key}:{wanted}", f"Service {key} has no TCP port {wanted}")
         if spec.get("type") == "ExternalName":
