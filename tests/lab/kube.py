@@ -27,8 +27,10 @@ POOL = "192.0.2.64/28"
 class KubeLab:
     """The lab, the API server and the bridges between them."""
 
-    def __init__(self, lab: Lab, api: KubeAPIServer, workdir: Path) -> None:
+    def __init__(self, lab: Lab, api: KubeAPIServer, workdir: Path, settings: dict[str, Any] | None = None) -> None:
+        """`settings`: more of the agents' `kubernetes` section (e.g. `ingress`)."""
         self.lab, self.api, self.workdir = lab, api, workdir
+        self.settings = settings or {}
         self.socket = workdir / "api.sock"
         self.host_bridge: subprocess.Popen[bytes] | None = None
 
@@ -51,7 +53,7 @@ class KubeLab:
             config = {k: v for k, v in self.lab.default_agent_config(lb).items() if k not in self.lab.http}
             config["nodes"], config["services"] = [], []
             config["kubernetes"] = {"kubeconfig": str(kubeconfig), "pools": [{"name": "lab", "addresses": [POOL]}],
-                                    "lease": {"duration": "4s"}}
+                                    "lease": {"duration": "4s"}, **self.settings}
             self.lab.write_agent_config(lb, config)
         self.apply(*(objects.node(node, address(node)) for node in NODES))
         self.api.kubectl("create", "namespace", "ingress")

@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tests.certs import TestCA
+from tests.lab.http import count_by_port
 from tests.lab.lab import Lab, address, wait_for
 
 pytestmark = pytest.mark.lab
@@ -116,33 +116,9 @@ def curl(lab: Lab, url: str, *args: str, host: str = "client") -> Answer:
     return Answer(status, headers, body)
 
 
-_COUNTER = """
-import http.client, json, sys
-host, vip, n, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-counts, failures = {}, 0
-conn = http.client.HTTPConnection(vip, 80, timeout=5)
-for _ in range(n):
-    try:
-        conn.request("GET", "/", headers={"Host": host, **extra})
-        r = conn.getresponse()
-        body = r.read()
-        port = str(json.loads(body)["port"]) if r.status == 200 else f"status {r.status}"
-        counts[port] = counts.get(port, 0) + 1
-    except Exception as exc:
-        failures += 1
-        conn.close()
-        conn = http.client.HTTPConnection(vip, 80, timeout=5)
-print(json.dumps({"counts": counts, "failures": failures}))
-"""
-
-
 def count_versions(lab: Lab, n: int, headers: dict[str, str] | None = None) -> dict[str, int]:
     """n requests to shop.example.com over one keep-alive connection; answers by nodePort (the version)."""
-    out = lab.exec("client", [sys.executable, "-c", _COUNTER, "shop.example.com", VIP, str(n),
-                              json.dumps(headers or {})], timeout=120).stdout
-    data = json.loads(out)
-    assert data["failures"] == 0, data
-    return {k: int(v) for k, v in data["counts"].items()}
+    return count_by_port(lab, "shop.example.com", VIP, n, headers)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,192 @@
+"""Ingress objects from a real kube-apiserver, served by both LB nodes' HAProxy (issue 13): the seeds' manifests
+applied with kubectl as their users wrote them (the canary, then its weight moved with `kubectl annotate`), the
+Kubernetes documentation's TLS, simple fanout and virtual-host examples; each measured from the lab's client and
+from each LB, and the status as `kubectl get ingress` shows it.
+
+The lab plays the cluster: its nodes' backends stand in for the pods (an EndpointSlice's addresses are the nodes'
+own, as host-network pods would be, on a port per Service, so an answer says which Service served it), and the
+LB nodes route to them (`podsRoutable: true`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.certs import TestCA
+from tests.k8s.apiserver import KubeAPIServer
+from tests.k8s.objects import manifest, table
+from tests.lab.http import count_by_port
+from tests.lab.kube import REPO, KubeLab
+from tests.lab.lab import LBS, NODES, Lab, address, wait_for
+
+ADDRESS = "192.0.2.20"
+CANARY = REPO / "configs" / "kubernetes" / "canary"
+EXAMPLES = REPO / "configs" / "kubernetes" / "examples"
+# each Service's pods answer on their own port of every node
+PODS = {"svc-v1": 8081, "svc-v2": 8082, "service1": 8083, "service2": 8084, "service3": 8085}
+LAB_SERVICES: list[dict[str, Any]] = [{"name": f"pods-{name}", "ports": [{"port": port, "nodePort": port}]}
+                                      for name, port in PODS.items()]
+
+
+def pods(service: str, port_names: tuple[str, ...]) -> dict[str, Any]:
+    """The Service's EndpointSlice: a ready pod on every node, on the Service's pod port under each port name."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-lab", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [address(node)], "nodeName": node, "conditions": {"ready": True}}
+                          for node in NODES],
+            "ports": [{"name": name, "protocol": "TCP", "port": PODS[service]} for name in port_names]}
+
+
+def cluster_ip(name: str, ports: dict[str, int]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"ports": [{"name": n, "port": p, "targetPort": PODS[name]} for n, p in ports.items()]}}
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
+    workdir = tmp_path_factory.mktemp("ingress-lab")
+    with KubeAPIServer(workdir / "api") as api, Lab(services=LAB_SERVICES, start_agents=False) as lab:
+        lab.up()
+        kube = KubeLab(lab, api, workdir, {"ingress": {"addresses": [ADDRESS]}, "podsRoutable": True})
+        try:
+            kube.start()
+            api.kubectl("apply", "-f", str(REPO / "configs" / "kubernetes" / "ingressclass-nginx.yaml"))
+            yield kube
+        finally:
+            kube.stop()
+
+
+def shown_address(kube: KubeLab, name: str) -> str:
+    rows = [r for r in objects_table(kube, "ingress") if r["NAME"] == name]
+    return rows[0]["ADDRESS"] if rows else ""
+
+
+def objects_table(kube: KubeLab, kind: str) -> list[dict[str, str]]:
+    return table(kube.api.kubectl("get", kind).stdout)
+
+
+def served_by_both(kube: KubeLab) -> None:
+    wait_for(lambda: kube.announced_by_both(ADDRESS), 60, message=f"the router to hold {ADDRESS} via both LBs")
+
+
+def v2_share(kube: KubeLab, n: int, source: str = "client") -> tuple[int, dict[str, int]]:
+    counts = count_by_port(kube.lab, "kans.com", ADDRESS, n, source=source)
+    assert set(counts) <= {str(PODS["svc-v1"]), str(PODS["svc-v2"])}, counts
+    return counts.get(str(PODS["svc-v2"]), 0), counts
+
+
+def test_the_seeds_canary_splits_1000_requests_by_its_weight_then_by_the_annotated_one(kube: KubeLab) -> None:
+    api = kube.api
+    for name in ("svc-v1.yaml", "svc-v2.yaml"):
+        api.kubectl("apply", "-f", str(CANARY / name))
+    kube.apply(pods("svc-v1", ("web-port",)), pods("svc-v2", ("web-port",)))
+    api.kubectl("apply", "-f", str(CANARY / "canary-ingress1.yaml"), "-f", str(CANARY / "canary-ingress2.yaml"))
+    for name in ("ingress-canary-v1", "ingress-canary-v2"):
+        wait_for(lambda: shown_address(kube, name) == ADDRESS, 30,  # noqa: B023
+                 message=f"kubectl get ingress to show {name} at {ADDRESS}")
+    served_by_both(kube)
+    wait_for(lambda: v2_share(kube, 20)[1], 30, message="kans.com served")
+    v2, counts = v2_share(kube, 1000)
+    print(f"canary-weight 10: {counts} from the client")
+    # 10% of 1,000: mean 100, standard deviation 9.5; HAProxy's weighted round robin is closer still
+    assert 60 <= v2 <= 140, counts
+    for lb in LBS:  # each LB's own HAProxy splits the same way
+        lb_v2, lb_counts = v2_share(kube, 200, source=lb)
+        print(f"canary-weight 10: {lb_counts} at {lb}")
+        assert 8 <= lb_v2 <= 32, (lb, lb_counts)
+
+    api.kubectl("annotate", "--overwrite", "ingress", "ingress-canary-v2",
+                "nginx.ingress.kubernetes.io/canary-weight=50")
+    for lb in LBS:
+        wait_for(lambda: 70 <= v2_share(kube, 200, source=lb)[0] <= 130, 30,  # noqa: B023
+                 message=f"{lb} to split 50/50")
+    v2, counts = v2_share(kube, 1000)
+    print(f"canary-weight 50: {counts} from the client")
+    assert 430 <= v2 <= 570, counts
+
+
+def curl(kube: KubeLab, url: str, *args: str, port: int = 80) -> tuple[int, dict[str, str], str]:
+    """curl from the client with the URL's host resolved to the Ingress address: status, headers, body."""
+    name = url.split("/")[2]
+    out = kube.lab.exec("client", ["curl", "-sS", "-i", "--noproxy", "*", "--max-time", "5", "--resolve",
+                                   f"{name}:{port}:{ADDRESS}", *args, url], timeout=15).stdout
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(kube: KubeLab,
+                                                                                tmp_path: Path) -> None:
+    api, lab = kube.api, kube.lab
+    ca = TestCA(tmp_path / "ca")
+    issued = ca.issue("sslexample", ["sslexample.foo.com"])
+    api.kubectl("create", "secret", "tls", "testsecret-tls", f"--cert={issued.cert_file}", f"--key={issued.key_file}")
+    api.kubectl("apply", "-f", "-", input=json.dumps(cluster_ip("service1", {"http": 80, "alt": 4200})))
+    kube.apply(pods("service1", ("http", "alt")))
+    api.kubectl("apply", "-f", str(EXAMPLES / "tls-example.yaml"))
+    served_by_both(kube)
+    url = "https://sslexample.foo.com/hello"
+    wait_for(lambda: lab.exec("client", ["curl", "-sS", "-o", "/dev/null", "--cacert", str(ca.cert_file),
+                                         "--resolve", f"sslexample.foo.com:443:{ADDRESS}", url],
+                              check=False).returncode == 0, 30, message="HTTPS for sslexample.foo.com")
+    status, _, body = curl(kube, url, "--cacert", str(ca.cert_file), port=443)
+    assert status == 200 and json.loads(body)["port"] == PODS["service1"] and json.loads(body)["path"] == "/hello"
+    status, headers, _ = curl(kube, "http://sslexample.foo.com/hello?x=1")
+    assert status == 308 and headers["location"] == "https://sslexample.foo.com/hello?x=1"
+    assert shown_address(kube, "tls-example-ingress") == ADDRESS
+
+    reloads = {lb: _metric(lab, lb, "lbagent_haproxy_reloads_total") for lb in LBS}
+    fresh = ca.issue("sslexample-2", ["sslexample.foo.com"])
+    secret = yaml.safe_load(api.kubectl("create", "secret", "tls", "testsecret-tls", f"--cert={fresh.cert_file}",
+                                        f"--key={fresh.key_file}", "--dry-run=client", "-o", "yaml").stdout)
+    api.kubectl("apply", "-f", "-", input=json.dumps(secret))
+
+    def serial_served() -> bool:
+        for lb in LBS:
+            out = lab.exec(lb, ["sh", "-c", f"echo | openssl s_client -connect {ADDRESS}:443 -servername "
+                                            "sslexample.foo.com 2>/dev/null | openssl x509 -noout -serial"],
+                           check=False).stdout
+            if f"{fresh.serial:X}".lstrip("0") not in out.replace("serial=", "").lstrip("0"):
+                return False
+        return True
+
+    wait_for(serial_served, 30, message="both LBs to serve the replaced Secret's certificate")
+    assert {lb: _metric(lab, lb, "lbagent_haproxy_reloads_total") for lb in LBS} == reloads
+
+
+def _metric(lab: Lab, lb: str, name: str) -> float:
+    text = lab.exec(lb, ["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:9469/metrics"]).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_the_fanout_rewrites_and_virtual_hosts_fall_back_to_the_host_less_rule(kube: KubeLab) -> None:
+    api = kube.api
+    api.kubectl("apply", "-f", "-", input=manifest(
+        cluster_ip("service1", {"http": 80, "alt": 4200}), cluster_ip("service2", {"http": 80, "alt": 8080}),
+        cluster_ip("service3", {"http": 80})))
+    kube.apply(pods("service1", ("http", "alt")), pods("service2", ("http", "alt")), pods("service3", ("http",)))
+    api.kubectl("apply", "-f", str(EXAMPLES / "simple-fanout.yaml"), "-f", str(EXAMPLES / "name-virtual-host.yaml"))
+    served_by_both(kube)
+
+    def answer(url: str) -> tuple[int, str]:
+        status, _, body = curl(kube, url)
+        data = json.loads(body) if status == 200 else {}
+        return int(data.get("port", status)), str(data.get("path", ""))
+
+    wait_for(lambda: answer("http://foo.bar.com/foo/x")[0] == PODS["service1"], 30, message="the fanout served")
+    # rewrite-target `/`: nginx's rewrite replaces the whole path
+    assert answer("http://foo.bar.com/foo/x?y=1") == (PODS["service1"], "/?y=1")
+    assert answer("http://foo.bar.com/bar") == (PODS["service2"], "/")
+    assert answer("http://first.bar.com/a")[0] == PODS["service1"]
+    assert answer("http://second.foo.com/a")[0] == PODS["service2"]
+    assert answer("http://third.example.com/a") == (PODS["service3"], "/a")  # the host-less rule takes the rest
