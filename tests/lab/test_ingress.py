@@ -21,9 +21,9 @@ import yaml
 from tests.certs import TestCA
 from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.objects import manifest, table
-from tests.lab.http import count_by_port
 from tests.lab.kube import REPO, KubeLab
 from tests.lab.lab import LBS, NODES, Lab, address, wait_for
+from tests.lab.traffic import count_by_port
 
 ADDRESS = "192.0.2.20"
 CANARY = REPO / "configs" / "kubernetes" / "canary"

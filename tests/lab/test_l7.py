@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from tests.certs import TestCA
-from tests.lab.http import count_by_port
 from tests.lab.lab import Lab, address, wait_for
+from tests.lab.traffic import count_by_port
 
 pytestmark = pytest.mark.lab
 

@@ -221,6 +221,9 @@ def test_tls_from_a_secret_is_served_on_https_and_http_redirects(tmp_path: Path)
     assert by_listener["ingress-https"].rules[0].backend_refs[0].name == "default/svc-v1:8080"
     redirect = by_listener["ingress-http"].rules[0].redirect
     assert redirect == model.Redirect(scheme="https", port=443, status_code=308)
+    # each listener's route has its own HAProxy backend: the HTTP one redirects, the HTTPS one serves
+    backends = {r["backend"] for listener in artifacts.plan_document(m)["listeners"] for r in listener["routes"]}
+    assert len(backends) == 2
     assert built.http is not None
     write_certificates(base, built.http.certificates)
     (pem,) = built.http.certificates

@@ -19,10 +19,11 @@ its users rely on it:
 - `rewrite-target` replaces the whole path by the target, `$1`... taken from the path's capture groups, as nginx's
   `rewrite` does (a path of `/something(/|$)(.*)` and a target `/$2` strip the prefix).
 - A backend's port names the Service's port by number or name, or (as ingress-nginx also accepts, and the seeds'
-  manifests use) its targetPort. A backend Service with a nodePort for the port is reached through the nodes, as lbagent's own Services; a
-  ClusterIP Service at its EndpointSlices' ready addresses when `kubernetes.podsRoutable` says the LB nodes route to
-  the pod network. A backend lbagent cannot reach (no such Service or port, a ClusterIP Service without routable
-  pods) answers 503 for its share, as ingress-nginx does, and the Ingress gets an Event saying why.
+  manifests use) its targetPort. A backend Service with a nodePort for the port is reached through the nodes, as
+  lbagent's own Services; a ClusterIP Service at its EndpointSlices' ready addresses when `kubernetes.podsRoutable`
+  says the LB nodes route to the pod network. A backend lbagent cannot reach (no such Service or port, a ClusterIP
+  Service without routable pods) answers 503 for its share, as ingress-nginx does, and the Ingress gets an Event
+  saying why.
 - An annotation of ingress-nginx that lbagent does not implement keeps the whole Ingress from being served (an
   Event names it): ignoring, say, an authentication annotation would expose what it protects.
 """
@@ -456,7 +457,9 @@ def build_ingresses(inputs: Inputs, settings: model.Kubernetes, known: Mapping[s
             route_name = f"{name}.{n}" if len(by_host) > 1 else name
             secure = host is not None and any(tls.name_covers(h, host) for h in tls_hosts)
             if secure and certificates:
-                https_routes.append(model.Route(namespace, route_name, (HTTPS_LISTENER,), hostnames, tuple(rules)))
+                # a name of its own: a route's name names its HAProxy backends, and the HTTP one redirects
+                https_routes.append(model.Route(namespace, f"{route_name}.tls", (HTTPS_LISTENER,), hostnames,
+                                                tuple(rules)))
             if (secure and certificates and ssl_redirect) or force:
                 redirect = model.Redirect(scheme="https", port=ingress_settings.https_port, status_code=308)
                 http_routes.append(model.Route(namespace, route_name, (HTTP_LISTENER,), hostnames, tuple(

@@ -319,12 +319,13 @@ class KubernetesSource:
         self._tasks.append(asyncio.create_task(self.lease.run(), name="kubernetes-lease"))
 
     async def close(self) -> None:
-        if self.lease is not None:
-            await self.lease.release()
+        # the renewals stop first: one in flight would cross the release and make it a conflict
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.lease is not None:
+            await self.lease.release()
         if self._api is not None:
             await self._api.close()
 

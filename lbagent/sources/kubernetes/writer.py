@@ -150,18 +150,30 @@ class Lease:
             await asyncio.sleep(self.retry)
 
     async def release(self) -> None:
-        """On a clean stop: give the Lease up so another node takes over at once instead of after a lease."""
+        """On a clean stop (after the renewals stopped): give the Lease up so another node takes over at once instead
+        of after a lease. A conflict (a renewal crossed it) is answered by reading the Lease again, once."""
         if not self.leading or self._record is None:
             return
         self._set(False)
         lease = self._record
-        lease["spec"] = {**(lease.get("spec") or {}), "holderIdentity": None, "leaseDurationSeconds": 1,
-                         "renewTime": now_micro()}
-        try:
-            await _json(await self._api.replace_namespaced_lease(
-                self.name, self.namespace, lease, _preload_content=False, _request_timeout=(2, 3)))
-        except Exception as exc:
-            event(log, logging.WARNING, "kubernetes_lease_release_failed", error=f"{type(exc).__name__}: {exc}")
+        for attempt in (1, 2):
+            lease["spec"] = {**(lease.get("spec") or {}), "holderIdentity": None, "leaseDurationSeconds": 1,
+                             "renewTime": now_micro()}
+            try:
+                status, answer = await _json(await self._api.replace_namespaced_lease(
+                    self.name, self.namespace, lease, _preload_content=False, _request_timeout=(5, 5)))
+                if status == 409 and attempt == 1:
+                    status, lease = await _json(await self._api.read_namespaced_lease(
+                        self.name, self.namespace, _preload_content=False, _request_timeout=(5, 5)))
+                    if status < 300 and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                        continue
+                    return  # somebody else holds it now: nothing to give up
+                if status >= 300:
+                    raise RuntimeError(f"HTTP {status}: {answer.get('message')}")
+                return
+            except Exception as exc:
+                event(log, logging.WARNING, "kubernetes_lease_release_failed", error=f"{type(exc).__name__}: {exc}")
+                return
 
 
 def status_body(namespace: str, name: str, addresses: tuple[str, ...]) -> dict[str, Any]:
