@@ -199,6 +199,13 @@ class IngressSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """Gateway API objects of lbagent's GatewayClasses."""
+
+    controller_name: str = "lbagent.io/gateway-controller"  # GatewayClass.spec.controllerName
+
+
+@dataclass(frozen=True)
 class Kubernetes:
     """The Kubernetes API as a source of services and nodes, beside the file's (None: the file alone)."""
 
@@ -214,6 +221,7 @@ class Kubernetes:
     forwarding_mode: ForwardingMode = ForwardingMode.MASQUERADE
     ingress: IngressSettings | None = None
     pods_routable: bool = False  # ClusterIP backends at their EndpointSlices' addresses
+    gateway: GatewaySettings | None = None
 
 
 # ---- Layer 7: HAProxy listeners, HTTP routes (Gateway API HTTPRoute semantics) and their backends ----------

@@ -52,11 +52,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests import programs
 from tests.certs import TestCA
-from tests.k8s import build
+from tests.k8s import build, crds
 
 REPO = programs.REPO
 RBAC_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac.yaml"
-RBAC_INGRESS_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac-ingress.yaml"  # what serving Ingresses adds
+RBAC_HTTP_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac-http.yaml"  # what serving Ingresses adds
 KUBECTL = "kubectl"
 # The least-privilege user lbagent connects as: the common name of its client certificate, the User subject of the
 # ClusterRoleBinding in RBAC_MANIFEST.
@@ -252,7 +252,7 @@ class KubeAPIServer:
                 raise APIServerError(f"kube-apiserver could not bind a port {START_ATTEMPTS} times\n{self.log_tail()}")
             self.log(f"port {self.port} was taken meanwhile; trying another")
         self._write_kubeconfigs()
-        self.kubectl("apply", "-f", str(RBAC_MANIFEST), "-f", str(RBAC_INGRESS_MANIFEST))
+        self.kubectl("apply", "-f", str(RBAC_MANIFEST), "-f", str(RBAC_HTTP_MANIFEST))
         self.startup_seconds = time.monotonic() - started
         self.log(f"ready at {self.url} in {self.startup_seconds:.1f} s (kubeconfigs in {self.workdir})")
 
@@ -385,6 +385,14 @@ class KubeAPIServer:
         return "\n".join(text.splitlines()[-lines:])
 
     # Clients
+
+    def install_gateway_api(self) -> None:
+        """The Gateway API's CRDs (tests/k8s/crds.py), established. Applying them again changes nothing."""
+        files = crds.crd_files()
+        self.kubectl("apply", "--server-side", "--force-conflicts", *(a for f in files for a in ("-f", str(f))))
+        names = [d["metadata"]["name"] for f in files for d in yaml.safe_load_all(f.read_text())
+                 if d and d.get("kind") == "CustomResourceDefinition"]
+        self.kubectl("wait", "--for", "condition=established", "--timeout=60s", *(f"crd/{n}" for n in names))
 
     def kubeconfig(self, user: str = "admin") -> Path:
         return self.users[user].kubeconfig

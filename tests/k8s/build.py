@@ -65,7 +65,7 @@ def go_command() -> Path:
     return go
 
 
-def _go_env(go: Path, cache: Path) -> dict[str, str]:
+def go_env(go: Path, cache: Path) -> dict[str, str]:
     """The environment of every go command: this toolchain only, static, module mode checked against go.sum."""
     env = dict(os.environ)
     env.update({
@@ -90,7 +90,7 @@ def go_version(go: Path, env: dict[str, str] | None = None) -> str:
     """`go version`'s version word, e.g. go1.27.3."""
     try:
         proc = subprocess.run([str(go), "version"], capture_output=True, text=True, check=False,
-                              env=env if env is not None else _go_env(go, CACHE_ROOT))
+                              env=env if env is not None else go_env(go, CACHE_ROOT))
     except OSError as exc:
         raise BuildError(f"cannot run {go}: {exc}") from exc
     match = re.search(r"\bgo version (go\d+\.\d+(?:\.\d+)?)\S*", proc.stdout)
@@ -168,7 +168,7 @@ def _locked(cache: Path) -> Iterator[None]:
 def build(cache: Path = CACHE_ROOT, log: Log = _stderr) -> Path:
     """The kube-apiserver binary, built first if this source and toolchain have none in the cache."""
     go = go_command()
-    env = _go_env(go, cache)
+    env = go_env(go, cache)
     version = go_version(go, env)
     check_go(version)
     binary = binary_path(version, cache)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.k8s import apiserver, build, objects
-from tests.k8s.apiserver import LBAGENT_USER, RBAC_INGRESS_MANIFEST, RBAC_MANIFEST, REPO, SERVICE_CIDRS, KubeAPIServer
+from tests.k8s.apiserver import LBAGENT_USER, RBAC_HTTP_MANIFEST, RBAC_MANIFEST, REPO, SERVICE_CIDRS, KubeAPIServer
 
 NODE_IP = "192.0.2.11"
 ENDPOINT_IP = "198.51.100.21"
@@ -154,10 +154,16 @@ GRANTED: list[tuple[str, ...]] = [
     ("create", "leases.coordination.k8s.io", "", "kube-system"),
     ("get", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
     ("update", "leases.coordination.k8s.io/lbagent", "", "kube-system"),
-    # rbac-ingress.yaml: Ingresses and their classes, the status of Ingresses, Secrets (TLS) to read
+    # rbac-http.yaml: Ingresses and their classes, the status of Ingresses, Secrets (TLS) to read
     ("list", "ingresses.networking.k8s.io", ""), ("watch", "ingresses.networking.k8s.io", ""),
     ("list", "ingressclasses.networking.k8s.io", ""), ("patch", "ingresses.networking.k8s.io", "status"),
     ("get", "secrets", ""), ("list", "secrets", ""), ("watch", "secrets", ""),
+    ("list", "gateways.gateway.networking.k8s.io", ""), ("watch", "httproutes.gateway.networking.k8s.io", ""),
+    ("list", "gatewayclasses.gateway.networking.k8s.io", ""),
+    ("list", "referencegrants.gateway.networking.k8s.io", ""),
+    ("patch", "gateways.gateway.networking.k8s.io", "status"),
+    ("patch", "httproutes.gateway.networking.k8s.io", "status"),
+    ("patch", "gatewayclasses.gateway.networking.k8s.io", "status"),
 ]
 REFUSED: list[tuple[str, ...]] = [
     ("delete", "services", ""), ("create", "services", ""), ("update", "services", ""), ("patch", "services", ""),
@@ -165,6 +171,8 @@ REFUSED: list[tuple[str, ...]] = [
     ("create", "secrets", ""), ("update", "secrets", ""), ("delete", "secrets", ""),
     ("patch", "ingresses.networking.k8s.io", ""), ("update", "ingresses.networking.k8s.io", "status"),
     ("create", "ingresses.networking.k8s.io", ""), ("update", "ingressclasses.networking.k8s.io", ""),
+    ("patch", "gateways.gateway.networking.k8s.io", ""), ("create", "httproutes.gateway.networking.k8s.io", ""),
+    ("delete", "gateways.gateway.networking.k8s.io", ""), ("create", "referencegrants.gateway.networking.k8s.io", ""),
     ("list", "pods", ""), ("list", "configmaps", ""),
     ("create", "endpointslices.discovery.k8s.io", ""), ("delete", "endpointslices.discovery.k8s.io", ""),
     ("patch", "nodes", ""), ("delete", "nodes", ""), ("patch", "nodes", "status"),
@@ -219,13 +227,13 @@ def test_only_the_ingress_manifest_grants_secrets() -> None:
         return {r for d in yaml.safe_load_all(path.read_text()) if d["kind"] in ("ClusterRole", "Role")
                 for rule in d["rules"] for r in rule["resources"]}
 
-    assert "secrets" not in resources(RBAC_MANIFEST) and "secrets" in resources(RBAC_INGRESS_MANIFEST)
+    assert "secrets" not in resources(RBAC_MANIFEST) and "secrets" in resources(RBAC_HTTP_MANIFEST)
 
 
 def test_the_rbac_manifest_is_what_the_server_holds(kube_apiserver: KubeAPIServer) -> None:
-    """The fixture applied deploy/kubernetes/rbac.yaml and rbac-ingress.yaml themselves: no rule was added on the
+    """The fixture applied deploy/kubernetes/rbac.yaml and rbac-http.yaml themselves: no rule was added on the
     side."""
-    documents = [*yaml.safe_load_all(RBAC_MANIFEST.read_text()), *yaml.safe_load_all(RBAC_INGRESS_MANIFEST.read_text())]
+    documents = [*yaml.safe_load_all(RBAC_MANIFEST.read_text()), *yaml.safe_load_all(RBAC_HTTP_MANIFEST.read_text())]
     for role in (d for d in documents if d["kind"] in ("ClusterRole", "Role")):
         where = ["-n", role["metadata"]["namespace"]] if role["kind"] == "Role" else []
         held = json.loads(kube_apiserver.kubectl("get", role["kind"].lower(), role["metadata"]["name"], *where,

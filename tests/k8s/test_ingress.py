@@ -1,5 +1,5 @@
 """The Ingress part of lbagent's Kubernetes source against the real kube-apiserver, as lbagent's least-privilege
-user (deploy/kubernetes/rbac.yaml and rbac-ingress.yaml): the seeds' canary manifests applied verbatim with kubectl
+user (deploy/kubernetes/rbac.yaml and rbac-http.yaml): the seeds' canary manifests applied verbatim with kubectl
 become routes with their split, `kubectl annotate` moves it, the writer puts the Ingress address into their status
 (`kubectl get ingress` shows it), and an annotation lbagent does not implement gets an Event naming it."""
 

@@ -190,6 +190,13 @@ class IngressSection(Strict):
     watch_without_class: bool = Field(False, alias="watchIngressWithoutClass")
 
 
+class GatewaySection(Strict):
+    """Gateways of the GatewayClasses whose spec.controllerName is `controllerName`, and their HTTPRoutes."""
+
+    controller_name: str = Field("lbagent.io/gateway-controller", alias="controllerName",
+                                 pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
+
+
 class KubernetesSection(Strict):
     kubeconfig: str | None = Field(None, min_length=1)
     load_balancer_class: str = Field("lbagent.io/lbagent", alias="loadBalancerClass",
@@ -198,6 +205,7 @@ class KubernetesSection(Strict):
     pools: list[PoolEntry] = []
     lease: LeaseSection = Field(default_factory=LeaseSection)
     ingress: IngressSection | None = None
+    gateway: GatewaySection | None = None
     # whether the LB nodes route to the pod network (the CNI announces pod CIDRs by BGP, or static routes): then an
     # HTTP backend that is a ClusterIP Service is reached at its EndpointSlices' addresses
     pods_routable: bool = Field(False, alias="podsRoutable")
@@ -748,5 +756,7 @@ def _to_model(config: ConfigFile) -> model.Model:
                 watch_without_class=config.kubernetes.ingress.watch_without_class,
             ),
             pods_routable=config.kubernetes.pods_routable,
+            gateway=None if config.kubernetes.gateway is None else model.GatewaySettings(
+                controller_name=config.kubernetes.gateway.controller_name),
         ),
     )

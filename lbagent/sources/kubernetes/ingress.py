@@ -224,6 +224,7 @@ class _Backends:
     settings: model.Kubernetes
     known: Mapping[str, model.Service]  # the model's Services already (lbagent's own, the file's)
     built: IngressBuilt
+    target_port: bool = True  # a backend's port may name the targetPort (ingress-nginx's rule; not the Gateway API's)
     _refs: dict[tuple[str, str], tuple[model.BackendRef, str | None]] = field(default_factory=dict)
     _services: dict[str, model.Service] = field(default_factory=dict)
 
@@ -255,14 +256,16 @@ class _Backends:
         spec = obj.get("spec") or {}
         ports = spec.get("ports") or []
         # ingress-nginx's rule, which users' manifests rely on: the Service's port, its name, or its targetPort
-        port = next((p for p in ports if str(p.get("port")) == wanted or (p.get("name") or "") == wanted), None) \
-            or next((p for p in ports if str(p.get("targetPort")) == wanted), None)
+        port = next((p for p in ports if str(p.get("port")) == wanted or (p.get("name") or "") == wanted), None)
+        if port is None and self.target_port:
+            port = next((p for p in ports if str(p.get("targetPort")) == wanted), None)
         if port is None or port.get("protocol", "TCP") != "TCP":
             return self._empty(f"{key}:{wanted}", f"Service {key} has no TCP port {wanted}")
         if spec.get("type") == "ExternalName":
             return self._empty(f"{key}:{wanted}", f"Service {key} is ExternalName: not implemented by lbagent")
         if isinstance(port.get("nodePort"), int):
-            service = self.known.get(key) or self._services.get(key) or self._via_nodes(obj)
+            service = self.known.get(key) or self._services.get(key) or next(
+                (s for s in self.built.services if s.key == key), None) or self._via_nodes(obj)
             if service is not None:
                 return model.BackendRef(model.BackendKind.SERVICE, key, int(port["port"])), None
         if not self.settings.pods_routable:
@@ -317,7 +320,8 @@ class _Backends:
                         serving.append(address)
         backend = f"{key}:{port.get('port')}"
         endpoints = tuple(sorted(set(ready or serving), key=str))
-        self.built.backends.append(model.StaticBackend(backend, endpoints, self.settings.health_check))
+        if all(b.name != backend for b in self.built.backends):  # the Ingresses' and the Gateways' share it
+            self.built.backends.append(model.StaticBackend(backend, endpoints, self.settings.health_check))
         why = None if endpoints else f"Service {key} has no ready endpoint"
         return model.BackendRef(model.BackendKind.BACKEND, backend), why
 

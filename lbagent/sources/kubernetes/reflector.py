@@ -29,6 +29,7 @@ from lbagent.logfmt import event
 log = logging.getLogger("lbagent.kubernetes")
 
 PAGE = 500
+ABSENT_RETRY = 30.0  # seconds between lists of an optional kind that does not exist (a CRD not installed)
 CONNECT_TIMEOUT = 5.0
 LIST_READ_TIMEOUT = 60.0
 READ_TIMEOUT = 90.0  # longer than the API server's bookmark interval (about a minute)
@@ -62,8 +63,12 @@ class Reflector:
     every key), never while the store is half-updated."""
 
     def __init__(self, kind: str, list_function: ListFunction, on_change: Callable[[set[str]], None],
-                 label_selector: str | None = None, field_selector: str | None = None) -> None:
+                 label_selector: str | None = None, field_selector: str | None = None, optional: bool = False) -> None:
+        """`optional`: a kind whose resource may not exist (a CRD not installed): then it is empty, synced, and
+        listed again every ABSENT_RETRY seconds until it appears."""
         self.kind = kind
+        self.optional = optional
+        self.absent = False
         self._list = list_function
         self._on_change = on_change
         self._selector = label_selector
@@ -152,6 +157,19 @@ class Reflector:
         if existed:
             self._on_change({key})
 
+    def _absent(self) -> None:
+        """The resource does not exist (its CRD is not installed): nothing of the kind, which is no error."""
+        if not self.absent:
+            event(log, logging.INFO, "kubernetes_kind_absent", kind=self.kind, retry_in=ABSENT_RETRY)
+        self.absent = True
+        self._healthy()
+        changed = set(self.store)
+        self.store = {}
+        first = not self.synced.is_set()
+        self.synced.set()
+        if changed or first:
+            self._on_change(changed)
+
     def _healthy(self) -> None:
         if self.stale_since is not None:
             event(log, logging.INFO, "kubernetes_reconnected", kind=self.kind,
@@ -171,7 +189,17 @@ class Reflector:
         while True:
             try:
                 if must_list:
-                    await self.list()
+                    try:
+                        await self.list()
+                    except ApiError as exc:
+                        if not (self.optional and exc.status == 404):
+                            raise
+                        self._absent()
+                        await asyncio.sleep(ABSENT_RETRY)
+                        continue
+                    if self.absent:
+                        event(log, logging.INFO, "kubernetes_kind_appeared", kind=self.kind)
+                        self.absent = False
                     must_list = False
                 await self.watch()
                 delay = BACKOFF_FIRST

@@ -14,6 +14,8 @@ its own services and listeners), the API gives Services of lbagent's class, thei
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import signal
 import time
@@ -30,15 +32,26 @@ from lbagent.sources import Problem, SourceError
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes import translate
 from lbagent.sources.kubernetes.allocator import Allocator, Pool, Request
+from lbagent.sources.kubernetes.gateway import (
+    GatewayBuilt,
+    GatewayInputs,
+    address_request,
+    build_gateways,
+    our_gateways,
+)
 from lbagent.sources.kubernetes.ingress import TLS_SECRET_TYPE, IngressBuilt, Inputs, build_ingresses
 from lbagent.sources.kubernetes.reflector import Reflector
 from lbagent.sources.kubernetes.writer import (
+    GATEWAY_GROUP,
     Lease,
     Recorder,
+    apply_custom_status,
     apply_ingress_status,
     apply_status,
     holds_status,
     problem_message,
+    with_transitions,
+    without_transitions,
 )
 
 log = logging.getLogger("lbagent.kubernetes")
@@ -59,6 +72,10 @@ class Snapshot:
     ingresses: dict[str, Obj] = field(default_factory=dict)
     classes: dict[str, Obj] = field(default_factory=dict)
     secrets: dict[str, Obj] = field(default_factory=dict)
+    gateway_classes: dict[str, Obj] = field(default_factory=dict)
+    gateways: dict[str, Obj] = field(default_factory=dict)
+    httproutes: dict[str, Obj] = field(default_factory=dict)
+    grants: dict[str, Obj] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,7 +85,8 @@ class Built:
     services: list[model.Service] = field(default_factory=list)
     nodes: list[model.Node] = field(default_factory=list)
     problems: dict[str, list[Problem]] = field(default_factory=lambda: defaultdict(list))
-    http: IngressBuilt | None = None  # the Ingresses' listeners, routes and backends
+    http: IngressBuilt | None = None  # the Ingresses' and Gateways' listeners, routes and backends
+    gateway: GatewayBuilt | None = None  # the Gateway API objects' status
 
 
 def settings_of(m: model.Model) -> translate.Settings:
@@ -154,13 +172,56 @@ def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = No
             for p in service.ports:
                 taken[(vip, p.protocol, p.port)] = f"Service {key}"
         built.services.append(service)
-    if base.kubernetes is not None and base.kubernetes.ingress is not None:
+    kube = base.kubernetes
+    if kube is not None and (kube.ingress is not None or kube.gateway is not None):
         known = {s.key: s for s in (*base.services, *built.services)}
-        inputs = Inputs(snap.ingresses, snap.classes, snap.services, slices, snap.secrets)
-        built.http = build_ingresses(inputs, base.kubernetes, known, certificate_dir(base))
+        built.http = IngressBuilt()
+        if kube.ingress is not None:
+            inputs = Inputs(snap.ingresses, snap.classes, snap.services, slices, snap.secrets)
+            built.http = build_ingresses(inputs, kube, known, certificate_dir(base))
+        if kube.gateway is not None:
+            gateway_inputs = GatewayInputs(snap.gateway_classes, snap.gateways, snap.httproutes, snap.grants,
+                                           snap.services, slices, snap.secrets)
+            built.gateway = build_gateways(gateway_inputs, kube, known, certificate_dir(base), built.http)
+            built.http.listeners += built.gateway.listeners
+            built.http.routes += built.gateway.routes
+            for key, problems in built.gateway.problems.items():
+                built.http.problems.setdefault(key, []).extend(problems)
         for key, problems in built.http.problems.items():
             built.problems[key] += problems
     return built
+
+
+def base_controller(built: GatewayBuilt) -> str | None:
+    return built.controller
+
+
+def _conditions_of(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(status.get("conditions") or [])
+
+
+def _stamped(wanted: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, Any]:
+    """`wanted` with each conditions list given lastTransitionTime from what the object has (status, listeners by
+    name, parents by parentRef)."""
+    out: dict[str, Any] = dict(wanted)
+    if "conditions" in wanted:
+        out["conditions"] = with_transitions(list(wanted["conditions"]), _conditions_of(have))
+    if "listeners" in wanted:
+        before = {entry.get("name"): entry for entry in have.get("listeners") or []}
+        out["listeners"] = [{**entry, "conditions": with_transitions(
+            list(entry["conditions"]), _conditions_of(before.get(entry["name"]) or {}))}
+            for entry in wanted["listeners"]]
+    if "parents" in wanted:
+        before_parents = {json.dumps(p.get("parentRef"), sort_keys=True): p for p in have.get("parents") or []}
+        out["parents"] = [{**entry, "conditions": with_transitions(list(entry.get("conditions") or []), _conditions_of(
+            before_parents.get(json.dumps(entry.get("parentRef"), sort_keys=True)) or {}))}
+            for entry in wanted["parents"]]
+    return out
+
+
+def _shaped(wanted: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, Any]:
+    """What the object's status would be after lbagent's write, for comparing: the fields lbagent writes."""
+    return {k: v for k, v in _stamped(wanted, have).items()}
 
 
 def certificate_dir(m: model.Model) -> Path:
@@ -212,7 +273,12 @@ class KubernetesSource:
         self.ingresses: Reflector | None = None
         self.classes: Reflector | None = None
         self.secrets: Reflector | None = None
+        self.gateway_classes: Reflector | None = None
+        self.gateways: Reflector | None = None
+        self.httproutes: Reflector | None = None
+        self.grants: Reflector | None = None
         self._networking: Any = None
+        self._custom: Any = None
         self.lease: Lease | None = None
         self._recorder: Recorder | None = None
         self._core: Any = None
@@ -222,6 +288,7 @@ class KubernetesSource:
         self.writes = 0
         self._write_lock = asyncio.Lock()
         self._written: dict[str, tuple[tuple[str, ...], str]] = {}  # key -> (addresses, the version written over)
+        self._custom_written: dict[str, tuple[str, str]] = {}  # Gateway API objects: (status, the version)
         self._translated: TranslationCache = {}  # load()'s, in the worker thread (one load at a time)
 
     @property
@@ -293,8 +360,23 @@ class KubernetesSource:
             self.ingresses = Reflector("Ingress", networking.list_ingress_for_all_namespaces, self._services_changed)
             self.classes = Reflector("IngressClass", networking.list_ingress_class, self._services_changed)
             # only TLS Secrets: the others are none of lbagent's business
+        if base.kubernetes.ingress is not None or base.kubernetes.gateway is not None:
             self.secrets = Reflector("Secret", core.list_secret_for_all_namespaces, self._api_changed,
                                      field_selector=f"type={TLS_SECRET_TYPE}")
+        if base.kubernetes.gateway is not None:
+            custom = client.CustomObjectsApi(api_client)
+            self._custom = custom
+
+            def kind(plural: str, version: str = "v1") -> Any:
+                return functools.partial(custom.list_cluster_custom_object, GATEWAY_GROUP, version, plural)
+
+            # optional: a cluster without the Gateway API's CRDs has none of these, which is no error
+            self.gateway_classes = Reflector("GatewayClass", kind("gatewayclasses"), self._services_changed,
+                                             optional=True)
+            self.gateways = Reflector("Gateway", kind("gateways"), self._services_changed, optional=True)
+            self.httproutes = Reflector("HTTPRoute", kind("httproutes"), self._services_changed, optional=True)
+            self.grants = Reflector("ReferenceGrant", kind("referencegrants", "v1beta1"), self._services_changed,
+                                    optional=True)
         self._recorder = Recorder(core, self.identity)
         self._core = core
         self.lease = Lease(client.CoordinationV1Api(api_client), base.kubernetes.lease_namespace,
@@ -329,6 +411,48 @@ class KubernetesSource:
         if self._api is not None:
             await self._api.close()
 
+    async def _write_gateway_api(self, built: GatewayBuilt, snap: Snapshot) -> None:
+        """The status of lbagent's GatewayClasses, Gateways and of the HTTPRoutes attached to them, each written
+        when it differs from what the object shows (lastTransitionTime aside)."""
+        jobs = []
+        for name, wanted in built.class_status.items():
+            obj = snap.gateway_classes.get(name)
+            if obj is not None:
+                jobs.append(self._put_custom(obj, "GatewayClass", "gatewayclasses", None, wanted))
+        for key, wanted in built.gateway_status.items():
+            obj = snap.gateways.get(key)
+            if obj is not None:
+                jobs.append(self._put_custom(obj, "Gateway", "gateways", key.split("/", 1)[0], wanted))
+        for key, parents in built.route_status.items():
+            obj = snap.httproutes.get(key)
+            if obj is None:
+                continue
+            assert base_controller(built) is not None
+            theirs = [p for p in (obj.get("status") or {}).get("parents") or []
+                      if p.get("controllerName") != base_controller(built)]
+            jobs.append(self._put_custom(obj, "HTTPRoute", "httproutes", key.split("/", 1)[0],
+                                         {"parents": [*theirs, *parents]}))
+        await asyncio.gather(*jobs)
+
+    async def _put_custom(self, obj: Obj, kind: str, plural: str, namespace: str | None,
+                          wanted: Mapping[str, Any]) -> None:
+        have = obj.get("status") or {}
+        meta = obj.get("metadata") or {}
+        if without_transitions(have) == without_transitions(_shaped(wanted, have)):
+            return
+        key = f"{kind} {translate.key_of(obj)}"
+        done = (json.dumps(without_transitions(wanted), sort_keys=True), str(meta.get("resourceVersion") or ""))
+        if self._custom_written.get(key) == done:
+            return
+        status = _stamped(wanted, have)
+        error = await apply_custom_status(self._custom, kind, plural, namespace, str(meta.get("name")), status)
+        if error is not None:
+            event(log, logging.WARNING, "kubernetes_status_failed", object=key, error=error)
+            return
+        self.writes += 1
+        self._custom_written[key] = done
+        event(log, logging.INFO, "kubernetes_status_written", object=key)
+
     async def _write_ingress(self, obj: Obj, addresses: tuple[str, ...]) -> None:
         """An Ingress lbagent serves gets the addresses it is served on in its status, once."""
         have = tuple(translate.status_ips(obj))
@@ -350,8 +474,8 @@ class KubernetesSource:
               addresses=",".join(addresses), previous=",".join(have) or "-")
 
     def _reflectors(self) -> list[Reflector]:
-        return [r for r in (self.services, self.slices, self.nodes, self.ingresses, self.classes, self.secrets)
-                if r is not None]
+        return [r for r in (self.services, self.slices, self.nodes, self.ingresses, self.classes, self.secrets,
+                            self.gateway_classes, self.gateways, self.httproutes, self.grants) if r is not None]
 
     def status(self) -> dict[str, Any]:
         reflectors = self._reflectors()
@@ -387,7 +511,8 @@ class KubernetesSource:
             return dict(r.store) if r is not None else {}
 
         return Snapshot(dict(self.services.store), dict(self.slices.store), dict(self.nodes.store),
-                        store(self.ingresses), store(self.classes), store(self.secrets))
+                        store(self.ingresses), store(self.classes), store(self.secrets), store(self.gateway_classes),
+                        store(self.gateways), store(self.httproutes), store(self.grants))
 
     def _snapshot_from_thread(self) -> Snapshot:
         if self._loop is None:
@@ -463,15 +588,28 @@ class KubernetesSource:
                                             problem_message(problems))
                 continue
             requests.append(request)
+        gateways: dict[str, Obj] = {}
+        if base.kubernetes.gateway is not None:
+            for gateway in our_gateways(GatewayInputs(snap.gateway_classes, snap.gateways, {}, {}, {}, {}, {}),
+                                        base.kubernetes.gateway.controller_name):
+                request, problems = address_request(gateway)
+                if request is None:
+                    refused[f"Gateway {translate.key_of(gateway)}"] = problems
+                    continue
+                gateways[request.key] = gateway
+                requests.append(request)
         result = await asyncio.to_thread(Allocator(pools).allocate, requests, reserved)
-        refused |= {f"Service {key}": problems for key, problems in result.problems.items()}
+        refused |= {key if key in gateways else f"Service {key}": problems for key, problems in result.problems.items()}
         self._log_problems(refused, self._allocation_logged)
-        for key, problems in result.problems.items():
-            await self._recorder.record(ours[key], "Service", "Warning", "AllocationFailed",
-                                        problem_message(problems))
-        for key, problems in result.warnings.items():
-            await self._recorder.record(ours[key], "Service", "Warning", "AddressOutsidePools",
-                                        problem_message(problems))
+        for reason, outcome in (("AllocationFailed", result.problems), ("AddressOutsidePools", result.warnings)):
+            for key, problems in outcome.items():
+                obj, kind = (gateways[key], "Gateway") if key in gateways else (ours[key], "Service")
+                await self._recorder.record(obj, kind, "Warning", reason, problem_message(problems))
+        if gateways:  # the Gateways as they will be once their addresses are written: build() works out the rest
+            snap = replace(snap, gateways={**snap.gateways, **{
+                translate.key_of(g): {**g, "status": {**(g.get("status") or {}), "addresses": [
+                    {"type": "IPAddress", "value": str(a)} for a in result.addresses.get(key, ())]}}
+                for key, g in gateways.items()}})
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
 
         async def put(key: str, obj: Obj, wanted: tuple[str, ...] | None) -> bool:
@@ -518,14 +656,18 @@ class KubernetesSource:
         released = [o for o in snap.services.values()
                     if (o.get("spec") or {}).get("type") != "LoadBalancer"
                     and not (o.get("metadata") or {}).get("deletionTimestamp") and holds_status(o)]
-        await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()),
+        await asyncio.gather(*(write_one(key, addresses) for key, addresses in result.addresses.items()
+                               if key not in gateways),
                              *(release_one(o) for o in released))
         built = await asyncio.to_thread(build, base, snap)
         if built.http is not None and base.kubernetes.ingress is not None:
             addresses = tuple(str(a) for a in base.kubernetes.ingress.addresses)
             await asyncio.gather(*(self._write_ingress(snap.ingresses[key], addresses)
                                    for key in built.http.served if key in snap.ingresses))
-        stores = {"Service": snap.services, "Node": snap.nodes, "Ingress": snap.ingresses}
+        if built.gateway is not None:
+            await self._write_gateway_api(built.gateway, snap)
+        stores = {"Service": snap.services, "Node": snap.nodes, "Ingress": snap.ingresses,
+                  "HTTPRoute": snap.httproutes}
         for key, problems in built.problems.items():
             kind, name = key.split(" ", 1)
             found = stores.get(kind, {}).get(name)

@@ -32,7 +32,10 @@ log = logging.getLogger("lbagent.kubernetes")
 
 FIELD_MANAGER = "lbagent"
 # involvedObject.apiVersion of the kinds lbagent records Events about (list items carry no apiVersion of their own)
-API_VERSIONS = {"Service": "v1", "Node": "v1", "Ingress": "networking.k8s.io/v1"}
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+API_VERSIONS = {"Service": "v1", "Node": "v1", "Ingress": "networking.k8s.io/v1",
+                "Gateway": f"{GATEWAY_GROUP}/v1", "HTTPRoute": f"{GATEWAY_GROUP}/v1",
+                "GatewayClass": f"{GATEWAY_GROUP}/v1"}
 COMPONENT = "lbagent"
 
 
@@ -256,6 +259,45 @@ async def apply_ingress_status(networking: Any, namespace: str, name: str, addre
         name, namespace, body, field_manager=FIELD_MANAGER, force=True,
         _content_type="application/apply-patch+yaml", _preload_content=False, _request_timeout=(5, 10)))
     return None if status < 300 else f"HTTP {status}: {answer.get('message')}"
+
+
+async def apply_custom_status(custom: Any, kind: str, plural: str, namespace: str | None, name: str,
+                              status: Mapping[str, Any], version: str = "v1") -> str | None:
+    """Server-side apply of a Gateway API object's status (GatewayClass: cluster-scoped, `namespace` None)."""
+    body = {"apiVersion": f"{GATEWAY_GROUP}/{version}", "kind": kind,
+            "metadata": {"name": name, **({"namespace": namespace} if namespace else {})}, "status": status}
+    common: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True,
+                              "_content_type": "application/apply-patch+yaml", "_preload_content": False,
+                              "_request_timeout": (5, 10)}
+    if namespace is None:
+        response = await custom.patch_cluster_custom_object_status(GATEWAY_GROUP, version, plural, name, body,
+                                                                   **common)
+    else:
+        response = await custom.patch_namespaced_custom_object_status(GATEWAY_GROUP, version, namespace, plural,
+                                                                      name, body, **common)
+    status_code, answer = await _json(response)
+    return None if status_code < 300 else f"HTTP {status_code}: {answer.get('message')}"
+
+
+def with_transitions(wanted: list[dict[str, Any]], have: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Conditions with lastTransitionTime: kept from the object's own where the type's status did not change."""
+    before = {c.get("type"): c for c in have}
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = []
+    for c in wanted:
+        old = before.get(c["type"])
+        stamp = old.get("lastTransitionTime") if old and old.get("status") == c["status"] else None
+        out.append({**c, "lastTransitionTime": stamp or now})
+    return out
+
+
+def without_transitions(status: Any) -> Any:
+    """A status with every lastTransitionTime left out (to compare what lbagent wants with what is there)."""
+    if isinstance(status, Mapping):
+        return {k: without_transitions(v) for k, v in status.items() if k != "lastTransitionTime"}
+    if isinstance(status, list):
+        return [without_transitions(v) for v in status]
+    return status
 
 
 def holds_status(service: Mapping[str, Any]) -> bool:
