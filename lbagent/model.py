@@ -381,6 +381,7 @@ class Listener:
     redirect_to_https: int | None = None  # an HTTP listener that only redirects, to this HTTPS port
     default_backend: BackendRef | None = None  # where requests no route matches go (else 404)
     proxy_protocol: bool = False  # expect a PROXY protocol header from whatever is in front of the VIP
+    hsts: str | None = None  # HTTPS: the Strict-Transport-Security header every answer gets
 
     @property
     def key(self) -> str:

@@ -275,6 +275,14 @@ def _frontend(f: HttpFrontend, trusted_proxies: tuple[model.IPNetwork, ...] = ()
     lines += [f"{_INDENT}bind {model.Endpoint(vip, f.port)}{options}" for vip in f.vips]
     # the request's host, as routes match it: without a port, lowercase (IPv6 literals keep their brackets)
     lines.append(f"{_INDENT}http-request set-var(txn.host) req.hdr(host),host_only,lower")
+    if https:
+        # a request for another host than the TLS server name it came by (a browser reusing a connection for a
+        # name the certificate also covers): 421, and the client opens a connection for that name (RFC 9110)
+        lines.append(f"{_INDENT}http-request return status 421 content-type text/plain string "
+                     f"{_word('misdirected request: the Host is not the TLS server name')} "
+                     "if { ssl_fc_sni -m found } !{ ssl_fc_sni,lower,strcmp(txn.host) eq 0 }")
+        if f.hsts is not None:
+            lines.append(f"{_INDENT}http-after-response set-header Strict-Transport-Security {_word(f.hsts)}")
     if f.redirect_to_https is not None:
         port = "" if f.redirect_to_https == 443 else f":{f.redirect_to_https}"
         lines.append(f"{_INDENT}http-request redirect location {_fmt(f'https://%[var(txn.host)]{port}%[pathq]')}"

@@ -79,6 +79,7 @@ class HttpFrontend:
     default_backend: str | None = None  # where unmatched requests go; None: 404
     redirect_to_https: int | None = None  # redirect everything to https on this port
     accept_proxy: bool = False  # expect a PROXY protocol header from the client side
+    hsts: str | None = None  # HTTPS: Strict-Transport-Security on every answer
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def plan_proxy(m: model.Model, health: HealthSnapshot, certificates: Mapping[str
             certificates=certificates.get(listener.name, ()),
             entries=() if listener.redirect_to_https else tuple(e for _, e in ranked_entries(m, listener)),
             default_backend=default, redirect_to_https=listener.redirect_to_https,
-            accept_proxy=listener.proxy_protocol,
+            accept_proxy=listener.proxy_protocol, hsts=listener.hsts,
         ))
     used = {e.backend for f in frontends for e in f.entries} | {f.default_backend for f in frontends}
     return ProxyPlan(tuple(frontends), tuple(b for name, b in backends.items() if name in used))

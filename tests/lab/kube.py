@@ -136,3 +136,33 @@ def endpoint_slice(key: str, nodes: list[str]) -> dict[str, Any]:
     eps = objects.endpoint_slice(name, {f"198.51.100.{20 + NODES.index(n)}": n for n in nodes})
     eps["metadata"]["namespace"] = namespace
     return eps
+
+
+def pod_slice(service: str, ports: dict[str, int], namespace: str = "default") -> dict[str, Any]:
+    """An EndpointSlice of `service` with a ready pod on every lab node, at the node's own address (a host-network
+    pod: the LB nodes reach it), on `ports` (port name -> number)."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service}-lab", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [address(node)], "nodeName": node, "conditions": {"ready": True}}
+                          for node in NODES],
+            "ports": [{"name": name, "protocol": "TCP", "port": number} for name, number in ports.items()]}
+
+
+def cluster_ip_service(name: str, ports: dict[str, tuple[int, int]], namespace: str = "default") -> dict[str, Any]:
+    """A ClusterIP Service without a selector (its EndpointSlice is pod_slice's): port name -> (port, targetPort)."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"ports": [{"name": n, "port": p, "targetPort": t} for n, (p, t) in ports.items()]}}
+
+
+def curl_at(lab: Lab, vip: str, url: str, *args: str) -> tuple[int, dict[str, str], str]:
+    """curl from the lab's client with the URL's host resolved to `vip`: status, headers (lower case), body."""
+    name = url.split("/")[2]
+    port = 443 if url.startswith("https:") else 80
+    out = lab.exec("client", ["curl", "-sS", "-i", "--noproxy", "*", "--max-time", "5", "--resolve",
+                              f"{name}:{port}:{vip}", *args, url], timeout=15).stdout
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body

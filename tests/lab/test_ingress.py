@@ -21,8 +21,8 @@ import yaml
 from tests.certs import TestCA
 from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.objects import manifest, table
-from tests.lab.kube import REPO, KubeLab
-from tests.lab.lab import LBS, NODES, Lab, address, wait_for
+from tests.lab.kube import REPO, KubeLab, cluster_ip_service, curl_at, pod_slice
+from tests.lab.lab import LBS, Lab, wait_for
 from tests.lab.traffic import count_by_port
 
 ADDRESS = "192.0.2.20"
@@ -36,18 +36,11 @@ LAB_SERVICES: list[dict[str, Any]] = [{"name": f"pods-{name}", "ports": [{"port"
 
 def pods(service: str, port_names: tuple[str, ...]) -> dict[str, Any]:
     """The Service's EndpointSlice: a ready pod on every node, on the Service's pod port under each port name."""
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{service}-lab", "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": service}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [address(node)], "nodeName": node, "conditions": {"ready": True}}
-                          for node in NODES],
-            "ports": [{"name": name, "protocol": "TCP", "port": PODS[service]} for name in port_names]}
+    return pod_slice(service, dict.fromkeys(port_names, PODS[service]))
 
 
 def cluster_ip(name: str, ports: dict[str, int]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"ports": [{"name": n, "port": p, "targetPort": PODS[name]} for n, p in ports.items()]}}
+    return cluster_ip_service(name, {n: (p, PODS[name]) for n, p in ports.items()})
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +106,9 @@ def test_the_seeds_canary_splits_1000_requests_by_its_weight_then_by_the_annotat
     assert 430 <= v2 <= 570, counts
 
 
-def curl(kube: KubeLab, url: str, *args: str, port: int = 80) -> tuple[int, dict[str, str], str]:
+def curl(kube: KubeLab, url: str, *args: str) -> tuple[int, dict[str, str], str]:
     """curl from the client with the URL's host resolved to the Ingress address: status, headers, body."""
-    name = url.split("/")[2]
-    out = kube.lab.exec("client", ["curl", "-sS", "-i", "--noproxy", "*", "--max-time", "5", "--resolve",
-                                   f"{name}:{port}:{ADDRESS}", *args, url], timeout=15).stdout
-    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
-    lines = head.split("\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
+    return curl_at(kube.lab, ADDRESS, url, *args)
 
 
 def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(kube: KubeLab,
@@ -138,8 +125,12 @@ def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(
     wait_for(lambda: lab.exec("client", ["curl", "-sS", "-o", "/dev/null", "--cacert", str(ca.cert_file),
                                          "--resolve", f"sslexample.foo.com:443:{ADDRESS}", url],
                               check=False).returncode == 0, 30, message="HTTPS for sslexample.foo.com")
-    status, _, body = curl(kube, url, "--cacert", str(ca.cert_file), port=443)
+    status, headers, body = curl(kube, url, "--cacert", str(ca.cert_file))
     assert status == 200 and json.loads(body)["port"] == PODS["service1"] and json.loads(body)["path"] == "/hello"
+    assert headers["strict-transport-security"] == "max-age=15724800; includeSubDomains"  # ingress-nginx's default
+    # a request for another host over this TLS connection: 421, the client should connect for that name
+    status, _, body = curl(kube, url, "--cacert", str(ca.cert_file), "-H", "Host: first.bar.com")
+    assert status == 421 and "misdirected" in body
     status, headers, _ = curl(kube, "http://sslexample.foo.com/hello?x=1")
     assert status == 308 and headers["location"] == "https://sslexample.foo.com/hello?x=1"
     assert shown_address(kube, "tls-example-ingress") == ADDRESS

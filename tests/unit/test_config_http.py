@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from lbagent import model, routing
+from lbagent.ops import artifacts
 from lbagent.plan import http as plan_http
 from lbagent.plan.services import Reason, listener_decision
 from lbagent.sources.file import config
@@ -379,3 +380,21 @@ def test_filters_that_add_more_than_the_buffer_keeps_free_are_named() -> None:
     assert "routes[0].rules[0].filters: HAProxy keeps room in its buffer for what the filters add to headers, " \
            "beside proxy.maxRequestHeaderBytes (4096): it must be at least 5037 for this rule (got 4013 bytes added)" \
            in problem
+
+
+def test_hsts_is_opt_in_for_the_files_https_listeners_and_answers_carry_it(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    issued = ca.issue("shop", ["shop.example.com"])
+    tls = {"defaultCertificate": {"certFile": str(issued.cert_file), "keyFile": str(issued.key_file)}}
+    listener = {"name": "secure", "vip": "192.0.2.21", "port": 443, "protocol": "HTTPS", "tls": tls}
+    route = {"name": "shop", "listeners": ["secure"], "hostnames": ["shop.example.com"],
+             "rules": [{"backendRefs": [{"name": "shop-v1", "port": 80}]}]}
+    assert _parse(_doc(listeners=[listener], routes=[route])).listeners[0].hsts is None
+    listener["tls"] = {**tls, "hsts": {"maxAge": 63072000, "includeSubDomains": True, "preload": True}}
+    m = _parse(_doc(listeners=[listener], routes=[route]))
+    assert m.listeners[0].hsts == "max-age=63072000; includeSubDomains; preload"
+    text = str(artifacts.plan_document(m)["haproxy"])
+    assert "http-after-response set-header Strict-Transport-Security 'max-age=63072000; includeSubDomains; preload'" \
+        in text
+    listener["tls"] = {**tls, "hsts": {"maxAge": -1}}
+    assert any("hsts.maxAge" in p for p in _problems(_doc(listeners=[listener], routes=[route])))

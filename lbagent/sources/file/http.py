@@ -66,9 +66,22 @@ class CertificateRef(Strict):
     key_file: str | None = Field(None, alias="keyFile", min_length=1)
 
 
+class HstsSection(Strict):
+    """Strict-Transport-Security on every answer of an HTTPS listener (browsers then use HTTPS only)."""
+
+    max_age: int = Field(31536000, alias="maxAge", ge=0, le=2 * 365 * 86400)  # seconds, as the header says them
+    include_subdomains: bool = Field(False, alias="includeSubDomains")
+    preload: bool = False
+
+    def header(self) -> str:
+        return f"max-age={self.max_age}" + ("; includeSubDomains" if self.include_subdomains else "") + (
+            "; preload" if self.preload else "")
+
+
 class TlsSection(Strict):
     default_certificate: CertificateRef | None = Field(None, alias="defaultCertificate")
     certificates: list[CertificateRef] = []
+    hsts: HstsSection | None = None
 
 
 class BackendRefEntry(Strict):
@@ -581,6 +594,7 @@ def listeners_model(listeners: list[ListenerEntry]) -> tuple[model.Listener, ...
                                else 443 if redirect is True else redirect),
             default_backend=None if listener.default_backend is None else _ref(listener.default_backend, "default"),
             proxy_protocol=listener.proxy_protocol,
+            hsts=listener.tls.hsts.header() if listener.tls is not None and listener.tls.hsts is not None else None,
         ))
     return tuple(out)
 

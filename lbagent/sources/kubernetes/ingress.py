@@ -49,6 +49,8 @@ NGINX = "nginx.ingress.kubernetes.io/"
 HTTP_LISTENER = "ingress-http"
 HTTPS_LISTENER = "ingress-https"
 TLS_SECRET_TYPE = "kubernetes.io/tls"
+# ingress-nginx's default on HTTPS (its ConfigMap's hsts, hsts-max-age 15724800, hsts-include-subdomains)
+INGRESS_HSTS = "max-age=15724800; includeSubDomains"
 
 # ingress-nginx annotations lbagent implements (without the prefix)
 SUPPORTED = frozenset({
@@ -487,7 +489,7 @@ def build_ingresses(inputs: Inputs, settings: model.Kubernetes, known: Mapping[s
     if certificates:
         built.listeners.append(model.Listener(HTTPS_LISTENER, addresses, ingress_settings.https_port,
                                               model.ListenerProtocol.HTTPS, tuple(certificates),
-                                              default_backend=default_ref))
+                                              default_backend=default_ref, hsts=INGRESS_HSTS))
     built.routes = http_routes + https_routes
     return built
 
