@@ -3,9 +3,11 @@ server weights."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from fractions import Fraction
 
 from lbagent import model
 from lbagent.routing import AttemptTimeouts, RouteEntry, attempt_timeouts, backend_name, ranked_entries, segments_prefix
@@ -139,20 +141,36 @@ def _servers(m: model.Model, ref_index: int, ref: model.BackendRef, health: Heal
 def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -> tuple[Server, ...]:
     """Server weights that split the rule's requests by its backendRefs' weights, and within a backendRef by
     node weight. A backendRef with nothing ready gives its share to the others (better than failing that
-    share of requests). Scaled so the largest weight is MAX_WEIGHT, for the finest split HAProxy can do."""
+    share of requests). The exact split in whole numbers when HAProxy can take it (every weight at most
+    MAX_WEIGHT: 90/10 over three servers each is 9 and 1, exactly 10%); else scaled so the largest weight is
+    MAX_WEIGHT, for the finest split HAProxy can do (a 1/1000 canary over three servers each gets 1/257)."""
     ready = [[s for s in group if s.state is ServerState.READY] for group in servers]
     total = sum(r.weight for r, group in zip(refs, ready, strict=True) if group)
-    shares: dict[tuple[int, str], float] = {}
+    shares: dict[tuple[int, str], Fraction] = {}
     for i, (ref, group) in enumerate(zip(refs, ready, strict=True)):
         node_total = sum(s.weight for s in group)
         for s in group:
-            shares[(i, s.name)] = (ref.weight / total) * (s.weight / node_total) if total and node_total else 0.0
-    top = max(shares.values(), default=0.0)
+            if total and node_total:
+                shares[(i, s.name)] = Fraction(ref.weight, total) * Fraction(s.weight, node_total)
+    positive = [v for v in shares.values() if v > 0]
+    exact: dict[tuple[int, str], int] = {}
+    if positive:
+        scale = math.lcm(*(v.denominator for v in positive))
+        whole = {k: int(v * scale) for k, v in shares.items() if v > 0}
+        divisor = math.gcd(*whole.values())
+        if max(whole.values()) // divisor <= MAX_WEIGHT:
+            exact = {k: v // divisor for k, v in whole.items()}
+    top = max(positive, default=Fraction(0))
     out = []
     for i, group in enumerate(servers):
         for s in group:
-            share = shares.get((i, s.name), 0.0)
-            weight = max(1, round(share / top * MAX_WEIGHT)) if share > 0 and top > 0 else 0
+            share = shares.get((i, s.name), Fraction(0))
+            if share <= 0:
+                weight = 0
+            elif exact:
+                weight = exact[(i, s.name)]
+            else:
+                weight = max(1, round(share / top * MAX_WEIGHT))
             out.append(Server(s.name, s.address, s.port, weight, s.state, s.proxy_protocol, s.source))
     return tuple(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,22 @@ def test_hsts_is_opt_in_for_the_files_https_listeners_and_answers_carry_it(tmp_p
         in text
     listener["tls"] = {**tls, "hsts": {"maxAge": -1}}
     assert any("hsts.maxAge" in p for p in _problems(_doc(listeners=[listener], routes=[route])))
+
+
+@pytest.mark.parametrize(("weights", "expected"), [
+    ((90, 10), [9, 9, 9, 1, 1, 1]),        # exactly 10%: HAProxy's 256 cap no longer makes it 9.86%
+    ((50, 50), [1, 1, 1, 1, 1, 1]),
+    ((999, 1), [256, 256, 256, 1, 1, 1]),  # beyond what whole weights up to 256 can say: the finest split
+])
+def test_a_split_is_exact_in_whole_weights_when_haproxy_can_take_it(weights: tuple[int, int],
+                                                                    expected: list[int]) -> None:
+    def group(port: int) -> list[plan_http.Server]:
+        return [plan_http.Server(f"{port}_{n}", ipaddress.ip_address(f"203.0.113.1{n}"), port, 1,
+                                 plan_http.ServerState.READY, False, "") for n in (1, 2, 3)]
+
+    refs = tuple(model.BackendRef(model.BackendKind.SERVICE, f"default/v{i}", 80, w) for i, w in enumerate(weights))
+    servers = plan_http._weighted(refs, [group(30081), group(30082)])
+    assert [s.weight for s in servers] == expected
+    if max(expected) < plan_http.MAX_WEIGHT:  # exact: the second ref's share is its weight's
+        v2 = sum(s.weight for s in servers[3:]) / sum(s.weight for s in servers)
+        assert v2 == weights[1] / sum(weights)
