@@ -426,6 +426,9 @@ class StaticBackend:
     name: str
     endpoints: tuple[Endpoint, ...]
     health_check: HealthCheck
+    # endpoints the source says take no requests now (a pod not ready): kept among the servers, in maintenance, so
+    # that readiness changes are runtime updates of HAProxy, not reloads
+    down: frozenset[Endpoint] = frozenset()
 
     @property
     def key(self) -> str:

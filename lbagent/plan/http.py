@@ -131,7 +131,7 @@ def _servers(m: model.Model, ref_index: int, ref: model.BackendRef, health: Heal
     else:
         backend = m.static_backend(ref.name)
         for j, endpoint in enumerate(backend.endpoints):
-            healthy = health.get((backend.key, str(endpoint)), False)
+            healthy = health.get((backend.key, str(endpoint)), False) and endpoint not in backend.down
             out.append(Server(f"{ref_index}_ep{j}", endpoint.address, endpoint.port, 1,
                               ServerState.READY if healthy else ServerState.MAINT, ref.proxy_protocol,
                               f"backend {ref.name} endpoint {endpoint}"))

@@ -138,15 +138,16 @@ def endpoint_slice(key: str, nodes: list[str]) -> dict[str, Any]:
     return eps
 
 
-def pod_slice(service: str, ports: dict[str, int], namespace: str = "default") -> dict[str, Any]:
-    """An EndpointSlice of `service` with a ready pod on every lab node, at the node's own address (a host-network
-    pod: the LB nodes reach it), on `ports` (port name -> number)."""
+def pod_slice(service: str, ports: dict[str, int], namespace: str = "default",
+              not_ready: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """An EndpointSlice of `service` with a pod on every lab node, at the node's own address (a host-network pod:
+    the LB nodes reach it), on `ports` (port name -> number); ready but on the nodes named in `not_ready`."""
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": f"{service}-lab", "namespace": namespace,
                          "labels": {"kubernetes.io/service-name": service}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": [address(node)], "nodeName": node, "conditions": {"ready": True}}
-                          for node in NODES],
+            "endpoints": [{"addresses": [address(node)], "nodeName": node,
+                           "conditions": {"ready": node not in not_ready}} for node in NODES],
             "ports": [{"name": name, "protocol": "TCP", "port": number} for name, number in ports.items()]}
 
 

@@ -9,7 +9,11 @@ The lab plays the cluster as in test_ingress.py: the nodes' backends are host-ne
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -98,3 +102,72 @@ def test_a_route_exposing_only_get_with_a_header_canary_a_split_and_a_header_mod
     assert {c["type"]: c["status"] for c in parent["conditions"]} == {"Accepted": "True", "ResolvedRefs": "True"}
     gateway = json.loads(api.kubectl("get", "gateway", "gw", "-o", "json").stdout)
     assert gateway["status"]["listeners"][0]["attachedRoutes"] == 2
+
+
+def _wrk(lab: Lab, address: str, seconds: int) -> tuple[subprocess.Popen[str], Callable[[], dict[str, int]]]:
+    """wrk in the client against httpbin.example.com/get over 8 keep-alive connections."""
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.ns("client"), "wrk", "-t1", "-c8", f"-d{seconds}s",
+                             "--timeout", "5s", "-H", "Host: httpbin.example.com", f"http://{address}/get"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish() -> dict[str, int]:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        assert proc.returncode == 0, out
+        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        total = re.search(r"(\d+) requests in", out)
+        assert total is not None, out
+        return {"requests": int(total.group(1)), "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+                "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+    return proc, finish
+
+
+def _metric(lab: Lab, lb: str, name: str) -> float:
+    text = lab.exec(lb, ["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:9469/metrics"]).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def _served_on_both(lab: Lab, address: str, path: str) -> bool:
+    """Whether each LB's own HAProxy answers the path with 200."""
+    return all(lab.exec(lb, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", "-H",
+                             "Host: httpbin.example.com", f"http://{address}{path}"], check=False).stdout == "200"
+               for lb in LBS)
+
+
+def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(kube: KubeLab) -> None:
+    """100 EndpointSlice changes (a pod's readiness) and 20 HTTPRoute changes (a rule added) made with kubectl
+    while wrk runs: no request fails; how long an HTTPRoute change takes from the API to both LBs serving it."""
+    api, lab = kube.api, kube.lab
+    api.kubectl("apply", "-f", "-", input=manifest(GATEWAY, HTTPBIN, REWRITE))
+    address = wait_for(lambda: gateway_address(kube), 30, message="the Gateway PROGRAMMED")
+    assert address is not None
+    wait_for(lambda: _served_on_both(lab, address, "/get"), 60, message="httpbin.example.com/get on both LBs")
+    updates = "lbagent_haproxy_runtime_updates_total"
+    proc, finish = _wrk(lab, address, 120)  # long enough for every change on a loaded 2-core machine
+    latencies: list[float] = []
+    route = json.loads(json.dumps(HTTPBIN))
+    try:
+        for i in range(100):
+            before = {lb: _metric(lab, lb, updates) for lb in LBS}
+            kube.apply(pod_slice("svc-v1", {"http": V1}, not_ready=frozenset({"node2"}) if i % 2 == 0 else frozenset()))
+            wait_for(lambda: all(_metric(lab, lb, updates) > before[lb] for lb in LBS), 30,  # noqa: B023
+                     message=f"EndpointSlice change {i + 1} on both LBs, as a runtime update")
+            if i % 5 == 4:
+                path = f"/r{i}"
+                route["spec"]["rules"].append({"matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                                               "backendRefs": [{"name": "svc-v1", "port": 80}]})
+                started = time.monotonic()
+                kube.apply(route)
+                wait_for(lambda: _served_on_both(lab, address, path), 30, 0.01,  # noqa: B023
+                         message=f"route change {len(latencies) + 1} served by both LBs")
+                latencies.append(time.monotonic() - started)
+        assert proc.poll() is None, "wrk ran through every change (make the run longer if this fails)"
+    finally:
+        kube.apply(pod_slice("svc-v1", {"http": V1}))
+        result = finish()
+    latencies.sort()
+    print(f"\nunder load: {result}; HTTPRoute change -> both LBs serving it: p50 {statistics.median(latencies):.2f} s,"
+          f" p99 {latencies[-1]:.2f} s (max of {len(latencies)})")
+    assert result["requests"] > 1000 and result["socket_errors"] == 0 and result["non_2xx"] == 0, result

@@ -302,6 +302,7 @@ class _Backends:
         name = port.get("name") or ""
         ready: list[model.Endpoint] = []
         serving: list[model.Endpoint] = []
+        every: list[model.Endpoint] = []
         for eps in self.inputs.slices.get(key, ()):
             if eps.get("addressType") not in ("IPv4", "IPv6"):
                 continue
@@ -316,15 +317,20 @@ class _Backends:
                         address = model.Endpoint(ipaddress.ip_address(text), number)
                     except ValueError:
                         continue
+                    every.append(address)
                     if conditions.get("ready") is not False:
                         ready.append(address)
                     if conditions.get("serving", conditions.get("ready")) is not False:
                         serving.append(address)
         backend = f"{key}:{port.get('port')}"
-        endpoints = tuple(sorted(set(ready or serving), key=str))
+        usable = set(ready or serving)
+        # every endpoint is a server; those that may not take requests are down (a readiness change is then a
+        # runtime update of HAProxy, not a reload)
+        endpoints = tuple(sorted(usable | set(every), key=str))
         if all(b.name != backend for b in self.built.backends):  # the Ingresses' and the Gateways' share it
-            self.built.backends.append(model.StaticBackend(backend, endpoints, self.settings.health_check))
-        why = None if endpoints else f"Service {key} has no ready endpoint"
+            self.built.backends.append(model.StaticBackend(backend, endpoints, self.settings.health_check,
+                                                           frozenset(endpoints) - usable))
+        why = None if usable else f"Service {key} has no ready endpoint"
         return model.BackendRef(model.BackendKind.BACKEND, backend), why
 
 
