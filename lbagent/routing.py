@@ -11,6 +11,7 @@ accepts is what HAProxy serves. Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -163,8 +164,17 @@ def _match_rank(match: model.RouteMatch) -> tuple[int, int, int, int, int]:
     return (kind, -length, 0 if match.method else 1, -len(match.headers), -len(match.query_params))
 
 
+_INVALID_NAME = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def proxy_name(name: str) -> str:
+    """A frontend, backend or server name as HAProxy allows it (the config and the runtime API use the same)."""
+    return _INVALID_NAME.sub("_", name) or "_"
+
+
 def backend_name(route: model.Route, index: int) -> str:
-    return f"{route.namespace}_{route.name}_{index}"
+    """The rule's HAProxy backend: a name HAProxy takes as it is, so the runtime API addresses it by the same."""
+    return proxy_name(f"{route.namespace}_{route.name}_{index}")
 
 
 def ranked_entries(m: model.Model, listener: model.Listener) -> list[tuple[tuple[object, ...], RouteEntry]]:

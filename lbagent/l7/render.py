@@ -28,6 +28,7 @@ from lbagent.routing import (
     AttemptTimeouts,
     RouteEntry,
     milliseconds,
+    proxy_name,
     rewrite_growth,
 )
 
@@ -54,7 +55,6 @@ _ERROR_TEXT = {400: "bad request", 403: "forbidden", 408: "request timeout", 500
                504: "the backend did not answer in time"}
 
 _RETRY_CODES = frozenset({401, 403, 404, 408, 425, 500, 501, 502, 503, 504})  # what 2.6's `retry-on` accepts
-_INVALID_NAME = re.compile(r"[^A-Za-z0-9_.:-]")
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+=,~()\[\]-]+")  # written as is; anything else goes inside single quotes
 _FORBIDDEN = re.compile(r"['\x00-\x1f\x7f]")
 _INDENT = "    "
@@ -64,9 +64,6 @@ MAX_WORDS = 64  # HAProxy's limit of words on a config line (MAX_LINE_ARGS)
 # ---- words ----------------------------------------------------------------------------------------------------
 
 
-def proxy_name(name: str) -> str:
-    """A frontend, backend or server name as HAProxy allows it (the runtime API must use the same)."""
-    return _INVALID_NAME.sub("_", name) or "_"
 
 
 def _word(value: str) -> str:

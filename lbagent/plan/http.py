@@ -10,7 +10,15 @@ from enum import StrEnum
 from fractions import Fraction
 
 from lbagent import model
-from lbagent.routing import AttemptTimeouts, RouteEntry, attempt_timeouts, backend_name, ranked_entries, segments_prefix
+from lbagent.routing import (
+    AttemptTimeouts,
+    RouteEntry,
+    attempt_timeouts,
+    backend_name,
+    proxy_name,
+    ranked_entries,
+    segments_prefix,
+)
 
 
 class ServerState(StrEnum):
@@ -206,7 +214,7 @@ def plan_proxy(m: model.Model, health: HealthSnapshot, certificates: Mapping[str
     for listener in m.listeners:
         default = None
         if listener.default_backend is not None:
-            default = f"listener_{listener.name}_default"
+            default = proxy_name(f"listener_{listener.name}_default")
             rule = model.RouteRule(f"listeners[{listener.name}].defaultBackend",
                                    backend_refs=(listener.default_backend,))
             backends[default] = _backend(m, default, rule, health)

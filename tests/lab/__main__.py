@@ -18,8 +18,10 @@ from types import FrameType
 import yaml
 
 from tests.k8s.apiserver import KubeAPIServer
-from tests.lab.kube import POOL, KubeLab
+from tests.k8s.objects import table
+from tests.lab.kube import POOL, REPO, KubeLab, pod_slice
 from tests.lab.lab import DEFAULT_SERVICES, LBS, NODES, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
+from tests.lab.traffic import count_by_port
 
 # The demo's HTTP layer: two versions of a shop behind one listener, with ingress-nginx's canary annotations.
 DEMO_LISTENER_VIP = "192.0.2.20"
@@ -47,6 +49,7 @@ DEMO_K8S_SERVICE = {
              "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
 }
 EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
+DEMO_INGRESS_ADDRESS = "192.0.2.30"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -240,11 +243,11 @@ def _demo_kubernetes(lab: Lab, args: argparse.Namespace) -> bool:
         with KubeAPIServer(workdir / "api", log=lambda line: print(f"  {line}", flush=True)) as api:
             for lb in LBS:
                 lab.stop_agent(lb)
-            kube = KubeLab(lab, api, workdir)
+            kube = KubeLab(lab, api, workdir, {"ingress": {"addresses": [DEMO_INGRESS_ADDRESS]}, "podsRoutable": True})
             try:
                 kube.start()
                 print("  lbagent.yaml on each LB: " + json.dumps(lab.agent_config("lb1")["kubernetes"]))
-                return _demo_kubernetes_steps(kube, args, POOL)
+                return _demo_kubernetes_steps(kube, args, POOL) and _demo_ingress(kube, args)
             finally:
                 kube.stop()
     finally:
@@ -291,6 +294,49 @@ def _demo_kubernetes_steps(kube: KubeLab, args: argparse.Namespace, pool: str) -
         wait_for(lambda: cleared(lb), args.timeout, 0.2, f"{ip} unbound and unprogrammed on {lb}")  # noqa: B023
     print(f"  the router holds no route to {ip}, and neither LB binds it or has a rule for it")
     return bool(everyone and left and gone)
+
+
+def _demo_ingress(kube: KubeLab, args: argparse.Namespace) -> bool:
+    """The seeds' canary Ingresses applied as their users wrote them, then the weight moved with kubectl annotate."""
+    lab, api = kube.lab, kube.api
+    canary = REPO / "configs" / "kubernetes" / "canary"
+    _step("Ingress: the seeds' canary (configs/kubernetes/canary), the IngressClass nginx handed to lbagent")
+    api.kubectl("apply", "-f", str(REPO / "configs" / "kubernetes" / "ingressclass-nginx.yaml"))
+    for name in ("svc-v1.yaml", "svc-v2.yaml"):
+        api.kubectl("apply", "-f", str(canary / name))
+    # the pods, as the EndpointSlice controller would list them: host-network pods on the lab's nodes, v1 on
+    # 30081 and v2 on 30082 (ports the lab's backends answer on)
+    kube.apply(pod_slice("svc-v1", {"web-port": 30081}), pod_slice("svc-v2", {"web-port": 30082}))
+    for name in ("canary-ingress1.yaml", "canary-ingress2.yaml"):
+        print(f"  kubectl apply -f {canary / name}")
+        api.kubectl("apply", "-f", str(canary / name))
+    wait_for(lambda: all(r["ADDRESS"] == DEMO_INGRESS_ADDRESS for r in table(api.kubectl("get", "ingress").stdout)),
+             args.timeout, 0.2, "kubectl get ingress to show the address")
+    print("  " + "\n  ".join(api.kubectl("get", "ingress").stdout.rstrip().splitlines()))
+    wait_for(lambda: _both_lbs_announce(lab, DEMO_INGRESS_ADDRESS), args.timeout, 0.2,
+             f"both LBs as next hops of {DEMO_INGRESS_ADDRESS}")
+    def v2_of(n: int) -> int | None:
+        """svc-v2's answers of n requests for kans.com; None while some fail (HAProxy not there yet)."""
+        try:
+            counts = count_by_port(lab, "kans.com", DEMO_INGRESS_ADDRESS, n)
+        except AssertionError:
+            return None
+        return counts.get("30082", 0) if set(counts) <= {"30081", "30082"} else None
+
+    wait_for(lambda: v2_of(10) is not None, args.timeout, 0.2, "kans.com served")
+    ok = True
+    for weight in ("10", "50"):
+        if weight != "10":
+            print(f"  kubectl annotate --overwrite ingress ingress-canary-v2 "
+                  f"nginx.ingress.kubernetes.io/canary-weight={weight}")
+            api.kubectl("annotate", "--overwrite", "ingress", "ingress-canary-v2",
+                        f"nginx.ingress.kubernetes.io/canary-weight={weight}")
+            wait_for(lambda: 35 <= (v2_of(100) or 0) <= 65, args.timeout, 0.2, "the new weight served")
+        counts = count_by_port(lab, "kans.com", DEMO_INGRESS_ADDRESS, 1000)
+        v2 = counts.get("30082", 0)
+        print(f"  1,000 requests for kans.com at canary-weight {weight}: svc-v1 {counts.get('30081', 0)}, svc-v2 {v2}")
+        ok = ok and abs(v2 - int(weight) * 10) <= 60
+    return ok
 
 
 def _both_lbs_announce(lab: Lab, vip: str) -> bool:

@@ -81,8 +81,10 @@ def test_a_route_exposing_only_get_with_a_header_canary_a_split_and_a_header_mod
     address = wait_for(lambda: gateway_address(kube), 30, message="kubectl get gateway to show it PROGRAMMED")
     assert address is not None
     wait_for(lambda: kube.announced_by_both(address), 60, message=f"the router to hold {address} via both LBs")
-    wait_for(lambda: curl_at(lab, address, "http://httpbin.example.com/get")[0] == 200, 30,
-             message="httpbin.example.com/get served")
+    # served once both versions' pods passed their health checks (rise)
+    wait_for(lambda: curl_at(lab, address, "http://httpbin.example.com/get", "-H", "X-Canary: true")[0] == 200
+             and curl_at(lab, address, "http://api.example.com/api/x")[0] == 200, 30,
+             message="httpbin.example.com/get served by both versions")
     status, _, body = curl_at(lab, address, "http://httpbin.example.com/get?a=1")
     assert status == 200 and json.loads(body)["headers"]["authorization"] == "Bearer demo-token"
     assert curl_at(lab, address, "http://httpbin.example.com/post")[0] == 404  # only /get is exposed
@@ -137,7 +139,7 @@ def _served_on_both(lab: Lab, address: str, path: str) -> bool:
 
 
 def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(kube: KubeLab) -> None:
-    """100 EndpointSlice changes (a pod's readiness) and 20 HTTPRoute changes (a rule added) made with kubectl
+    """100 EndpointSlice changes (a pod's readiness) and 20 HTTPRoute changes (a rule's path) made with kubectl
     while wrk runs: no request fails; how long an HTTPRoute change takes from the API to both LBs serving it."""
     api, lab = kube.api, kube.lab
     api.kubectl("apply", "-f", "-", input=manifest(GATEWAY, HTTPBIN, REWRITE))
@@ -154,10 +156,10 @@ def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(k
             kube.apply(pod_slice("svc-v1", {"http": V1}, not_ready=frozenset({"node2"}) if i % 2 == 0 else frozenset()))
             wait_for(lambda: all(_metric(lab, lb, updates) > before[lb] for lb in LBS), 30,  # noqa: B023
                      message=f"EndpointSlice change {i + 1} on both LBs, as a runtime update")
-            if i % 5 == 4:
+            if i % 5 == 4:  # a third rule, for another path each time (the CRD allows 16 rules)
                 path = f"/r{i}"
-                route["spec"]["rules"].append({"matches": [{"path": {"type": "PathPrefix", "value": path}}],
-                                               "backendRefs": [{"name": "svc-v1", "port": 80}]})
+                route["spec"]["rules"][2:] = [{"matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                                               "backendRefs": [{"name": "svc-v1", "port": 80}]}]
                 started = time.monotonic()
                 kube.apply(route)
                 wait_for(lambda: _served_on_both(lab, address, path), 30, 0.01,  # noqa: B023

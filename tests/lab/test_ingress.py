@@ -86,7 +86,10 @@ def test_the_seeds_canary_splits_1000_requests_by_its_weight_then_by_the_annotat
         wait_for(lambda: shown_address(kube, name) == ADDRESS, 30,  # noqa: B023
                  message=f"kubectl get ingress to show {name} at {ADDRESS}")
     served_by_both(kube)
-    wait_for(lambda: v2_share(kube, 20)[1], 30, message="kans.com served")
+    # served once both versions' pods passed their health checks (rise): until then some answers are 503
+    versions = {str(PODS["svc-v1"]), str(PODS["svc-v2"])}
+    wait_for(lambda: set(count_by_port(kube.lab, "kans.com", ADDRESS, 40)) == versions, 30,
+             message="kans.com served by both versions")
     v2, counts = v2_share(kube, 1000)
     print(f"canary-weight 10: {counts} from the client")
     # 10% of 1,000: mean 100, standard deviation 9.5; HAProxy's weighted round robin is closer still
@@ -122,9 +125,10 @@ def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(
     api.kubectl("apply", "-f", str(EXAMPLES / "tls-example.yaml"))
     served_by_both(kube)
     url = "https://sslexample.foo.com/hello"
-    wait_for(lambda: lab.exec("client", ["curl", "-sS", "-o", "/dev/null", "--cacert", str(ca.cert_file),
-                                         "--resolve", f"sslexample.foo.com:443:{ADDRESS}", url],
-                              check=False).returncode == 0, 30, message="HTTPS for sslexample.foo.com")
+    # served once the handshake works and the pods' health checks have passed (rise)
+    wait_for(lambda: lab.exec("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                                         str(ca.cert_file), "--resolve", f"sslexample.foo.com:443:{ADDRESS}", url],
+                              check=False).stdout == "200", 30, message="HTTPS for sslexample.foo.com")
     status, headers, body = curl(kube, url, "--cacert", str(ca.cert_file))
     assert status == 200 and json.loads(body)["port"] == PODS["service1"] and json.loads(body)["path"] == "/hello"
     assert headers["strict-transport-security"] == "max-age=15724800; includeSubDomains"  # ingress-nginx's default
@@ -174,10 +178,16 @@ def test_the_fanout_rewrites_and_virtual_hosts_fall_back_to_the_host_less_rule(k
         data = json.loads(body) if status == 200 else {}
         return int(data.get("port", status)), str(data.get("path", ""))
 
-    wait_for(lambda: answer("http://foo.bar.com/foo/x")[0] == PODS["service1"], 30, message="the fanout served")
-    # rewrite-target `/`: nginx's rewrite replaces the whole path
-    assert answer("http://foo.bar.com/foo/x?y=1") == (PODS["service1"], "/?y=1")
-    assert answer("http://foo.bar.com/bar") == (PODS["service2"], "/")
-    assert answer("http://first.bar.com/a")[0] == PODS["service1"]
-    assert answer("http://second.foo.com/a")[0] == PODS["service2"]
-    assert answer("http://third.example.com/a") == (PODS["service3"], "/a")  # the host-less rule takes the rest
+    expected = {
+        # rewrite-target `/`: nginx's rewrite replaces the whole path
+        "http://foo.bar.com/foo/x?y=1": (PODS["service1"], "/?y=1"),
+        "http://foo.bar.com/bar": (PODS["service2"], "/"),
+        "http://first.bar.com/a": (PODS["service1"], "/a"),
+        "http://second.foo.com/a": (PODS["service2"], "/a"),
+        "http://third.example.com/a": (PODS["service3"], "/a"),  # the host-less rule takes the rest
+    }
+    # each answers once the routes are in HAProxy (404 until then) and its pods' health checks passed (503 until
+    # then); then exactly as expected
+    wait_for(lambda: all(answer(url)[0] not in (404, 503) for url in expected), 30,
+             message="every route in HAProxy and every Service's pods in rotation")
+    assert {url: answer(url) for url in expected} == expected

@@ -11,7 +11,10 @@ import pytest
 import yaml
 
 from lbagent import model
-from lbagent.ops import judge
+from lbagent.l7 import render
+from lbagent.ops import artifacts, judge
+from lbagent.plan import http as plan_http
+from lbagent.plan.services import all_healthy
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes import gateway
 from lbagent.sources.kubernetes.source import Snapshot, build, merged
@@ -109,6 +112,13 @@ def test_a_route_exposing_only_get_with_a_header_canary_split_rewrite_and_header
     assert status["listeners"][0]["attachedRoutes"] == 1
     verdicts = {v.judge.split()[0]: v for v in judge.judge(m)}
     assert verdicts["haproxy"].outcome is judge.Outcome.ACCEPTED, verdicts["haproxy"]
+    # the runtime API addresses every server by the names the config gives them (a route named after
+    # `default/gw` once put a `/` in a backend's name: the config had `_`, and every runtime update was refused)
+    healthy = all_healthy(m)
+    proxy = plan_http.plan_proxy(m, healthy, artifacts.certificate_paths(m))
+    text = render.render(proxy, m.proxy, "/run/lbagent/haproxy.sock")
+    for backend, server in proxy.runtime():
+        assert f"\nbackend {backend}\n" in text and f" server {server} " in text, (backend, server)
 
 
 @pytest.mark.parametrize(("listener", "route_names", "served"), [

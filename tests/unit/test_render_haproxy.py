@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from lbagent import model
+from lbagent import model, routing
 from lbagent.l7 import render as haproxy
 from lbagent.plan.http import HttpBackend, HttpFrontend, ProxyPlan, Server, ServerState, structural
 from lbagent.routing import RouteEntry, attempt_timeouts
@@ -336,8 +336,8 @@ def test_durations_and_names() -> None:
         "5s", "2500ms", "100ms", "1ms", "3600s", "1001ms"]
     with pytest.raises(ValueError):
         haproxy.duration(0)
-    assert haproxy.proxy_name("default/shop v1") == "default_shop_v1"
-    assert haproxy.proxy_name("node-1.example:x_y") == "node-1.example:x_y"
+    assert routing.proxy_name("default/shop v1") == "default_shop_v1"
+    assert routing.proxy_name("node-1.example:x_y") == "node-1.example:x_y"
 
 
 # ---- the real thing ---------------------------------------------------------------------------------------------
