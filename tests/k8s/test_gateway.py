@@ -12,27 +12,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lbagent.sources.kubernetes.source import KubernetesSource
 from tests.k8s import objects
-from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer
-from tests.k8s.test_source import run, until
+from tests.k8s.apiserver import KubeAPIServer
+from tests.k8s.test_source import config_file, run, until
 
 POOL = "203.0.113.72/29"
 CONTROLLER = "lbagent.io/gateway-controller"
-
-
-def config_file(tmp_path: Path, api: KubeAPIServer) -> Path:
-    path = tmp_path / "lb1.yaml"
-    path.write_text(yaml.safe_dump({
-        "node": {"name": "lb1"}, "agent": {"runtimeDir": str(tmp_path / "run")},
-        "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
-        "kubernetes": {"kubeconfig": str(api.kubeconfig(LBAGENT_USER)), "lease": {"duration": "4s"},
-                       "pools": [{"name": "gateways", "addresses": [POOL]}],
-                       "gateway": {"controllerName": CONTROLLER}, "podsRoutable": True},
-    }))
-    return path
 
 
 def get(api: KubeAPIServer, kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
@@ -86,7 +72,8 @@ def test_a_gateway_and_its_routes_get_their_status(kube_apiserver: KubeAPIServer
                   "rules": [{"backendRefs": [{"name": "shared", "namespace": other, "port": 9001}]}]}}))
 
     async def scenario() -> None:
-        source = KubernetesSource(config_file(tmp_path, api), "lb1")
+        source = KubernetesSource(config_file(tmp_path, api, pool=POOL, gateway={"controllerName": CONTROLLER},
+                                              podsRoutable=True), "lb1")
         await source.start()
         try:
             await until("lb1 to hold the Lease", lambda: source.status()["writer"])

@@ -13,23 +13,12 @@ import yaml
 
 from lbagent.sources.kubernetes.source import KubernetesSource
 from tests.k8s import objects
-from tests.k8s.apiserver import LBAGENT_USER, REPO, KubeAPIServer
-from tests.k8s.test_source import run, until
+from tests.k8s.apiserver import REPO, KubeAPIServer
+from tests.k8s.test_source import config_file, run, until
 
 ADDRESS = "192.0.2.20"
 CANARY = REPO / "configs" / "kubernetes" / "canary"
 INGRESS_CLASS = REPO / "configs" / "kubernetes" / "ingressclass-nginx.yaml"
-
-
-def config_file(tmp_path: Path, api: KubeAPIServer) -> Path:
-    path = tmp_path / "lb1.yaml"
-    path.write_text(yaml.safe_dump({
-        "node": {"name": "lb1"}, "agent": {"runtimeDir": str(tmp_path / "run")},
-        "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
-        "kubernetes": {"kubeconfig": str(api.kubeconfig(LBAGENT_USER)), "lease": {"duration": "4s"},
-                       "ingress": {"addresses": [ADDRESS]}, "podsRoutable": True},
-    }))
-    return path
 
 
 def addresses(api: KubeAPIServer, namespace: str) -> dict[str, str]:
@@ -58,7 +47,8 @@ def test_the_seeds_canary_applied_with_kubectl(kube_apiserver: KubeAPIServer, na
     api.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(unsupported))
 
     async def scenario() -> None:
-        source = KubernetesSource(config_file(tmp_path, api), "lb1")
+        source = KubernetesSource(config_file(tmp_path, api, ingress={"addresses": [ADDRESS]}, podsRoutable=True),
+                                  "lb1")
         await source.start()
         try:
             await until("lb1 to hold the Lease", lambda: source.status()["writer"])

@@ -26,15 +26,16 @@ from tests.k8s.apiserver import LBAGENT_USER, KubeAPIServer
 POOL = "203.0.113.64/29"
 
 
-def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str, node: str = "lb1",
-                kubeconfig: Path | None = None) -> Path:
+def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str = "lbagent.io/lbagent", node: str = "lb1",
+                kubeconfig: Path | None = None, pool: str = POOL, **settings: Any) -> Path:
+    """An LB node's config reading the test's API server as lbagent's user; `settings`: more of its `kubernetes`."""
     path = tmp_path / f"{node}.yaml"
     path.write_text(yaml.safe_dump({
         "node": {"name": node},
         "agent": {"runtimeDir": str(tmp_path / node)},
         "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
         "kubernetes": {"kubeconfig": str(kubeconfig or api.kubeconfig(LBAGENT_USER)), "loadBalancerClass": lb_class,
-                       "pools": [{"name": "public", "addresses": [POOL]}], "lease": {"duration": "4s"}},
+                       "pools": [{"name": "public", "addresses": [pool]}], "lease": {"duration": "4s"}, **settings},
     }))
     return path
 
