@@ -317,6 +317,9 @@ class BackendRef:
     port: int | None = None  # the Service port (its nodePort is dialled); None for a static backend
     weight: int = 1
     proxy_protocol: bool = False  # send a PROXY protocol v2 header to the servers
+    # why the reference cannot be resolved (Gateway API: a Service that does not exist or is not permitted): its
+    # share of the rule's requests is answered 500, as the spec says, instead of going to the other backendRefs
+    invalid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -510,7 +513,7 @@ class Model:
     @cached_property
     def http_health_keys(self) -> frozenset[str]:
         """The health keys (service keys, `backend:NAME`) whose changes HAProxy's servers follow."""
-        refs = [r for route in self.routes for rule in route.rules for r in rule.backend_refs]
+        refs = [r for route in self.routes for rule in route.rules for r in rule.backend_refs if not r.invalid]
         refs += [listener.default_backend for listener in self.listeners if listener.default_backend is not None]
         return frozenset(r.name if r.kind is BackendKind.SERVICE else f"backend:{r.name}" for r in refs)
 

@@ -58,6 +58,7 @@ _RETRY_CODES = frozenset({401, 403, 404, 408, 425, 500, 501, 502, 503, 504})  # 
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+=,~()\[\]-]+")  # written as is; anything else goes inside single quotes
 _FORBIDDEN = re.compile(r"['\x00-\x1f\x7f]")
 _INDENT = "    "
+ERROR_SHARE_SCALE = 1_000_000  # rand()'s range for the share of requests answered 500
 MAX_WORDS = 64  # HAProxy's limit of words on a config line (MAX_LINE_ARGS)
 
 
@@ -357,6 +358,11 @@ def _value_match(fetch: str, match: model.ValueMatch) -> str:
 def _backend(b: HttpBackend) -> list[str]:
     lines = [f"backend {proxy_name(b.name)}", f"{_INDENT}# {_comment(b.where)}", f"{_INDENT}balance roundrobin"]
     lines += _timeouts(b.timeouts)
+    if b.error_share > 0:  # the share of invalid backendRefs: 500, as the Gateway API says (not the others' share)
+        chance = round(b.error_share * ERROR_SHARE_SCALE)
+        condition = "" if b.error_share >= 1 else f" if {{ rand({ERROR_SHARE_SCALE}) lt {chance} }}"
+        lines.append(f"{_INDENT}http-request return status 500 content-type text/plain string "
+                     f"{_word(('invalid backendRef: ' + b.error_reason)[:200])}{condition}")
     if b.retry is not None:
         lines += _retry(b.retry)
     lines += _headers("http-request", b.request_headers)

@@ -67,6 +67,9 @@ class HttpBackend:
     other prefix, the longest one the path is under is the one that matched (Gateway API precedence)."""
     timeouts: AttemptTimeouts = field(default_factory=AttemptTimeouts)
     retry: model.Retry | None = None
+    # the share of the rule's requests whose backendRefs are invalid: answered 500 (with why), before any server
+    error_share: Fraction = Fraction(0)
+    error_reason: str = ""
 
     @property
     def usable(self) -> bool:
@@ -185,7 +188,10 @@ def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -
 
 def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSnapshot) -> HttpBackend:
     """The rule's backend. Its timeouts were checked with the config (attempt_timeouts raises no ValueError here)."""
-    groups = [_servers(m, i, ref, health) for i, ref in enumerate(rule.backend_refs)]
+    groups = [[] if ref.invalid else _servers(m, i, ref, health) for i, ref in enumerate(rule.backend_refs)]
+    total = sum(ref.weight for ref in rule.backend_refs)
+    invalid = [ref for ref in rule.backend_refs if ref.invalid]
+    valid = tuple(ref for ref in rule.backend_refs if not ref.invalid)
     by_prefix: dict[str, list[model.RouteMatch]] = {}
     for x in rule.matches:
         if x.path.type is model.PathMatchType.PATH_PREFIX:
@@ -194,7 +200,10 @@ def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSna
     conditional = tuple((p, tuple(by_prefix[p])) for p in prefixes[:-1]
                         if all(x.headers or x.query_params or x.method for x in by_prefix[p]))
     return HttpBackend(
-        name=name, where=rule.where, servers=_weighted(rule.backend_refs, groups),
+        name=name, where=rule.where,
+        servers=_weighted(valid, [g for g, ref in zip(groups, rule.backend_refs, strict=True) if not ref.invalid]),
+        error_share=Fraction(sum(ref.weight for ref in invalid), total) if invalid and total else Fraction(0),
+        error_reason="; ".join(dict.fromkeys(str(ref.invalid) for ref in invalid)),
         request_headers=rule.request_headers, response_headers=rule.response_headers, rewrite=rule.rewrite,
         redirect=rule.redirect, prefixes=tuple(prefixes), prefix_conditions=conditional,
         timeouts=attempt_timeouts(rule.request_timeout, rule.backend_request_timeout, m.proxy.connect_timeout,

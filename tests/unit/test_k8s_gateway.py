@@ -4,6 +4,7 @@ kube-apiserver with the Gateway API's CRDs, tests/lab through HAProxy)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,22 @@ def test_the_address_request_of_a_gateway() -> None:
                                                ("", None), ("10", None), ("s", None)])
 def test_durations(text: str, seconds: float | None) -> None:
     assert gateway._duration(text) == seconds
+
+
+def test_an_invalid_backend_refs_share_is_answered_500_and_the_rest_is_served(tmp_path: Path) -> None:
+    """The Gateway API: a backendRef that cannot be resolved keeps its share of requests, answered 500, while a
+    Service without ready endpoints is a 503 (and gives its share to the others, as lbagent's routes do)."""
+    base = base_model(tmp_path)
+    rules = [{"backendRefs": [{"name": "v1", "port": 80, "weight": 3}, {"name": "absent", "port": 80, "weight": 1}]}]
+    built = build(base, snap([gw([HTTP])], [route("r", rules)]))
+    assert built.gateway is not None
+    resolved = built.gateway.route_status["default/r"][0]["conditions"][1]
+    assert (resolved["status"], resolved["reason"]) == ("False", "BackendNotFound")
+    m = merged(base, built)
+    proxy = plan_http.plan_proxy(m, all_healthy(m), {})
+    (backend,) = proxy.backends
+    assert backend.error_share == Fraction(1, 4) and [s.weight > 0 for s in backend.servers] == [True]
+    text = render.render(proxy, m.proxy, "/run/lbagent/haproxy.sock")
+    assert "http-request return status 500" in text and "if { rand(1000000) lt 250000 }" in text
+    verdicts = {v.judge.split()[0]: v for v in judge.judge(m)}
+    assert verdicts["haproxy"].outcome is judge.Outcome.ACCEPTED, verdicts["haproxy"]

@@ -221,7 +221,7 @@ def build_gateways(inputs: GatewayInputs, settings: model.Kubernetes, known: Map
         out.class_status[name] = {"conditions": [condition("Accepted", True, "Accepted", "lbagent serves it",
                                                            generation)]}
     backends = _Backends(IngressInputs({}, {}, inputs.services, inputs.slices, inputs.secrets), settings, known,
-                         built_http, target_port=False)
+                         built_http, target_port=False, invalid_is_500=True)
     listeners: list[_Listener] = []
     listener_conditions: dict[tuple[str, str], list[dict[str, Any]]] = {}
     model_listener: dict[tuple[str, int], model.Listener] = {}
@@ -398,22 +398,25 @@ def _rules(route: Obj, namespace: str, inputs: GatewayInputs, backends: _Backend
         for j, ref in enumerate(rule.get("backendRefs") or []):
             ref_ns = str(ref.get("namespace") or namespace)
             weight = int(ref.get("weight", 1))
+            where_ref = f"spec.rules[{i}].backendRefs[{j}]"
+            refused: tuple[str, str] | None = None
             if ref.get("group", "") != "" or ref.get("kind", "Service") != "Service":
-                unresolved.append(("InvalidKind", f"spec.rules[{i}].backendRefs[{j}]: {ref.get('kind')} is not a "
-                                                  "Service"))
-                ref_obj: Obj = {"service": {"name": "", "port": {}}}
+                refused = ("InvalidKind", f"{where_ref}: {ref.get('kind')} is not a Service")
             elif ref_ns != namespace and not _granted(inputs.grants, "HTTPRoute", namespace, "Service", ref_ns,
                                                       str(ref.get("name"))):
-                unresolved.append(("RefNotPermitted", f"spec.rules[{i}].backendRefs[{j}]: Service "
-                                                      f"{ref_ns}/{ref.get('name')}: no ReferenceGrant allows it"))
-                ref_obj = {"service": {"name": "", "port": {}}}
-            else:
-                ref_obj = {"service": {"name": ref.get("name"), "port": {"number": ref.get("port")}}}
+                refused = ("RefNotPermitted", f"{where_ref}: Service {ref_ns}/{ref.get('name')}: no ReferenceGrant "
+                                              "allows it")
+            if refused is not None:
+                unresolved.append(refused)
+                if weight > 0:  # its share is answered 500
+                    refs.append(model.BackendRef(model.BackendKind.BACKEND, "", None, weight, invalid=refused[1]))
+                continue
             if weight <= 0:
                 continue
+            ref_obj = {"service": {"name": ref.get("name"), "port": {"number": ref.get("port")}}}
             backend, why = backends.ref(ref_ns, ref_obj, weight)
-            if why is not None and ref_obj["service"]["name"]:
-                unresolved.append(("BackendNotFound", f"spec.rules[{i}].backendRefs[{j}]: {why}"))
+            if backend.invalid is not None:
+                unresolved.append(("BackendNotFound", f"{where_ref}: {why}"))
             refs.append(backend)
         timeouts = rule.get("timeouts") or {}
         rules.append(model.RouteRule(where, matches, tuple(refs) if redirect is None else (),

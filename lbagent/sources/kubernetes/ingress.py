@@ -227,6 +227,9 @@ class _Backends:
     known: Mapping[str, model.Service]  # the model's Services already (lbagent's own, the file's)
     built: IngressBuilt
     target_port: bool = True  # a backend's port may name the targetPort (ingress-nginx's rule; not the Gateway API's)
+    # the Gateway API's rule: a reference to what does not exist is invalid and its share answered 500 (ingress-nginx
+    # answers 503 for it, as for a Service without endpoints)
+    invalid_is_500: bool = False
     _refs: dict[tuple[str, str], tuple[model.BackendRef, str | None]] = field(default_factory=dict)
     _services: dict[str, model.Service] = field(default_factory=dict)
 
@@ -242,13 +245,15 @@ class _Backends:
             found = self._refs.get((f"{namespace}/{name}", wanted)) or self._resolve(namespace, name, wanted)
             self._refs[(f"{namespace}/{name}", wanted)] = found
         ref, why = found
-        return model.BackendRef(ref.kind, ref.name, ref.port, weight), why
+        return model.BackendRef(ref.kind, ref.name, ref.port, weight, invalid=ref.invalid), why
 
-    def _empty(self, name: str, why: str) -> tuple[model.BackendRef, str | None]:
+    def _empty(self, name: str, why: str, invalid: bool = True) -> tuple[model.BackendRef, str | None]:
+        """A backend with no server (503), or with `invalid` under the Gateway API's rule a reference answered 500."""
         backend = f"ingress-unavailable:{name}"
         if all(b.name != backend for b in self.built.backends):
             self.built.backends.append(model.StaticBackend(backend, (), self.settings.health_check))
-        return model.BackendRef(model.BackendKind.BACKEND, backend), why
+        return model.BackendRef(model.BackendKind.BACKEND, backend,
+                                invalid=why if invalid and self.invalid_is_500 else None), why
 
     def _resolve(self, namespace: str, name: str, wanted: str) -> tuple[model.BackendRef, str | None]:
         key = f"{namespace}/{name}"
@@ -271,8 +276,8 @@ class _Backends:
             if service is not None:
                 return model.BackendRef(model.BackendKind.SERVICE, key, int(port["port"])), None
         if not self.settings.pods_routable:
-            return self._empty(f"{key}:{wanted}", f"Service {key} has no nodePort and kubernetes.podsRoutable is "
-                                                  "false: the LB nodes cannot reach its pods")
+            return self._empty(f"{key}:{wanted}", invalid=False, why=f"Service {key} has no nodePort and "
+                               "kubernetes.podsRoutable is false: the LB nodes cannot reach its pods")
         return self._via_pods(key, port)
 
     def _via_nodes(self, obj: Obj) -> model.Service | None:
