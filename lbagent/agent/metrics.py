@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from lbagent.l7 import stats
 from lbagent.plan.services import ServiceDecision
 
 # Sync durations span a one-element nft change (milliseconds) to a full resync of a large table (seconds).
 _SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class HttpResponses(Collector):
+    """lbagent_http_responses_total{target, code}: HAProxy's responses by the backendRef (Service) that served them,
+    read from HAProxy's admin socket at each scrape (its counters start again at a reload, as a counter may)."""
+
+    def __init__(self) -> None:
+        self.source: tuple[str, Mapping[tuple[str, str], str]] | None = None  # the admin socket, its servers' targets
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("lbagent_http_responses", "HTTP responses HAProxy's servers gave, by the "
+                                     "backendRef they serve (a Service key, or a backend's name) and status class.",
+                                     labels=["target", "code"])
+        source = self.source
+        if source is not None:
+            try:
+                counts = stats.responses_by_target(stats.show_stat(source[0]), source[1])
+            except OSError:
+                counts = {}
+            for (target, code), value in sorted(counts.items()):
+                family.add_metric([target, code], value)
+        yield family
 
 
 class Metrics:
@@ -18,6 +43,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.http_responses = HttpResponses()
+        r.register(self.http_responses)
         self.bgp_session_up = Gauge("lbagent_bgp_session_up", "1 while the BGP session to the peer is up.",
                                     ["peer"], registry=r)
         self.announced_prefixes = Gauge("lbagent_announced_prefixes", "Prefixes ExaBGP has acknowledged announcing.",

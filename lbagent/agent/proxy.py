@@ -94,6 +94,7 @@ class ProxyReconciler(Reconciler):
                 await self._process.stop(m.agent.drain_seconds)
                 # the next listener gets a HAProxy of the settings then (its executable may have changed)
                 self._process, self.running, self._shape, self._restarts = None, None, None, 0
+                self.metrics.http_responses.source = None
                 event(log, logging.INFO, "haproxy_stopped", reason="no listeners configured")
                 self.metrics.certificates({})
             return
@@ -145,6 +146,7 @@ class ProxyReconciler(Reconciler):
             self.metrics.process_restarts.labels("haproxy").inc(self.process.restarts - self._restarts)
             self._restarts = self.process.restarts
         self.running, self._shape = planned, (shape, structure)
+        self.metrics.http_responses.source = (self.process.runtime_socket, planned.targets())
         self._changed()
 
     async def watch_certificates(self) -> None:

@@ -46,6 +46,7 @@ class Server:
     state: ServerState
     proxy_protocol: bool = False
     source: str = ""  # what it stands for, for people: "default/shop-v1 port 80 on node1"
+    target: str = ""  # the backendRef it serves: a Service key, or a static backend's name (metrics are by it)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class ProxyPlan:
     frontends: tuple[HttpFrontend, ...] = ()
     backends: tuple[HttpBackend, ...] = ()
 
+    def targets(self) -> dict[tuple[str, str], str]:
+        """(backend, server) -> the backendRef the server serves (a Service key or a static backend's name)."""
+        return {(b.name, s.name): s.target for b in self.backends for s in b.servers}
+
     def runtime(self) -> dict[tuple[str, str], tuple[int, ServerState]]:
         """(backend, server) -> (weight, state): what the runtime API sets."""
         return {(b.name, s.name): (s.weight, s.state) for b in self.backends for s in b.servers}
@@ -138,14 +143,14 @@ def _servers(m: model.Model, ref_index: int, ref: model.BackendRef, health: Heal
             healthy = health.get((ref.name, node.name), False)
             state = ServerState.MAINT if not healthy else ServerState.DRAIN if node.draining else ServerState.READY
             out.append(Server(f"{ref_index}_{node.name}", node.addresses[0], node_port, node.weight, state,
-                              ref.proxy_protocol, f"{ref.name} port {ref.port} on {node.name}"))
+                              ref.proxy_protocol, f"{ref.name} port {ref.port} on {node.name}", ref.name))
     else:
         backend = m.static_backend(ref.name)
         for j, endpoint in enumerate(backend.endpoints):
             healthy = health.get((backend.key, str(endpoint)), False) and endpoint not in backend.down
             out.append(Server(f"{ref_index}_ep{j}", endpoint.address, endpoint.port, 1,
                               ServerState.READY if healthy else ServerState.MAINT, ref.proxy_protocol,
-                              f"backend {ref.name} endpoint {endpoint}"))
+                              f"backend {ref.name} endpoint {endpoint}", ref.name))
     return out
 
 
@@ -182,7 +187,7 @@ def _weighted(refs: tuple[model.BackendRef, ...], servers: list[list[Server]]) -
                 weight = exact[(i, s.name)]
             else:
                 weight = max(1, round(share / top * MAX_WEIGHT))
-            out.append(Server(s.name, s.address, s.port, weight, s.state, s.proxy_protocol, s.source))
+            out.append(replace(s, weight=weight))
     return tuple(out)
 
 

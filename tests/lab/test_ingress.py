@@ -11,6 +11,7 @@ LB nodes route to them (`podsRoutable: true`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,14 @@ def test_the_seeds_canary_splits_1000_requests_by_its_weight_then_by_the_annotat
     print(f"canary-weight 10: {counts} from the client")
     # 10% of 1,000: mean 100, standard deviation 9.5; HAProxy's weighted round robin is closer still
     assert 60 <= v2 <= 140, counts
-    for lb in LBS:  # each LB's own HAProxy splits the same way
+    for lb in LBS:  # each LB's own HAProxy splits the same way, and counts each Service's answers apart
+        before = _responses(kube.lab, lb)
         lb_v2, lb_counts = v2_share(kube, 200, source=lb)
         print(f"canary-weight 10: {lb_counts} at {lb}")
         assert 8 <= lb_v2 <= 32, (lb, lb_counts)
+        after = _responses(kube.lab, lb)
+        assert {k: after.get(k, 0) - before.get(k, 0) for k in after} == {
+            "default/svc-v1:9001": lb_counts[str(PODS["svc-v1"])], "default/svc-v2:9001": lb_v2}
 
     api.kubectl("annotate", "--overwrite", "ingress", "ingress-canary-v2",
                 "nginx.ingress.kubernetes.io/canary-weight=50")
@@ -156,6 +161,17 @@ def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(
 
     wait_for(serial_served, 30, message="both LBs to serve the replaced Secret's certificate")
     assert {lb: _metric(lab, lb, "lbagent_haproxy_reloads_total") for lb in LBS} == reloads
+
+
+def _responses(lab: Lab, lb: str) -> dict[str, float]:
+    """lbagent_http_responses_total{code="2xx"} by target, as the LB's /metrics says it."""
+    text = lab.exec(lb, ["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:9469/metrics"]).stdout
+    out = {}
+    for line in text.splitlines():
+        found = re.match(r'lbagent_http_responses_total\{code="2xx",target="([^"]+)"\} (\S+)', line)
+        if found:
+            out[found.group(1)] = float(found.group(2))
+    return out
 
 
 def _metric(lab: Lab, lb: str, name: str) -> float:
