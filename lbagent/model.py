@@ -342,6 +342,7 @@ class RouteRule:
     request_timeout: float | None = None  # Gateway API `request`: the whole request, every attempt included
     backend_request_timeout: float | None = None  # Gateway API `backendRequest`: one attempt
     retry: Retry | None = None
+    source_ranges: tuple[IPNetwork, ...] = ()  # only clients from these (403 to others); empty: everyone
 
 
 @dataclass(frozen=True)

@@ -358,6 +358,9 @@ def _value_match(fetch: str, match: model.ValueMatch) -> str:
 def _backend(b: HttpBackend) -> list[str]:
     lines = [f"backend {proxy_name(b.name)}", f"{_INDENT}# {_comment(b.where)}", f"{_INDENT}balance roundrobin"]
     lines += _timeouts(b.timeouts)
+    if b.source_ranges:  # the peer HAProxy sees (the client, or a trusted proxy in front)
+        lines.append(f"{_INDENT}http-request deny deny_status 403 unless {{ src "
+                     f"{' '.join(str(n) for n in b.source_ranges)} }}")
     if b.error_share > 0:  # the share of invalid backendRefs: 500, as the Gateway API says (not the others' share)
         chance = round(b.error_share * ERROR_SHARE_SCALE)
         condition = "" if b.error_share >= 1 else f" if {{ rand({ERROR_SHARE_SCALE}) lt {chance} }}"

@@ -279,3 +279,20 @@ def test_the_seeds_manifests_as_written_their_ingresses_name_the_target_port(tmp
     (route,) = merged(base, built).routes
     assert [(r.name, r.weight) for r in route.rules[0].backend_refs] == [("default/svc-v1:9001", 90),
                                                                          ("default/svc-v2:9001", 10)]
+
+
+def test_whitelist_source_range_admits_only_those_clients_and_a_bad_one_serves_nothing(tmp_path: Path) -> None:
+    base = base_model(tmp_path)
+    v1 = json.loads(json.dumps(SEED_V1))
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/whitelist-source-range"] = "192.0.2.128/25, 198.51.100.7"
+    m = merged(base, build(base, snapshot([v1, SEED_V2], [cluster_ip("svc-v1"), cluster_ip("svc-v2")],
+                                          [pods("svc-v1", ["198.51.100.31"]), pods("svc-v2", ["198.51.100.41"])])))
+    (rule,) = m.routes[0].rules
+    assert [str(n) for n in rule.source_ranges] == ["192.0.2.128/25", "198.51.100.7/32"]
+    assert "http-request deny deny_status 403 unless { src 192.0.2.128/25 198.51.100.7/32 }" in str(
+        artifacts.plan_document(m)["haproxy"])
+    haproxy_accepts(m)
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/whitelist-source-range"] = "192.0.2.128/25, nowhere"
+    built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
+    (problem,) = built.problems["Ingress default/ingress-canary-v1"]
+    assert "'nowhere'" in problem.message and merged(base, built).routes == ()

@@ -56,11 +56,10 @@ INGRESS_HSTS = "max-age=15724800; includeSubDomains"
 SUPPORTED = frozenset({
     "canary", "canary-weight", "canary-weight-total", "canary-by-header", "canary-by-header-value",
     "canary-by-header-pattern", "canary-by-cookie", "rewrite-target", "use-regex", "ssl-redirect",
-    "force-ssl-redirect",
+    "force-ssl-redirect", "whitelist-source-range", "allowlist-source-range",
 })
 # ... and those it does not, with why the Ingress is not served (others: "not implemented by lbagent")
 NOT_YET = {
-    "whitelist-source-range": "source ranges per Ingress are not implemented by lbagent yet",
     "proxy-body-size": "a request body limit is not implemented by lbagent yet",
     "backend-protocol": "HTTPS to the backends is not implemented by lbagent yet",
     "affinity": "cookie affinity is not implemented by lbagent yet",
@@ -136,6 +135,7 @@ class _Path:
     match: model.PathMatch
     backend: Obj
     rewrite: model.PathModifier | None
+    source_ranges: tuple[model.IPNetwork, ...] = ()
 
 
 def _annotation_problems(ingress: Obj, annotations: Mapping[str, str]) -> list[Problem]:
@@ -178,7 +178,29 @@ def _canary(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem
                    pattern, annotations.get("canary-by-cookie"), weight, total)
 
 
+def _source_ranges(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
+                   ) -> tuple[model.IPNetwork, ...] | None:
+    """whitelist-source-range (or its newer name allowlist-source-range): CIDRs or addresses, comma-separated;
+    None when one is malformed (the Ingress is then not served at all: never open what was meant to be closed)."""
+    name = "allowlist-source-range" if "allowlist-source-range" in annotations else "whitelist-source-range"
+    text = annotations.get(name)
+    if text is None:
+        return ()
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            out.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            problems.append(_problem(ingress, f"metadata.annotations[{NGINX}{name}]", text,
+                                     f"{part!r} is not a CIDR or an address: the Ingress is not served"))
+            return None
+    return tuple(out)
+
+
 def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]) -> list[_Path]:
+    ranges = _source_ranges(ingress, annotations, problems)
+    if ranges is None:
+        return []
     regex = _bool(annotations.get("use-regex")) is True or "rewrite-target" in annotations
     target = annotations.get("rewrite-target")
     out = []
@@ -214,7 +236,7 @@ def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
             if target is not None:
                 rewrite = model.PathModifier(model.PathModifierType.REGEX_REPLACE,
                                              re.sub(r"\$(\d)", r"\\\1", target), pattern=f"(?i){value}")
-            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite))
+            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges))
     return out
 
 
@@ -349,7 +371,7 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
     rewrite = model.URLRewrite(path=path.rewrite) if path.rewrite is not None else None
     plain = model.RouteMatch(path=path.match)
     if canary is None:
-        return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite)]
+        return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite, source_ranges=path.source_ranges)]
     second, why2 = backends.ref(canary.key.split("/", 1)[0], canary.backend)
     if why2 is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why2,
@@ -358,7 +380,8 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
 
     def on(header: model.ValueMatch, ref: model.BackendRef, suffix: str) -> None:
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: {suffix})",
-                                     (model.RouteMatch(path=path.match, headers=(header,)),), (ref,), rewrite=rewrite))
+                                     (model.RouteMatch(path=path.match, headers=(header,)),), (ref,), rewrite=rewrite,
+                                     source_ranges=path.source_ranges))
 
     if canary.header is not None:
         if canary.header_value is not None:
@@ -379,9 +402,10 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
             model.BackendRef(second.kind, second.name, second.port, canary.weight))
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: weight {canary.weight}/"
                                      f"{canary.weight_total})", (plain,), tuple(r for r in refs if r.weight),
-                                     rewrite=rewrite))
+                                     rewrite=rewrite, source_ranges=path.source_ranges))
     else:
-        rules.append(model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite))
+        rules.append(model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite,
+                                     source_ranges=path.source_ranges))
     return rules
 
 
