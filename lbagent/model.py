@@ -343,6 +343,16 @@ class RouteRule:
     backend_request_timeout: float | None = None  # Gateway API `backendRequest`: one attempt
     retry: Retry | None = None
     source_ranges: tuple[IPNetwork, ...] = ()  # only clients from these (403 to others); empty: everyone
+    session_cookie: SessionCookie | None = None  # a client stays on the server a cookie names
+
+
+@dataclass(frozen=True)
+class SessionCookie:
+    """Cookie affinity (ingress-nginx's `affinity: cookie`): the first answer sets the cookie, later requests that
+    carry it go to the same server while it is up."""
+
+    name: str = "INGRESSCOOKIE"
+    max_age: int | None = None  # seconds; None: a session cookie
 
 
 @dataclass(frozen=True)

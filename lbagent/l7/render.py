@@ -358,6 +358,9 @@ def _value_match(fetch: str, match: model.ValueMatch) -> str:
 def _backend(b: HttpBackend) -> list[str]:
     lines = [f"backend {proxy_name(b.name)}", f"{_INDENT}# {_comment(b.where)}", f"{_INDENT}balance roundrobin"]
     lines += _timeouts(b.timeouts)
+    if b.session_cookie is not None:  # each server's own name is its cookie value
+        attrs = f" attr {_word(f'Max-Age={b.session_cookie.max_age}')}" if b.session_cookie.max_age else ""
+        lines.append(f"{_INDENT}cookie {_word(b.session_cookie.name)} insert indirect nocache httponly{attrs}")
     if b.source_ranges:  # the peer HAProxy sees (the client, or a trusted proxy in front)
         lines.append(f"{_INDENT}http-request deny deny_status 403 unless {{ src "
                      f"{' '.join(str(n) for n in b.source_ranges)} }}")
@@ -379,7 +382,7 @@ def _backend(b: HttpBackend) -> list[str]:
     # a redirect is HAProxy's own answer: only http-after-response rules see it
     lines += _headers("http-response" if b.redirect is None else "http-after-response", b.response_headers)
     for s in b.servers:
-        lines += _server(s)
+        lines += _server(s, cookie=b.session_cookie is not None)
     return [*lines, ""]
 
 
@@ -523,7 +526,7 @@ def _redirect(redirect: model.Redirect, b: HttpBackend) -> list[str]:
     return lines
 
 
-def _server(s: Server) -> list[str]:
+def _server(s: Server, cookie: bool = False) -> list[str]:
     weight = 0 if s.state is ServerState.DRAIN else s.weight
     if not 0 <= weight <= 256:
         raise ValueError(f"server {s.name}: weight {weight} is out of HAProxy's 0..256")
@@ -532,4 +535,6 @@ def _server(s: Server) -> list[str]:
         line += " disabled"
     if s.proxy_protocol:
         line += " send-proxy-v2"
+    if cookie:
+        line += f" cookie {proxy_name(s.name)}"
     return ([f"{_INDENT}# {_comment(s.source)}"] if s.source else []) + [line]

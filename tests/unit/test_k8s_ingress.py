@@ -296,3 +296,21 @@ def test_whitelist_source_range_admits_only_those_clients_and_a_bad_one_serves_n
     built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
     (problem,) = built.problems["Ingress default/ingress-canary-v1"]
     assert "'nowhere'" in problem.message and merged(base, built).routes == ()
+
+
+def test_cookie_affinity_names_each_server_in_a_cookie(tmp_path: Path) -> None:
+    base = base_model(tmp_path)
+    v1 = json.loads(json.dumps(SEED_V1))
+    v1["metadata"]["annotations"].update({"nginx.ingress.kubernetes.io/affinity": "cookie",
+                                          "nginx.ingress.kubernetes.io/session-cookie-name": "route",
+                                          "nginx.ingress.kubernetes.io/session-cookie-max-age": "172800"})
+    m = merged(base, build(base, snapshot([v1], [cluster_ip("svc-v1")],
+                                          [pods("svc-v1", ["198.51.100.31", "198.51.100.32"])])))
+    assert m.routes[0].rules[0].session_cookie == model.SessionCookie("route", 172800)
+    text = str(artifacts.plan_document(m)["haproxy"])
+    assert "cookie route insert indirect nocache httponly attr Max-Age=172800" in text
+    assert "server 0_ep0 198.51.100.31:8080 weight 1 cookie 0_ep0" in text
+    haproxy_accepts(m)
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/affinity"] = "ip"
+    built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
+    assert "affinity `cookie` only" in built.problems["Ingress default/ingress-canary-v1"][0].message

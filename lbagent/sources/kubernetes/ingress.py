@@ -56,13 +56,13 @@ INGRESS_HSTS = "max-age=15724800; includeSubDomains"
 SUPPORTED = frozenset({
     "canary", "canary-weight", "canary-weight-total", "canary-by-header", "canary-by-header-value",
     "canary-by-header-pattern", "canary-by-cookie", "rewrite-target", "use-regex", "ssl-redirect",
-    "force-ssl-redirect", "whitelist-source-range", "allowlist-source-range",
+    "force-ssl-redirect", "whitelist-source-range", "allowlist-source-range", "affinity", "session-cookie-name",
+    "session-cookie-max-age", "session-cookie-expires",
 })
 # ... and those it does not, with why the Ingress is not served (others: "not implemented by lbagent")
 NOT_YET = {
     "proxy-body-size": "a request body limit is not implemented by lbagent yet",
     "backend-protocol": "HTTPS to the backends is not implemented by lbagent yet",
-    "affinity": "cookie affinity is not implemented by lbagent yet",
 }
 
 
@@ -136,6 +136,7 @@ class _Path:
     backend: Obj
     rewrite: model.PathModifier | None
     source_ranges: tuple[model.IPNetwork, ...] = ()
+    session_cookie: model.SessionCookie | None = None
 
 
 def _annotation_problems(ingress: Obj, annotations: Mapping[str, str]) -> list[Problem]:
@@ -197,10 +198,35 @@ def _source_ranges(ingress: Obj, annotations: Mapping[str, str], problems: list[
     return tuple(out)
 
 
+def _session_cookie(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
+                    ) -> model.SessionCookie | bool | None:
+    """`affinity: cookie` with its cookie's name and lifetime; False when the annotations cannot be met."""
+    affinity = annotations.get("affinity")
+    if affinity is None:
+        return None
+    if affinity != "cookie":
+        problems.append(_problem(ingress, f"metadata.annotations[{NGINX}affinity]", affinity,
+                                 "lbagent implements affinity `cookie` only: the Ingress is not served"))
+        return False
+    name = annotations.get("session-cookie-name", "INGRESSCOOKIE")
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]{1,64}", name):
+        problems.append(_problem(ingress, f"metadata.annotations[{NGINX}session-cookie-name]", name,
+                                 "not a cookie name: the Ingress is not served"))
+        return False
+    lifetime = annotations.get("session-cookie-max-age", annotations.get("session-cookie-expires"))
+    if lifetime is not None and not (lifetime.isascii() and lifetime.isdigit()):
+        problems.append(_problem(ingress, f"metadata.annotations[{NGINX}session-cookie-max-age]", lifetime,
+                                 "not a number of seconds: the Ingress is not served"))
+        return False
+    return model.SessionCookie(name, int(lifetime) if lifetime else None)
+
+
 def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]) -> list[_Path]:
     ranges = _source_ranges(ingress, annotations, problems)
-    if ranges is None:
+    cookie = _session_cookie(ingress, annotations, problems)
+    if ranges is None or cookie is False:
         return []
+    session_cookie = cookie if isinstance(cookie, model.SessionCookie) else None
     regex = _bool(annotations.get("use-regex")) is True or "rewrite-target" in annotations
     target = annotations.get("rewrite-target")
     out = []
@@ -236,7 +262,7 @@ def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
             if target is not None:
                 rewrite = model.PathModifier(model.PathModifierType.REGEX_REPLACE,
                                              re.sub(r"\$(\d)", r"\\\1", target), pattern=f"(?i){value}")
-            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges))
+            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges, session_cookie))
     return out
 
 
@@ -371,7 +397,8 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
     rewrite = model.URLRewrite(path=path.rewrite) if path.rewrite is not None else None
     plain = model.RouteMatch(path=path.match)
     if canary is None:
-        return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite, source_ranges=path.source_ranges)]
+        return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite, source_ranges=path.source_ranges,
+                            session_cookie=path.session_cookie)]
     second, why2 = backends.ref(canary.key.split("/", 1)[0], canary.backend)
     if why2 is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why2,
@@ -381,7 +408,7 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
     def on(header: model.ValueMatch, ref: model.BackendRef, suffix: str) -> None:
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: {suffix})",
                                      (model.RouteMatch(path=path.match, headers=(header,)),), (ref,), rewrite=rewrite,
-                                     source_ranges=path.source_ranges))
+                                     source_ranges=path.source_ranges, session_cookie=path.session_cookie))
 
     if canary.header is not None:
         if canary.header_value is not None:
@@ -402,10 +429,11 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
             model.BackendRef(second.kind, second.name, second.port, canary.weight))
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: weight {canary.weight}/"
                                      f"{canary.weight_total})", (plain,), tuple(r for r in refs if r.weight),
-                                     rewrite=rewrite, source_ranges=path.source_ranges))
+                                     rewrite=rewrite, source_ranges=path.source_ranges,
+                            session_cookie=path.session_cookie))
     else:
         rules.append(model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite,
-                                     source_ranges=path.source_ranges))
+                                     source_ranges=path.source_ranges, session_cookie=path.session_cookie))
     return rules
 
 
