@@ -320,6 +320,7 @@ class BackendRef:
     # why the reference cannot be resolved (Gateway API: a Service that does not exist or is not permitted): its
     # share of the rule's requests is answered 500, as the spec says, instead of going to the other backendRefs
     invalid: str | None = None
+    tls: bool = False  # the servers speak HTTPS (not verified: ingress-nginx's backend-protocol HTTPS)
 
 
 @dataclass(frozen=True)

@@ -535,6 +535,8 @@ def _server(s: Server, cookie: bool = False) -> list[str]:
         line += " disabled"
     if s.proxy_protocol:
         line += " send-proxy-v2"
+    if s.tls:  # ingress-nginx's backend-protocol HTTPS: encrypted, the server's certificate not verified
+        line += " ssl verify none"
     if cookie:
         line += f" cookie {proxy_name(s.name)}"
     return ([f"{_INDENT}# {_comment(s.source)}"] if s.source else []) + [line]

@@ -47,6 +47,7 @@ class Server:
     proxy_protocol: bool = False
     source: str = ""  # what it stands for, for people: "default/shop-v1 port 80 on node1"
     target: str = ""  # the backendRef it serves: a Service key, or a static backend's name (metrics are by it)
+    tls: bool = False  # HTTPS to the server
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,15 @@ def _servers(m: model.Model, ref_index: int, ref: model.BackendRef, health: Heal
             healthy = health.get((ref.name, node.name), False)
             state = ServerState.MAINT if not healthy else ServerState.DRAIN if node.draining else ServerState.READY
             out.append(Server(f"{ref_index}_{node.name}", node.addresses[0], node_port, node.weight, state,
-                              ref.proxy_protocol, f"{ref.name} port {ref.port} on {node.name}", ref.name))
+                              ref.proxy_protocol, f"{ref.name} port {ref.port} on {node.name}", ref.name,
+                              ref.tls))
     else:
         backend = m.static_backend(ref.name)
         for j, endpoint in enumerate(backend.endpoints):
             healthy = health.get((backend.key, str(endpoint)), False) and endpoint not in backend.down
             out.append(Server(f"{ref_index}_ep{j}", endpoint.address, endpoint.port, 1,
                               ServerState.READY if healthy else ServerState.MAINT, ref.proxy_protocol,
-                              f"backend {ref.name} endpoint {endpoint}", ref.name))
+                              f"backend {ref.name} endpoint {endpoint}", ref.name, ref.tls))
     return out
 
 

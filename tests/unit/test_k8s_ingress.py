@@ -314,3 +314,16 @@ def test_cookie_affinity_names_each_server_in_a_cookie(tmp_path: Path) -> None:
     v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/affinity"] = "ip"
     built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
     assert "affinity `cookie` only" in built.problems["Ingress default/ingress-canary-v1"][0].message
+
+
+def test_backend_protocol_https_encrypts_to_the_pods(tmp_path: Path) -> None:
+    base = base_model(tmp_path)
+    v1 = json.loads(json.dumps(SEED_V1))
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] = "HTTPS"
+    m = merged(base, build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])])))
+    assert m.routes[0].rules[0].backend_refs[0].tls
+    assert "server 0_ep0 198.51.100.31:8080 weight 1 ssl verify none" in str(artifacts.plan_document(m)["haproxy"])
+    haproxy_accepts(m)
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] = "GRPC"
+    built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
+    assert merged(base, built).routes == () and "GRPC" in built.problems["Ingress default/ingress-canary-v1"][0].value

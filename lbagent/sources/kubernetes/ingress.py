@@ -57,12 +57,11 @@ SUPPORTED = frozenset({
     "canary", "canary-weight", "canary-weight-total", "canary-by-header", "canary-by-header-value",
     "canary-by-header-pattern", "canary-by-cookie", "rewrite-target", "use-regex", "ssl-redirect",
     "force-ssl-redirect", "whitelist-source-range", "allowlist-source-range", "affinity", "session-cookie-name",
-    "session-cookie-max-age", "session-cookie-expires",
+    "session-cookie-max-age", "session-cookie-expires", "backend-protocol",
 })
 # ... and those it does not, with why the Ingress is not served (others: "not implemented by lbagent")
 NOT_YET = {
     "proxy-body-size": "a request body limit is not implemented by lbagent yet",
-    "backend-protocol": "HTTPS to the backends is not implemented by lbagent yet",
 }
 
 
@@ -137,6 +136,7 @@ class _Path:
     rewrite: model.PathModifier | None
     source_ranges: tuple[model.IPNetwork, ...] = ()
     session_cookie: model.SessionCookie | None = None
+    backend_tls: bool = False  # backend-protocol HTTPS
 
 
 def _annotation_problems(ingress: Obj, annotations: Mapping[str, str]) -> list[Problem]:
@@ -224,7 +224,11 @@ def _session_cookie(ingress: Obj, annotations: Mapping[str, str], problems: list
 def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]) -> list[_Path]:
     ranges = _source_ranges(ingress, annotations, problems)
     cookie = _session_cookie(ingress, annotations, problems)
-    if ranges is None or cookie is False:
+    protocol = annotations.get("backend-protocol", "HTTP").upper()
+    if protocol not in ("HTTP", "HTTPS"):
+        problems.append(_problem(ingress, f"metadata.annotations[{NGINX}backend-protocol]", protocol,
+                                 "lbagent speaks HTTP and HTTPS to backends: the Ingress is not served"))
+    if ranges is None or cookie is False or protocol not in ("HTTP", "HTTPS"):
         return []
     session_cookie = cookie if isinstance(cookie, model.SessionCookie) else None
     regex = _bool(annotations.get("use-regex")) is True or "rewrite-target" in annotations
@@ -262,7 +266,8 @@ def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
             if target is not None:
                 rewrite = model.PathModifier(model.PathModifierType.REGEX_REPLACE,
                                              re.sub(r"\$(\d)", r"\\\1", target), pattern=f"(?i){value}")
-            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges, session_cookie))
+            out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges, session_cookie,
+                             protocol == "HTTPS"))
     return out
 
 
@@ -281,7 +286,8 @@ class _Backends:
     _refs: dict[tuple[str, str], tuple[model.BackendRef, str | None]] = field(default_factory=dict)
     _services: dict[str, model.Service] = field(default_factory=dict)
 
-    def ref(self, namespace: str, backend: Obj, weight: int = 1) -> tuple[model.BackendRef, str | None]:
+    def ref(self, namespace: str, backend: Obj, weight: int = 1, tls: bool = False
+            ) -> tuple[model.BackendRef, str | None]:
         """The reference, and why its share will be answered 503 (None: it is served)."""
         service = backend.get("service") or {}
         name = str(service.get("name") or "")
@@ -293,7 +299,8 @@ class _Backends:
             found = self._refs.get((f"{namespace}/{name}", wanted)) or self._resolve(namespace, name, wanted)
             self._refs[(f"{namespace}/{name}", wanted)] = found
         ref, why = found
-        return model.BackendRef(ref.kind, ref.name, ref.port, weight, invalid=ref.invalid), why
+        return model.BackendRef(ref.kind, ref.name, ref.port, weight, invalid=ref.invalid,
+                                tls=tls and not ref.invalid), why
 
     def _empty(self, name: str, why: str, invalid: bool = True) -> tuple[model.BackendRef, str | None]:
         """A backend with no server (503), or with `invalid` under the Gateway API's rule a reference answered 500."""
@@ -391,7 +398,7 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
                problems: list[Problem], ingress: Obj) -> list[model.RouteRule]:
     """A path as model rules: the canary's header and cookie rules first (a route's rules keep their order when
     they tie), then the weighted split or the plain backend."""
-    primary, why = backends.ref(namespace, path.backend)
+    primary, why = backends.ref(namespace, path.backend, tls=path.backend_tls)
     if why is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why, "its requests are answered 503"))
     rewrite = model.URLRewrite(path=path.rewrite) if path.rewrite is not None else None
@@ -399,7 +406,7 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
     if canary is None:
         return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite, source_ranges=path.source_ranges,
                             session_cookie=path.session_cookie)]
-    second, why2 = backends.ref(canary.key.split("/", 1)[0], canary.backend)
+    second, why2 = backends.ref(canary.key.split("/", 1)[0], canary.backend, tls=path.backend_tls)
     if why2 is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why2,
                                  f"the canary Ingress {canary.key}'s backend: its share is answered 503"))
