@@ -203,3 +203,25 @@ def test_an_invalid_backend_refs_share_is_answered_500_and_the_rest_is_served(tm
     assert "http-request return status 500" in text and "if { rand(1000000) lt 250000 }" in text
     verdicts = {v.judge.split()[0]: v for v in judge.judge(m)}
     assert verdicts["haproxy"].outcome is judge.Outcome.ACCEPTED, verdicts["haproxy"]
+
+
+def test_a_rule_haproxy_could_not_take_is_left_out_and_the_route_says_why(tmp_path: Path) -> None:
+    """A quote in a header value, or a regex PCRE2 refuses, would make HAProxy refuse the whole config (and with it
+    every later change): that rule is left out, the rest served, the route's condition says which and why."""
+    base = base_model(tmp_path)
+    rules = [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/ok"}}], "backendRefs": [{"name": "v1", "port": 80}]},
+        {"matches": [{"headers": [{"name": "X-Note", "value": "it's"}]}], "backendRefs": [{"name": "v1", "port": 80}]},
+        {"matches": [{"path": {"type": "RegularExpression", "value": "/\\N{LATIN SMALL LETTER A}"}}],
+         "backendRefs": [{"name": "v1", "port": 80}]},
+    ]
+    built = build(base, snap([gw([HTTP])], [route("r", rules)]))
+    m = merged(base, built)
+    (r,) = m.routes
+    assert [rule.matches[0].path.value for rule in r.rules] == ["/ok"]
+    assert built.gateway is not None
+    resolved = built.gateway.route_status["default/r"][0]["conditions"][1]
+    assert (resolved["status"], resolved["reason"]) == ("False", "UnsupportedValue")
+    assert "single quote" in resolved["message"] and "PCRE2" in resolved["message"]
+    verdicts = {v.judge.split()[0]: v for v in judge.judge(m)}
+    assert verdicts["haproxy"].outcome is judge.Outcome.ACCEPTED, verdicts["haproxy"]

@@ -136,6 +136,12 @@ def check_raw(pattern: str, caseless: bool = False) -> None:
     _compiled(pattern, NO_AUTO_CAPTURE | (CASELESS if caseless else 0), jit=True)
 
 
+def check_capturing(pattern: str) -> None:
+    """Raise Pcre2Error unless HAProxy takes `pattern` as a regex whose groups the replacement names
+    (`http-request replace-path`: compiled as written, groups captured)."""
+    _compiled(pattern, 0, jit=True)
+
+
 def matches(pattern: str, subject: str, caseless: bool = False) -> int:
     """pcre2_match()'s result as HAProxy gets it for a whole-value pattern (no match context: PCRE2's default
     limits): > 0 a match, ERROR_NOMATCH none, ERROR_MATCHLIMIT the limit reached (HAProxy: no match)."""

@@ -27,6 +27,7 @@ from typing import Any
 from lbagent import model, tls
 from lbagent.sources import Problem
 from lbagent.sources.kubernetes.allocator import POOL_ANNOTATION, Request
+from lbagent.sources.kubernetes.httpcheck import rule_problems
 from lbagent.sources.kubernetes.ingress import IngressBuilt, _Backends, _certificate
 from lbagent.sources.kubernetes.ingress import Inputs as IngressInputs
 from lbagent.sources.kubernetes.translate import key_of
@@ -419,7 +420,11 @@ def _rules(route: Obj, namespace: str, inputs: GatewayInputs, backends: _Backend
                 unresolved.append(("BackendNotFound", f"{where_ref}: {why}"))
             refs.append(backend)
         timeouts = rule.get("timeouts") or {}
-        rules.append(model.RouteRule(where, matches, tuple(refs) if redirect is None else (),
-                                     request_headers, response_headers, rewrite, redirect,
-                                     _duration(timeouts.get("request")), _duration(timeouts.get("backendRequest"))))
+        made = model.RouteRule(where, matches, tuple(refs) if redirect is None else (), request_headers,
+                               response_headers, rewrite, redirect, _duration(timeouts.get("request")),
+                               _duration(timeouts.get("backendRequest")))
+        if unwritable := rule_problems(made):  # HAProxy could not take it: left out, and said why
+            unresolved += [("UnsupportedValue", f"spec.rules[{i}].{p}") for p in unwritable]
+            continue
+        rules.append(made)
     return rules, unresolved

@@ -40,6 +40,7 @@ from typing import Any
 
 from lbagent import model, tls
 from lbagent.sources import Problem
+from lbagent.sources.kubernetes.httpcheck import rule_problems
 from lbagent.sources.kubernetes.translate import endpoint_nodes, key_of
 
 Obj = Mapping[str, Any]
@@ -521,7 +522,11 @@ def build_ingresses(inputs: Inputs, settings: model.Kubernetes, known: Mapping[s
             canary = found[0] if found else None
             if found:
                 used_canaries.add(key_of(found[1]))
-            by_host.setdefault(path.host, []).extend(_rules_for(path, namespace, backends, canary, problems, obj))
+            for rule in _rules_for(path, namespace, backends, canary, problems, obj):
+                if unwritable := rule_problems(rule):  # HAProxy could not take it: left out, and said why
+                    problems.append(_problem(obj, path.where, "; ".join(unwritable), "not served"))
+                    continue
+                by_host.setdefault(path.host, []).append(rule)
         if default is not None and paths:
             for rules in by_host.values():
                 ref, why = backends.ref(namespace, default)
