@@ -345,6 +345,7 @@ class RouteRule:
     retry: Retry | None = None
     source_ranges: tuple[IPNetwork, ...] = ()  # only clients from these (403 to others); empty: everyone
     session_cookie: SessionCookie | None = None  # a client stays on the server a cookie names
+    max_body_bytes: int | None = None  # a request declaring a larger body (Content-Length) gets 413
 
 
 @dataclass(frozen=True)

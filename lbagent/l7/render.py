@@ -361,6 +361,9 @@ def _backend(b: HttpBackend) -> list[str]:
     if b.session_cookie is not None:  # each server's own name is its cookie value
         attrs = f" attr {_word(f'Max-Age={b.session_cookie.max_age}')}" if b.session_cookie.max_age else ""
         lines.append(f"{_INDENT}cookie {_word(b.session_cookie.name)} insert indirect nocache httponly{attrs}")
+    if b.max_body_bytes is not None:  # the size a request declares: HAProxy 2.6 cannot count a chunked body
+        lines.append(f"{_INDENT}http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt "
+                     f"{b.max_body_bytes} }}")
     if b.source_ranges:  # the peer HAProxy sees (the client, or a trusted proxy in front)
         lines.append(f"{_INDENT}http-request deny deny_status 403 unless {{ src "
                      f"{' '.join(str(n) for n in b.source_ranges)} }}")

@@ -71,6 +71,7 @@ class HttpBackend:
     retry: model.Retry | None = None
     source_ranges: tuple[model.IPNetwork, ...] = ()  # only these clients (403 to the others)
     session_cookie: model.SessionCookie | None = None
+    max_body_bytes: int | None = None
     # the share of the rule's requests whose backendRefs are invalid: answered 500 (with why), before any server
     error_share: Fraction = Fraction(0)
     error_reason: str = ""
@@ -218,6 +219,7 @@ def _backend(m: model.Model, name: str, rule: model.RouteRule, health: HealthSna
         timeouts=attempt_timeouts(rule.request_timeout, rule.backend_request_timeout, m.proxy.connect_timeout,
                                   rule.retry),
         retry=rule.retry, source_ranges=rule.source_ranges, session_cookie=rule.session_cookie,
+        max_body_bytes=rule.max_body_bytes,
     )
 
 

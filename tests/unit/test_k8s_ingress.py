@@ -327,3 +327,15 @@ def test_backend_protocol_https_encrypts_to_the_pods(tmp_path: Path) -> None:
     v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] = "GRPC"
     built = build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])]))
     assert merged(base, built).routes == () and "GRPC" in built.problems["Ingress default/ingress-canary-v1"][0].value
+
+
+@pytest.mark.parametrize(("size", "limit"), [("8m", 8 * 1024**2), ("512k", 512 * 1024), ("1G", 1024**3), ("0", None)])
+def test_proxy_body_size_refuses_larger_declared_bodies(tmp_path: Path, size: str, limit: int | None) -> None:
+    base = base_model(tmp_path)
+    v1 = json.loads(json.dumps(SEED_V1))
+    v1["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] = size
+    m = merged(base, build(base, snapshot([v1], [cluster_ip("svc-v1")], [pods("svc-v1", ["198.51.100.31"])])))
+    assert m.routes[0].rules[0].max_body_bytes == limit
+    text = str(artifacts.plan_document(m)["haproxy"])
+    assert (f"http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {limit} }}" in text) == bool(limit)
+    haproxy_accepts(m)

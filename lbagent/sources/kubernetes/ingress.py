@@ -34,7 +34,7 @@ import base64
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,11 @@ SUPPORTED = frozenset({
     "canary", "canary-weight", "canary-weight-total", "canary-by-header", "canary-by-header-value",
     "canary-by-header-pattern", "canary-by-cookie", "rewrite-target", "use-regex", "ssl-redirect",
     "force-ssl-redirect", "whitelist-source-range", "allowlist-source-range", "affinity", "session-cookie-name",
-    "session-cookie-max-age", "session-cookie-expires", "backend-protocol",
+    "session-cookie-max-age", "session-cookie-expires", "backend-protocol", "proxy-body-size",
 })
 # ... and those it does not, with why the Ingress is not served (others: "not implemented by lbagent")
-NOT_YET = {
-    "proxy-body-size": "a request body limit is not implemented by lbagent yet",
+NOT_YET: dict[str, str] = {
+    "session-cookie-path": "the affinity cookie's path is not implemented by lbagent (HAProxy sets Path=/)",
 }
 
 
@@ -138,6 +138,7 @@ class _Path:
     source_ranges: tuple[model.IPNetwork, ...] = ()
     session_cookie: model.SessionCookie | None = None
     backend_tls: bool = False  # backend-protocol HTTPS
+    max_body_bytes: int | None = None  # proxy-body-size
 
 
 def _annotation_problems(ingress: Obj, annotations: Mapping[str, str]) -> list[Problem]:
@@ -225,6 +226,15 @@ def _session_cookie(ingress: Obj, annotations: Mapping[str, str], problems: list
 def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]) -> list[_Path]:
     ranges = _source_ranges(ingress, annotations, problems)
     cookie = _session_cookie(ingress, annotations, problems)
+    body = annotations.get("proxy-body-size")
+    max_body: int | None = None
+    if body is not None:
+        size = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)\s*", body)
+        if size is None:
+            problems.append(_problem(ingress, f"metadata.annotations[{NGINX}proxy-body-size]", body,
+                                     "not a size such as 8m, 512k or 0 (no limit): the Ingress is not served"))
+            return []
+        max_body = int(size.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[size.group(2).lower()] or None
     protocol = annotations.get("backend-protocol", "HTTP").upper()
     if protocol not in ("HTTP", "HTTPS"):
         problems.append(_problem(ingress, f"metadata.annotations[{NGINX}backend-protocol]", protocol,
@@ -268,7 +278,7 @@ def _paths(ingress: Obj, annotations: Mapping[str, str], problems: list[Problem]
                 rewrite = model.PathModifier(model.PathModifierType.REGEX_REPLACE,
                                              re.sub(r"\$(\d)", r"\\\1", target), pattern=f"(?i){value}")
             out.append(_Path(where, host, match, entry.get("backend") or {}, rewrite, ranges, session_cookie,
-                             protocol == "HTTPS"))
+                             protocol == "HTTPS", max_body))
     return out
 
 
@@ -402,11 +412,14 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
     primary, why = backends.ref(namespace, path.backend, tls=path.backend_tls)
     if why is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why, "its requests are answered 503"))
-    rewrite = model.URLRewrite(path=path.rewrite) if path.rewrite is not None else None
     plain = model.RouteMatch(path=path.match)
+    # what every rule of the path carries: the main Ingress's filters and limits
+    common: dict[str, Any] = {
+        "rewrite": model.URLRewrite(path=path.rewrite) if path.rewrite is not None else None,
+        "source_ranges": path.source_ranges, "session_cookie": path.session_cookie,
+        "max_body_bytes": path.max_body_bytes}
     if canary is None:
-        return [model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite, source_ranges=path.source_ranges,
-                            session_cookie=path.session_cookie)]
+        return [model.RouteRule(path.where, (plain,), (primary,), **common)]
     second, why2 = backends.ref(canary.key.split("/", 1)[0], canary.backend, tls=path.backend_tls)
     if why2 is not None:
         problems.append(_problem(ingress, f"{path.where}.backend", why2,
@@ -415,8 +428,7 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
 
     def on(header: model.ValueMatch, ref: model.BackendRef, suffix: str) -> None:
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: {suffix})",
-                                     (model.RouteMatch(path=path.match, headers=(header,)),), (ref,), rewrite=rewrite,
-                                     source_ranges=path.source_ranges, session_cookie=path.session_cookie))
+                                     (model.RouteMatch(path=path.match, headers=(header,)),), (ref,), **common))
 
     if canary.header is not None:
         if canary.header_value is not None:
@@ -432,16 +444,12 @@ def _rules_for(path: _Path, namespace: str, backends: _Backends, canary: _Canary
             cookie = rf"(^|.*;\s*){re.escape(canary.cookie)}={value}(\s*;.*|$)"
             on(model.ValueMatch("Cookie", cookie, model.ValueMatchType.REGULAR_EXPRESSION), ref, f"by-cookie {value}")
     if canary.weight:
-        refs: tuple[model.BackendRef, ...] = (
-            model.BackendRef(primary.kind, primary.name, primary.port, canary.weight_total - canary.weight),
-            model.BackendRef(second.kind, second.name, second.port, canary.weight))
+        refs = (replace(primary, weight=canary.weight_total - canary.weight), replace(second, weight=canary.weight))
         rules.append(model.RouteRule(f"{path.where} (canary {canary.key}: weight {canary.weight}/"
                                      f"{canary.weight_total})", (plain,), tuple(r for r in refs if r.weight),
-                                     rewrite=rewrite, source_ranges=path.source_ranges,
-                            session_cookie=path.session_cookie))
+                                     **common))
     else:
-        rules.append(model.RouteRule(path.where, (plain,), (primary,), rewrite=rewrite,
-                                     source_ranges=path.source_ranges, session_cookie=path.session_cookie))
+        rules.append(model.RouteRule(path.where, (plain,), (primary,), **common))
     return rules
 
 
