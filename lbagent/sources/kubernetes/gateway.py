@@ -380,6 +380,7 @@ def _rules(route: Obj, namespace: str, inputs: GatewayInputs, backends: _Backend
         response_headers = model.HeaderModifier()
         rewrite = None
         redirect = None
+        skip = False
         for f in rule.get("filters") or []:
             kind = f.get("type")
             if kind == "RequestHeaderModifier":
@@ -393,8 +394,13 @@ def _rules(route: Obj, namespace: str, inputs: GatewayInputs, backends: _Backend
                 entry = f.get("requestRedirect") or {}
                 redirect = model.Redirect(entry.get("scheme"), entry.get("hostname"), entry.get("port"),
                                           _path_modifier(entry.get("path")), int(entry.get("statusCode") or 302))
-            else:
-                unresolved.append(("UnsupportedValue", f"spec.rules[{i}]: filter {kind} is not implemented by lbagent"))
+            elif kind == "RequestMirror":  # a copy for observation: the rule is served, only without the copy
+                unresolved.append(("UnsupportedValue", f"spec.rules[{i}]: filter RequestMirror is not implemented "
+                                                       "by lbagent (HAProxy 2.6 cannot mirror): served unmirrored"))
+            else:  # a filter that may change what is served (ExtensionRef, CORS...): not served without it
+                unresolved.append(("UnsupportedValue", f"spec.rules[{i}]: filter {kind} is not implemented by "
+                                                       "lbagent: the rule is not served"))
+                skip = True
         refs: list[model.BackendRef] = []
         for j, ref in enumerate(rule.get("backendRefs") or []):
             ref_ns = str(ref.get("namespace") or namespace)
@@ -426,5 +432,6 @@ def _rules(route: Obj, namespace: str, inputs: GatewayInputs, backends: _Backend
         if unwritable := rule_problems(made):  # HAProxy could not take it: left out, and said why
             unresolved += [("UnsupportedValue", f"spec.rules[{i}].{p}") for p in unwritable]
             continue
-        rules.append(made)
+        if not skip:
+            rules.append(made)
     return rules, unresolved
