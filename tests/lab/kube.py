@@ -167,3 +167,13 @@ def curl_at(lab: Lab, vip: str, url: str, *args: str) -> tuple[int, dict[str, st
     lines = head.split("\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, body
+
+
+def served_by_each_lb(lab: Lab, vip: str, url: str, *args: str) -> bool:
+    """Whether every LB's own HAProxy answers the URL (its host resolved to `vip`) with 200: an answer through the
+    router comes from one LB only, and the other may not have its backends up yet."""
+    name = url.split("/")[2]
+    port = 443 if url.startswith("https:") else 80
+    return all(lab.exec(lb, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", "--noproxy", "*",
+                             "--resolve", f"{name}:{port}:{vip}", *args, url], check=False).stdout == "200"
+               for lb in LBS)

@@ -22,7 +22,7 @@ import yaml
 from tests.certs import TestCA
 from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.objects import manifest, table
-from tests.lab.kube import REPO, KubeLab, cluster_ip_service, curl_at, pod_slice
+from tests.lab.kube import REPO, KubeLab, cluster_ip_service, curl_at, pod_slice, served_by_each_lb
 from tests.lab.lab import LBS, Lab, wait_for
 from tests.lab.traffic import count_by_port
 
@@ -89,8 +89,8 @@ def test_the_seeds_canary_splits_1000_requests_by_its_weight_then_by_the_annotat
     served_by_both(kube)
     # served once both versions' pods passed their health checks (rise): until then some answers are 503
     versions = {str(PODS["svc-v1"]), str(PODS["svc-v2"])}
-    wait_for(lambda: set(count_by_port(kube.lab, "kans.com", ADDRESS, 40)) == versions, 30,
-             message="kans.com served by both versions")
+    wait_for(lambda: all(set(count_by_port(kube.lab, "kans.com", ADDRESS, 40, source=lb)) == versions for lb in LBS),
+             30, message="kans.com served by both versions on both LBs")
     v2, counts = v2_share(kube, 1000)
     print(f"canary-weight 10: {counts} from the client")
     # 10% of 1,000: mean 100, standard deviation 9.5; HAProxy's weighted round robin is closer still
@@ -130,10 +130,9 @@ def test_the_tls_example_serves_its_secret_and_a_replaced_secret_without_reload(
     api.kubectl("apply", "-f", str(EXAMPLES / "tls-example.yaml"))
     served_by_both(kube)
     url = "https://sslexample.foo.com/hello"
-    # served once the handshake works and the pods' health checks have passed (rise)
-    wait_for(lambda: lab.exec("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
-                                         str(ca.cert_file), "--resolve", f"sslexample.foo.com:443:{ADDRESS}", url],
-                              check=False).stdout == "200", 30, message="HTTPS for sslexample.foo.com")
+    # served once each LB has the certificate and the pods' health checks have passed (rise)
+    wait_for(lambda: served_by_each_lb(lab, ADDRESS, url, "--cacert", str(ca.cert_file)), 30,
+             message="HTTPS for sslexample.foo.com on both LBs")
     status, headers, body = curl(kube, url, "--cacert", str(ca.cert_file))
     assert status == 200 and json.loads(body)["port"] == PODS["service1"] and json.loads(body)["path"] == "/hello"
     assert headers["strict-transport-security"] == "max-age=15724800; includeSubDomains"  # ingress-nginx's default
@@ -204,6 +203,6 @@ def test_the_fanout_rewrites_and_virtual_hosts_fall_back_to_the_host_less_rule(k
     }
     # each answers once the routes are in HAProxy (404 until then) and its pods' health checks passed (503 until
     # then); then exactly as expected
-    wait_for(lambda: all(answer(url)[0] not in (404, 503) for url in expected), 30,
-             message="every route in HAProxy and every Service's pods in rotation")
+    wait_for(lambda: all(served_by_each_lb(kube.lab, ADDRESS, url) for url in expected), 30,
+             message="every route in both LBs' HAProxy and every Service's pods in rotation")
     assert {url: answer(url) for url in expected} == expected
