@@ -92,7 +92,9 @@ def test_a_gateway_and_its_routes_get_their_status(kube_apiserver: KubeAPIServer
                 "Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")})
             assert route_conditions(api, "broken", namespace)["ResolvedRefs"] == ("False", "BackendNotFound")
             assert route_conditions(api, "cross", namespace)["ResolvedRefs"] == ("False", "RefNotPermitted")
-            m = source.load()
+            # the source's own store has the status once the watch brings back what the writer wrote
+            m = await until("the source's model to hold the Gateway's listener", lambda: (
+                m := source.load()) and any(lst.name == f"gateway:{namespace}/gw:80" for lst in m.listeners) and m)
             (model_listener,) = [lst for lst in m.listeners if lst.name == f"gateway:{namespace}/gw:80"]
             assert model_listener.vips == (ipaddress.ip_address(address),)
             routes = {r.hostnames: r for r in m.routes if r.namespace == namespace}
