@@ -287,8 +287,9 @@ def build_gateways(inputs: GatewayInputs, settings: model.Kubernetes, known: Map
             model_listener[(key, port)] = listener
             out.listeners.append(listener)
     attached: dict[tuple[str, str], int] = {}
+    ours = {key_of(g) for g in our_gateways(inputs, controller)}  # once: every parentRef asks
     for route_key, route in sorted(inputs.routes.items()):
-        _attach(route_key, route, inputs, listeners, model_listener, backends, controller, out, attached)
+        _attach(route_key, route, inputs, listeners, model_listener, backends, controller, out, attached, ours)
     for gateway in our_gateways(inputs, controller):
         key = key_of(gateway)
         meta = gateway.get("metadata") or {}
@@ -316,7 +317,7 @@ def build_gateways(inputs: GatewayInputs, settings: model.Kubernetes, known: Map
 
 def _attach(route_key: str, route: Obj, inputs: GatewayInputs, listeners: list[_Listener],
             model_listener: Mapping[tuple[str, int], model.Listener], backends: _Backends, controller: str,
-            out: GatewayBuilt, attached: dict[tuple[str, str], int]) -> None:
+            out: GatewayBuilt, attached: dict[tuple[str, str], int], ours: set[str]) -> None:
     meta = route.get("metadata") or {}
     spec = route.get("spec") or {}
     namespace, generation = str(meta.get("namespace")), meta.get("generation")
@@ -326,10 +327,9 @@ def _attach(route_key: str, route: Obj, inputs: GatewayInputs, listeners: list[_
         if parent.get("group", GROUP) != GROUP or parent.get("kind", "Gateway") != "Gateway":
             continue
         gateway_key = f"{parent.get('namespace') or namespace}/{parent.get('name')}"
-        candidates = [lst for lst in listeners if lst.gateway == gateway_key]
-        if not candidates and not any(lst.gateway == gateway_key for lst in listeners) and \
-                gateway_key not in {key_of(g) for g in our_gateways(inputs, controller)}:
+        if gateway_key not in ours:
             continue  # another controller's Gateway: its status entry is not ours to write
+        candidates = [lst for lst in listeners if lst.gateway == gateway_key]
         ref = {k: v for k, v in parent.items() if v is not None}
         if parent.get("sectionName"):
             candidates = [lst for lst in candidates if lst.name == parent["sectionName"]]

@@ -192,10 +192,6 @@ def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = No
     return built
 
 
-def base_controller(built: GatewayBuilt) -> str | None:
-    return built.controller
-
-
 def _conditions_of(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(status.get("conditions") or [])
 
@@ -217,11 +213,6 @@ def _stamped(wanted: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, An
             before_parents.get(json.dumps(entry.get("parentRef"), sort_keys=True)) or {}))}
             for entry in wanted["parents"]]
     return out
-
-
-def _shaped(wanted: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, Any]:
-    """What the object's status would be after lbagent's write, for comparing: the fields lbagent writes."""
-    return {k: v for k, v in _stamped(wanted, have).items()}
 
 
 def certificate_dir(m: model.Model) -> Path:
@@ -427,9 +418,8 @@ class KubernetesSource:
             obj = snap.httproutes.get(key)
             if obj is None:
                 continue
-            assert base_controller(built) is not None
             theirs = [p for p in (obj.get("status") or {}).get("parents") or []
-                      if p.get("controllerName") != base_controller(built)]
+                      if p.get("controllerName") != built.controller]
             jobs.append(self._put_custom(obj, "HTTPRoute", "httproutes", key.split("/", 1)[0],
                                          {"parents": [*theirs, *parents]}))
         await asyncio.gather(*jobs)
@@ -438,7 +428,7 @@ class KubernetesSource:
                           wanted: Mapping[str, Any]) -> None:
         have = obj.get("status") or {}
         meta = obj.get("metadata") or {}
-        if without_transitions(have) == without_transitions(_shaped(wanted, have)):
+        if without_transitions(have) == without_transitions(wanted):
             return
         key = f"{kind} {translate.key_of(obj)}"
         done = (json.dumps(without_transitions(wanted), sort_keys=True), str(meta.get("resourceVersion") or ""))
