@@ -257,6 +257,7 @@ class Agent:
                         "dataplane drift watcher")
             self._spawn(self._supervise("address drift watcher", self.vips.watch_addresses), "address drift watcher")
         await self._first_syncs()
+        apply_sysctls(self.current_plan().sysctls, self._sysctl_root)  # those of modules the data plane loaded
         # What is bound and programmed now is what this node serves: the next BGP pass announces all of it and
         # (with graceful restart) ends the routers' wait with End-of-RIB.
         self.bgp.started()

@@ -104,9 +104,12 @@ class VipBinder:
 
 
 def apply_sysctls(settings: Mapping[str, str], root: Path = Path("/proc/sys")) -> None:
-    """Write each `net/ipv4/ip_forward`-style key whose value differs."""
+    """Write each `net/ipv4/ip_forward`-style key whose value differs. A `net/netfilter/` key whose module is not
+    loaded yet is left for a later call: nothing is tracked before the data plane's first apply loads it."""
     for key, value in settings.items():
         path = root / key
+        if key.startswith("net/netfilter/") and not path.parent.is_dir():
+            continue
         try:
             if path.read_text().strip() != value:
                 path.write_text(value)

@@ -112,9 +112,18 @@ def sysctls(m: model.Model) -> dict[str, str]:
         out["net/ipv4/conf/all/arp_announce"] = "2"
     if any(not isinstance(v, IPv4Address) for v in vips):
         out["net/ipv6/conf/all/forwarding"] = "1"
+    # A flow that comes back to this LB (the routers' ECMP moved it away and back: an LB or a BGP session
+    # that went and returned) meets the conntrack entry it left here, whose TCP window is long out of date.
+    # Strict window tracking calls its packets INVALID: no NAT, and the VIP's own reject rule would answer RST.
+    # Liberal tracking (kube-proxy's --conntrack-tcp-be-liberal) keeps such a flow on its entry, and its node.
+    # The path exists once nf_conntrack is loaded (the data plane's first apply loads it).
+    out[CONNTRACK_LIBERAL] = "1"
     if m.dataplane.kind is model.DataplaneKind.IPVS:
         out |= IPVS_SYSCTLS
     return out
+
+
+CONNTRACK_LIBERAL = "net/netfilter/nf_conntrack_tcp_be_liberal"
 
 
 # kube-proxy's IPVS settings: connections to a removed real server are expired instead of black-holed,
@@ -124,6 +133,10 @@ IPVS_SYSCTLS = {
     "net/ipv4/vs/expire_nodest_conn": "1",
     "net/ipv4/vs/expire_quiescent_template": "1",
     "net/ipv4/vs/conntrack": "1",
+    # A flow IPVS has no connection for (moved here from another LB mid-stream) is scheduled by its first packet,
+    # not only by a SYN: with the same Maglev (mh) table on every LB it reaches the same node as before.
+    "net/ipv4/vs/sloppy_tcp": "1",
+    "net/ipv4/vs/sloppy_sctp": "1",
 }
 
 

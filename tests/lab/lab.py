@@ -34,6 +34,8 @@ ROUTER_AS = 64500
 LB_AS = 64512
 ROUTER_UPLINK = "198.51.100.1"
 ROUTER_UPLINK6 = "2001:db8:1::1"
+ROUTER_CLUSTER = "203.0.113.1"  # the router's leg on the nodes' segment: their default gateway
+ROUTER_CLUSTER6 = "2001:db8:2::1"
 KUBE_PROXY_PORT = 10256  # kube-proxy's /healthz, served by every node's backend
 RETURN_TABLES = {"lb1": 101, "lb2": 102}  # nat return path: fwmark N (and routing table 100 + N) per LB
 RETURN_MARKS = {"lb1": 1, "lb2": 2}
@@ -157,21 +159,28 @@ HOSTS: dict[str, Host] = {
         Host("sw", "switch"),
         Host("client", "client", {"eth0": "192.0.2.130/25"}, "192.0.2.129",
              {"eth0": "2001:db8:c::130/64"}, "2001:db8:c::129"),
-        Host("router", "router", {"client": "192.0.2.129/25", "uplink": f"{ROUTER_UPLINK}/24"}, None,
-             {"client": "2001:db8:c::129/64", "uplink": f"{ROUTER_UPLINK6}/64"}),
+        Host("router", "router",
+             {"client": "192.0.2.129/25", "uplink": f"{ROUTER_UPLINK}/24", "cluster": f"{ROUTER_CLUSTER}/24"}, None,
+             {"client": "2001:db8:c::129/64", "uplink": f"{ROUTER_UPLINK6}/64", "cluster": f"{ROUTER_CLUSTER6}/64"}),
         Host("lb1", "lb", {"uplink": "198.51.100.11/24", "cluster": "203.0.113.2/24"}, ROUTER_UPLINK,
              {"uplink": "2001:db8:1::11/64", "cluster": "2001:db8:2::2/64"}, ROUTER_UPLINK6),
         Host("lb2", "lb", {"uplink": "198.51.100.12/24", "cluster": "203.0.113.3/24"}, ROUTER_UPLINK,
              {"uplink": "2001:db8:1::12/64", "cluster": "2001:db8:2::3/64"}, ROUTER_UPLINK6),
-        Host("node1", "node", {"eth0": "203.0.113.11/24"}, None, {"eth0": "2001:db8:2::11/64"}),
-        Host("node2", "node", {"eth0": "203.0.113.12/24"}, None, {"eth0": "2001:db8:2::12/64"}),
-        Host("node3", "node", {"eth0": "203.0.113.13/24"}, None, {"eth0": "2001:db8:2::13/64"}),
+        # The nodes' default route is the router's leg on their segment, as at a real site: direct server return
+        # answers the client that way. (nat's answers follow the return path's marks instead, see below.)
+        Host("node1", "node", {"eth0": "203.0.113.11/24"}, ROUTER_CLUSTER, {"eth0": "2001:db8:2::11/64"},
+             ROUTER_CLUSTER6),
+        Host("node2", "node", {"eth0": "203.0.113.12/24"}, ROUTER_CLUSTER, {"eth0": "2001:db8:2::12/64"},
+             ROUTER_CLUSTER6),
+        Host("node3", "node", {"eth0": "203.0.113.13/24"}, ROUTER_CLUSTER, {"eth0": "2001:db8:2::13/64"},
+             ROUTER_CLUSTER6),
     )
 }
 BRIDGES = ("br-uplink", "br-cluster")
 CABLES: tuple[Cable, ...] = (
     Cable("client", "eth0", "router", "client"),
     Cable("router", "uplink", "sw", "up-router", "br-uplink"),
+    Cable("router", "cluster", "sw", "cl-router", "br-cluster"),
     *(Cable(lb, "uplink", "sw", f"up-{lb}", "br-uplink") for lb in LBS),
     *(Cable(lb, "cluster", "sw", f"cl-{lb}", "br-cluster") for lb in LBS),
     *(Cable(node, "eth0", "sw", f"cl-{node}", "br-cluster") for node in NODES),
@@ -179,7 +188,11 @@ CABLES: tuple[Cable, ...] = (
 SYSCTLS: dict[str, tuple[str, ...]] = {
     # No TIME_WAIT on the client: request(local_port=N) can reuse a source port at once.
     "client": ("net.ipv4.tcp_max_tw_buckets=0",),
-    "router": ("net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"),
+    # ECMP by the 5-tuple (policy 3 with the fields source and destination address, protocol, ports), as a real
+    # router hashes: policy 1 would reuse the client socket's hash, which Linux re-randomises on a retransmission
+    # timeout, so a retransmit could move a flow to the other LB.
+    "router": ("net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=3",
+               "net.ipv4.fib_multipath_hash_fields=0x0037"),
     "lb1": ("net.ipv4.ip_forward=1",),
     "lb2": ("net.ipv4.ip_forward=1",),
     "sw": (
@@ -189,7 +202,8 @@ SYSCTLS: dict[str, tuple[str, ...]] = {
     ),
 }
 SYSCTLS6: dict[str, tuple[str, ...]] = {
-    "router": ("net.ipv6.conf.all.forwarding=1", "net.ipv6.fib_multipath_hash_policy=1"),
+    "router": ("net.ipv6.conf.all.forwarding=1", "net.ipv6.fib_multipath_hash_policy=3",
+               "net.ipv6.fib_multipath_hash_fields=0x0037"),
     "lb1": ("net.ipv6.conf.all.forwarding=1",),
     "lb2": ("net.ipv6.conf.all.forwarding=1",),
 }
@@ -545,6 +559,7 @@ class Lab:
                 if self.ipv6:
                     jobs.append((["ip", "-6", "-n", self.ns(node), "-batch", "-"], self._return_rules6()))
         _run_all(jobs)
+        self.program_load_balancer_ips()
         self._write_bird_config()
         self.spawn("router", "bird", self._bird_argv())
         for node in NODES:
@@ -598,21 +613,15 @@ class Lab:
                 ]
                 if self.ipv6:
                     lines.append(f"route add default via {address6(lb, 'cluster')} table {RETURN_TABLES[lb]}")
-            # The last-resort table `default` (rule 32767, after main): a UDP answer's first route lookup uses the
-            # socket's mark (0) and needs *a* route to the client before the output hook re-routes it by the
-            # connection's mark. (TCP and ICMP answers carry the request's mark from the start: fwmark_accept,
-            # fwmark_reflect.) Main stays without a default route.
-            lines.append(f"route add default via {address(LBS[0], 'cluster')} table default")
-            if self.ipv6:
-                lines.append(f"route add default via {address6(LBS[0], 'cluster')} table default")
+            # A UDP answer's first route lookup uses the socket's mark (0) and takes main's default route; the
+            # output hook then re-routes it by the connection's mark. (TCP and ICMP answers carry the request's
+            # mark from the start: fwmark_accept, fwmark_reflect.)
         return "".join(line + "\n" for line in lines)
 
     @staticmethod
     def _return_rules6() -> str:
-        """IPv6 policy rules of the return path (`ip -6 -batch`): the marks' tables, and the last-resort table
-        `default` after main as IPv4 has it built in."""
+        """IPv6 policy rules of the return path (`ip -6 -batch`): the marks' tables."""
         lines = [f"rule add fwmark {RETURN_MARKS[lb]} table {RETURN_TABLES[lb]}" for lb in LBS]
-        lines.append("rule add priority 32767 table default")
         return "".join(line + "\n" for line in lines)
 
     def _sysctls(self) -> dict[str, tuple[str, ...]]:
@@ -628,14 +637,17 @@ class Lab:
     def return_path_ruleset(self) -> str:
         """The nftables table the nodes get for the nat return path (Lab(return_path=True)).
 
-        Every packet from an LB's MAC stamps the connection with that LB's mark (so it follows the LB that
-        forwarded its latest packet); the mark is copied onto the packets of the connection in both
-        directions, and `ip rule fwmark N table 100+N` routes the answers back through that LB."""
+        Every packet from an LB's MAC to the node's own address (nat: the LB rewrote the destination to it)
+        stamps the connection with that LB's mark (so it follows the LB that forwarded its latest packet); the
+        mark is copied onto the packets of the connection in both directions, and `ip rule fwmark N table 100+N`
+        routes the answers back through that LB. Packets still addressed to a VIP (direct server return) are
+        left alone: their answers take the default route to the client, not the LB."""
         lines = [
             "table inet lab_return {",
             "    chain prerouting {",
             "        type filter hook prerouting priority mangle; policy accept;",
-            *(f"        ether saddr {mac_address(lb, 'cluster')} ct mark set {RETURN_MARKS[lb]}" for lb in LBS),
+            *(f"        ether saddr {mac_address(lb, 'cluster')} fib daddr type local ct mark set {RETURN_MARKS[lb]}"
+              for lb in LBS),
             "        ct mark != 0 meta mark set ct mark",
             "    }",
             "    chain output {",
@@ -645,6 +657,48 @@ class Lab:
             "}",
         ]
         return "".join(line + "\n" for line in lines)
+
+    def load_balancer_ip_ruleset(self) -> str:
+        """What kube-proxy does on a node for a LoadBalancer Service's address in `ipMode: VIP` (and for every
+        one before Kubernetes 1.29): a packet that reaches the node still addressed to VIP:port (direct server
+        return: the LB changed only the MAC address) goes to the Service, here the backend's nodePort. The node
+        does not hold the VIP, so it never answers ARP for it; the answer leaves with the VIP as its source."""
+        rules = []
+        for service in self.services:
+            vips = [service["vip"]] if "vip" in service else list(service.get("vips", []))
+            for vip in vips:
+                l3 = "ip6" if ":" in str(vip) else "ip"
+                for port in service.get("ports", []):
+                    proto = str(port.get("protocol", "TCP")).lower()
+                    rules.append(f"        {l3} daddr {vip} {proto} dport {port['port']}"
+                                 f" redirect to :{port['nodePort']}")
+        return "".join(line + "\n" for line in [
+            "table inet lab_lbip",
+            "delete table inet lab_lbip",
+            "table inet lab_lbip {",
+            "    chain prerouting {",
+            "        type nat hook prerouting priority dstnat; policy accept;",
+            *rules,
+            "    }",
+            "}",
+        ])
+
+    def program_load_balancer_ips(self, services: list[dict[str, Any]] | None = None) -> None:
+        """(Re)write every node's load_balancer_ip_ruleset, for `services` (then kept as the lab's) or the lab's."""
+        if services is not None:
+            self.services = json.loads(json.dumps(services))
+            self._save_state()
+        text = self.load_balancer_ip_ruleset()
+        _run_all([(["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], text) for node in NODES])
+
+    def set_links(self, host: str, up: bool) -> None:
+        """Unplug a host's cables from the switch (a node lost, hard: no BGP NOTIFICATION, no FIN; its links lose
+        carrier, its routes stay, as when a machine or its switch port dies), or plug them back in."""
+        state = "up" if up else "down"
+        ports = [c.peer_ifname for c in CABLES if c.host == host and c.peer == "sw"]
+        if not ports:
+            raise LabError(f"{host!r} has no cable to the switch")
+        _run(["ip", "-n", self.ns("sw"), "-batch", "-"], "".join(f"link set dev {i} {state}\n" for i in ports))
 
     def _save_state(self) -> None:
         if not self.state_dir.is_dir():

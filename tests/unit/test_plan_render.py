@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import uuid
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from lbagent import model
+from lbagent.l3.vips import VipError, apply_sysctls
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, plan, replan
@@ -122,7 +124,25 @@ def test_sysctls() -> None:
     m = three_nodes()
     p = plan(m, {})
     assert p.sysctls == {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/arp_ignore": "1",
-                         "net/ipv4/conf/all/arp_announce": "2", "net/ipv6/conf/all/forwarding": "1"}
+                         "net/ipv4/conf/all/arp_announce": "2", "net/ipv6/conf/all/forwarding": "1",
+                         "net/netfilter/nf_conntrack_tcp_be_liberal": "1"}
+
+
+def test_conntrack_sysctl_waits_for_its_module(tmp_path: Path) -> None:
+    """The conntrack key is skipped while nf_conntrack is not loaded (its directory missing) and written once it is;
+    any other key that cannot be written is an error."""
+    (tmp_path / "net/ipv4").mkdir(parents=True)
+    (tmp_path / "net/ipv4/ip_forward").write_text("0\n")
+    settings = {"net/ipv4/ip_forward": "1", "net/netfilter/nf_conntrack_tcp_be_liberal": "1"}
+    apply_sysctls(settings, tmp_path)
+    assert (tmp_path / "net/ipv4/ip_forward").read_text() == "1"
+    assert not (tmp_path / "net/netfilter").exists()
+    (tmp_path / "net/netfilter").mkdir()
+    (tmp_path / "net/netfilter/nf_conntrack_tcp_be_liberal").write_text("0\n")
+    apply_sysctls(settings, tmp_path)
+    assert (tmp_path / "net/netfilter/nf_conntrack_tcp_be_liberal").read_text() == "1"
+    with pytest.raises(VipError, match=r"net\.ipv6\.conf\.all\.forwarding"):
+        apply_sysctls({"net/ipv6/conf/all/forwarding": "1"}, tmp_path)
 
 
 def _nft_check(text: str) -> None:

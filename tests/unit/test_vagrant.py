@@ -361,7 +361,8 @@ def test_k3s_scripts_disable_servicelb_and_traefik_and_share_the_token() -> None
 def test_router_script_installs_the_lab_bird_config() -> None:
     text = (PROVISION / "router.sh").read_text()
     assert 'conf="$src/configs/lab/bird.conf"' in text and "/etc/bird/bird.conf" in text
-    assert "net.ipv4.ip_forward = 1" in text and "net.ipv4.fib_multipath_hash_policy = 1" in text
+    assert "net.ipv4.ip_forward = 1" in text and "net.ipv4.fib_multipath_hash_policy = 3" in text
+    assert "net.ipv4.fib_multipath_hash_fields = 0x0037" in text
 
 
 # ----- the LB configs -----------------------------------------------------------------------------------------

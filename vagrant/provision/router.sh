@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Vagrant lab's router: BIRD 2 with configs/lab/bird.conf (AS 64500, a BGP session with each LB node, the
 # VIP routes into the kernel table with one next hop per LB), IP forwarding, and a multipath hash over the
-# L4 ports so the flows of one client spread over both LB nodes, as in the namespace lab.
+# 5-tuple so the flows of one client spread over both LB nodes, as in the namespace lab.
 set -euo pipefail
 
 src=${LAB_SRC:-/opt/lbagent-src}
@@ -14,7 +14,9 @@ apt-get install -y -qq --no-install-recommends bird2
 cat >/etc/sysctl.d/60-lbagent-lab-router.conf <<'SYSCTL'
 # The lbagent Vagrant lab's router (vagrant/provision/router.sh).
 net.ipv4.ip_forward = 1
-net.ipv4.fib_multipath_hash_policy = 1
+# ECMP by the 5-tuple (addresses, protocol, ports), as a hardware router hashes.
+net.ipv4.fib_multipath_hash_policy = 3
+net.ipv4.fib_multipath_hash_fields = 0x0037
 SYSCTL
 sysctl -q -p /etc/sysctl.d/60-lbagent-lab-router.conf
 

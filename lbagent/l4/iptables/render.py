@@ -433,11 +433,14 @@ def _fixed(rs: Ruleset) -> None:
             f"-j MARK --set-xmark 0x0/{q:#x}",
             "-j MASQUERADE",
         ))
-        # A VIP belongs to the services behind it, not to the LB host: nothing else here answers on it.
+        # A VIP belongs to the services behind it, not to the LB host: nothing else here answers on it. A packet
+        # conntrack calls INVALID was not NATed (it belongs to a flow it cannot place): dropped, never answered with
+        # a reset that would end a client's connection the node still serves.
         icmp, unreachable = ("icmp", "icmp-port-unreachable") if v == 4 else ("ipv6-icmp", "icmp6-port-unreachable")
         vips = sorted(rs.vips[v], key=lambda a: int(ip_address(a)))
         rs._put(v, "filter", INPUT, tuple(
             rule for vip in vips for rule in (
+                f"-d {_host(vip)} -m conntrack --ctstate INVALID -j DROP",
                 f"-d {_host(vip)} -p tcp -j REJECT --reject-with tcp-reset",
                 f"-d {_host(vip)} ! -p {icmp} -j REJECT --reject-with {unreachable}",
             )

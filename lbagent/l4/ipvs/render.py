@@ -457,6 +457,7 @@ def render_companion(c: Companion) -> str:
     for v in (4, 6):
         icmp, reject = _ICMP[v]
         lines += [
+            f"\t\t{_L3[v]} daddr @vips_v{v} ct state invalid drop",
             f"\t\t{_L3[v]} daddr @vips_v{v} meta l4proto tcp reject with tcp reset",
             f"\t\t{_L3[v]} daddr @vips_v{v} meta l4proto != {icmp} reject with {reject}",
         ]

@@ -280,9 +280,13 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         f"\t\tmeta mark & {mark} == {mark} meta mark set meta mark & {keep} masquerade",
         "\t}",
-        # A VIP belongs to the services behind it, not to the LB host: nothing else here answers on it.
+        # A VIP belongs to the services behind it, not to the LB host: nothing else here answers on it. A packet
+        # conntrack calls INVALID was not NATed (it belongs to a flow conntrack cannot place): dropped, never
+        # answered with a reset that would end a client's connection a node still serves.
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
+        "\t\tip daddr @vips_v4 ct state invalid drop",
+        "\t\tip6 daddr @vips_v6 ct state invalid drop",
         "\t\tip daddr @vips_v4 meta l4proto tcp reject with tcp reset",
         "\t\tip daddr @vips_v4 meta l4proto != icmp reject with icmp port-unreachable",
         "\t\tip6 daddr @vips_v6 meta l4proto tcp reject with tcp reset",
