@@ -25,14 +25,14 @@ _stop = threading.Event()
 STALL = 0.3
 
 
-def _connection(vip: str, port: int, source: tuple[str, int], interval: float, timeout: float,
+def _connection(vip: str, port: int, source: tuple[str, int], interval: float, timeout: float, path: str,
                 result: dict[str, Any], first: threading.Event) -> None:
     conn = http.client.HTTPConnection(vip, port, timeout=timeout, source_address=source)
     last = None
     try:
         while not _stop.is_set():
             started = time.monotonic()
-            conn.request("GET", "/", headers={"Host": "flows"})
+            conn.request("GET", path, headers={"Host": "flows"})
             response = conn.getresponse()
             body = response.read()
             now = time.monotonic()
@@ -62,6 +62,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--timeout", type=float, default=30.0, help="an answer later than this ends the connection")
+    parser.add_argument("--path-bytes", type=int, default=1,
+                        help="the request's path this long: the backend echoes it, so both directions carry it")
     parser.add_argument("--ready", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -78,7 +80,7 @@ def main() -> int:
     threads = [
         threading.Thread(target=_connection, daemon=True,
                          args=(args.vip, args.port, (args.source, r["sourcePort"]), args.interval, args.timeout,
-                               r, first))
+                               "/" + "x" * (args.path_bytes - 1), r, first))
         for r, first in zip(results, firsts, strict=True)
     ]
     for t in threads:

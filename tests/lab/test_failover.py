@@ -1,0 +1,228 @@
+"""Long-lived connections while LB nodes come and go: which forwarding mode keeps which connections across which
+event (docs/configuration.md, "Forwarding modes and failover", is this test's table).
+
+16 keep-alive connections from the client, each on its own source port, each sending a request every 100 ms; the
+router hashes the 5-tuple over both LBs. One LB (lb1) then goes through six events in turn: its links unplugged
+(the node lost), plugged back (it comes back), a clean SIGTERM, the agent started again, ExaBGP killed (a BGP flap
+that lbagent repairs), and a SIGHUP that changes its BGP settings (ExaBGP restarted). After each, the test waits
+until the router holds the routes it should and every connection still alive has been answered again. A connection
+survives an event when it was alive before it, is alive after, and every answer came from the node that answered its
+first request. The table is printed (pytest -s); the asserts are the documented guarantees."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.lab import Lab, address, wait_for
+
+pytestmark = pytest.mark.lab
+
+FLOWS = Path(__file__).resolve().with_name("flows.py")
+VIP = "192.0.2.10"
+CLIENT = address("client")
+UPLINKS = {address("lb1", "uplink"): "lb1", address("lb2", "uplink"): "lb2"}
+COUNT = 16
+# Each request's path, echoed in its answer: 4 KB each way every 100 ms, so a connection that spends a few seconds
+# on the other LB comes back far beyond the TCP window conntrack last saw here.
+PATH_BYTES = 4000
+# Answers every connection still alive must get after an event before the next: about 3 s of traffic.
+ANSWERS_AFTER = 30
+FLAPS = ("ExaBGP killed", "SIGHUP with a bgp change")
+EVENTS = ("node lost", "comes back", "clean SIGTERM", "agent restarted", "ExaBGP killed", "SIGHUP with a bgp change")
+
+
+@dataclass
+class Row:
+    event: str
+    alive: int  # connections alive when the event began
+    survived: int
+    moved: int  # of the alive ones, those the router sent to the other LB during the event
+    moved_survived: int
+    stall: float  # the longest gap between two answers of a surviving connection, seconds
+
+    def __str__(self) -> str:
+        return (f"{self.event:<26} {self.survived:>3}/{self.alive:<3} survive; moved {self.moved_survived}/{self.moved}"
+                f" survive; longest stall {self.stall:.2f} s")
+
+
+class Flows:
+    """The flows.py run in the client's namespace, and its latest results."""
+
+    def __init__(self, lab: Lab, base_port: int = 41000) -> None:
+        self.lab, self.base_port = lab, base_port
+        self.dir = lab.state_dir / "client"
+        self.ready, self.out = self.dir / "flows.ready", self.dir / "flows.json"
+        for path in (self.ready, self.out):
+            path.unlink(missing_ok=True)
+        lab.spawn("client", "flows", [sys.executable, str(FLOWS), "--vip", VIP, "--source", CLIENT,
+                                      "--count", str(COUNT), "--base-port", str(base_port),
+                                      "--path-bytes", str(PATH_BYTES),
+                                      "--ready", str(self.ready), "--out", str(self.out)])
+        wait_for(lambda: self.ready.exists() and self.out.exists(), 30, message="the connections' first answers")
+
+    def results(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.out.read_text()))
+
+    def stop(self) -> list[dict[str, Any]]:
+        self.lab.stop_process("client", "flows", signal.SIGTERM, timeout=60)
+        return self.results()
+
+
+def _lb_of(lab: Lab, source_port: int) -> str:
+    """The LB the router sends this connection's packets to now (its own 5-tuple hash)."""
+    out = lab.exec("router", ["ip", "-j", "route", "get", VIP, "from", CLIENT, "iif", "client", "ipproto", "tcp",
+                              "sport", str(source_port), "dport", "80"]).stdout
+    return UPLINKS.get(json.loads(out)[0].get("gateway", ""), "none")
+
+
+def _routes(lab: Lab, flows: Flows) -> list[str]:
+    return [_lb_of(lab, flows.base_port + i) for i in range(COUNT)]
+
+
+def _answered_again(flows: Flows, since: list[dict[str, Any]], answers: int = ANSWERS_AFTER) -> bool:
+    """Every connection alive now has had `answers` more answers than in `since`."""
+    now = flows.results()
+    return all(n["error"] is not None or n["requests"] >= s["requests"] + answers
+               for n, s in zip(now, since, strict=True))
+
+
+def _announced(lab: Lab, by: set[str], timeout: float = 30) -> None:
+    want = {a for a, lb in UPLINKS.items() if lb in by}
+    wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == want, timeout, 0.02, f"{VIP} via {sorted(by)}")
+
+
+def _exabgp_pid(lab: Lab, lb: str) -> int | None:
+    """The ExaBGP process lb's agent runs (its child)."""
+    agent = lab.agent_pid(lb)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent and b"exabgp" in cmdline:
+            return int(proc.name)
+    return None
+
+
+def run_events(lab: Lab, events: dict[str, Callable[[], None]], fresh: bool = False) -> list[Row]:
+    """Each event with the same connections (`fresh`: new ones for each event, when the earlier events ended some)."""
+    flows = Flows(lab)
+    rows = []
+    for n, (name, do) in enumerate(events.items()):
+        if fresh and n:
+            flows.stop()
+            flows = Flows(lab, 41000 + 100 * n)
+        before, routes_before, began = flows.results(), _routes(lab, flows), time.time()
+        do()
+        wait_for(lambda flows=flows, before=before: _answered_again(flows, before), 60, 0.1,
+                 f"the connections after {name!r}")
+        after, routes_after = flows.results(), _routes(lab, flows)
+        alive = [i for i, r in enumerate(before) if r["error"] is None]
+        survived = [i for i in alive if after[i]["error"] is None and len(after[i]["nodes"]) == 1]
+        # moved: the router sent it elsewhere; in a BGP flap, lb1's connections went to lb2 and came back
+        moved = [i for i in alive if routes_before[i] != routes_after[i]
+                 or (name in FLAPS and routes_before[i] == "lb1")]
+        stall = max((s[1] for i in survived for s in after[i]["stalls"] if s[0] >= began), default=0.0)
+        rows.append(Row(name, len(alive), len(survived), len(moved), len(set(moved) & set(survived)), stall))
+    flows.stop()
+    return rows
+
+
+def lb1_events(lab: Lab) -> dict[str, Callable[[], None]]:
+    def node_lost() -> None:
+        lab.set_links("lb1", False)
+        _announced(lab, {"lb2"})
+
+    def comes_back() -> None:
+        lab.set_links("lb1", True)
+        _announced(lab, {"lb1", "lb2"})
+
+    def sigterm() -> None:
+        lab.stop_agent("lb1")
+        _announced(lab, {"lb2"})
+
+    def restarted() -> None:
+        lab.start_agent("lb1")
+        _announced(lab, {"lb1", "lb2"})
+
+    def exabgp_killed() -> None:
+        pid = wait_for(lambda: _exabgp_pid(lab, "lb1"), 10, message="lb1's ExaBGP")
+        lab.exec("lb1", ["kill", "-KILL", str(pid)])
+        wait_for(lambda: _exabgp_pid(lab, "lb1") not in (None, pid), 30, message="a new ExaBGP on lb1")
+        _announced(lab, {"lb1", "lb2"})
+
+    def sighup_bgp() -> None:
+        pid = _exabgp_pid(lab, "lb1")
+        config = lab.agent_config("lb1")
+        config["bgp"]["peers"][0]["holdTime"] = 4
+        lab.write_agent_config("lb1", config)
+        lab.signal_agent("lb1", signal.SIGHUP)
+        wait_for(lambda: _exabgp_pid(lab, "lb1") not in (None, pid), 30, message="ExaBGP restarted on lb1")
+        _announced(lab, {"lb1", "lb2"})
+
+    return dict(zip(EVENTS, (node_lost, comes_back, sigterm, restarted, exabgp_killed, sighup_bgp), strict=True))
+
+
+def _lab(lab_factory: Callable[..., Lab], mode: str, kind: str) -> Lab:
+    services = [{"name": "web", "vip": VIP, "forwardingMode": mode,
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}]
+    lab = lab_factory(services=services, start_agents=False)
+    for lb in ("lb1", "lb2"):
+        config = lab.default_agent_config(lb)
+        config["dataplane"]["kind"] = kind
+        if mode == "dsr":
+            config["dataplane"]["dsrInterfaces"] = ["uplink"]
+        lab.write_agent_config(lb, config)
+        lab.start_agent(lb)
+    _announced(lab, {"lb1", "lb2"})
+    return lab
+
+
+def _print(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}")
+    for row in rows:
+        print(f"  {row}")
+
+
+@pytest.fixture
+def matrix(lab_factory: Callable[..., Lab]) -> Iterator[Callable[[str, str], list[Row]]]:
+    def run(mode: str, kind: str) -> list[Row]:
+        lab = _lab(lab_factory, mode, kind)
+        rows = run_events(lab, lb1_events(lab), fresh=mode == "masquerade")
+        _print(f"forwardingMode {mode}, dataplane {kind}: {COUNT} connections, a request every 100 ms", rows)
+        return rows
+
+    yield run
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("nat", "nftables"), ("nat", "iptables"), ("dsr", "nftables")])
+def test_every_connection_survives_every_event(matrix: Callable[[str, str], list[Row]], mode: str,
+                                               kind: str) -> None:
+    rows = matrix(mode, kind)
+    assert [r.event for r in rows] == list(EVENTS)
+    for row in rows:
+        assert row.alive == COUNT and row.survived == COUNT, row
+    # the events did move connections between the LBs (else this would prove nothing)
+    assert all(rows[i].moved > 0 for i in (0, 1, 2, 3)), rows
+
+
+def test_masquerade_keeps_only_the_connections_that_stay_on_their_lb(matrix: Callable[[str, str], list[Row]]) -> None:
+    """The node sees the LB's address as the client's: a connection the router moves to the other LB arrives at the
+    node from another address, and the node answers it with a reset. The ones that stay where they are survive."""
+    rows = matrix("masquerade", "nftables")
+    for row in rows:
+        assert row.alive == COUNT and row.moved_survived == 0, row
+    for row in rows[:4]:  # exactly the connections the router moves (unplugged or withdrawn, and back) are lost
+        assert row.moved > 0 and row.survived == row.alive - row.moved, row
