@@ -11,6 +11,7 @@ first request. The table is printed (pytest -s); the asserts are the documented 
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -126,8 +127,7 @@ def run_events(lab: Lab, events: dict[str, Callable[[], None]], fresh: bool = Fa
             flows = Flows(lab, 41000 + 100 * n)
         before, routes_before, began = flows.results(), _routes(lab, flows), time.time()
         do()
-        wait_for(lambda flows=flows, before=before: _answered_again(flows, before), 60, 0.1,
-                 f"the connections after {name!r}")
+        wait_for(functools.partial(_answered_again, flows, before), 60, 0.1, f"the connections after {name!r}")
         after, routes_after = flows.results(), _routes(lab, flows)
         alive = [i for i, r in enumerate(before) if r["error"] is None]
         survived = [i for i in alive if after[i]["error"] is None and len(after[i]["nodes"]) == 1]
