@@ -26,10 +26,13 @@ class TrafficPolicy(StrEnum):
 
 
 class ForwardingMode(StrEnum):
-    """How the client's address reaches the node: hidden behind the LB's (masquerade) or kept (nat)."""
+    """How a VIP's packets reach the node: the client's address hidden behind the LB's (masquerade) or kept (nat),
+    or not rewritten at all (dsr: the LB only puts the node's MAC address on the packet, the node's kube-proxy takes
+    the VIP, and the answers go from the node to the client without the LB)."""
 
     MASQUERADE = "masquerade"
     NAT = "nat"
+    DSR = "dsr"
 
 
 class DataplaneKind(StrEnum):
@@ -164,6 +167,7 @@ class Dataplane:
     manage_sysctls: bool = True
     maglev_table_size: int = 1021  # prime; slots per Maglev lookup table
     iptables_variant: str = "nft"  # which iptables: "nft" (iptables-nft) or "legacy" (iptables-legacy)
+    dsr_interfaces: tuple[str, ...] = ()  # where the routers' VIP traffic comes in: dsr frontends are hooked there
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -159,7 +160,8 @@ def lb1_events(lab: Lab) -> dict[str, Callable[[], None]]:
 
     def exabgp_killed() -> None:
         pid = wait_for(lambda: _exabgp_pid(lab, "lb1"), 10, message="lb1's ExaBGP")
-        lab.exec("lb1", ["kill", "-KILL", str(pid)])
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
         wait_for(lambda: _exabgp_pid(lab, "lb1") not in (None, pid), 30, message="a new ExaBGP on lb1")
         _announced(lab, {"lb1", "lb2"})
 

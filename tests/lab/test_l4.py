@@ -3,6 +3,7 @@ dual stack, UDP. The per-data-plane packet behaviour is in tests/dataplane/."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -140,3 +141,35 @@ def test_udp_flows_move_off_a_node_that_left(lab_factory: Callable[..., Lab]) ->
 
     wait_for(moved, timeout=5, message="the client's UDP flow to move to a node in rotation")
     assert "event=udp_flows_cleared" in lab.agent_log("lb1") + lab.agent_log("lb2")
+
+
+def _rx_bytes(lab: Lab, host: str, ifname: str) -> int:
+    out = json.loads(lab.exec(host, ["ip", "-j", "-s", "link", "show", "dev", ifname]).stdout)
+    return int(out[0]["stats64"]["rx"]["bytes"])
+
+
+def test_dsr_keeps_the_client_address_and_the_answers_bypass_the_lbs(lab_factory: Callable[..., Lab]) -> None:
+    """forwardingMode dsr: the node sees the client itself, answers it through the router (not through an LB), and
+    the LBs keep no connection state for it."""
+    lab = lab_factory(services=[_service("web", "192.0.2.10", 30080, forwardingMode="dsr")], start_agents=False)
+    for lb in LBS:
+        config = lab.default_agent_config(lb)
+        config["dataplane"]["dsrInterfaces"] = ["uplink"]
+        lab.write_agent_config(lb, config)
+        lab.start_agent(lb)
+    _announced(lab, "192.0.2.10/32")
+    path = "/" + "x" * 20000  # echoed in each answer: 20 KB that the answers carry
+    counters = [(h, i) for h in (*LBS, "router") for i in ("cluster",)]
+    before = {c: _rx_bytes(lab, *c) for c in counters}
+    answers = [lab.request(f"http://192.0.2.10{path}", local_port=42000 + i) for i in range(20)]
+    after = {c: _rx_bytes(lab, *c) for c in counters}
+    assert all(a is not None and a["path"] == path for a in answers)
+    assert {a["client"].rsplit(":", 1)[0] for a in answers if a} == {CLIENT}
+    assert len({a["node"] for a in answers if a}) >= 2
+    answered = 20 * len(path)
+    # every answer came in at the router's leg on the nodes' segment; next to nothing reached an LB's
+    assert after[("router", "cluster")] - before[("router", "cluster")] >= answered
+    for lb in LBS:
+        assert after[(lb, "cluster")] - before[(lb, "cluster")] < answered // 20, lb
+        assert lab.exec(lb, ["conntrack", "-L", "-d", "192.0.2.10"], check=False).stdout.strip() == "", lb
+        assert "fwd ip to" in lab.exec(lb, ["nft", "list", "table", "netdev", "lbagent"]).stdout

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import ip_address
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, run_nft
+from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
@@ -16,14 +21,33 @@ from lbagent.plan.services import Frontend
 log = logging.getLogger("lbagent.dataplane")
 
 
+def on_link_paths(addresses: Iterable[str], interfaces: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """The kernel's answer, for each address, to "which interface reaches it on-link (no gateway)?"; and which of
+    `interfaces` exist. Blocking netlink calls: run in a thread."""
+    paths: dict[str, str] = {}
+    with IPRoute() as ipr:
+        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
+        for address in addresses:
+            try:
+                route = ipr.route("get", dst=address)[0]
+            except (NetlinkError, OSError):  # no route: not reachable, which is what is asked
+                continue
+            if route.get_attr("RTA_GATEWAY") is None and route.get_attr("RTA_OIF") in names:
+                paths[address] = names[route.get_attr("RTA_OIF")]
+    return paths, [i for i in interfaces if i in names.values()]
+
+
 class NftForwarder:
-    """Owns one `table inet <name>`: sends only what changed, and the whole table on a resync or a refusal."""
+    """Owns `table inet <name>` (sends only what changed, and the whole table on a resync or a refusal) and, for
+    direct server return, `table netdev <name>` (lbagent.l4.nftables.dsr: small, replaced whole when it changes)."""
 
     kind = model.DataplaneKind.NFTABLES
 
     def __init__(self, dataplane: model.Dataplane) -> None:
         self.dataplane = dataplane
         self.applied: Ruleset | None = None  # what the kernel's table holds; None: unknown, write it whole
+        self.dsr_applied: str | None = None  # the netdev table's text in the kernel ("": none); None: unknown
+        self._dsr_reported: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
@@ -31,6 +55,39 @@ class NftForwarder:
     ) -> str:
         """`change`: the only services that changed since the last apply (their health), before and after: then
         the ruleset is updated in place and only their elements go to the kernel."""
+        how = await self._apply_inet(frontends, vips, force, change)
+        await self._apply_dsr(frontends, force)
+        return how
+
+    async def _apply_dsr(self, frontends: Sequence[Frontend], force: bool) -> None:
+        wanted = dsr.dsr_frontends(frontends)
+        if not wanted and self.dsr_applied == "":
+            return  # none wanted, none there (the first apply removed any a previous run left)
+        addresses = {str(b.address) for f in wanted for b in f.active}
+        paths, interfaces = await asyncio.to_thread(on_link_paths, addresses, self.dataplane.dsr_interfaces)
+        plan = dsr.build(self.dataplane.table, wanted, self.dataplane.maglev_table_size, interfaces, paths)
+        missing = frozenset(self.dataplane.dsr_interfaces) - set(interfaces) if wanted else frozenset()
+        unreachable = frozenset(f"{node} {address}" for address, node in plan.unreachable.items())
+        if (missing, unreachable) != self._dsr_reported:
+            self._dsr_reported = (missing, unreachable)
+            if missing:
+                event(log, logging.ERROR, "dsr_interface_missing", interfaces=",".join(sorted(missing)),
+                      error="dataplane.dsrInterfaces names interfaces this host does not have: dsr traffic that "
+                            "comes in there is NATed instead")
+            if unreachable:
+                event(log, logging.ERROR, "dsr_node_not_on_link", nodes=",".join(sorted(unreachable)),
+                      error="direct server return reaches only nodes on this host's segments: left out of dsr "
+                            "frontends (route them without a gateway, or use nat)")
+        if plan.text == self.dsr_applied and not force:
+            return
+        await self._run(plan.text or dsr.render_delete(self.dataplane.table))
+        self.dsr_applied = plan.text
+        event(log, logging.INFO, "dataplane_applied", kind="nftables", how="dsr", frontends=plan.frontends)
+
+    async def _apply_inet(
+        self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool,
+        change: FrontendChange | None,
+    ) -> str:
         if change is not None and not force and self.applied is not None:
             script = update(self.applied, change)
             if not script:
@@ -48,7 +105,7 @@ class NftForwarder:
         return await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
 
     def nft_tables(self) -> set[tuple[str, str]]:
-        return {("inet", self.dataplane.table)}
+        return {("inet", self.dataplane.table), ("netdev", self.dataplane.table)}
 
     def programmed(self) -> set[model.IPAddress]:
         if self.applied is None:
@@ -56,8 +113,9 @@ class NftForwarder:
         return {ip_address(key[0]) for by_family in self.applied.dispatch.values() for key in by_family}
 
     async def cleanup(self) -> None:
-        await self._run(render_delete(self.dataplane))
+        await self._run(render_delete(self.dataplane) + dsr.render_delete(self.dataplane.table))
         self.applied = None
+        self.dsr_applied = None
 
     async def _run(self, script: str) -> None:
         """The one place this forwarder touches the kernel."""

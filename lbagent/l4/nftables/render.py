@@ -59,10 +59,10 @@ def _key(f: Frontend) -> FrontendKey:
 
 def lookup_table(frontend: Frontend, size: int) -> LookupTable:
     """The Maglev table of a frontend's active backends, named by its content so equal tables are shared."""
-    return _lookup_table(frontend.active, frontend.vip.version, size)
+    return maglev_table(frontend.active, frontend.vip.version, size)
 
 
-def _lookup_table(active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
+def maglev_table(active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
     order = maglev.table([(b.node, b.weight) for b in active], size)
     slots = tuple(str(active[i].address) for i in order)
     digest = hashlib.blake2b(repr((size, [(b.node, str(b.address), b.weight) for b in active])).encode(),
@@ -94,7 +94,7 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     identity = tuple((b.node, b.address, b.weight) for b in active)
     table = tables.get(identity)
     if table is None:
-        table = tables[identity] = _lookup_table(active, v, rs.size)
+        table = tables[identity] = maglev_table(active, v, rs.size)
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
     chain = table.name + ("_c" if by_client else "")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, ValidationError, model_validator
 
 from lbagent import model, routing, tls
 from lbagent.files import read_file
@@ -74,7 +74,9 @@ class DataplaneSection(Strict):
     table: str = Field("lbagent", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,30}$")
     masquerade_mark: int = Field(0x00200000, alias="masqueradeMark", ge=1, le=0xFFFFFFFF)
     manage_sysctls: bool = Field(True, alias="manageSysctls")
-    forwarding_mode: Literal["masquerade", "nat"] = Field("masquerade", alias="forwardingMode")
+    forwarding_mode: Literal["masquerade", "nat", "dsr"] = Field("masquerade", alias="forwardingMode")
+    dsr_interfaces: list[Annotated[str, StringConstraints(pattern=r"^[^\s/]{1,15}$")]] = Field(
+        [], alias="dsrInterfaces", max_length=64)
     maglev_table_size: int = Field(1021, alias="maglevTableSize", ge=7, le=65521)
     iptables_variant: Literal["nft", "legacy"] = Field("nft", alias="iptablesVariant")
 
@@ -134,7 +136,7 @@ class ServiceEntry(Strict):
     ports: list[PortEntry] = Field(min_length=1)
     health_check: HealthCheckSection = Field(default_factory=HealthCheckSection, alias="healthCheck")
     bgp: ServiceBgpEntry = Field(default_factory=ServiceBgpEntry)
-    forwarding_mode: Literal["masquerade", "nat"] | None = Field(None, alias="forwardingMode")
+    forwarding_mode: Literal["masquerade", "nat", "dsr"] | None = Field(None, alias="forwardingMode")
     session_affinity: Literal["None", "ClientIP"] = Field("None", alias="sessionAffinity")
     session_affinity_config: SessionAffinityConfig = Field(
         default_factory=SessionAffinityConfig, alias="sessionAffinityConfig"
@@ -443,6 +445,25 @@ HAPROXY_SOCKETS = ("haproxy/master.sock", "haproxy/api.sock")
 HAPROXY_SOCKET_TMP_SUFFIX = 24
 
 
+def _dsr_checks(config: ConfigFile) -> Iterable[Problem]:
+    """Direct server return: only where the data plane can forward a packet by MAC address without state, and
+    with the interfaces the routers' traffic comes in on."""
+    users = [(f"services[{i}].forwardingMode", s.name) for i, s in enumerate(config.services)
+             if (s.forwarding_mode or config.dataplane.forwarding_mode) == "dsr"]
+    if config.dataplane.forwarding_mode == "dsr":
+        users.insert(0, ("dataplane.forwardingMode", "dsr"))
+    if not users:
+        return
+    field, _ = users[0]
+    if config.dataplane.kind != "nftables":
+        why = ("iptables cannot send a packet to another host's MAC address without rewriting it or keeping state"
+               if config.dataplane.kind == "iptables" else "IPVS's direct routing is not built into lbagent yet")
+        yield Problem(field, "dsr", f"needs dataplane.kind nftables (here {config.dataplane.kind}: {why})")
+    if not config.dataplane.dsr_interfaces:
+        yield Problem("dataplane.dsrInterfaces", "[]",
+                      f"{field} is dsr: name the interfaces the routers send the VIPs' traffic in on (e.g. [eth0])")
+
+
 def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
     """Checks no single field can make: uniqueness, families, addresses that clash, features not built yet."""
     if not config.agent.runtime_dir.startswith("/"):
@@ -466,6 +487,7 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
         yield Problem("nodes", "[]", "at least one node, unless the `kubernetes` section gives them")
     if config.kubernetes is not None:
         yield from _kubernetes_checks(config, config.kubernetes)
+    yield from _dsr_checks(config)
     own: dict[str, str] = {str(config.bgp.router_id): "bgp.routerID"}
     seen_peers: dict[str, int] = {}
     for i, peer in enumerate(config.bgp.peers):
@@ -724,6 +746,7 @@ def _to_model(config: ConfigFile) -> model.Model:
             manage_sysctls=config.dataplane.manage_sysctls,
             maglev_table_size=config.dataplane.maglev_table_size,
             iptables_variant=config.dataplane.iptables_variant,
+            dsr_interfaces=tuple(config.dataplane.dsr_interfaces),
         ),
         agent=model.Agent(
             drain_seconds=config.agent.drain_seconds,

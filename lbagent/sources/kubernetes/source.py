@@ -49,6 +49,7 @@ from lbagent.sources.kubernetes.writer import (
     apply_ingress_status,
     apply_status,
     holds_status,
+    ip_mode,
     problem_message,
     with_transitions,
     without_transitions,
@@ -601,6 +602,7 @@ class KubernetesSource:
                     {"type": "IPAddress", "value": str(a)} for a in result.addresses.get(key, ())]}}
                 for key, g in gateways.items()}})
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+        mode = ip_mode(base.kubernetes.forwarding_mode)
 
         async def put(key: str, obj: Obj, wanted: tuple[str, ...] | None) -> bool:
             """Apply the status (None: give back what lbagent holds); whether it was written now."""
@@ -609,7 +611,8 @@ class KubernetesSource:
             if self._written.get(key) == done:
                 return False  # written from this very version already: the watch has not brought our write back yet
             async with limit:
-                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted)
+                error = await apply_status(self._core, str(meta.get("namespace")), str(meta.get("name")), wanted,
+                                           mode)
             if error is not None:
                 event(log, logging.WARNING, "kubernetes_status_failed", service=key, error=error)
                 return False
@@ -623,7 +626,7 @@ class KubernetesSource:
             have = tuple(translate.status_ips(obj))
             modes = [e.get("ipMode") for e in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")
                      or []]
-            if wanted == have and all(m == "Proxy" for m in modes):
+            if wanted == have and all(m == mode for m in modes):
                 return
             if not await put(key, obj, wanted):
                 return

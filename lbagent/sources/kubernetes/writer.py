@@ -13,6 +13,8 @@ Status is written by server-side apply on the status subresource with lbagent's 
 another writer over resourceVersion and removes only what lbagent wrote. `ipMode: Proxy`: lbagent delivers to the
 nodes' nodePorts with the destination rewritten (DNAT), which is what Proxy means; with `VIP` kube-proxy would take
 the address itself on every node and in-cluster clients would bypass the LB, its source ranges and its policy.
+With forwardingMode dsr the packet reaches the node still addressed to the VIP, and only kube-proxy's rules for the
+address take it: that is `ipMode: VIP`, written then.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from lbagent import model
 from lbagent.logfmt import event
 from lbagent.sources import Problem
 
@@ -179,10 +182,15 @@ class Lease:
                 return
 
 
-def status_body(namespace: str, name: str, addresses: tuple[str, ...]) -> dict[str, Any]:
-    """The server-side apply of a Service's status: lbagent's addresses with ipMode Proxy (the module says why)."""
+def ip_mode(mode: model.ForwardingMode) -> str:
+    """The Service status's ipMode for lbagent's forwarding mode (the module says why)."""
+    return "VIP" if mode is model.ForwardingMode.DSR else "Proxy"
+
+
+def status_body(namespace: str, name: str, addresses: tuple[str, ...], mode: str = "Proxy") -> dict[str, Any]:
+    """The server-side apply of a Service's status: lbagent's addresses with their ipMode."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
-            "status": {"loadBalancer": {"ingress": [{"ip": a, "ipMode": "Proxy"} for a in addresses]}}}
+            "status": {"loadBalancer": {"ingress": [{"ip": a, "ipMode": mode} for a in addresses]}}}
 
 
 class Recorder:
@@ -239,10 +247,11 @@ class Recorder:
             del self._sent[key]
 
 
-async def apply_status(core: Any, namespace: str, name: str, addresses: tuple[str, ...] | None) -> str | None:
+async def apply_status(core: Any, namespace: str, name: str, addresses: tuple[str, ...] | None,
+                       mode: str = "Proxy") -> str | None:
     """Server-side apply of the Service's status; an error's text, or None. `addresses` None: give up every status
     field lbagent holds (the Service is no longer lbagent's), so the API server removes them."""
-    body = status_body(namespace, name, addresses) if addresses is not None else \
+    body = status_body(namespace, name, addresses, mode) if addresses is not None else \
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}}
     status, answer = await _json(await core.patch_namespaced_service_status(
         name, namespace, body, field_manager=FIELD_MANAGER, force=True,

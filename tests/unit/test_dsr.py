@@ -1,0 +1,119 @@
+"""Direct server return: what the config accepts, the netdev table (checked by the real nft), the node each flow
+goes to (the inet table's choice), and the ipMode the Kubernetes source writes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from ipaddress import ip_address, ip_network
+
+import pytest
+import yaml
+
+from lbagent import model
+from lbagent.l4.nftables import dsr
+from lbagent.l4.nftables import render as nftables
+from lbagent.plan.services import Backend, Frontend
+from lbagent.sources.file import config
+from lbagent.sources.kubernetes.writer import ip_mode, status_body
+from tests.unit.test_config import MINIMAL, problems
+
+NODES = {"node1": "203.0.113.11", "node2": "203.0.113.12", "node3": "203.0.113.13"}
+
+
+def _frontend(mode: model.ForwardingMode = model.ForwardingMode.DSR, **extra: object) -> Frontend:
+    backends = tuple(Backend(n, ip_address(a), 30080) for n, a in NODES.items())
+    return Frontend("default/web", "http", ip_address("192.0.2.10"), model.Protocol.TCP, 80, backends, mode,
+                    **extra)  # type: ignore[arg-type]
+
+
+def _doc(**dataplane: object) -> str:
+    doc = yaml.safe_load(MINIMAL)
+    doc["dataplane"] = dataplane
+    return yaml.safe_dump(doc)
+
+
+def test_config_takes_dsr_on_nftables_with_its_interfaces() -> None:
+    m = config.parse(_doc(forwardingMode="dsr", dsrInterfaces=["eth0"]))
+    assert m.service("default/web").forwarding_mode is model.ForwardingMode.DSR
+    assert m.dataplane.dsr_interfaces == ("eth0",)
+
+
+@pytest.mark.parametrize(("dataplane", "field", "message"), [
+    ({"forwardingMode": "dsr"}, "dataplane.dsrInterfaces", "name the interfaces the routers send"),
+    ({"forwardingMode": "dsr", "dsrInterfaces": ["eth0"], "kind": "iptables"}, "dataplane.forwardingMode",
+     "needs dataplane.kind nftables (here iptables: iptables cannot send a packet to another host's MAC"),
+])
+def test_config_refuses_dsr_where_it_cannot_work(dataplane: dict[str, object], field: str, message: str) -> None:
+    found = problems(_doc(**dataplane))
+    assert any(p.path == field and message in p.message for p in found), found
+
+
+def test_a_services_own_dsr_is_checked_too() -> None:
+    doc = yaml.safe_load(MINIMAL)
+    doc["services"][0]["forwardingMode"] = "dsr"
+    found = problems(yaml.safe_dump(doc))
+    assert [(p.path, p.value) for p in found] == [("dataplane.dsrInterfaces", "[]")], found
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace (its `lo` is the one interface the table can hook)."""
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        pytest.fail("ip and nft are needed: `make test` installs them (iproute2, nftables)")
+    name = f"lbagent-dsr-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_netdev_table_is_accepted_by_nft(netns: str) -> None:
+    frontends = [_frontend(), replace(_frontend(affinity_timeout=60, source_ranges=(ip_network("198.51.100.0/24"),)),
+                                      port=443)]
+    plan = dsr.build("lbagent", frontends, 1021, ["lo"], {a: "lo" for a in NODES.values()})
+    assert plan.frontends == 2 and not plan.unreachable
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=plan.text, text=True, check=True)
+    listed = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "netdev", "lbagent"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "meta pkttype != host accept" in listed and "fwd ip to jhash ip saddr . tcp sport mod 1021" in listed
+    assert "192.0.2.10 . tcp . 443 . 198.51.100.0/24" in listed
+    # replaced whole, and removed
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=plan.text, text=True, check=True)
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=dsr.render_delete("lbagent"), text=True,
+                   check=True)
+
+
+def test_every_lb_picks_the_node_nat_would_pick() -> None:
+    """The dsr lookup table is the inet table's for the same nodes: a flow's node does not depend on the mode or
+    on which LB the router sends it to."""
+    f = _frontend()
+    plan = dsr.build("lbagent", [f], 1021, ["eth1"], {a: "eth1" for a in NODES.values()})
+    table = nftables.lookup_table(f, 1021)
+    assert f"map {table.name} {{" in plan.text
+    assert ", ".join(f"{i} : {a}" for i, a in enumerate(table.slots)) in plan.text
+
+
+def test_nodes_not_on_link_are_left_out_and_named() -> None:
+    paths = {NODES["node1"]: "eth1", NODES["node2"]: "eth1"}
+    plan = dsr.build("lbagent", [_frontend()], 1021, ["eth1"], paths)
+    assert plan.unreachable == {NODES["node3"]: "node3"}
+    assert NODES["node3"] not in plan.text and NODES["node1"] in plan.text
+    # none reachable, or no interface to hook: nothing programmed (the VIP's packets stay with the inet table)
+    assert dsr.build("lbagent", [_frontend()], 1021, ["eth1"], {}).text == ""
+    assert dsr.build("lbagent", [_frontend()], 1021, [], paths).text == ""
+
+
+def test_other_modes_are_not_in_the_netdev_table() -> None:
+    assert dsr.dsr_frontends([_frontend(model.ForwardingMode.NAT), _frontend()]) == [_frontend()]
+
+
+def test_kubernetes_status_says_vip_for_dsr() -> None:
+    assert ip_mode(model.ForwardingMode.DSR) == "VIP"
+    assert ip_mode(model.ForwardingMode.NAT) == ip_mode(model.ForwardingMode.MASQUERADE) == "Proxy"
+    body = status_body("default", "web", ("192.0.2.10",), "VIP")
+    assert body["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.10", "ipMode": "VIP"}]
