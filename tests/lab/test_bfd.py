@@ -154,7 +154,7 @@ def test_a_bfd_flap_that_is_no_node_loss_withdraws_nothing_it_should_not(bird_la
     lab = bird_lab
     _both_paths(lab)
     _wait_bfd_everywhere(lab)
-    old = wait_for(lambda: _bfdd_pid(lab, "lb1"), 10, 0.1, "lb1's bfdd")
+    old: int = wait_for(lambda: _bfdd_pid(lab, "lb1") or 0, 10, 0.1, "lb1's bfdd")
     os.kill(old, signal.SIGKILL)
 
     def back() -> bool:
