@@ -15,8 +15,15 @@ BENCH_PACKAGES := $(call packages_for,bench)
 all: test
 
 # apt-get runs only when a package is missing, so repeated runs cost nothing.
+# Debian's frr package (bfdd for BFD, bgpd and zebra for the BFD interop test) enables frr.service on install: when
+# this install brings it, the service is disabled again. lbagent and the tests run their own FRR daemons on their
+# own sockets and need none of it (in CI's fresh root nothing starts it anyway).
 apt-deps:
-	@$(call apt_install,$(APT_PACKAGES))
+	@frr_before=$$(dpkg-query -W -f='$${Status}' frr 2>/dev/null || true); \
+	$(call apt_install,$(APT_PACKAGES)); \
+	if [ "$$frr_before" != "install ok installed" ] && [ -d /run/systemd/system ]; then \
+	  systemctl disable --now frr.service >/dev/null 2>&1 || true; \
+	fi
 
 # apt_install(PACKAGES): install the missing ones (apt-get update first), say which; quiet when all are there.
 define apt_install

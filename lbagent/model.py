@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -136,6 +136,17 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Bfd:
+    """BFD (RFC 5880) on a BGP peer's session, spoken by the bfdd lbagent runs (lbagent.l3.bfd): the router drops
+    this node's paths once `detect_multiplier` packets in a row are missing, instead of after the BGP hold time.
+    Intervals in milliseconds; each side's negotiated rate is the slower of what it sends and the other accepts."""
+
+    receive_interval: int = 300  # the fastest rate this node accepts the peer's packets at (required min RX)
+    transmit_interval: int = 300  # the fastest rate this node would send at (desired min TX)
+    detect_multiplier: int = 3
+
+
+@dataclass(frozen=True)
 class Peer:
     """A BGP router this LB node announces VIPs to."""
 
@@ -146,6 +157,7 @@ class Peer:
     multihop: int | None = None
     local_address: IPAddress | None = None
     port: int = 179
+    bfd: Bfd | None = None  # None: no BFD for this session
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,15 @@ class Bgp:
     peers: tuple[Peer, ...]
     graceful_restart: int | None = None
     exabgp: str = "exabgp"
+
+    def without_bfd(self) -> Bgp:
+        """These settings with BFD left out: what ExaBGP is told (BFD changes must not restart its sessions)."""
+        return replace(self, peers=tuple(replace(peer, bfd=None) for peer in self.peers))
+
+    @property
+    def bfd_peers(self) -> tuple[Peer, ...]:
+        """The peers whose session has BFD."""
+        return tuple(peer for peer in self.peers if peer.bfd is not None)
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,18 @@ done
 prefix=/opt/lbagent
 if [ "$packages" = yes ]; then
   apt-get update -qq
+  # FRR is here for the bfdd lbagent runs itself (BFD); its package enables frr.service (zebra, staticd) on install.
+  # When this install brings FRR, that service is disabled again: lbagent needs none of its daemons. A site that
+  # had FRR before keeps its service as it was (lbagent's bfdd uses its own sockets under agent.runtimeDir).
+  frr_before=$(dpkg-query -W -f='${Status}' frr 2>/dev/null || true)
   # shellcheck disable=SC2046 # one word per package
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(agent_packages)
   # lbagent starts and reloads its own HAProxy; the distribution's instance would only compete for ports.
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now haproxy.service >/dev/null 2>&1 || true
+    if [ "$frr_before" != "install ok installed" ]; then
+      systemctl disable --now frr.service >/dev/null 2>&1 || true
+    fi
   fi
 fi
 

@@ -11,12 +11,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "deps" / "programs.txt"
 VENV_BIN = REPO / ".venv" / "bin"
-# Where a program may be: the virtualenv's scripts, then root's PATH on Debian (tests may run with a user's PATH).
+# Where a program may be: the virtualenv's scripts, then root's PATH on Debian (tests may run with a user's PATH),
+# then where Debian's frr package puts FRR's daemons (bfdd, bgpd, zebra: never on PATH).
+FRR_DAEMONS = "/usr/lib/frr"
 SEARCH_PATH = os.pathsep.join(
     [str(VENV_BIN), os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
-     "/sbin", "/bin"]
+     "/sbin", "/bin", FRR_DAEMONS]
 )
-SYSTEM_PATH = os.pathsep.join(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+SYSTEM_PATH = os.pathsep.join(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin",
+                               FRR_DAEMONS])
 USES = frozenset({"agent", "test", "bench"})
 
 

@@ -25,6 +25,7 @@ from lbagent.agent.status import SOCKET_NAME, StatusServer
 from lbagent.agent.vips import VipReconciler
 from lbagent.files import UnsafePath, prepare_runtime_dir
 from lbagent.health import HealthChecker, Prober, probe
+from lbagent.l3.bfd import BfdSpeaker, BfdUnavailable
 from lbagent.l3.speaker import BgpSpeaker, ExaBgpSpeaker
 from lbagent.l3.vips import VipBinder, apply_sysctls
 from lbagent.l4.forwarder import Forwarder, make_forwarder
@@ -84,6 +85,10 @@ def _default_speaker(bgp: model.Bgp, runtime_dir: str, on_change: Callable[[], N
     return ExaBgpSpeaker(bgp, runtime_dir, on_change)
 
 
+def _default_bfd(bgp: model.Bgp, runtime_dir: str) -> BfdSpeaker:
+    return BfdSpeaker(bgp, runtime_dir)
+
+
 def _default_proxy(proxy: model.Proxy, runtime_dir: str, on_change: Callable[[], None]) -> ProxyLayer:
     return HaproxyProcess(proxy.haproxy, runtime_dir, on_change)
 
@@ -107,6 +112,7 @@ class Agent:
         notifier: Notifier | None = None,
         proxy_factory: ProxyFactory = _default_proxy,
         watch_drift: bool = True,
+        bfd_factory: Callable[[model.Bgp, str], BfdSpeaker] = _default_bfd,
     ) -> None:
         self.source = source  # where the model comes from: the agent does not know which source it is
         self.model = initial
@@ -121,6 +127,9 @@ class Agent:
                                   self.bgp.speaker.announced)
         self.dataplane = DataplaneReconciler(self, a, self.metrics, forwarder or make_forwarder(initial.dataplane))
         self.proxy = ProxyReconciler(self, a, self.metrics, self.health, proxy_factory)
+        # BFD for the BGP sessions (bfdd): the routers' business, nothing the agent decides on.
+        self.bfd = bfd_factory(initial.bgp, a.runtime_dir)
+        self._bfd_restarts = 0
         # Who reads whose state: a change marks the readers dirty. A VIP is announced only once it is bound and
         # forwarded (or served by HAProxy), and unbound only once it is withdrawn.
         self.vips.readers, self.dataplane.readers, self.proxy.readers = [self.bgp], [self.bgp], [self.bgp]
@@ -198,6 +207,7 @@ class Agent:
             "source": self.source.status(),
             "dataplane": self.model.dataplane.kind.value, "draining": self.draining,
             "peers": dict(speaker.peers()),
+            "bfd": {peer: session.as_dict() for peer, session in sorted(self.bfd.sessions().items())},
             "vips": [{"prefix": model.host_prefix(v), "announced": model.host_prefix(v) in announced,
                       "bound": v in self.vips.bound} for v in p.vips],
             "services": [
@@ -242,12 +252,21 @@ class Agent:
         if not await self._start_source():
             await status.stop()
             return 1
+        try:
+            self.bfd.check(self.model.bgp)
+        except BfdUnavailable as exc:
+            event(log, logging.ERROR, "bfd_unavailable", error=str(exc))
+            await self.source.close()
+            await status.stop()
+            return 1
         event(log, logging.INFO, "agent_starting", node=self.model.node_name, config=self.source.name,
               config_hash=self.model.digest(), services=len(self.model.services), nodes=len(self.model.nodes))
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         self.health.update(self.model)
         self.health.start()
         await self._first_snapshot()
+        await self.bfd.start()
+        self._spawn(self._supervise("bfd poller", self._watch_bfd), "bfd poller")
         await self.bgp.speaker.start()
         for r in self.reconcilers:
             self._spawn(self._supervise(f"runner {r.name}", r.runner.run_forever), f"runner {r.name}")
@@ -337,6 +356,16 @@ class Agent:
         for task in waits:
             task.cancel()
 
+    async def _watch_bfd(self) -> None:
+        """Read bfdd's sessions and export them."""
+        while True:
+            await self.bfd.poll()
+            self.metrics.bfd(self.bfd.sessions(), self.bfd.transitions)
+            if self.bfd.restarts > self._bfd_restarts:
+                self.metrics.process_restarts.labels("bfdd").inc(self.bfd.restarts - self._bfd_restarts)
+                self._bfd_restarts = self.bfd.restarts
+            await asyncio.sleep(self.bfd.poll_interval)
+
     def stop(self, why: str = "request", exit_code: int = 0) -> None:
         if not self._stop.is_set():
             self._exit_code = exit_code
@@ -361,6 +390,7 @@ class Agent:
         await self.health.stop()
         for reconciler in self.reconcilers:  # the speaker, then HAProxy (withdrawn and drained: it finishes)
             await reconciler.stop()
+        await self.bfd.stop()  # after ExaBGP: its sessions are closed, BFD has nothing left to report
         # The VIPs and the nftables table stay: connections still in flight keep working, and a restarted
         # agent adopts them without a gap. `lbagent cleanup` removes them.
         event(log, logging.INFO, "agent_stopped")
@@ -419,6 +449,11 @@ class Agent:
         self._invalidate()
         if failed.bgp != previous.bgp:
             try:
+                await self.bfd.reconfigure(previous.bgp)
+            except Exception as exc:
+                event(log, logging.ERROR, "config_restore_failed", subsystem="bfd",
+                      error=f"{type(exc).__name__}: {exc}")
+            try:
                 await self.bgp.speaker.reconfigure(previous.bgp)
             except Exception as exc:
                 event(log, logging.ERROR, "config_restore_failed", subsystem="bgp",
@@ -456,6 +491,7 @@ class Agent:
         self._invalidate()
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         if new.bgp != old.bgp:
+            await self.bfd.reconfigure(new.bgp)  # first: a machine without bfdd refuses the config untouched
             await self.bgp.speaker.reconfigure(new.bgp)
         self.mark_all_dirty()
         event(log, logging.INFO, "config_loaded", config_hash=new.digest(), previous_hash=old.digest(),

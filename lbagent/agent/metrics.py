@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -10,6 +11,12 @@ from prometheus_client.registry import Collector
 
 from lbagent.l7 import stats
 from lbagent.plan.services import ServiceDecision
+
+
+class BfdSessionLike(Protocol):
+    @property
+    def state(self) -> str: ...
+
 
 # Sync durations span a one-element nft change (milliseconds) to a full resync of a large table (seconds).
 _SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -47,6 +54,14 @@ class Metrics:
         r.register(self.http_responses)
         self.bgp_session_up = Gauge("lbagent_bgp_session_up", "1 while the BGP session to the peer is up.",
                                     ["peer"], registry=r)
+        self.bfd_session_up = Gauge("lbagent_bfd_session_up",
+                                    "1 while the BFD session to the BGP peer is up (peers with BFD only).",
+                                    ["peer"], registry=r)
+        self.bfd_session_transitions = Counter(
+            "lbagent_bfd_session_transitions_total",
+            "Times the BFD session to the BGP peer went up or down (`to`), as bfdd counted them.",
+            ["peer", "to"], registry=r)
+        self._bfd_counted: dict[tuple[str, str], int] = {}
         self.announced_prefixes = Gauge("lbagent_announced_prefixes", "Prefixes ExaBGP has acknowledged announcing.",
                                         registry=r)
         self.vip_announced = Gauge("lbagent_vip_announced",
@@ -146,6 +161,16 @@ class Metrics:
         for peer, state in peers.items():
             self.bgp_session_up.labels(peer).set(1 if state == "up" else 0)
         self.announced_prefixes.set(announced)
+
+    def bfd(self, sessions: Mapping[str, BfdSessionLike], transitions: Mapping[tuple[str, str], int]) -> None:
+        """BFD sessions of the peers that have BFD now; transitions as counted since the agent started."""
+        self.bfd_session_up.clear()
+        for peer, session in sessions.items():
+            self.bfd_session_up.labels(peer).set(1 if session.state == "up" else 0)
+        for (peer, to), count in transitions.items():
+            if (delta := count - self._bfd_counted.get((peer, to), 0)) > 0:
+                self.bfd_session_transitions.labels(peer, to).inc(delta)
+                self._bfd_counted[(peer, to)] = count
 
     def certificates(self, validity: Mapping[tuple[str, str], tuple[float, float]]) -> None:
         """The served certificates' validity, one series per (listener, certificate file) served now."""

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,13 @@ def render(doc: dict[str, Any]) -> str:
     lines.append("\nBGP peers")
     for peer, state in sorted(doc["peers"].items()):
         lines.append(f"  {peer:<28} {state}")
+    if doc.get("bfd"):
+        lines.append("\nBFD sessions (bfdd)")
+        for peer, session in sorted(doc["bfd"].items()):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(session["since"])) if session["since"] else "-"
+            timers = (f"tx {session['transmitInterval']} ms, rx {session['receiveInterval']} ms, detect "
+                      f"{session['detectTime']} ms" if session["state"] == "up" else "")
+            lines.append(f"  {peer:<28} {session['state']:<10} since {since}  {timers}".rstrip())
     lines.append("\nVIPs")
     for vip in doc["vips"]:
         verdict = "announced" if vip["announced"] else "withdrawn"

@@ -260,6 +260,9 @@ class ExaBgpSpeaker:
         async with self._lock:
             if bgp == self._bgp:
                 return
+            if bgp.without_bfd() == self._bgp.without_bfd():
+                self._bgp = bgp  # BFD is bfdd's (lbagent.l3.bfd): ExaBGP's sessions stay as they are
+                return
             render.render_config(bgp, self._api_run)
             self._bgp = bgp
             if not self._started or self._stopping:

@@ -394,6 +394,7 @@ class Lab:
         ipv6: bool = False,
         return_path: bool = True,
         http: Mapping[str, Any] | None = None,
+        router_bfd: Mapping[str, int] | None = None,
     ) -> None:
         self._random_prefix = prefix is None
         self.prefix = prefix if prefix is not None else _random_prefix(run_root)
@@ -416,6 +417,8 @@ class Lab:
         self._check_ports()
         self.router_hold_time = router_hold_time
         self.router_passive = router_passive
+        # BFD on the router's BGP sessions (BIRD `protocol bfd` and `bfd on`): {"interval": ms, "multiplier": n}.
+        self.router_bfd: dict[str, int] | None = dict(router_bfd) if router_bfd is not None else None
         self.run_root = Path(run_root)
         self.state_dir = self.run_root / self.prefix
         self._procs: dict[str, subprocess.Popen[bytes]] = {}  # "host/name" -> the ones this process started
@@ -447,6 +450,7 @@ class Lab:
             ipv6=state.get("ipv6", False),
             return_path=state.get("returnPath", False),
             http=state.get("http"),
+            router_bfd=state.get("routerBfd"),
         )
         lab._pids = {k: int(v) for k, v in state["pids"].items()}
         lab._log_offsets = {k: int(v) for k, v in state["logOffsets"].items()}
@@ -711,6 +715,7 @@ class Lab:
             "bgpPeers": self.bgp_peers,
             "routerHoldTime": self.router_hold_time,
             "routerPassive": self.router_passive,
+            "routerBfd": self.router_bfd,
             "ipv6": self.ipv6,
             "returnPath": self.return_path,
             "services": self.services,
@@ -835,6 +840,7 @@ class Lab:
         return "peer_" + re.sub(r"[^0-9A-Za-z]", "_", peer)
 
     def _write_bird_config(self) -> None:
+        bfd_on = "\n    bfd on;" if self.router_bfd is not None else ""
         peers = "".join(
             f"""
 protocol bgp {self.bird_protocol_name(peer)} {{
@@ -843,12 +849,25 @@ protocol bgp {self.bird_protocol_name(peer)} {{
     passive {"on" if self.router_passive else "off"};
     hold time {self.router_hold_time};
     connect delay time 1;
-    error wait time 1, 1;
+    error wait time 1, 1;{bfd_on}
     {"ipv6" if ":" in peer else "ipv4"} {{ import all; export none; }};
 }}
 """
             for peer, peer_as in self.bgp_peers.items()
         )
+        bfd = self.router_bfd
+        if bfd is not None:
+            interval = f"{bfd.get('interval', 100)} ms"
+            peers = f"""
+protocol bfd {{
+    interface "*" {{
+        min rx interval {interval};
+        min tx interval {interval};
+        idle tx interval {interval};
+        multiplier {bfd.get('multiplier', 3)};
+    }};
+}}
+{peers}"""
         kernel6 = """
 protocol kernel kernel6 {
     ipv6 { export where source = RTS_BGP; };

@@ -16,6 +16,7 @@ import yaml
 
 from lbagent.agent import status
 from lbagent.files import UnsafePath, prepare_runtime_dir, private_dir, runtime_dir_problems, write_private
+from lbagent.l3 import bfd
 from lbagent.l3 import speaker as bgp
 from lbagent.l7 import process as haproxy
 from lbagent.l7.certs import CertificateStore
@@ -180,11 +181,14 @@ def test_a_runtime_dir_that_cannot_go_unquoted_into_the_configs_is_refused(value
 
 
 def test_the_socket_names_check_knows_are_the_ones_the_agent_makes() -> None:
-    """check's runtimeDir length limit is computed from names that agent/status.py, l3/speaker.py and
+    """check's runtimeDir length limit is computed from names that agent/status.py, l3/speaker.py, l3/bfd.py and
     l7/process.py own: if one of them changes, this fails, not a node at start."""
     run = "/run/lbagent"
     proxy = HaproxyProcess("haproxy", run)
-    assert {status.SOCKET_NAME, bgp.SOCKET_NAME} == set(config.RUNTIME_SOCKETS)
+    speaker = bfd.BfdSpeaker(config.parse(EXAMPLE.read_text()).bgp, run)
+    assert {status.SOCKET_NAME, bgp.SOCKET_NAME, *(os.path.relpath(os.path.join(speaker.vty_directory, name), run)
+                                                   for name in (bfd.VTY_SOCKET, bfd.CONTROL_SOCKET))} == \
+        set(config.RUNTIME_SOCKETS)
     assert {os.path.relpath(proxy.master_socket, run), os.path.relpath(proxy.runtime_socket, run)} == \
         set(config.HAPROXY_SOCKETS)
     assert (config.SUN_PATH_MAX, config.HAPROXY_SOCKET_TMP_SUFFIX) == (haproxy._SUN_PATH_MAX, haproxy._TMP_SUFFIX)

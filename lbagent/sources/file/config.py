@@ -51,6 +51,16 @@ class AgentSection(Strict):
     metrics_address: ListenAddress | None = Field("127.0.0.1:9469", alias="metricsAddress")
 
 
+class BfdSection(Strict):
+    """BFD on a BGP session (lbagent.l3.bfd): a peer's own fields, else bgp.bfd's, else the defaults here. Ranges
+    are bfdd's (FRR): intervals 10 ms to 60 s, multiplier 2 to 255."""
+
+    enabled: bool | None = None  # default false
+    receive_interval: int | None = Field(None, alias="receiveInterval", ge=10, le=60000)  # ms, default 300
+    transmit_interval: int | None = Field(None, alias="transmitInterval", ge=10, le=60000)  # ms, default 300
+    detect_multiplier: int | None = Field(None, alias="detectMultiplier", ge=2, le=255)  # default 3
+
+
 class PeerSection(Strict):
     address: IPAddress
     peer_as: AsNumber = Field(alias="peerAS")
@@ -59,6 +69,7 @@ class PeerSection(Strict):
     multihop: int | None = Field(None, ge=1, le=255)
     local_address: IPAddress | None = Field(None, alias="localAddress")
     port: Port = 179
+    bfd: BfdSection = Field(default_factory=BfdSection)
 
 
 class BgpSection(Strict):
@@ -67,6 +78,7 @@ class BgpSection(Strict):
     peers: list[PeerSection] = Field(min_length=1)
     graceful_restart: int | None = Field(None, alias="gracefulRestart", ge=1, le=4095)
     exabgp: str = Field("exabgp", description="the exabgp executable: a path, or a name looked up in PATH")
+    bfd: BfdSection = Field(default_factory=BfdSection)
 
 
 class DataplaneSection(Strict):
@@ -440,7 +452,7 @@ _RUNTIME_DIR = re.compile(r"/[A-Za-z0-9._/-]*", re.ASCII)
 # "<path>.<pid>.tmp" first. Their owners (agent/status.py, l3/speaker.py, l7/process.py) are held to these names by
 # tests/unit/test_runtime_dir.py.
 SUN_PATH_MAX = 107
-RUNTIME_SOCKETS = ("status.sock", "exabgp-api.sock")
+RUNTIME_SOCKETS = ("status.sock", "exabgp-api.sock", "bfd/bfdd.vty", "bfd/bfdd.ctl")
 HAPROXY_SOCKETS = ("haproxy/master.sock", "haproxy/api.sock")
 HAPROXY_SOCKET_TMP_SUFFIX = 24
 
@@ -503,6 +515,11 @@ def _cross_checks(config: ConfigFile) -> Iterable[Problem]:
                 yield Problem(f"bgp.peers[{i}].localAddress", str(peer.local_address),
                               f"an IPv{peer.local_address.version} local address cannot reach the IPv"
                               f"{peer.address.version} peer {peer.address}")
+        bfd = _bfd(config.bgp.bfd, peer.bfd)
+        if bfd is not None and bfd.detect_multiplier * bfd.receive_interval >= peer.hold_time * 1000:
+            yield Problem(f"bgp.peers[{i}].bfd", f"{bfd.detect_multiplier} x {bfd.receive_interval} ms",
+                          f"the detection time (detectMultiplier x receiveInterval) must be shorter than the hold "
+                          f"time ({peer.hold_time} s), or BFD detects nothing BGP does not")
     seen_nodes: dict[str, int] = {}
     families: set[int] = set()
     for i, node in enumerate(config.nodes):
@@ -691,6 +708,22 @@ def _health(defaults: model.HealthCheck, section: HealthCheckSection) -> model.H
     )
 
 
+def _bfd(defaults: BfdSection, section: BfdSection) -> model.Bfd | None:
+    """A peer's BFD settings: its own fields, else bgp.bfd's, else model.Bfd's defaults; None when not enabled."""
+    def pick(name: str) -> Any:
+        own = getattr(section, name)
+        return own if own is not None else getattr(defaults, name)
+
+    if not pick("enabled"):
+        return None
+    fallback = model.Bfd()
+    return model.Bfd(
+        receive_interval=pick("receive_interval") or fallback.receive_interval,
+        transmit_interval=pick("transmit_interval") or fallback.transmit_interval,
+        detect_multiplier=pick("detect_multiplier") or fallback.detect_multiplier,
+    )
+
+
 def _to_model(config: ConfigFile) -> model.Model:
     defaults = _health(_DEFAULT_HEALTH, config.health_check_defaults)
     return model.Model(
@@ -708,6 +741,7 @@ def _to_model(config: ConfigFile) -> model.Model:
                     multihop=p.multihop,
                     local_address=p.local_address,
                     port=p.port,
+                    bfd=_bfd(config.bgp.bfd, p.bfd),
                 )
                 for p in config.bgp.peers
             ),
