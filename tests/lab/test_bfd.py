@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,13 +58,9 @@ def _lb_bfd_up(lab: Lab, lb: str) -> bool:
 
 
 def _links(lab: Lab, lb: str, up: bool) -> None:
-    """Take the LB away hard (both links down at once) or give it back (links up, its default route again)."""
-    state = "up" if up else "down"
-    script = f"link set dev uplink {state}\nlink set dev cluster {state}\n"
-    if up:
-        script += f"route replace default via {ROUTER_UPLINK}\n"
-    subprocess.run(["ip", "-n", lab.ns(lb), "-batch", "-"], input=script, text=True, check=True,
-                   capture_output=True)
+    """Take the LB away hard (its cables unplugged from the switch: no NOTIFICATION, no BFD AdminDown) or give it
+    back."""
+    lab.set_links(lb, up)
 
 
 def _time_to_lose(lab: Lab, lb: str, timeout: float = 10) -> float:
