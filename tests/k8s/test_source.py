@@ -27,10 +27,12 @@ POOL = "203.0.113.64/29"
 
 
 def config_file(tmp_path: Path, api: KubeAPIServer, lb_class: str = "lbagent.io/lbagent", node: str = "lb1",
-                kubeconfig: Path | None = None, pool: str = POOL, **settings: Any) -> Path:
+                kubeconfig: Path | None = None, pool: str = POOL, dataplane: dict[str, Any] | None = None,
+                **settings: Any) -> Path:
     """An LB node's config reading the test's API server as lbagent's user; `settings`: more of its `kubernetes`."""
     path = tmp_path / f"{node}.yaml"
     path.write_text(yaml.safe_dump({
+        **({"dataplane": dataplane} if dataplane else {}),
         "node": {"name": node},
         "agent": {"runtimeDir": str(tmp_path / node)},
         "bgp": {"localAS": 64512, "routerID": "198.51.100.11", "peers": [{"address": "198.51.100.1", "peerAS": 64500}]},
@@ -67,9 +69,10 @@ def external_ips(api: KubeAPIServer, namespace: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def writing(tmp_path: Path, api: KubeAPIServer, lb_class: str, namespace: str,
-                  kubeconfig: Path | None = None) -> AsyncIterator[tuple[KubernetesSource, str]]:
+                  kubeconfig: Path | None = None,
+                  dataplane: dict[str, Any] | None = None) -> AsyncIterator[tuple[KubernetesSource, str]]:
     """A source on lb1 once it holds the Lease and the Service `web` has its address: (the source, the address)."""
-    source = KubernetesSource(config_file(tmp_path, api, lb_class, kubeconfig=kubeconfig), "lb1")
+    source = KubernetesSource(config_file(tmp_path, api, lb_class, kubeconfig=kubeconfig, dataplane=dataplane), "lb1")
     await source.start()
     try:
         await until("lb1 to hold the Lease", lambda: source.status()["writer"])
@@ -115,6 +118,30 @@ def test_a_service_gets_an_address_written_once_and_becomes_a_model_service(
         assert svc["status"]["loadBalancer"]["ingress"] == [{"ip": ips, "ipMode": "Proxy"}]
         managers = {(f["manager"], f.get("subresource")) for f in svc["metadata"]["managedFields"]}
         assert ("lbagent", "status") in managers
+
+    run(scenario)
+
+
+def test_direct_server_return_is_written_as_ip_mode_vip(
+        kube_apiserver: KubeAPIServer, namespace: str, lb_class: str, tmp_path: Path) -> None:
+    """forwardingMode dsr: the packet reaches the node still addressed to the VIP, which only kube-proxy's rules for
+    the address take: ipMode VIP. Back to nat, the same address is written again as Proxy."""
+    api = kube_apiserver
+    api.kubectl("apply", "-n", namespace, "-f", "-", input=objects.manifest(service("web", lb_class)))
+
+    def ingress() -> list[dict[str, str]]:
+        status, svc = api.request("admin", "GET", f"/api/v1/namespaces/{namespace}/services/web")
+        assert status == 200
+        return list(((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or [])
+
+    async def scenario() -> None:
+        dsr = {"forwardingMode": "dsr", "dsrInterfaces": ["eth0"]}
+        async with writing(tmp_path, api, lb_class, namespace, dataplane=dsr) as (_, ips):
+            assert ingress() == [{"ip": ips, "ipMode": "VIP"}]
+        async with writing(tmp_path, api, lb_class, namespace, dataplane={"forwardingMode": "nat"}) as (source, ips2):
+            assert ips2 == ips
+            await until("ipMode Proxy", lambda: ingress() == [{"ip": ips, "ipMode": "Proxy"}])
+            assert source.status()["statusWrites"] == 1
 
     run(scenario)
 
