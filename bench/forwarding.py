@@ -115,7 +115,6 @@ def main() -> int:
         lab.spawn("node1", "nginx", ["nginx", "-c", str(conf), "-g", "daemon off;"])
         for lb in LBS:
             config = lab.default_agent_config(lb)
-            config["dataplane"]["dsrInterfaces"] = ["uplink"]
             # node1 alone: the baseline reaches the very server every mode does
             config["nodes"] = [n for n in config["nodes"] if n["name"] == "node1"]
             lab.write_agent_config(lb, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import signal
@@ -21,13 +22,16 @@ from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.objects import table
 from tests.lab.kube import POOL, REPO, KubeLab, pod_slice
 from tests.lab.lab import DEFAULT_SERVICES, LBS, NODES, RUN_ROOT, Lab, LabError, address, existing_prefixes, wait_for
-from tests.lab.traffic import count_by_port
+from tests.lab.traffic import Flows, count_by_port
 
 # The demo's HTTP layer: two versions of a shop behind one listener, with ingress-nginx's canary annotations.
 DEMO_LISTENER_VIP = "192.0.2.20"
 DEMO_HOST = "shop.example.com"
 DEMO_SERVICES = [*DEFAULT_SERVICES, {"name": "shop-v1", "ports": [{"port": 80, "nodePort": 30081}]},
                  {"name": "shop-v2", "ports": [{"port": 80, "nodePort": 30082}]}]
+# The failover stage: long-lived connections to a direct-server-return VIP while an LB node is lost and comes back.
+DEMO_DSR = {"name": "stream", "vip": "192.0.2.12", "forwardingMode": "dsr", "ports": [{"port": 80, "nodePort": 30083}]}
+DEMO_SERVICES.append(DEMO_DSR)
 DEMO_HTTP = {
     "listeners": [{"name": "web", "vip": DEMO_LISTENER_VIP, "port": 80}],
     "routes": [{"name": "shop", "listeners": ["web"], "hostnames": [DEMO_HOST], "rules": [
@@ -182,13 +186,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  failed requests: {failures}")
         print("  every answer comes from a node, and each node saw an LB's cluster address as the client: "
               "the LBs spread the flows over the nodes and masquerade toward them.")
-        if not (failures == 0 and answers and _demo_http(lab, args)):
+        if not (failures == 0 and answers and _demo_failover(lab) and _demo_http(lab, args)):
             return 1
         return 0 if args.no_kubernetes or _demo_kubernetes(lab, args) else 1
     finally:
         _step(f"tearing down lab {lab.prefix}")
         lab.down()
         print("  done")
+
+
+def _routed_via(lab: Lab, vip: str, want: set[str]) -> bool:
+    return lab.router_nexthops(f"{vip}/32") == want
+
+
+def _demo_failover(lab: Lab) -> bool:
+    vip = str(DEMO_DSR["vip"])
+    _step(f"16 long-lived connections to {vip} (forwardingMode dsr), a request every 100 ms each, while lb1 is "
+          "unplugged and plugged back in")
+    uplinks = {address(lb, "uplink") for lb in LBS}
+    wait_for(lambda: lab.router_nexthops(f"{vip}/32") == uplinks, 30, 0.1, f"both LBs announcing {vip}")
+    flows = Flows(lab, vip)
+    try:
+        for up, want in ((False, {address("lb2", "uplink")}), (True, uplinks)):
+            before, started = flows.results(), time.monotonic()
+            lab.set_links("lb1", up)
+            wait_for(functools.partial(_routed_via, lab, vip, want), 30, 0.02, "the router's route")
+            routed = time.monotonic() - started
+            wait_for(functools.partial(flows.answered_again, before, 30), 60, 0.1, "the connections to go on")
+            print(f"  lb1 {'plugged back in' if up else 'unplugged'}: the router "
+                  f"{'uses both LBs again' if up else 'dropped lb1'} after {routed:.1f} s"
+                  f"{'' if up else ' (the BGP hold time; BFD makes it ~0.3 s)'}")
+    finally:
+        results = flows.stop()
+    kept = [r for r in results if r["error"] is None and len(r["nodes"]) == 1]
+    stall = max((s[1] for r in kept for s in r["stalls"]), default=0.0)
+    print(f"  {len(kept)}/{len(results)} connections went on, each on the node that answered its first request "
+          f"(longest wait for an answer {stall:.1f} s): the LBs keep no state for these flows, and every LB picks "
+          "the same node for a flow.")
+    answer = lab.request(f"http://{vip}/")
+    if answer is not None:
+        print(f"  one more request: {answer['node']} saw the client as {str(answer['client']).rsplit(':', 1)[0]} "
+              "and answered it directly, through the router, not through an LB.")
+    return len(kept) == len(results) and answer is not None
 
 
 def _http_get(lab: Lab, path: str, *headers: str, host: str = DEMO_HOST) -> tuple[int, dict[str, object]]:

@@ -1179,7 +1179,8 @@ protocol kernel {{
                     *([{"address": ROUTER_UPLINK6, "peerAS": self.router_as, "holdTime": 3}] if self.ipv6 else []),
                 ],
             },
-            "dataplane": {"kind": "nftables", "table": "lbagent", "manageSysctls": True},
+            # dsrInterfaces: the routers' traffic comes in on the uplink (used only by forwardingMode dsr Services)
+            "dataplane": {"kind": "nftables", "table": "lbagent", "manageSysctls": True, "dsrInterfaces": ["uplink"]},
             "healthCheckDefaults": {"interval": "0.5s", "timeout": "0.5s", "rise": 2, "fall": 2},
             "nodes": [
                 {"name": node, "addresses": [address(node), *([address6(node)] if self.ipv6 else [])]}

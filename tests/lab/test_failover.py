@@ -15,20 +15,18 @@ import functools
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.lab.lab import Lab, address, wait_for
+from tests.lab.traffic import Flows
 
 pytestmark = pytest.mark.lab
 
-FLOWS = Path(__file__).resolve().with_name("flows.py")
 VIP = "192.0.2.10"
 CLIENT = address("client")
 UPLINKS = {address("lb1", "uplink"): "lb1", address("lb2", "uplink"): "lb2"}
@@ -56,29 +54,6 @@ class Row:
                 f" survive; longest stall {self.stall:.2f} s")
 
 
-class Flows:
-    """The flows.py run in the client's namespace, and its latest results."""
-
-    def __init__(self, lab: Lab, base_port: int = 41000) -> None:
-        self.lab, self.base_port = lab, base_port
-        self.dir = lab.state_dir / "client"
-        self.ready, self.out = self.dir / "flows.ready", self.dir / "flows.json"
-        for path in (self.ready, self.out):
-            path.unlink(missing_ok=True)
-        lab.spawn("client", "flows", [sys.executable, str(FLOWS), "--vip", VIP, "--source", CLIENT,
-                                      "--count", str(COUNT), "--base-port", str(base_port),
-                                      "--path-bytes", str(PATH_BYTES),
-                                      "--ready", str(self.ready), "--out", str(self.out)])
-        wait_for(lambda: self.ready.exists() and self.out.exists(), 30, message="the connections' first answers")
-
-    def results(self) -> list[dict[str, Any]]:
-        return list(json.loads(self.out.read_text()))
-
-    def stop(self) -> list[dict[str, Any]]:
-        self.lab.stop_process("client", "flows", signal.SIGTERM, timeout=60)
-        return self.results()
-
-
 def _lb_of(lab: Lab, source_port: int) -> str:
     """The LB the router sends this connection's packets to now (its own 5-tuple hash)."""
     out = lab.exec("router", ["ip", "-j", "route", "get", VIP, "from", CLIENT, "iif", "client", "ipproto", "tcp",
@@ -88,13 +63,6 @@ def _lb_of(lab: Lab, source_port: int) -> str:
 
 def _routes(lab: Lab, flows: Flows) -> list[str]:
     return [_lb_of(lab, flows.base_port + i) for i in range(COUNT)]
-
-
-def _answered_again(flows: Flows, since: list[dict[str, Any]], answers: int = ANSWERS_AFTER) -> bool:
-    """Every connection alive now has had `answers` more answers than in `since`."""
-    now = flows.results()
-    return all(n["error"] is not None or n["requests"] >= s["requests"] + answers
-               for n, s in zip(now, since, strict=True))
 
 
 def _announced(lab: Lab, by: set[str], timeout: float = 30) -> None:
@@ -120,15 +88,16 @@ def _exabgp_pid(lab: Lab, lb: str) -> int | None:
 
 def run_events(lab: Lab, events: dict[str, Callable[[], None]], fresh: bool = False) -> list[Row]:
     """Each event with the same connections (`fresh`: new ones for each event, when the earlier events ended some)."""
-    flows = Flows(lab)
+    flows = Flows(lab, VIP, COUNT, 41000, PATH_BYTES)
     rows = []
     for n, (name, do) in enumerate(events.items()):
         if fresh and n:
             flows.stop()
-            flows = Flows(lab, 41000 + 100 * n)
+            flows = Flows(lab, VIP, COUNT, 41000 + 100 * n, PATH_BYTES)
         before, routes_before, began = flows.results(), _routes(lab, flows), time.time()
         do()
-        wait_for(functools.partial(_answered_again, flows, before), 60, 0.1, f"the connections after {name!r}")
+        wait_for(functools.partial(flows.answered_again, before, ANSWERS_AFTER), 60, 0.1,
+                 f"the connections after {name!r}")
         after, routes_after = flows.results(), _routes(lab, flows)
         alive = [i for i, r in enumerate(before) if r["error"] is None]
         survived = [i for i in alive if after[i]["error"] is None and len(after[i]["nodes"]) == 1]
@@ -184,8 +153,6 @@ def _lab(lab_factory: Callable[..., Lab], mode: str, kind: str) -> Lab:
     for lb in ("lb1", "lb2"):
         config = lab.default_agent_config(lb)
         config["dataplane"]["kind"] = kind
-        if mode == "dsr":
-            config["dataplane"]["dsrInterfaces"] = ["uplink"]
         lab.write_agent_config(lb, config)
         lab.start_agent(lb)
     _announced(lab, {"lb1", "lb2"})

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from pathlib import Path
+from typing import Any
 
-from tests.lab.lab import Lab
+from tests.lab.lab import Lab, address, wait_for
+
+FLOWS = Path(__file__).resolve().with_name("flows.py")
 
 _COUNTER = """
 import http.client, json, sys
@@ -37,3 +42,32 @@ def count_by_port(lab: Lab, host: str, vip: str, n: int, headers: dict[str, str]
     data = json.loads(out)
     assert data["failures"] == 0, data
     return {k: int(v) for k, v in data["counts"].items()}
+
+
+class Flows:
+    """tests/lab/flows.py run in the client's namespace: `count` long-lived connections to vip:80 from source
+    ports base_port.., a request of `path_bytes` every 100 ms each; their latest results."""
+
+    def __init__(self, lab: Lab, vip: str, count: int = 16, base_port: int = 41000, path_bytes: int = 4000) -> None:
+        self.lab, self.vip, self.count, self.base_port = lab, vip, count, base_port
+        self.dir = lab.state_dir / "client"
+        self.ready, self.out = self.dir / "flows.ready", self.dir / "flows.json"
+        for path in (self.ready, self.out):
+            path.unlink(missing_ok=True)
+        lab.spawn("client", "flows", [sys.executable, str(FLOWS), "--vip", vip, "--source", address("client"),
+                                      "--count", str(count), "--base-port", str(base_port),
+                                      "--path-bytes", str(path_bytes),
+                                      "--ready", str(self.ready), "--out", str(self.out)])
+        wait_for(lambda: self.ready.exists() and self.out.exists(), 30, message="the connections' first answers")
+
+    def results(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.out.read_text()))
+
+    def stop(self) -> list[dict[str, Any]]:
+        self.lab.stop_process("client", "flows", signal.SIGTERM, timeout=60)
+        return self.results()
+
+    def answered_again(self, since: list[dict[str, Any]], answers: int) -> bool:
+        """Every connection alive now has had `answers` more answers than in `since`."""
+        return all(n["error"] is not None or n["requests"] >= s["requests"] + answers
+                   for n, s in zip(self.results(), since, strict=True))
