@@ -912,6 +912,15 @@ protocol kernel {{
                 sessions[fields[0]] = " ".join(fields[5:]) or fields[3]
         return sessions
 
+    def bfd_sessions(self) -> dict[str, str]:
+        """The router's BFD sessions (Lab(router_bfd=...)): neighbor address -> state (`Up`, `Down`, `Init`)."""
+        sessions = {}
+        for line in self.birdc("show", "bfd", "sessions").splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and re.match(r"^[0-9a-f.:]+$", fields[0]) and any(c.isdigit() for c in fields[0]):
+                sessions[fields[0]] = fields[2]
+        return sessions
+
     def router_nexthops(self, prefix: str) -> set[str]:
         """Next-hop gateways of the route for `prefix` (IPv4 or IPv6; a bare address means /32 or /128) in the
         router's kernel table (empty when there is none)."""
@@ -1167,7 +1176,7 @@ protocol kernel {{
         also peers with the router's IPv6 address and lists each node's IPv6 address after its IPv4 one."""
         self._check_lb(lb)
         uplink = address(lb, "uplink")
-        return {
+        config: dict[str, Any] = {
             "node": {"name": lb, "vipInterface": "lo"},
             "agent": {"drain": "1s", "runtimeDir": str(self.state_dir / lb / "run")},
             "bgp": {
@@ -1189,6 +1198,11 @@ protocol kernel {{
             "services": json.loads(json.dumps(self.services)),
             **json.loads(json.dumps(self.http)),
         }
+        if self.router_bfd is not None:  # the agents speak BFD with the router when it does, at its intervals
+            interval = self.router_bfd.get("interval", 100)
+            config["bgp"]["bfd"] = {"enabled": True, "receiveInterval": interval, "transmitInterval": interval,
+                                    "detectMultiplier": self.router_bfd.get("multiplier", 3)}
+        return config
 
     def write_agent_config(self, lb: str, config: Mapping[str, Any] | str) -> Path:
         """Write (atomically) an LB's lbagent config: a dict, or YAML text as is (may be invalid on purpose)."""
