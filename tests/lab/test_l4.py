@@ -39,15 +39,16 @@ def _nodes(lab: Lab, url: str, count: int = 30) -> Counter[str]:
     return Counter(a["node"] for a in answers if a is not None)
 
 
-def test_local_policy_sends_only_to_nodes_with_local_endpoints(lab_factory: Callable[..., Lab]) -> None:
+@pytest.mark.parametrize("mode", ["nat", "dsr"])
+def test_local_policy_sends_only_to_nodes_with_local_endpoints(lab_factory: Callable[..., Lab], mode: str) -> None:
     lab = lab_factory(services=[_service("web", "192.0.2.10", 30080, externalTrafficPolicy="Local",
-                                         healthCheckNodePort=32000, forwardingMode="nat")])
+                                         healthCheckNodePort=32000, forwardingMode=mode)])
     _announced(lab, "192.0.2.10/32")
     lab.set_local_endpoints("node2", "default/web", 0)
     wait_for(lambda: _out_of_rotation(lab, "node2"), timeout=10, message="node2 to leave rotation")
     answers = [lab.request("http://192.0.2.10/") for _ in range(30)]
     assert {a["node"] for a in answers if a} == {"node1", "node3"} and all(answers)
-    # Local keeps the client's address (nat mode): the node saw the client itself
+    # Local keeps the client's address (nat and dsr modes): the node saw the client itself
     assert {a["client"].rsplit(":", 1)[0] for a in answers if a} == {CLIENT}
 
     for node in ("node1", "node3"):
@@ -150,10 +151,15 @@ def _rx_bytes(lab: Lab, host: str, ifname: str) -> int:
 
 def test_dsr_keeps_the_client_address_and_the_answers_bypass_the_lbs(lab_factory: Callable[..., Lab]) -> None:
     """forwardingMode dsr: the node sees the client itself, answers it through the router (not through an LB), and
-    the LBs keep no connection state for it."""
+    the LBs keep no connection state for it; in both families."""
     # the lab's agents take the routers' traffic for dsr on their uplink (dataplane.dsrInterfaces)
-    lab = lab_factory(services=[_service("web", "192.0.2.10", 30080, forwardingMode="dsr")])
+    lab = lab_factory(ipv6=True, services=[{"name": "web", "vips": ["192.0.2.10", "2001:db8::10"],
+                                            "forwardingMode": "dsr", "ports": [{"port": 80, "nodePort": 30080}]}])
     _announced(lab, "192.0.2.10/32")
+    _announced(lab, "2001:db8::10/128", by={address6("lb1", "uplink"), address6("lb2", "uplink")})
+    six = [lab.request("http://[2001:db8::10]/", local_port=43000 + i) for i in range(10)]
+    assert all(a is not None for a in six)
+    assert {a["client"].rsplit(":", 1)[0] for a in six if a} == {address6("client")}
     path = "/" + "x" * 20000  # echoed in each answer: 20 KB that the answers carry
     counters = [(h, i) for h in (*LBS, "router") for i in ("cluster",)]
     before = {c: _rx_bytes(lab, *c) for c in counters}
@@ -168,4 +174,5 @@ def test_dsr_keeps_the_client_address_and_the_answers_bypass_the_lbs(lab_factory
     for lb in LBS:
         assert after[(lb, "cluster")] - before[(lb, "cluster")] < answered // 20, lb
         assert lab.exec(lb, ["conntrack", "-L", "-d", "192.0.2.10"], check=False).stdout.strip() == "", lb
-        assert "fwd ip to" in lab.exec(lb, ["nft", "list", "table", "netdev", "lbagent"]).stdout
+        netdev = lab.exec(lb, ["nft", "list", "table", "netdev", "lbagent"]).stdout
+        assert "fwd ip to" in netdev and "fwd ip6 to" in netdev

@@ -73,15 +73,19 @@ def netns() -> Iterator[str]:
 
 
 def test_the_netdev_table_is_accepted_by_nft(netns: str) -> None:
+    six = tuple(Backend(n, ip_address(f"2001:db8:2::{i + 11}"), 30080) for i, n in enumerate(NODES))
     frontends = [_frontend(), replace(_frontend(affinity_timeout=60, source_ranges=(ip_network("198.51.100.0/24"),)),
-                                      port=443)]
-    plan = dsr.build("lbagent", frontends, 1021, ["lo"], {a: "lo" for a in NODES.values()})
-    assert plan.frontends == 2 and not plan.unreachable
+                                      port=443),
+                 replace(_frontend(), vip=ip_address("2001:db8::10"), backends=six)]
+    paths = {str(b.address): "lo" for f in frontends for b in f.backends}
+    plan = dsr.build("lbagent", frontends, 1021, ["lo"], paths)
+    assert plan.frontends == 3 and not plan.unreachable
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=plan.text, text=True, check=True)
     listed = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "netdev", "lbagent"],
                             capture_output=True, text=True, check=True).stdout
     assert "meta pkttype != host accept" in listed and "fwd ip to jhash ip saddr . tcp sport mod 1021" in listed
     assert "192.0.2.10 . tcp . 443 . 198.51.100.0/24" in listed
+    assert "fwd ip6 to jhash ip6 saddr . tcp sport mod 1021" in listed
     # replaced whole, and removed
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=plan.text, text=True, check=True)
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=dsr.render_delete("lbagent"), text=True,
