@@ -176,3 +176,9 @@ def test_dsr_keeps_the_client_address_and_the_answers_bypass_the_lbs(lab_factory
         assert lab.exec(lb, ["conntrack", "-L", "-d", "192.0.2.10"], check=False).stdout.strip() == "", lb
         netdev = lab.exec(lb, ["nft", "list", "table", "netdev", "lbagent"]).stdout
         assert "fwd ip to" in netdev and "fwd ip6 to" in netdev
+    # drift: the netdev table deleted by hand is put back at once (nftables' own notifications), dsr again
+    lab.exec("lb1", ["nft", "delete", "table", "netdev", "lbagent"])
+    wait_for(lambda: lab.exec("lb1", ["nft", "list", "table", "netdev", "lbagent"], check=False).returncode == 0,
+             timeout=10, message="lb1's netdev table back")
+    assert "event=dataplane_drift" in lab.agent_log("lb1")
+    assert "fwd ip to" in lab.exec("lb1", ["nft", "list", "table", "netdev", "lbagent"]).stdout
