@@ -1,7 +1,8 @@
 """What `lbagent run` would write for a config, rendered by the same code it uses, as one document: `lbagent plan`
 shows it and `lbagent check` hands its files to the real tools (lbagent.ops.judge). Needs no root and changes nothing:
 every node is assumed healthy (nothing is probed), and all it asks the kernel is the routing table's source address
-for each BGP peer, as `run` does (lbagent.l3.speaker.local_addresses)."""
+for each BGP peer, as `run` does (lbagent.l3.speaker.local_addresses), and, for dsr frontends, which interfaces exist
+and which nodes are on-link (lbagent.l4.nftables.apply.on_link_paths)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from lbagent.l3 import render as exabgp
 from lbagent.l3 import speaker
 from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import render as ipvs
+from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables import render as nftables
+from lbagent.l4.nftables.apply import on_link_paths
 from lbagent.l7 import certs, process
 from lbagent.l7 import render as haproxy
 from lbagent.plan import http as plan_http
@@ -53,6 +56,15 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
             "nftables": ipvs.render_companion(ipvs.companion(table, p.frontends, p.l4_vips, services)),
         }
     runtime_dir = m.agent.runtime_dir
+    dsr_doc: dict[str, Any] | None = None
+    if kind is model.DataplaneKind.NFTABLES and (wanted := dsr.dsr_frontends(p.frontends)):
+        # what `run` would write on this host: its interfaces, its routes to the nodes
+        paths, interfaces = on_link_paths({str(b.address) for f in wanted for b in f.active},
+                                          m.dataplane.dsr_interfaces)
+        dsr_plan = dsr.build(m.dataplane.table, wanted, m.dataplane.maglev_table_size, interfaces, paths)
+        dsr_doc = {"text": dsr_plan.text, "frontends": dsr_plan.frontends,
+                   "missingInterfaces": sorted(set(m.dataplane.dsr_interfaces) - set(interfaces)),
+                   "notOnLink": {node: address for address, node in sorted(dsr_plan.unreachable.items())}}
     return {
         "assumption": "every node healthy for every service (plan does not probe)",
         "configHash": m.digest(),
@@ -81,6 +93,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
         "dataplane": kind.value,
         "nftables": nftables.render(p.frontends, p.l4_vips, m.dataplane) if kind is model.DataplaneKind.NFTABLES
         else None,
+        "nftablesDsr": dsr_doc,
         "iptables": rules,
         "ipvs": ipvs_doc,
         "listeners": [

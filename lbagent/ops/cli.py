@@ -223,6 +223,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if doc["nftables"] is not None:
         print("\n## nftables (applied with `nft -f` in one transaction)")
         print(doc["nftables"], end="")
+    if doc["nftablesDsr"] is not None:
+        dsr = doc["nftablesDsr"]
+        print("\n## nftables, direct server return (as this host's interfaces and routes give it)")
+        for interface in dsr["missingInterfaces"]:
+            print(f"  # dataplane.dsrInterfaces {interface}: not on this host")
+        for node, address in dsr["notOnLink"].items():
+            print(f"  # node {node} {address}: not on-link from this host, left out")
+        print(dsr["text"], end="")
     for family, rules in (doc["iptables"] or {}).items():
         print(f"\n## iptables, {family} (applied with `iptables-restore --noflush`)")
         print(rules, end="")

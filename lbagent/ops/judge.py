@@ -15,10 +15,11 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 from lbagent import model, tls
 from lbagent.files import write_private
@@ -92,6 +93,8 @@ def _combined_certificates(m: model.Model, directory: Path) -> dict[str, tuple[s
 def _judge_all(m: model.Model, doc: dict[str, object], work: Path) -> Iterator[Verdict]:
     if isinstance(doc["nftables"], str):
         yield _nft(work, "lbagent.nft", doc["nftables"], m)
+    if isinstance(doc["nftablesDsr"], dict):
+        yield _dsr(work, doc["nftablesDsr"], m)
     if isinstance(doc["iptables"], dict):
         for family, text in doc["iptables"].items():
             yield _iptables(work, family, str(text), m)
@@ -163,6 +166,22 @@ def _nft(work: Path, name: str, script: str, m: model.Model) -> Verdict:
     (work / name).write_text(script)
     done = _run([nft, "-c", "-f", name], work)
     return _ruleset_verdict(what, done, work, name, script, rf"{re.escape(name)}:(\d+):", m)
+
+
+def _dsr(work: Path, dsr: dict[str, Any], m: model.Model) -> Verdict:
+    """The dsr netdev table as `run` would write it on this host; not checked where it cannot be made here."""
+    name = "lbagent-dsr.nft"
+    why = []
+    if dsr["missingInterfaces"]:
+        why.append(f"dataplane.dsrInterfaces {', '.join(dsr['missingInterfaces'])}: not on this host (run check on "
+                   "the LB node; run logs dsr_interface_missing and NATs that traffic)")
+    if dsr["notOnLink"]:
+        why.append("not on-link from this host, left out of dsr frontends: "
+                   + ", ".join(f"{node} {address}" for node, address in dsr["notOnLink"].items()))
+    if not dsr["text"]:
+        return Verdict(f"nft -c -f {name}", Outcome.NOT_CHECKED, tuple(why) or ("nothing to write",))
+    verdict = _nft(work, name, str(dsr["text"]), m)
+    return replace(verdict, detail=(*verdict.detail, *why)) if why else verdict
 
 
 def _iptables(work: Path, family: str, text: str, m: model.Model) -> Verdict:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +23,7 @@ from lbagent.sources.file import config
 from lbagent.sources.kubernetes.writer import ip_mode, status_body
 from tests.unit.test_config import MINIMAL, problems
 
+REPO = Path(__file__).resolve().parents[2]
 NODES = {"node1": "203.0.113.11", "node2": "203.0.113.12", "node3": "203.0.113.13"}
 
 
@@ -121,3 +124,29 @@ def test_kubernetes_status_says_vip_for_dsr() -> None:
     assert ip_mode(model.ForwardingMode.NAT) == ip_mode(model.ForwardingMode.MASQUERADE) == "Proxy"
     body = status_body("default", "web", ("192.0.2.10",), "VIP")
     assert body["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.10", "ipMode": "VIP"}]
+
+
+def test_check_judges_the_netdev_table_as_this_host_would_write_it(netns: str, tmp_path: Path) -> None:
+    """`lbagent check` on the LB node: its interfaces and on-link nodes give the table, nft judges it; elsewhere
+    (an interface missing, a node behind a gateway) it says why not, and the rest is still judged."""
+    doc = yaml.safe_load(MINIMAL)
+    doc["dataplane"] = {"forwardingMode": "dsr", "dsrInterfaces": ["up0"]}
+    doc["nodes"].append({"name": "node9", "addresses": ["198.51.100.99"]})
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    script = ("link add up0 type veth peer name up1\nlink set up0 up\nlink set up1 up\nlink set lo up\n"
+              "addr add 203.0.113.2/24 dev up0\nroute add 198.51.100.0/24 via 203.0.113.1\n")
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], input=script, text=True, check=True)
+
+    def check(*prefix: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*prefix, sys.executable, "-m", "lbagent.ops.cli", "check", "-c", str(path)],
+                              capture_output=True, text=True, check=False, cwd=REPO, timeout=60)
+
+    here = check("ip", "netns", "exec", netns)
+    assert here.returncode == 0, here.stderr
+    assert ("accepted     nft -c -f lbagent-dsr.nft: not on-link from this host, left out of dsr frontends: "
+            "node9 198.51.100.99") in here.stdout
+    elsewhere = check()  # this machine has no up0
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "not checked  nft -c -f lbagent-dsr.nft: dataplane.dsrInterfaces up0: not on this host" in elsewhere.stdout
+    assert "accepted     nft -c -f lbagent.nft" in elsewhere.stdout
