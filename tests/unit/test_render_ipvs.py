@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from lbagent import model
+from lbagent.l4.ipvs import apply as ipvs_apply
 from lbagent.l4.ipvs import mh
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.ipvs.render import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
@@ -547,3 +549,33 @@ def test_predict_for_dsr_hashes_the_real_servers_at_the_frontends_port() -> None
     assert {b.node for b in chosen if b is not None} == set(NODES)
     differs = sum(ipvs.predict(nat, client, port) != b for port, b in zip(range(40000, 40200), chosen, strict=True))
     assert differs > 0
+
+
+def test_the_forwarder_leaves_dsr_nodes_off_link_out_and_logs_them_when_that_changes(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """IpvsForwarder asks the kernel (on_link_paths, here a stand-in) only for dsr frontends' nodes, and logs
+    `dsr_node_not_on_link` once per change of the set left out, not on every apply."""
+    asked: list[set[str]] = []
+    on_link = {NODES["node1"], NODES["node2"]}
+
+    def paths(addresses: set[str], interfaces: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+        asked.append(set(addresses))
+        return {a: "eth1" for a in addresses if a in on_link}, []
+
+    monkeypatch.setattr(ipvs_apply, "on_link_paths", paths)
+    forwarder = ipvs_apply.IpvsForwarder(model.Dataplane(kind=model.DataplaneKind.IPVS))
+    dsr, nat = frontend(81, mode=DSR), frontend(80)
+    caplog.set_level("INFO", logger="lbagent.dataplane")
+
+    def events() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage() == "dsr_node_not_on_link"]
+
+    assert asyncio.run(forwarder._on_link([nat])) == [nat] and asked == []
+    kept = asyncio.run(forwarder._on_link([dsr, nat]))
+    assert [b.node for b in kept[0].backends] == ["node1", "node2"] and kept[1] == nat
+    assert asked == [set(NODES.values())] and len(events()) == 1
+    assert vars(caplog.records[-1])["lbagent_fields"]["nodes"] == f"node3 {NODES['node3']}"
+    asyncio.run(forwarder._on_link([dsr, nat]))
+    assert len(events()) == 1  # the same set: not logged again
+    on_link.add(NODES["node3"])
+    assert asyncio.run(forwarder._on_link([dsr])) == [dsr] and len(events()) == 1
