@@ -45,10 +45,18 @@ def test_config_takes_dsr_on_nftables_with_its_interfaces() -> None:
     assert m.dataplane.dsr_interfaces == ("eth0",)
 
 
+def test_config_takes_dsr_on_ipvs_without_interfaces() -> None:
+    """IPVS direct routing takes the VIP's packets wherever they come in: no dsrInterfaces needed."""
+    m = config.parse(_doc(kind="ipvs", forwardingMode="dsr"))
+    assert m.service("default/web").forwarding_mode is model.ForwardingMode.DSR
+    assert m.dataplane.kind is model.DataplaneKind.IPVS
+
+
 @pytest.mark.parametrize(("dataplane", "field", "message"), [
     ({"forwardingMode": "dsr"}, "dataplane.dsrInterfaces", "name the interfaces the routers send"),
     ({"forwardingMode": "dsr", "dsrInterfaces": ["eth0"], "kind": "iptables"}, "dataplane.forwardingMode",
-     "needs dataplane.kind nftables (here iptables: iptables cannot send a packet to another host's MAC"),
+     "needs dataplane.kind nftables or ipvs (here iptables: iptables cannot send a packet to another host's MAC"),
+    ({"forwardingMode": "dsr", "kind": "iptables"}, "dataplane.forwardingMode", "needs dataplane.kind nftables or"),
 ])
 def test_config_refuses_dsr_where_it_cannot_work(dataplane: dict[str, object], field: str, message: str) -> None:
     found = problems(_doc(**dataplane))
@@ -60,6 +68,9 @@ def test_a_services_own_dsr_is_checked_too() -> None:
     doc["services"][0]["forwardingMode"] = "dsr"
     found = problems(yaml.safe_dump(doc))
     assert [(p.path, p.value) for p in found] == [("dataplane.dsrInterfaces", "[]")], found
+    doc["dataplane"] = {"kind": "iptables"}
+    found = problems(yaml.safe_dump(doc))
+    assert [(p.path, p.value) for p in found] == [("services[0].forwardingMode", "dsr")], found
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from lbagent import model
+from lbagent.l4.ipvs import apply as ipvs_apply
 from lbagent.l4.ipvs import mh
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.ipvs.render import Attributes, Dest, DestKey, Op, OpKind, Service, ServiceKey
@@ -459,3 +461,121 @@ def test_predict_hashes_the_port_unless_there_is_affinity() -> None:
     assert ipvs.predict(frontend(scheduler="mh", nodes=()), client, 1) is None
     with pytest.raises(ValueError, match="'rr' cannot be predicted"):
         ipvs.predict(frontend(scheduler="rr"), client, 40000)
+
+
+# -- dsr: direct routing -----------------------------------------------------------------------------------------
+
+DSR = model.ForwardingMode.DSR
+
+
+def test_dsr_real_servers_are_the_nodes_at_the_frontends_port_by_direct_routing() -> None:
+    f = frontend(81, scheduler="mh", mode=DSR, affinity_timeout=60)
+    service = ipvs.desired([f])[key(81)]
+    assert service.dests == {DestKey(ip_address(a), 81): Dest(1, ipvs.FWD_ROUTE) for a in NODES.values()}
+    # The service itself is as in the other modes: scheduler, flags, persistence.
+    assert service.attributes == ipvs.attributes(replace(f, mode=model.ForwardingMode.NAT))
+    ops = ipvs.diff({}, ipvs.desired([f]))
+    assert [str(op) for op in ops][:2] == [
+        "add-service tcp/198.51.100.80:81 mh", "add-dest tcp/198.51.100.80:81 203.0.113.11:81 weight 1 route",
+    ]
+    assert {op.fwd_method for op in ops if op.kind is OpKind.ADD_DEST} == {ipvs.FWD_ROUTE}
+    state = ipvs.after({}, ops)
+    assert state == ipvs.desired([f]) and ipvs.diff(state, ipvs.desired([f])) == []
+
+
+def test_dsr_weights_and_draining_keep_direct_routing() -> None:
+    f = frontend(81, scheduler="mh", mode=DSR)
+    state = converge({}, ipvs.desired([f]))
+    heavier = replace(f, backends=tuple(b._replace(weight=4) if b.node == "node2" else b for b in f.backends))
+    assert ipvs.diff(state, ipvs.desired([heavier])) == [
+        Op(OpKind.SET_DEST, key(81), dest=DestKey(ip_address(NODES["node2"]), 81), weight=4,
+           fwd_method=ipvs.FWD_ROUTE)]
+    # A leaving node goes to weight 0 and keeps routing its established flows directly.
+    without = replace(f, backends=f.backends[:2])
+    assert ipvs.diff(state, ipvs.desired([without])) == [
+        Op(OpKind.SET_DEST, key(81), dest=DestKey(ip_address(NODES["node3"]), 81), weight=0,
+           fwd_method=ipvs.FWD_ROUTE)]
+
+
+def test_switching_a_frontend_between_nat_and_dsr_replaces_its_real_servers_gracefully() -> None:
+    nat = frontend(81, scheduler="mh")
+    state = converge({}, ipvs.desired([nat]))
+    ops = ipvs.diff(state, ipvs.desired([replace(nat, mode=DSR)]))
+    assert [(op.kind, op.dest.port if op.dest else None, op.weight, op.fwd_method) for op in ops] == [
+        *((OpKind.ADD_DEST, 81, 1, ipvs.FWD_ROUTE) for _ in NODES),
+        *((OpKind.SET_DEST, 30081, 0, ipvs.FWD_MASQ) for _ in NODES),
+    ]
+
+
+def test_a_real_server_made_masquerading_behind_lbagents_back_is_set_back_to_direct_routing() -> None:
+    f = frontend(81, mode=DSR)
+    state = converge({}, ipvs.desired([f]))
+    tampered = {**state[key(81)].dests, DestKey(ip_address(NODES["node1"]), 81): Dest(1, ipvs.FWD_MASQ)}
+    assert ipvs.diff({key(81): replace(state[key(81)], dests=tampered)}, state) == [
+        Op(OpKind.SET_DEST, key(81), dest=DestKey(ip_address(NODES["node1"]), 81), weight=1,
+           fwd_method=ipvs.FWD_ROUTE)]
+
+
+def test_dsr_nodes_not_on_link_are_left_out_and_named_other_modes_untouched() -> None:
+    dsr, nat = frontend(81, mode=DSR), frontend(80)
+    assert ipvs.dsr_addresses([dsr, nat]) == set(NODES.values())
+    assert ipvs.dsr_addresses([nat]) == set()
+    on_link = {NODES["node1"], NODES["node2"]}
+    kept, left_out = ipvs.on_link_only([dsr, nat], on_link)
+    assert left_out == {NODES["node3"]: "node3"}
+    assert [b.node for b in kept[0].backends] == ["node1", "node2"] and kept[1] == nat
+    assert set(ipvs.desired(kept)[key(81)].dests) == {DestKey(ip_address(a), 81) for a in on_link}
+    assert ipvs.on_link_only([dsr], set(NODES.values())) == ([dsr], {})
+    none, named = ipvs.on_link_only([dsr], set())
+    assert none[0].backends == () and set(named.values()) == set(NODES)
+
+
+def test_dsr_is_never_masqueraded_and_keeps_its_source_ranges() -> None:
+    f = frontend(81, mode=DSR, source_ranges=(ip_network("192.0.2.0/25"),))
+    c = ipvs.companion("lbagent_ipvs", [f], [VIP], [key(81)]).elements
+    assert c["masquerade_v4"] == frozenset()
+    assert c["ranged_v4"] == {"198.51.100.80 . tcp . 81"}
+    assert c["allowed_v4"] == {"198.51.100.80 . tcp . 81 . 192.0.2.0/25"}
+
+
+def test_predict_for_dsr_hashes_the_real_servers_at_the_frontends_port() -> None:
+    """The kernel's mh hashes each real server's address and port: a dsr service (port 81) fills its table
+    otherwise than a nat one (nodePort 30081), and predict follows the real servers lbagent creates."""
+    dsr, nat = frontend(81, scheduler="mh", mode=DSR), frontend(81, scheduler="mh")
+    assert {(s.address, s.port) for s in ipvs.mh_servers(dsr)} == {(ip_address(a), 81) for a in NODES.values()}
+    client = ip_address("192.0.2.130")
+    chosen = [ipvs.predict(dsr, client, port) for port in range(40000, 40200)]
+    assert all(b is not None and b.port == 30081 for b in chosen)  # the frontend's own Backend is returned
+    assert {b.node for b in chosen if b is not None} == set(NODES)
+    differs = sum(ipvs.predict(nat, client, port) != b for port, b in zip(range(40000, 40200), chosen, strict=True))
+    assert differs > 0
+
+
+def test_the_forwarder_leaves_dsr_nodes_off_link_out_and_logs_them_when_that_changes(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """IpvsForwarder asks the kernel (on_link_paths, here a stand-in) only for dsr frontends' nodes, and logs
+    `dsr_node_not_on_link` once per change of the set left out, not on every apply."""
+    asked: list[set[str]] = []
+    on_link = {NODES["node1"], NODES["node2"]}
+
+    def paths(addresses: set[str], interfaces: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+        asked.append(set(addresses))
+        return {a: "eth1" for a in addresses if a in on_link}, []
+
+    monkeypatch.setattr(ipvs_apply, "on_link_paths", paths)
+    forwarder = ipvs_apply.IpvsForwarder(model.Dataplane(kind=model.DataplaneKind.IPVS))
+    dsr, nat = frontend(81, mode=DSR), frontend(80)
+    caplog.set_level("INFO", logger="lbagent.dataplane")
+
+    def events() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage() == "dsr_node_not_on_link"]
+
+    assert asyncio.run(forwarder._on_link([nat])) == [nat] and asked == []
+    kept = asyncio.run(forwarder._on_link([dsr, nat]))
+    assert [b.node for b in kept[0].backends] == ["node1", "node2"] and kept[1] == nat
+    assert asked == [set(NODES.values())] and len(events()) == 1
+    assert vars(caplog.records[-1])["lbagent_fields"]["nodes"] == f"node3 {NODES['node3']}"
+    asyncio.run(forwarder._on_link([dsr, nat]))
+    assert len(events()) == 1  # the same set: not logged again
+    on_link.add(NODES["node3"])
+    assert asyncio.run(forwarder._on_link([dsr])) == [dsr] and len(events()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -19,6 +20,7 @@ from lbagent.l4.change import FrontendChange
 from lbagent.l4.ipvs import render
 from lbagent.l4.ipvs.render import Companion, Op, OpKind, Service, ServiceKey
 from lbagent.l4.nft import NftError, run_nft
+from lbagent.l4.nftables.apply import on_link_paths
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 
@@ -78,7 +80,7 @@ def _service_msg(key: ServiceKey, attributes: render.Attributes | None = None) -
 def _dest_msg(op: Op) -> IPVSDest:
     assert op.dest is not None
     # fwd_method must be explicit: pyroute2's IPVSDest defaults to direct routing.
-    return IPVSDest(addr=str(op.dest.address), port=op.dest.port, fwd_method=render.FWD_MASQ, weight=op.weight)
+    return IPVSDest(addr=str(op.dest.address), port=op.dest.port, fwd_method=op.fwd_method, weight=op.weight)
 
 
 def _read_proc() -> str:
@@ -97,7 +99,8 @@ def _attrs(msg: Any, nla: str) -> dict[str, Any]:
 
 
 class IpvsForwarder:
-    """IPVS services (NAT to the nodePorts) for the frontends, with `table inet <dataplane.table>_ipvs` beside them.
+    """IPVS services (NAT to the nodePorts; dsr: direct routing to the nodes) for the frontends, with
+    `table inet <dataplane.table>_ipvs` beside them.
 
     Every apply reads the kernel's services back (all of them, or with a change record only those of the changed
     services and those still draining), so connection counts are current and anything changed behind lbagent's back
@@ -117,6 +120,7 @@ class IpvsForwarder:
         self._draining: set[ServiceKey] = set()
         self._vips: set[model.IPAddress] = set()  # the VIPs of the last apply: whatever is on them is lbagent's
         self.last_ops: list[Op] = []  # what the last apply sent, for logs and tests
+        self._not_on_link: frozenset[str] = frozenset()  # dsr backends left out, as last logged ("node address")
 
     # -- the Forwarder interface ----------------------------------------------------------------------
 
@@ -130,7 +134,7 @@ class IpvsForwarder:
         if change is not None and not force and self._companion is not None:
             scope = {render.key_of(f) for f in [*change.old(), *change.new()]} | self._draining
         try:
-            return await self._apply(list(frontends), set(vips), scope, force)
+            return await self._apply(await self._on_link(frontends), set(vips), scope, force)
         except BaseException:
             # Whatever got through, the next call reads everything again and rewrites the nft table whole.
             self._companion = None
@@ -154,6 +158,25 @@ class IpvsForwarder:
         self._companion, self._recorded, self._state, self._draining = None, set(), {}, set()
 
     # -- applying ---------------------------------------------------------------------------------------
+
+    async def _on_link(self, frontends: Sequence[Frontend]) -> list[Frontend]:
+        """The frontends with their dsr backends limited to the nodes this host reaches on-link: direct routing
+        sends the unchanged packet to the node's MAC address, which a node behind a gateway does not have here
+        (the kernel would ask for it on the gateway's segment and never get it). Those left out are logged
+        whenever the set changes, as the nftables data plane does."""
+        addresses = render.dsr_addresses(frontends)
+        paths: dict[str, str] = {}
+        if addresses:
+            paths, _ = await asyncio.to_thread(on_link_paths, addresses, ())
+        kept, left_out = render.on_link_only(frontends, paths)
+        reported = frozenset(f"{node} {address}" for address, node in left_out.items())
+        if reported != self._not_on_link:
+            self._not_on_link = reported
+            if reported:
+                event(log, logging.ERROR, "dsr_node_not_on_link", nodes=",".join(sorted(reported)),
+                      error="IPVS direct routing reaches only nodes on this host's segments: left out of dsr "
+                            "frontends (route them without a gateway, or use nat)")
+        return kept
 
     async def _apply(
         self, frontends: list[Frontend], vips: set[model.IPAddress], scope: set[ServiceKey] | None, force: bool

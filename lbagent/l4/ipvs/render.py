@@ -17,6 +17,13 @@ a client that keeps sending would stay on the leaving node for ever; with `expir
 such an entry on its next packet and schedules the flow anew. A frontend left without backends keeps its service
 while the weight-0 servers drain (IPVS refuses new connections with ICMP port unreachable meanwhile) and loses it
 once they have; a frontend that is gone (not among the frontends at all) loses its service at once.
+
+Direct server return (`forwardingMode: dsr`) is IPVS's direct routing: the real servers are the nodes at the
+frontend's own port (direct routing cannot change the port; the node's kube-proxy takes VIP:port), and IPVS sends
+the packet unchanged to the node's MAC address. So only nodes on one of the LB's segments can be real servers:
+`on_link_only()` leaves the others out, as if unhealthy. The node answers the client directly; IPVS sees only the
+client's packets, and with `sloppy_tcp` schedules a flow it has no connection for by any packet, so a flow moved
+here from another LB reaches the node `mh` picks, the same one on every LB.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from lbagent.plan.services import Backend, Frontend
 IPPROTO = {model.Protocol.TCP: 6, model.Protocol.UDP: 17}
 PROTOCOL_BY_NUMBER = {number: protocol for protocol, number in IPPROTO.items()}
 FWD_MASQ = 0  # IP_VS_CONN_F_MASQ: IPVS "NAT", the only forwarding method that reaches a nodePort
+FWD_ROUTE = 3  # IP_VS_CONN_F_DROUTE: direct routing, for dsr frontends (the packet unchanged, sent to the node's MAC)
 
 # Service flags (include/uapi/linux/ip_vs.h).
 F_PERSISTENT = 0x0001
@@ -60,7 +68,7 @@ class ServiceKey(NamedTuple):
 
 
 class DestKey(NamedTuple):
-    """A real server's identity within its service: a node address and the nodePort."""
+    """A real server's identity within its service: a node address and the nodePort (dsr: the frontend's port)."""
 
     address: model.IPAddress
     port: int
@@ -122,13 +130,17 @@ class Op:
     attributes: Attributes | None = None
     dest: DestKey | None = None
     weight: int = 0
+    fwd_method: int = FWD_MASQ
 
     def __str__(self) -> str:
         service = f"{self.key.protocol.value.lower()}/{_host_port(self.key.vip, self.key.port)}"
         if self.dest is None:
             return f"{self.kind} {service}" + (f" {self.attributes.scheduler}" if self.attributes else "")
         target = _host_port(self.dest.address, self.dest.port)
-        return f"{self.kind} {service} {target}" + (f" weight {self.weight}" if self.kind != OpKind.DEL_DEST else "")
+        if self.kind == OpKind.DEL_DEST:
+            return f"{self.kind} {service} {target}"
+        return f"{self.kind} {service} {target} weight {self.weight}" + (
+            " route" if self.fwd_method == FWD_ROUTE else "")
 
 
 def _host_port(address: model.IPAddress, port: int) -> str:
@@ -160,12 +172,38 @@ def attributes(frontend: Frontend) -> Attributes:
     return Attributes(frontend.scheduler, flags, timeout, NETMASK[frontend.vip.version])
 
 
+def real_servers(frontend: Frontend) -> dict[DestKey, Dest]:
+    """The backends that take new flows, as real servers: NAT to the nodePort, or for dsr direct routing to the
+    node at the frontend's own port (the packet keeps its destination, VIP:port)."""
+    if frontend.mode is model.ForwardingMode.DSR:
+        return {DestKey(b.address, frontend.port): Dest(b.weight, FWD_ROUTE) for b in frontend.active}
+    return {DestKey(b.address, b.port): Dest(b.weight) for b in frontend.active}
+
+
 def desired(frontends: Iterable[Frontend]) -> dict[ServiceKey, Service]:
     """One service per frontend, with the backends that take new flows as real servers (none: drain, then go)."""
-    return {
-        key_of(f): Service(attributes(f), {DestKey(b.address, b.port): Dest(b.weight) for b in f.active})
-        for f in frontends
-    }
+    return {key_of(f): Service(attributes(f), real_servers(f)) for f in frontends}
+
+
+def on_link_only(frontends: Iterable[Frontend], on_link: Collection[str]) -> tuple[list[Frontend], dict[str, str]]:
+    """The frontends with each dsr frontend's backends limited to the addresses in `on_link` (those the LB reaches
+    without a gateway: direct routing sends to the node's MAC address), and the backends left out (address ->
+    node name). Other modes are returned as they are."""
+    out: list[Frontend] = []
+    left_out: dict[str, str] = {}
+    for f in frontends:
+        if f.mode is not model.ForwardingMode.DSR:
+            out.append(f)
+            continue
+        kept = tuple(b for b in f.backends if str(b.address) in on_link)
+        left_out |= {str(b.address): b.node for b in f.active if str(b.address) not in on_link}
+        out.append(f if len(kept) == len(f.backends) else replace(f, backends=kept))
+    return out, left_out
+
+
+def dsr_addresses(frontends: Iterable[Frontend]) -> set[str]:
+    """The node addresses dsr frontends would send to (whose on-link paths the forwarder asks the kernel for)."""
+    return {str(b.address) for f in frontends if f.mode is model.ForwardingMode.DSR for b in f.backends}
 
 
 def owns(vips: Collection[model.IPAddress], recorded: Collection[ServiceKey]) -> Callable[[ServiceKey], bool]:
@@ -198,7 +236,8 @@ def diff(actual: State, want: State, owned: Callable[[ServiceKey], bool] = lambd
         elif have is None:
             if target.dests:
                 ops.append(Op(OpKind.ADD_SERVICE, key, target.attributes))
-                ops += [Op(OpKind.ADD_DEST, key, dest=d, weight=t.weight) for d, t in sorted(target.dests.items())]
+                ops += [Op(OpKind.ADD_DEST, key, dest=d, weight=t.weight, fwd_method=t.fwd_method)
+                        for d, t in sorted(target.dests.items())]
         else:
             ops += _diff_service(key, have, target)
     return ops
@@ -214,15 +253,18 @@ def _diff_service(key: ServiceKey, have: Service, target: Service) -> list[Op]:
     ops: list[Op] = []
     if target.dests and have.attributes != target.attributes:
         ops.append(Op(OpKind.SET_SERVICE, key, target.attributes))
-    ops += [Op(OpKind.ADD_DEST, key, dest=d, weight=t.weight) for d, t in sorted(target.dests.items())
-            if d not in have.dests]
-    ops += [Op(OpKind.SET_DEST, key, dest=d, weight=t.weight) for d, t in sorted(target.dests.items())
+    ops += [Op(OpKind.ADD_DEST, key, dest=d, weight=t.weight, fwd_method=t.fwd_method)
+            for d, t in sorted(target.dests.items()) if d not in have.dests]
+    ops += [Op(OpKind.SET_DEST, key, dest=d, weight=t.weight, fwd_method=t.fwd_method)
+            for d, t in sorted(target.dests.items())
             if d in have.dests and (have.dests[d].weight, have.dests[d].fwd_method) != (t.weight, t.fwd_method)]
     for d in leaving:
         h = have.dests[d]
         if h.weight > 0 and graceful:
-            # Even with no connection now: one could be scheduled between our dump and a deletion.
-            ops.append(Op(OpKind.SET_DEST, key, dest=d, weight=0))
+            # Even with no connection now: one could be scheduled between our dump and a deletion. It keeps its
+            # forwarding method: its established connections go on as they began.
+            method = h.fwd_method if h.fwd_method in (FWD_MASQ, FWD_ROUTE) else FWD_MASQ
+            ops.append(Op(OpKind.SET_DEST, key, dest=d, weight=0, fwd_method=method))
         elif not graceful or h.connections == 0:
             ops.append(Op(OpKind.DEL_DEST, key, dest=d))
     return ops
@@ -249,7 +291,7 @@ def after(actual: State, ops: Iterable[Op]) -> dict[ServiceKey, Service]:
                 dests.pop(op.dest, None)
             else:
                 old = dests.get(op.dest, Dest(0))
-                dests[op.dest] = replace(old, weight=op.weight, fwd_method=FWD_MASQ)
+                dests[op.dest] = replace(old, weight=op.weight, fwd_method=op.fwd_method)
             out[op.key] = replace(service, dests=dests)
     return out
 
@@ -290,7 +332,8 @@ def predict(frontend: Frontend, source: model.IPAddress, source_port: int,
     if chosen is None:
         return None
     server = servers[chosen]
-    return next(b for b in frontend.active if (b.address, b.port) == (server.address, server.port))
+    dsr = frontend.mode is model.ForwardingMode.DSR  # real servers at the frontend's port, one per node address
+    return next(b for b in frontend.active if b.address == server.address and (dsr or b.port == server.port))
 
 
 # -- reading the kernel's answers ------------------------------------------------------------------

@@ -458,8 +458,9 @@ HAPROXY_SOCKET_TMP_SUFFIX = 24
 
 
 def _dsr_checks(config: ConfigFile) -> Iterable[Problem]:
-    """Direct server return: only where the data plane can forward a packet by MAC address without state, and
-    with the interfaces the routers' traffic comes in on."""
+    """Direct server return: only where the data plane can send a packet to a node's MAC address unchanged
+    (nftables: the netdev table, on the interfaces the routers' traffic comes in on; IPVS: direct routing, wherever
+    the packet comes in)."""
     users = [(f"services[{i}].forwardingMode", s.name) for i, s in enumerate(config.services)
              if (s.forwarding_mode or config.dataplane.forwarding_mode) == "dsr"]
     if config.dataplane.forwarding_mode == "dsr":
@@ -467,11 +468,10 @@ def _dsr_checks(config: ConfigFile) -> Iterable[Problem]:
     if not users:
         return
     field, _ = users[0]
-    if config.dataplane.kind != "nftables":
-        why = ("iptables cannot send a packet to another host's MAC address without rewriting it or keeping state"
-               if config.dataplane.kind == "iptables" else "IPVS's direct routing is not built into lbagent yet")
-        yield Problem(field, "dsr", f"needs dataplane.kind nftables (here {config.dataplane.kind}: {why})")
-    if not config.dataplane.dsr_interfaces:
+    if config.dataplane.kind == "iptables":
+        yield Problem(field, "dsr", "needs dataplane.kind nftables or ipvs (here iptables: iptables cannot send a "
+                                    "packet to another host's MAC address without rewriting it or keeping state)")
+    if config.dataplane.kind == "nftables" and not config.dataplane.dsr_interfaces:
         yield Problem("dataplane.dsrInterfaces", "[]",
                       f"{field} is dsr: name the interfaces the routers send the VIPs' traffic in on (e.g. [eth0])")
 
