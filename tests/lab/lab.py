@@ -662,7 +662,7 @@ class Lab:
         ]
         return "".join(line + "\n" for line in lines)
 
-    def load_balancer_ip_ruleset(self) -> str:
+    def load_balancer_ip_ruleset(self, node: str) -> str:
         """What kube-proxy does on a node for a LoadBalancer Service's address in `ipMode: VIP` (and for every
         one before Kubernetes 1.29): a packet that reaches the node still addressed to VIP:port (direct server
         return: the LB changed only the MAC address) goes to the Service, here the backend's nodePort. The node
@@ -674,8 +674,10 @@ class Lab:
                 l3 = "ip6" if ":" in str(vip) else "ip"
                 for port in service.get("ports", []):
                     proto = str(port.get("protocol", "TCP")).lower()
+                    # to the node's own address: what `redirect` does, without nft_redir (not in every kernel)
+                    own = f"[{address6(node)}]" if l3 == "ip6" else address(node)
                     rules.append(f"        {l3} daddr {vip} {proto} dport {port['port']}"
-                                 f" redirect to :{port['nodePort']}")
+                                 f" dnat {l3} to {own}:{port['nodePort']}")
         return "".join(line + "\n" for line in [
             "table inet lab_lbip",
             "delete table inet lab_lbip",
@@ -692,8 +694,8 @@ class Lab:
         if services is not None:
             self.services = json.loads(json.dumps(services))
             self._save_state()
-        text = self.load_balancer_ip_ruleset()
-        _run_all([(["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], text) for node in NODES])
+        _run_all([(["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], self.load_balancer_ip_ruleset(node))
+                  for node in NODES])
 
     def set_links(self, host: str, up: bool) -> None:
         """Unplug a host's cables from the switch (a node lost, hard: no BGP NOTIFICATION, no FIN; its links lose

@@ -48,10 +48,11 @@ class Row:
     moved: int  # of the alive ones, those the router sent to the other LB during the event
     moved_survived: int
     stall: float  # the longest gap between two answers of a surviving connection, seconds
+    lost: tuple[str, ...] = ()  # how each lost connection ended: "source port: error, nodes"
 
     def __str__(self) -> str:
         return (f"{self.event:<26} {self.survived:>3}/{self.alive:<3} survive; moved {self.moved_survived}/{self.moved}"
-                f" survive; longest stall {self.stall:.2f} s")
+                f" survive; longest stall {self.stall:.2f} s" + "".join(f"\n      lost {x}" for x in self.lost))
 
 
 def _lb_of(lab: Lab, source_port: int) -> str:
@@ -105,7 +106,9 @@ def run_events(lab: Lab, events: dict[str, Callable[[], None]], fresh: bool = Fa
         moved = [i for i in alive if routes_before[i] != routes_after[i]
                  or (name in FLAPS and routes_before[i] == "lb1")]
         stall = max((s[1] for i in survived for s in after[i]["stalls"] if s[0] >= began), default=0.0)
-        rows.append(Row(name, len(alive), len(survived), len(moved), len(set(moved) & set(survived)), stall))
+        lost = tuple(f"{after[i]['sourcePort']} (via {routes_before[i]} -> {routes_after[i]}): {after[i]['error']}, "
+                     f"nodes {after[i]['nodes']}" for i in alive if i not in survived)
+        rows.append(Row(name, len(alive), len(survived), len(moved), len(set(moved) & set(survived)), stall, lost))
     flows.stop()
     return rows
 
