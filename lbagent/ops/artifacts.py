@@ -2,7 +2,7 @@
 shows it and `lbagent check` hands its files to the real tools (lbagent.ops.judge). Needs no root and changes nothing:
 every node is assumed healthy (nothing is probed), and all it asks the kernel is the routing table's source address
 for each BGP peer, as `run` does (lbagent.l3.speaker.local_addresses), and, for dsr frontends, which interfaces exist
-and which nodes are on-link (lbagent.l4.nftables.apply.on_link_paths)."""
+and which nodes are on-link (lbagent.l4.routes.on_link_paths)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables import render as nftables
-from lbagent.l4.nftables.apply import on_link_paths
+from lbagent.l4.routes import on_link_paths
 from lbagent.l7 import certs, process
 from lbagent.l7 import render as haproxy
 from lbagent.plan import http as plan_http

@@ -20,7 +20,7 @@ from lbagent.l4.change import FrontendChange
 from lbagent.l4.ipvs import render
 from lbagent.l4.ipvs.render import Companion, Op, OpKind, Service, ServiceKey
 from lbagent.l4.nft import NftError, run_nft
-from lbagent.l4.nftables.apply import on_link_paths
+from lbagent.l4.routes import on_link_paths
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 

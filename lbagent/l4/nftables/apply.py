@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from ipaddress import ip_address
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, run_nft
 from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
+from lbagent.l4.routes import on_link_paths
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 
 log = logging.getLogger("lbagent.dataplane")
-
-
-def on_link_paths(addresses: Iterable[str], interfaces: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """The kernel's answer, for each address, to "which interface reaches it on-link (no gateway)?"; and which of
-    `interfaces` exist. Blocking netlink calls: run in a thread."""
-    paths: dict[str, str] = {}
-    with IPRoute() as ipr:
-        names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
-        for address in addresses:
-            try:
-                route = ipr.route("get", dst=address)[0]
-            except (NetlinkError, OSError):  # no route: not reachable, which is what is asked
-                continue
-            if route.get_attr("RTA_GATEWAY") is None and route.get_attr("RTA_OIF") in names:
-                paths[address] = names[route.get_attr("RTA_OIF")]
-    return paths, [i for i in interfaces if i in names.values()]
 
 
 class NftForwarder:
