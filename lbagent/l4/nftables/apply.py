@@ -9,7 +9,7 @@ from ipaddress import ip_address
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
-from lbagent.l4.nft import NftError, run_nft
+from lbagent.l4.nft import NftError, apply_script
 from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
 from lbagent.l4.routes import on_link_paths
@@ -101,7 +101,7 @@ class NftForwarder:
 
     async def _run(self, script: str) -> None:
         """The one place this forwarder touches the kernel."""
-        await run_nft(["-f", "-"], script)
+        await apply_script(script)
 
     async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
         """Bring the kernel to `ruleset` (a fresh object this forwarder keeps): "full", "delta" or "unchanged"."""

@@ -1,0 +1,69 @@
+"""lbagent.l4.nft against the real kernel, in a network namespace the test makes: small scripts go through the
+in-process libnftables context, whole tables through an `nft` process, and a refused script names its line and
+leaves the table as it was, whichever way it went."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STEP = r"""
+import asyncio, json, subprocess
+from lbagent.l4 import nft
+
+started = []
+real_run_nft = nft.run_nft
+async def counting_run_nft(args, script=None):
+    started.append(len(script or ""))
+    return await real_run_nft(args, script)
+nft.run_nft = counting_run_nft
+
+def elements():
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", "t", "s"], capture_output=True, text=True, check=True)
+    return sorted(e for x in json.loads(out.stdout)["nftables"] if "set" in x for e in x["set"].get("elem", []))
+
+async def main():
+    result = {}
+    await nft.apply_script("table inet t {\n set s { type ipv4_addr; }\n}\n")
+    await nft.apply_script("add element inet t s { 192.0.2.1 }\n")
+    result["small"] = {"processes": list(started), "elements": elements()}
+    try:
+        await nft.apply_script("add element inet t s { 192.0.2.2 }\nadd element inet t nosuchset { 192.0.2.3 }\n")
+    except nft.NftError as exc:
+        result["refused"] = str(exc)
+    result["after_refusal"] = elements()
+    many = ", ".join(f"198.51.100.{i % 250 + 1}" for i in range(nft.IN_PROCESS_LIMIT // 10))
+    big = "add element inet t s { " + many + " }\n"
+    await nft.apply_script(big)
+    result["big"] = {"processes": list(started), "count": len(elements())}
+    print(json.dumps(result))
+
+asyncio.run(main())
+"""
+
+
+def test_small_scripts_run_in_process_large_ones_in_nft_and_refusals_change_nothing() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
+    name = f"nftrun{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", STEP], capture_output=True,
+                             text=True, cwd=REPO, timeout=120, check=False)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["small"] == {"processes": [], "elements": ["192.0.2.1"]}  # no nft process for a small script
+    # the message names the line it refused and what in it
+    assert ":2:" in result["refused"] and "nosuchset" in result["refused"], result["refused"]
+    assert result["after_refusal"] == ["192.0.2.1"]  # all or nothing: 192.0.2.2 did not go in either
+    assert len(result["big"]["processes"]) == 1 and result["big"]["processes"][0] > 256 * 1024
+    assert result["big"]["count"] == 251
