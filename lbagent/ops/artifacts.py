@@ -78,7 +78,7 @@ def plan_document(m: model.Model, certificates: Mapping[str, tuple[str, ...]] | 
             {"service": f.service, "port": f.port_name, "vip": str(f.vip), "protocol": f.protocol.value,
              "listen": f.port, "mode": f.mode.value, "affinityTimeout": f.affinity_timeout,
              "sourceRanges": [str(n) for n in f.source_ranges],
-             "backends": [f"{b.node}={b.address}:{b.port}" + (f"*{b.weight}" if b.weight != 1 else "")
+             "backends": [f"{b.node}={b.address}:{f.node_port}" + (f"*{b.weight}" if b.weight != 1 else "")
                           for b in f.backends]}
             for f in p.frontends
         ],

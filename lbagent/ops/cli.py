@@ -130,7 +130,7 @@ def cmd_flow(m: model.Model, flow: str) -> int:
         backend = iptables.predict(frontend, source, source_port, m.dataplane.maglev_table_size)
         how = f"Maglev slot by HMARK's hash of the {hashed}; every LB node running iptables agrees"
     elif frontend.scheduler != "mh":
-        nodes = ", ".join(f"{b.node} {b.address}:{b.port}" for b in frontend.active)
+        nodes = ", ".join(f"{b.node} {b.address}:{frontend.node_port}" for b in frontend.active)
         print(f"{what} goes to one of {nodes}: IPVS {frontend.scheduler} {_UNPREDICTABLE[frontend.scheduler]}")
         return 0
     else:
@@ -146,7 +146,7 @@ def cmd_flow(m: model.Model, flow: str) -> int:
         return 1
     if len(frontend.active) == 1:
         how = "the only node taking new flows"
-    print(f"{what} goes to {backend.node} {backend.address}:{backend.port} ({how})")
+    print(f"{what} goes to {backend.node} {backend.address}:{frontend.node_port} ({how})")
     for note in notes:
         print(f"  {note}")
     return 0

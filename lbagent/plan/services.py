@@ -35,15 +35,16 @@ class Announcement:
 
 
 class Backend(NamedTuple):
-    """Where forwarded traffic lands: a node's address and the service port's nodePort.
+    """Where forwarded traffic lands: a node and its address (the port is the frontend's `node_port`).
 
     Weight 0 means draining: no new flows, but flows already there continue (IPVS keeps the real server
     with weight 0; nftables and iptables leave it out of the lookup table while conntrack keeps the flows).
+    The planner shares one tuple of backends between every frontend with the same nodes, so 10,000 services
+    x 2 ports x 20 nodes hold a few tuples, not 400,000 backends.
     """
 
     node: str
     address: model.IPAddress
-    port: int
     weight: int = 1
 
 
@@ -57,6 +58,7 @@ class Frontend:
     protocol: model.Protocol
     port: int
     backends: tuple[Backend, ...]
+    node_port: int  # the port every backend takes this frontend's traffic on (the service port's nodePort)
     mode: model.ForwardingMode = model.ForwardingMode.MASQUERADE
     affinity_timeout: int | None = None
     source_ranges: tuple[model.IPNetwork, ...] = ()
@@ -140,22 +142,36 @@ IPVS_SYSCTLS = {
 }
 
 
+# Equal backend tuples, shared: frontends with the same nodes hold the same tuple (less memory, and the data planes
+# find a lookup table they already made by the tuple's identity before comparing contents).
+# Keyed by the VIP's family and the healthy nodes' names and weights (within one model they decide the addresses).
+BackendCache = dict[tuple[int, tuple[tuple[str, int], ...]], tuple[Backend, ...]]
+
+
 def plan_service(
-    service: model.Service, nodes: Sequence[model.Node], health: HealthSnapshot, draining: bool
+    service: model.Service, nodes: Sequence[model.Node], health: HealthSnapshot, draining: bool,
+    shared: BackendCache | None = None,
 ) -> tuple[tuple[Frontend, ...], ServiceDecision]:
     """One service's frontends and announce decision: services are planned independently of each other."""
     key = service.key
     endpoints = service.endpoint_nodes
-    healthy = [n for n in nodes if health.get((key, n.name), False) and (endpoints is None or n.name in endpoints)]
+    serving = [health.get((key, n.name), False) and (endpoints is None or n.name in endpoints) for n in nodes]
+    healthy = [n for n, ok in zip(nodes, serving, strict=True) if ok]
     taking = [n for n in healthy if not n.draining]
     frontends = []
+    cache: BackendCache = {} if shared is None else shared
+    weights = tuple((n.name, 0 if n.draining else n.weight) for n in healthy)
     for vip in service.vips:
-        targets = [(n.name, a, 0 if n.draining else n.weight) for n in healthy if (a := n.address_for(vip)) is not None]
+        backends = cache.get((vip.version, weights))
+        if backends is None:
+            backends = cache[(vip.version, weights)] = tuple(
+                Backend(n.name, a, w) for n, (_, w) in zip(healthy, weights, strict=True)
+                if (a := n.address_for(vip)) is not None)
         for port in service.ports:
             frontends.append(
                 Frontend(
                     service=key, port_name=port.name, vip=vip, protocol=port.protocol, port=port.port,
-                    backends=tuple(Backend(name, address, port.node_port, weight) for name, address, weight in targets),
+                    backends=backends, node_port=port.node_port,
                     mode=service.forwarding_mode, affinity_timeout=service.session_affinity_timeout,
                     source_ranges=service.source_ranges, scheduler=service.ipvs_scheduler,
                 )
@@ -169,8 +185,7 @@ def plan_service(
         reason = Reason.ANNOUNCED
     decision = ServiceDecision(
         key, service.vips, reason is Reason.ANNOUNCED, reason, tuple(n.name for n in taking),
-        tuple(n.name for n in nodes if not health.get((key, n.name), False)
-              or (endpoints is not None and n.name not in endpoints)),
+        tuple(n.name for n, ok in zip(nodes, serving, strict=True) if not ok),
         tuple(n.name for n in healthy if n.draining),
     )
     return tuple(frontends), decision
@@ -203,8 +218,9 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
     """Decide everything. A pair missing from `health` counts as unhealthy."""
     by_service: dict[str, tuple[Frontend, ...]] = {}
     decisions: dict[str, ServiceDecision] = {}
+    shared: BackendCache = {}
     for service in m.services:
-        by_service[service.key], decisions[service.key] = plan_service(service, m.nodes, health, draining)
+        by_service[service.key], decisions[service.key] = plan_service(service, m.nodes, health, draining, shared)
     announcements = {}
     for vip in m.services_by_vip:
         if (a := _announcement(m, vip, decisions)) is not None:
@@ -284,12 +300,13 @@ class StaleFlows:
 
 def stale_udp_flows(before: Iterable[Frontend], after: Iterable[Frontend]) -> list[StaleFlows]:
     """What left each UDP frontend's active backends between two plans (a node removed or drained)."""
-    now = {(f.vip, f.port): {(b.address, b.port) for b in f.active} for f in after
+    now = {(f.vip, f.port): {(b.address, f.node_port) for b in f.active} for f in after
            if f.protocol is model.Protocol.UDP}
     out = []
     for f in before:
         if f.protocol is not model.Protocol.UDP:
             continue
         kept = now.get((f.vip, f.port), set())
-        out += [StaleFlows(f.vip, f.port, b.address, b.port) for b in f.active if (b.address, b.port) not in kept]
+        out += [StaleFlows(f.vip, f.port, b.address, f.node_port) for b in f.active
+                if (b.address, f.node_port) not in kept]
     return out

@@ -14,9 +14,8 @@ from lbagent.plan.services import Backend, Frontend
 def to_dict(f: Frontend) -> dict[str, Any]:
     return {
         "service": f.service, "portName": f.port_name, "vip": str(f.vip), "protocol": f.protocol.value,
-        "port": f.port,
-        "backends": [{"node": b.node, "address": str(b.address), "port": b.port, "weight": b.weight}
-                     for b in f.backends],
+        "port": f.port, "nodePort": f.node_port,
+        "backends": [{"node": b.node, "address": str(b.address), "weight": b.weight} for b in f.backends],
         "mode": f.mode.value, "affinityTimeout": f.affinity_timeout,
         "sourceRanges": [str(n) for n in f.source_ranges], "scheduler": f.scheduler,
     }
@@ -26,8 +25,9 @@ def from_dict(d: Mapping[str, Any]) -> Frontend:
     return Frontend(
         service=d["service"], port_name=d["portName"], vip=ip_address(d["vip"]),
         protocol=model.Protocol(d["protocol"]), port=int(d["port"]),
-        backends=tuple(Backend(node=b["node"], address=ip_address(b["address"]), port=int(b["port"]),
-                               weight=int(b["weight"])) for b in d["backends"]),
+        backends=tuple(Backend(node=b["node"], address=ip_address(b["address"]), weight=int(b["weight"]))
+                       for b in d["backends"]),
+        node_port=int(d["nodePort"]),
         mode=model.ForwardingMode(d["mode"]), affinity_timeout=d.get("affinityTimeout"),
         source_ranges=tuple(ip_network(n) for n in d.get("sourceRanges", ())),
         scheduler=d.get("scheduler", "mh"),

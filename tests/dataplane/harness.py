@@ -54,13 +54,14 @@ def frontend(
 ) -> Frontend:
     """A frontend on the test VIP of `family` spreading over `nodes` (weights default to 1; 0 drains)."""
     backends = tuple(
-        Backend(node=n, address=ip_address(address(n) if family == 4 else address6(n)), port=node_port,
+        Backend(node=n, address=ip_address(address(n) if family == 4 else address6(n)),
                 weight=(weights or {}).get(n, 1))
         for n in nodes
     )
     return Frontend(
         service=service, port_name=f"{protocol.lower()}-{port}", vip=ip_address(VIP4 if family == 4 else VIP6),
-        protocol=model.Protocol(protocol), port=port, backends=backends, mode=mode, affinity_timeout=affinity,
+        protocol=model.Protocol(protocol), port=port, backends=backends, node_port=node_port, mode=mode,
+        affinity_timeout=affinity,
         source_ranges=tuple(ip_network(r) for r in ranges),
     )
 

@@ -84,13 +84,11 @@ def no_rp_filter(ns: str) -> None:
 def frontends() -> list[Frontend]:
     tcp, nat, dsr = model.Protocol.TCP, model.ForwardingMode.NAT, model.ForwardingMode.DSR
     vip = ip_address(VIP)
-    nodes = [Backend(be, ip_address(a), 0) for be, a in NODES.items()]
-    far = Backend(FAR_NODE[0], ip_address(FAR_NODE[1]), DSR_NODE_PORT)
+    nodes = tuple(Backend(be, ip_address(a)) for be, a in NODES.items())
+    far = Backend(FAR_NODE[0], ip_address(FAR_NODE[1]))
     return [
-        Frontend("lab/nat", "http", vip, tcp, NAT_PORT, tuple(b._replace(port=NAT_NODE_PORT) for b in nodes),
-                 mode=nat, scheduler="mh"),
-        Frontend("lab/dsr", "http", vip, tcp, DSR_PORT,
-                 (*(b._replace(port=DSR_NODE_PORT) for b in nodes), far), mode=dsr, scheduler="mh"),
+        Frontend("lab/nat", "http", vip, tcp, NAT_PORT, nodes, NAT_NODE_PORT, mode=nat, scheduler="mh"),
+        Frontend("lab/dsr", "http", vip, tcp, DSR_PORT, (*nodes, far), DSR_NODE_PORT, mode=dsr, scheduler="mh"),
     ]
 
 

@@ -235,8 +235,8 @@ def build_lab(ns: Namespaces, stack: ExitStack) -> None:
                 f.write(value + "\n")
 
 
-def backends(port: int, family: int = 4, only: Sequence[str] = tuple(NODES)) -> tuple[Backend, ...]:
-    return tuple(Backend(be, ip_address(NODES[be][0 if family == 4 else 1]), port) for be in only)
+def backends(family: int = 4, only: Sequence[str] = tuple(NODES)) -> tuple[Backend, ...]:
+    return tuple(Backend(be, ip_address(NODES[be][0 if family == 4 else 1])) for be in only)
 
 
 def frontends(nodes: Sequence[str] = tuple(NODES)) -> dict[str, Frontend]:
@@ -245,15 +245,15 @@ def frontends(nodes: Sequence[str] = tuple(NODES)) -> dict[str, Frontend]:
     tcp, udp = model.Protocol.TCP, model.Protocol.UDP
     nat, masq = model.ForwardingMode.NAT, model.ForwardingMode.MASQUERADE
     return {
-        "rr": Frontend("lab/rr", "http", v4, tcp, 80, backends(30080, only=nodes), mode=nat, scheduler="rr"),
-        "mh": Frontend("lab/mh", "http", v4, tcp, 81, backends(30081, only=nodes), mode=masq, scheduler="mh"),
-        "ranged": Frontend("lab/ranged", "http", v4, tcp, 82, backends(30082, only=nodes), mode=nat, scheduler="rr",
+        "rr": Frontend("lab/rr", "http", v4, tcp, 80, backends(only=nodes), 30080, mode=nat, scheduler="rr"),
+        "mh": Frontend("lab/mh", "http", v4, tcp, 81, backends(only=nodes), 30081, mode=masq, scheduler="mh"),
+        "ranged": Frontend("lab/ranged", "http", v4, tcp, 82, backends(only=nodes), 30082, mode=nat, scheduler="rr",
                            source_ranges=(ip_network(f"{CLIENT}/32"), ip_network("2001:db8:2::/64"))),
-        "affinity": Frontend("lab/affinity", "http", v4, tcp, 83, backends(30083, only=nodes), mode=nat,
+        "affinity": Frontend("lab/affinity", "http", v4, tcp, 83, backends(only=nodes), 30083, mode=nat,
                              scheduler="rr", affinity_timeout=60),
-        "empty": Frontend("lab/empty", "http", v4, tcp, 84, (), mode=nat, scheduler="rr"),
-        "udp": Frontend("lab/udp", "dns", v4, udp, 53, backends(UDP_PORT, only=nodes), mode=masq, scheduler="rr"),
-        "v6": Frontend("lab/v6", "http", ip_address(VIP6), tcp, 80, backends(30085, 6, only=nodes), mode=nat,
+        "empty": Frontend("lab/empty", "http", v4, tcp, 84, (), 0, mode=nat, scheduler="rr"),
+        "udp": Frontend("lab/udp", "dns", v4, udp, 53, backends(only=nodes), UDP_PORT, mode=masq, scheduler="rr"),
+        "v6": Frontend("lab/v6", "http", ip_address(VIP6), tcp, 80, backends(6, only=nodes), 30085, mode=nat,
                        scheduler="rr"),
     }
 
@@ -437,7 +437,7 @@ def check(requests: int) -> dict[str, Any]:
         log("node back, then settings change in place")
         back = lab.apply(fronts)
         changed_fronts = dict(fronts)
-        changed_fronts["rr"] = Frontend("lab/rr", "http", ip_address(VIP), model.Protocol.TCP, 80, backends(30080),
+        changed_fronts["rr"] = Frontend("lab/rr", "http", ip_address(VIP), model.Protocol.TCP, 80, backends(), 30080,
                                         mode=model.ForwardingMode.NAT, scheduler="wrr", affinity_timeout=30)
         settings = lab.apply(changed_fronts)
         report["changes"] = {
@@ -448,7 +448,7 @@ def check(requests: int) -> dict[str, Any]:
         log("delta apply for one service")
         weighted = dict(changed_fronts)
         weighted["mh"] = Frontend("lab/mh", "http", ip_address(VIP), model.Protocol.TCP, 81,
-                                  tuple(b._replace(weight=3) if b.node == "be1" else b for b in backends(30081)),
+                                  tuple(b._replace(weight=3) if b.node == "be1" else b for b in backends()), 30081,
                                   mode=model.ForwardingMode.MASQUERADE, scheduler="mh")
         report["delta"] = lab.apply(weighted, changed=["lab/mh"])
         report["delta_weights"] = {be: d["weight"] for be, d in lab.services()[f"tcp {VIP}:81"]["dests"].items()}
@@ -460,7 +460,7 @@ def check(requests: int) -> dict[str, Any]:
 
         log("a frontend left without backends: drained, then its service goes")
         drained = dict(gone)
-        drained["v6"] = Frontend("lab/v6", "http", ip_address(VIP6), model.Protocol.TCP, 80, (),
+        drained["v6"] = Frontend("lab/v6", "http", ip_address(VIP6), model.Protocol.TCP, 80, (), 0,
                                  mode=model.ForwardingMode.NAT, scheduler="rr")
         first = lab.apply(drained)
         report["drain"] = {

@@ -28,8 +28,8 @@ NODES = {"node1": "203.0.113.11", "node2": "203.0.113.12", "node3": "203.0.113.1
 
 
 def _frontend(mode: model.ForwardingMode = model.ForwardingMode.DSR, **extra: object) -> Frontend:
-    backends = tuple(Backend(n, ip_address(a), 30080) for n, a in NODES.items())
-    return Frontend("default/web", "http", ip_address("192.0.2.10"), model.Protocol.TCP, 80, backends, mode,
+    backends = tuple(Backend(n, ip_address(a)) for n, a in NODES.items())
+    return Frontend("default/web", "http", ip_address("192.0.2.10"), model.Protocol.TCP, 80, backends, 30080, mode,
                     **extra)  # type: ignore[arg-type]
 
 
@@ -87,7 +87,7 @@ def netns() -> Iterator[str]:
 
 
 def test_the_netdev_table_is_accepted_by_nft(netns: str) -> None:
-    six = tuple(Backend(n, ip_address(f"2001:db8:2::{i + 11}"), 30080) for i, n in enumerate(NODES))
+    six = tuple(Backend(n, ip_address(f"2001:db8:2::{i + 11}")) for i, n in enumerate(NODES))
     frontends = [_frontend(), replace(_frontend(affinity_timeout=60, source_ranges=(ip_network("198.51.100.0/24"),)),
                                       port=443),
                  replace(_frontend(), vip=ip_address("2001:db8::10"), backends=six)]

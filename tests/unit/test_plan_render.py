@@ -53,8 +53,10 @@ def test_all_healthy_plan_spreads_over_every_node_of_the_vip_family() -> None:
     p = plan(m, all_healthy(m))
     by_port = {(f.service, f.port): f for f in p.frontends}
     assert [b.node for b in by_port[("default/web", 80)].backends] == ["node1", "node2", "node3"]
-    first = by_port[("default/web", 443)].backends[0]
-    assert (str(first.address), first.port) == ("203.0.113.11", 30443)
+    https = by_port[("default/web", 443)]
+    assert (str(https.backends[0].address), https.node_port) == ("203.0.113.11", 30443)
+    # one tuple of backends for both ports of the service (and for every service on the same nodes)
+    assert https.backends is by_port[("default/web", 80)].backends
     # IPv6 VIP: only the nodes with an IPv6 address
     assert [b.node for b in by_port[("default/web6", 80)].backends] == ["node1", "node2"]
     assert set(p.announcements) == {"192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128", "192.0.2.12/32"}

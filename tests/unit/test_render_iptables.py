@@ -142,8 +142,8 @@ def test_render_is_deterministic_whatever_the_input_order() -> None:
 def test_full_size_tables_are_accepted_and_counted(netns: Netns) -> None:
     counts = {}
     for n in (3, 20):
-        backends = tuple(Backend(f"node{i}", ip_address(f"203.0.113.{100 + i}"), 30080) for i in range(n))
-        web = Frontend("default/web", "http", ip_address("192.0.2.10"), model.Protocol.TCP, 80, backends)
+        backends = tuple(Backend(f"node{i}", ip_address(f"203.0.113.{100 + i}")) for i in range(n))
+        web = Frontend("default/web", "http", ip_address("192.0.2.10"), model.Protocol.TCP, 80, backends, 30080)
         rs = iptables.build([web], [web.vip], model.Dataplane(kind=model.DataplaneKind.IPTABLES))
         trie = iptables.trie(tuple((b.node, b.weight) for b in backends), 1021)
         counts[n] = (len(trie.chains), sum(len(r) for _, r in trie.chains), rs.rule_count(4), rs.chain_count(4))
@@ -220,8 +220,8 @@ def test_dispatch_is_a_trie_over_the_vips(family: int) -> None:
         vips = [ip_address(f"{net}.{i}") for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
     else:
         vips = sorted({ip_address(0x20010DB8 << 96 | rng.getrandbits(64)) for _ in range(1000)})
-    backends = (Backend("node1", ip_address("203.0.113.11" if family == 4 else "2001:db8:2::11"), 30080),)
-    frontends = [Frontend(f"ns/s{i}", "p", vip, model.Protocol.TCP, port, backends)
+    backends = (Backend("node1", ip_address("203.0.113.11" if family == 4 else "2001:db8:2::11")),)
+    frontends = [Frontend(f"ns/s{i}", "p", vip, model.Protocol.TCP, port, backends, 30080)
                  for i, vip in enumerate(vips) for port in (80, 443)]
     rs = iptables.build(frontends, vips, model.Dataplane())
     chains = rs.chains[family]["nat"]
@@ -274,9 +274,10 @@ def test_no_path_goes_deeper_than_nf_tables_allows(family: int, vips: int, size:
         addresses = [ip_address(f"{net}.{i}") for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
     else:
         addresses = sorted({ip_address(0x20010DB8 << 96 | rng.getrandbits(80)) for _ in range(vips)})
-    nodes = [Backend(f"node{i}", ip_address(f"203.0.113.{10 + i}" if family == 4 else f"2001:db8:2::{10 + i}"),
-                     30080) for i in range(3)]
-    frontends = [Frontend(f"ns/s{i}", "p", a, model.Protocol.TCP, 80, tuple(nodes)) for i, a in enumerate(addresses)]
+    nodes = [Backend(f"node{i}", ip_address(f"203.0.113.{10 + i}" if family == 4 else f"2001:db8:2::{10 + i}"))
+             for i in range(3)]
+    frontends = [Frontend(f"ns/s{i}", "p", a, model.Protocol.TCP, 80, tuple(nodes), 30080)
+                 for i, a in enumerate(addresses)]
     rs = iptables.build(frontends, addresses, model.Dataplane(maglev_table_size=size))
     nat = rs.chains[family]["nat"]
     assert longest_path(nat, iptables.DISPATCH) <= iptables.MAX_DEPTH
@@ -315,9 +316,9 @@ def test_predict_follows_the_table_and_ignores_the_port_with_affinity() -> None:
     spread = Counter(b.node for s in range(40000, 40300) if (b := iptables.predict(web, ip_address("192.0.2.130"),
                                                                                       s, SMALL)))
     assert set(spread) == {"node1", "node2", "node3"}
-    single = Frontend("x", "p", web.vip, web.protocol, 80, web.backends[:1])
+    single = Frontend("x", "p", web.vip, web.protocol, 80, web.backends[:1], web.node_port)
     assert iptables.predict(single, ip_address("192.0.2.130"), 1, SMALL) == web.backends[0]
-    assert iptables.predict(Frontend("x", "p", web.vip, web.protocol, 80, ()), ip_address("192.0.2.130"), 1,
+    assert iptables.predict(Frontend("x", "p", web.vip, web.protocol, 80, (), 0), ip_address("192.0.2.130"), 1,
                             SMALL) is None
 
 
@@ -472,7 +473,7 @@ def test_the_kernel_sends_each_flow_where_predict_says(kind: str, netns: Netns) 
                        size=1021)
     p, p_aff = plan(m, all_healthy(m)), plan(m_aff, all_healthy(m_aff))
     frontends = [f for f in p.frontends if f.port == 80 or f.protocol is model.Protocol.UDP]
-    frontends += [Frontend(f.service + "-sticky", f.port_name, f.vip, f.protocol, 81, f.backends,
+    frontends += [Frontend(f.service + "-sticky", f.port_name, f.vip, f.protocol, 81, f.backends, f.node_port,
                            affinity_timeout=f.affinity_timeout) for f in p_aff.frontends if f.port == 80]
     _add_local(netns, ("192.0.2.10", "192.0.2.11", "2001:db8::10", *SOURCES,
                        *(a for n in NODES for a in n["addresses"])))
@@ -506,7 +507,7 @@ def test_the_kernel_sends_each_flow_where_predict_says(kind: str, netns: Netns) 
                     _nft_predict(f, source, int(sport))
                 assert want is not None
                 chosen[(str(f.vip), f.port)] += 1
-                if flow.reply_source != str(want.address) or flow.reply_source_port != want.port:
+                if flow.reply_source != str(want.address) or flow.reply_source_port != f.node_port:
                     wrong.append((spec, flow.reply_source, str(want.address)))
                 elif kind != "nftables" and flow.mark & 0x3FF != f.active.index(want):
                     wrong.append((spec, "mark", flow.mark))

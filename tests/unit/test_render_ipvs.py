@@ -33,8 +33,8 @@ def frontend(
 ) -> Frontend:
     """A frontend on VIP:port whose nodes serve nodePort 30000 + port."""
     if backends is None:
-        backends = tuple(Backend(n, ip_address(NODES[n]), 30000 + port) for n in nodes)
-    return Frontend(f"default/svc{port}", "http", VIP, protocol, port, backends, mode=mode,
+        backends = tuple(Backend(n, ip_address(NODES[n])) for n in nodes)
+    return Frontend(f"default/svc{port}", "http", VIP, protocol, port, backends, 30000 + port, mode=mode,
                     affinity_timeout=affinity_timeout, source_ranges=source_ranges, scheduler=scheduler)
 
 
@@ -63,8 +63,8 @@ def converge(actual: ipvs.State, want: ipvs.State) -> dict[ServiceKey, Service]:
 # -- desired state ---------------------------------------------------------------------------------------------
 
 def test_one_service_per_frontend_with_the_backends_taking_new_flows() -> None:
-    draining = frontend(backends=(Backend("node1", ip_address(NODES["node1"]), 30080, 2),
-                                  Backend("node2", ip_address(NODES["node2"]), 30080, 0)))
+    draining = frontend(backends=(Backend("node1", ip_address(NODES["node1"]), 2),
+                                  Backend("node2", ip_address(NODES["node2"]), 0)))
     want = ipvs.desired([draining, frontend(81, nodes=())])
     assert want[key()].dests == {dest("node1"): Dest(2)}
     assert want[key(81)].dests == {}  # no backend: the service drains and goes (see the diff tests)
@@ -86,7 +86,7 @@ def test_attributes_from_scheduler_and_affinity(scheduler: str, affinity: int | 
 
 
 def test_ipv6_service_key_and_netmask() -> None:
-    f = Frontend("default/v6", "http", VIP6, TCP, 443, (Backend("node1", ip_address("2001:db8:1::11"), 30443),),
+    f = Frontend("default/v6", "http", VIP6, TCP, 443, (Backend("node1", ip_address("2001:db8:1::11")),), 30443,
                  scheduler="rr")
     assert ipvs.key_of(f) == ServiceKey(6, TCP, VIP6, 443)
     # IPVS reads the IPv6 "netmask" as a prefix length; these bytes are 128 to the kernel.
@@ -439,8 +439,8 @@ def test_mh_a_draining_server_keeps_its_slots_and_fallback_hashes_its_flows_else
 
 def test_mh_real_servers_are_listed_as_the_kernel_keeps_them_newest_first() -> None:
     f = replace(frontend(scheduler="mh"), backends=(
-        Backend("node2", ip_address(NODES["node2"]), 30080), Backend("node1", ip_address(NODES["node1"]), 30080, 3),
-        Backend("node3", ip_address(NODES["node3"]), 30080)))
+        Backend("node2", ip_address(NODES["node2"])), Backend("node1", ip_address(NODES["node1"]), 3),
+        Backend("node3", ip_address(NODES["node3"]))))
     added = [op.dest for op in ipvs.diff({}, ipvs.desired([f])) if op.kind is OpKind.ADD_DEST]
     listed = ipvs.mh_servers(f)
     assert [DestKey(s.address, s.port) for s in listed] == list(reversed(added))
@@ -454,7 +454,7 @@ def test_predict_hashes_the_port_unless_there_is_affinity() -> None:
     assert set(spread) == set(NODES) and min(spread.values()) > 60
     sticky = replace(f, affinity_timeout=10800)
     assert len({ipvs.predict(sticky, client, port) for port in range(40000, 40100)}) == 1
-    six = replace(f, vip=VIP6, backends=tuple(Backend(n, ip_address(f"2001:db8:1::{i}"), 30080)
+    six = replace(f, vip=VIP6, backends=tuple(Backend(n, ip_address(f"2001:db8:1::{i}"))
                                               for i, n in enumerate(NODES, 11)))
     chosen = [ipvs.predict(six, ip_address("2001:db8:c::5"), port) for port in range(40000, 40050)]
     assert {b.node for b in chosen if b is not None} == set(NODES)
@@ -545,7 +545,7 @@ def test_predict_for_dsr_hashes_the_real_servers_at_the_frontends_port() -> None
     assert {(s.address, s.port) for s in ipvs.mh_servers(dsr)} == {(ip_address(a), 81) for a in NODES.values()}
     client = ip_address("192.0.2.130")
     chosen = [ipvs.predict(dsr, client, port) for port in range(40000, 40200)]
-    assert all(b is not None and b.port == 30081 for b in chosen)  # the frontend's own Backend is returned
+    assert all(b is not None and b in dsr.backends for b in chosen)  # the frontend's own Backend is returned
     assert {b.node for b in chosen if b is not None} == set(NODES)
     differs = sum(ipvs.predict(nat, client, port) != b for port, b in zip(range(40000, 40200), chosen, strict=True))
     assert differs > 0

@@ -301,8 +301,8 @@ def _host(vip: str) -> str:
     return f"{vip}/{32 if isinstance(ip_address(vip), IPv4Address) else 128}"
 
 
-def _destination(b: Backend) -> str:
-    return f"{b.address}:{b.port}" if b.address.version == 4 else f"[{b.address}]:{b.port}"
+def _destination(b: Backend, port: int) -> str:
+    return f"{b.address}:{port}" if b.address.version == 4 else f"[{b.address}]:{port}"
 
 
 def frontend_chain_rules(f: Frontend, lay: Layout, trie_root: str | None) -> Rules:
@@ -314,7 +314,7 @@ def frontend_chain_rules(f: Frontend, lay: Layout, trie_root: str | None) -> Rul
     q = lay.masquerade
     masquerade = f"-j MARK --set-xmark {q if f.mode is model.ForwardingMode.MASQUERADE else 0:#x}/{q:#x}"
     if len(active) == 1:
-        return (masquerade, f"-p {proto} -j DNAT --to-destination {_destination(active[0])}")
+        return (masquerade, f"-p {proto} -j DNAT --to-destination {_destination(active[0], f.node_port)}")
     tuple_ = "src" if f.affinity_timeout is not None else "src,sport"
     stash = FULL_MASK & ~lay.field
     return (
@@ -323,7 +323,7 @@ def frontend_chain_rules(f: Frontend, lay: Layout, trie_root: str | None) -> Rul
         f"-j {trie_root}",
         f"-j CONNMARK --restore-mark --nfmask {FULL_MASK:#x} --ctmask {lay.keep:#x}",
         masquerade,
-        *(f"-p {proto} -m connmark --mark {i:#x}/{lay.field:#x} -j DNAT --to-destination {_destination(b)}"
+        *(f"-p {proto} -m connmark --mark {i:#x}/{lay.field:#x} -j DNAT --to-destination {_destination(b, f.node_port)}"
           for i, b in enumerate(active)),
     )
 

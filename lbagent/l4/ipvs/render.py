@@ -177,7 +177,7 @@ def real_servers(frontend: Frontend) -> dict[DestKey, Dest]:
     node at the frontend's own port (the packet keeps its destination, VIP:port)."""
     if frontend.mode is model.ForwardingMode.DSR:
         return {DestKey(b.address, frontend.port): Dest(b.weight, FWD_ROUTE) for b in frontend.active}
-    return {DestKey(b.address, b.port): Dest(b.weight) for b in frontend.active}
+    return {DestKey(b.address, frontend.node_port): Dest(b.weight) for b in frontend.active}
 
 
 def desired(frontends: Iterable[Frontend]) -> dict[ServiceKey, Service]:
@@ -332,8 +332,7 @@ def predict(frontend: Frontend, source: model.IPAddress, source_port: int,
     if chosen is None:
         return None
     server = servers[chosen]
-    dsr = frontend.mode is model.ForwardingMode.DSR  # real servers at the frontend's port, one per node address
-    return next(b for b in frontend.active if b.address == server.address and (dsr or b.port == server.port))
+    return next(b for b in frontend.active if b.address == server.address)  # one real server per node address
 
 
 # -- reading the kernel's answers ------------------------------------------------------------------
@@ -454,8 +453,8 @@ def companion(
         sets[f"owned_v{key.family}"].add(_triple(key.vip, key.protocol, key.port))
     for f in frontends:
         v = f.vip.version
-        if f.mode is model.ForwardingMode.MASQUERADE:
-            sets[f"masquerade_v{v}"].update(_triple(f.vip, f.protocol, b.port) for b in f.backends)
+        if f.mode is model.ForwardingMode.MASQUERADE and f.backends:
+            sets[f"masquerade_v{v}"].add(_triple(f.vip, f.protocol, f.node_port))
         ranges = [net for net in f.source_ranges if net.version == v]
         if f.source_ranges:
             # A frontend whose ranges are all of the other family admits nobody of its own: ranged, none allowed.

@@ -9,6 +9,7 @@ changes whatever the number of services, and a resync can still replace the whol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -54,7 +55,13 @@ class Ruleset:
 
 
 def _key(f: Frontend) -> FrontendKey:
-    return (str(f.vip), f.protocol.value.lower(), f.port)
+    return (_text(f.vip), f.protocol.value.lower(), f.port)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _text(address: model.IPAddress) -> str:
+    """An address as nft writes it: many frontends share a VIP, and str() of an address is slow Python."""
+    return str(address)
 
 
 def lookup_table(frontend: Frontend, size: int) -> LookupTable:
@@ -77,13 +84,29 @@ def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datapl
     rs = Ruleset(dataplane.table, dataplane.masquerade_mark, dataplane.maglev_table_size)
     for vip in vips:
         rs.vips[vip.version].add(str(vip))
-    tables: _TableCache = {}
+    tables = _TableCache()
     for f in frontends:
         _insert(rs, f, tables)
     return rs
 
 
-_TableCache = dict[tuple[tuple[str, model.IPAddress, int], ...], LookupTable]
+class _TableCache:
+    """Lookup tables made in one pass, found by the backends tuple's identity first (the planner shares one tuple
+    between all frontends on the same nodes, so 20,000 frontends cost a few lookups) and by its content second."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[tuple[Backend, ...], LookupTable]] = {}
+        self._by_content: dict[tuple[Backend, ...], LookupTable] = {}
+
+    def get(self, active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
+        hit = self._by_id.get(id(active))
+        if hit is not None and hit[0] is active:
+            return hit[1]
+        table = self._by_content.get(active)
+        if table is None:
+            table = self._by_content[active] = maglev_table(active, version, size)
+        self._by_id[id(active)] = (active, table)  # holds `active`: its id is not reused while cached
+        return table
 
 
 def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
@@ -91,10 +114,7 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     if not active:
         return
     v, key = f.vip.version, _key(f)
-    identity = tuple((b.node, b.address, b.weight) for b in active)
-    table = tables.get(identity)
-    if table is None:
-        table = tables[identity] = maglev_table(active, v, rs.size)
+    table = tables.get(active, v, rs.size)
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
     chain = table.name + ("_c" if by_client else "")
@@ -102,7 +122,7 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     rs.users[chain] += 1
     rs.users[table.name] += 1
     rs.dispatch[v][key] = chain
-    rs.node_ports[v][key] = active[0].port
+    rs.node_ports[v][key] = f.node_port
     if f.mode is model.ForwardingMode.MASQUERADE:
         rs.masquerade[v].add(key)
     if f.source_ranges:
@@ -168,7 +188,7 @@ def update(rs: Ruleset, change: FrontendChange) -> str:
     tables_before, chains_before = set(rs.tables), set(rs.chains)
     for f in old:
         _remove(rs, f)
-    cache: _TableCache = {}
+    cache = _TableCache()
     for f in new:
         _insert(rs, f, cache)
     after = _elements_of(rs, new)
