@@ -194,10 +194,10 @@ def test_shared_lookup_tables_and_features_in_the_ruleset() -> None:
     rs = nftables.build(plan(m, all_healthy(m)).frontends, plan(m, {}).vips, m.dataplane)
     # web:80, web:443, dns, admin share one IPv4 table (same nodes); web6 has its own, hashed by client only
     assert len([t for t in rs.tables.values() if t.version == 4]) == 1
-    assert set(rs.chains.values()) == {(n, False) for n in rs.tables if n.startswith("mg4")} | {
-        (n, True) for n in rs.tables if n.startswith("mg6")}
-    assert ("2001:db8::10", "tcp", 80) not in rs.masquerade[6]  # nat mode: client address kept
-    assert ("192.0.2.10", "tcp", 80) in rs.masquerade[4]
+    # (table, by client only, masquerade): web6 is in nat mode (client address kept), the IPv4 ones masquerade
+    assert set(rs.chains.values()) == {(n, False, True) for n in rs.tables if n.startswith("mg4")} | {
+        (n, True, False) for n in rs.tables if n.startswith("mg6")}
+    assert rs.dispatch[4][("192.0.2.10", "tcp", 80)].endswith("_m")
     admin = ("192.0.2.12", "tcp", 22)
     assert rs.allowed[4] == {(admin, "198.51.100.0/24"), (admin, "192.0.2.128/25")}
 

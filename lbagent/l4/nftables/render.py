@@ -2,9 +2,10 @@
 
 The per-service state lives in map and set elements, not in rules: a frontend (VIP . protocol . port) is one
 element of a verdict map that jumps to the chain of a Maglev lookup table, one element giving its nodePort,
-and optional elements marking it for masquerade or restricting its sources. Maglev tables are shared by every
-frontend with the same nodes and weights. So a change of one service's endpoints is a handful of element
-changes whatever the number of services, and a resync can still replace the whole table atomically.
+and optional elements restricting its sources. Maglev tables are shared by every frontend with the same nodes
+and weights, their chains (which also mark masquerade flows) by every frontend with the same table, affinity and
+mode. So a change of one service's endpoints is a handful of element changes whatever the number of services,
+and a resync can still replace the whole table atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lbagent import model
 from lbagent.l4 import maglev, nftscript
@@ -24,7 +26,7 @@ from lbagent.plan.services import Backend, Frontend
 FrontendKey = tuple[str, str, int]  # (vip, "tcp"/"udp", port)
 # The sets and maps of the table, in the order element changes are written.
 _CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6)
-                    for name in ("vips", "dispatch", "node_ports", "masquerade", "ranged", "allowed"))
+                    for name in ("vips", "dispatch", "node_ports", "ranged", "allowed"))
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,14 @@ class LookupTable:
     name: str
     version: int
     slots: tuple[str, ...]
+
+
+class Chain(NamedTuple):
+    """What a lookup table's chain does: shared by every frontend with the same table, affinity and mode."""
+
+    table: str
+    by_client: bool  # hash the client's address only (sessionAffinity: ClientIP)
+    masquerade: bool  # mark the flow for masquerade first
 
 
 @dataclass
@@ -46,11 +56,10 @@ class Ruleset:
     vips: dict[int, set[str]] = field(default_factory=lambda: {4: set(), 6: set()})
     dispatch: dict[int, dict[FrontendKey, str]] = field(default_factory=lambda: {4: {}, 6: {}})
     node_ports: dict[int, dict[FrontendKey, int]] = field(default_factory=lambda: {4: {}, 6: {}})
-    masquerade: dict[int, set[FrontendKey]] = field(default_factory=lambda: {4: set(), 6: set()})
     ranged: dict[int, set[FrontendKey]] = field(default_factory=lambda: {4: set(), 6: set()})
     allowed: dict[int, set[tuple[FrontendKey, str]]] = field(default_factory=lambda: {4: set(), 6: set()})
     tables: dict[str, LookupTable] = field(default_factory=dict)
-    chains: dict[str, tuple[str, bool]] = field(default_factory=dict)  # chain -> (lookup table, by client only)
+    chains: dict[str, Chain] = field(default_factory=dict)
     users: Counter[str] = field(default_factory=Counter)  # dispatch entries per chain and per lookup table
 
 
@@ -117,14 +126,13 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     table = tables.get(active, v, rs.size)
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
-    chain = table.name + ("_c" if by_client else "")
-    rs.chains[chain] = (table.name, by_client)
+    masquerade = f.mode is model.ForwardingMode.MASQUERADE
+    chain = table.name + ("_c" if by_client else "") + ("_m" if masquerade else "")
+    rs.chains[chain] = Chain(table.name, by_client, masquerade)
     rs.users[chain] += 1
     rs.users[table.name] += 1
     rs.dispatch[v][key] = chain
     rs.node_ports[v][key] = f.node_port
-    if f.mode is model.ForwardingMode.MASQUERADE:
-        rs.masquerade[v].add(key)
     if f.source_ranges:
         rs.ranged[v].add(key)
         rs.allowed[v].update((key, str(net)) for net in f.source_ranges if net.version == v)
@@ -136,9 +144,8 @@ def _remove(rs: Ruleset, f: Frontend) -> None:
     if chain is None:
         return
     rs.users[chain] -= 1
-    rs.users[rs.chains[chain][0]] -= 1
+    rs.users[rs.chains[chain].table] -= 1
     rs.node_ports[v].pop(key, None)
-    rs.masquerade[v].discard(key)
     rs.ranged[v].discard(key)
     rs.allowed[v] -= {(key, str(net)) for net in f.source_ranges}
 
@@ -154,8 +161,6 @@ def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> dict[str, set[st
         k = _frontend(key)
         out[f"dispatch_v{v}"].add(f"{k} : goto {chain}")
         out[f"node_ports_v{v}"].add(f"{k} : {rs.node_ports[v][key]}")
-        if key in rs.masquerade[v]:
-            out[f"masquerade_v{v}"].add(k)
         if key in rs.ranged[v]:
             out[f"ranged_v{v}"].add(k)
             out[f"allowed_v{v}"].update(f"{k} . {net}" for kk, net in rs.allowed[v] if kk == key)
@@ -169,7 +174,6 @@ def _contents(rs: Ruleset) -> dict[str, Iterator[str]]:
         out[f"vips_v{v}"] = iter(rs.vips[v])
         out[f"dispatch_v{v}"] = (f"{_frontend(k)} : goto {c}" for k, c in rs.dispatch[v].items())
         out[f"node_ports_v{v}"] = (f"{_frontend(k)} : {p}" for k, p in rs.node_ports[v].items())
-        out[f"masquerade_v{v}"] = (_frontend(k) for k in rs.masquerade[v])
         out[f"ranged_v{v}"] = (_frontend(k) for k in rs.ranged[v])
         out[f"allowed_v{v}"] = (f"{_frontend(k)} . {net}" for k, net in rs.allowed[v])
     return out
@@ -230,10 +234,12 @@ def _frontend(key: FrontendKey) -> str:
 
 
 def _chain_body(rs: Ruleset, name: str) -> list[str]:
-    table_name, by_client = rs.chains[name]
+    table_name, by_client, masquerade = rs.chains[name]
     v = rs.tables[table_name].version
     l3 = _L3[v]
-    rules = []
+    # Only what lbagent forwards in masquerade mode carries the mark (postrouting masquerades it): marked here,
+    # where the flow is dispatched, so that no per-frontend set has to say which frontends masquerade.
+    rules = [f"meta mark set meta mark | {rs.mark:#010x}"] if masquerade else []
     for proto in ("tcp", "udp"):
         hashed = f"{l3} saddr" if by_client else f"{l3} saddr . {proto} sport"
         rules.append(
@@ -255,8 +261,6 @@ def _declarations(rs: Ruleset) -> list[str]:
             + nftscript.elements(c[f"dispatch_v{v}"]) + " }",
             f"\tmap node_ports_v{v} {{ type {a} . inet_proto . inet_service : inet_service;"
             + nftscript.elements(c[f"node_ports_v{v}"]) + " }",
-            f"\tset masquerade_v{v} {{ type {a} . inet_proto . inet_service;"
-            + nftscript.elements(c[f"masquerade_v{v}"]) + " }",
             f"\tset ranged_v{v} {{ type {a} . inet_proto . inet_service;"
             + nftscript.elements(c[f"ranged_v{v}"]) + " }",
             f"\tset allowed_v{v} {{ type {a} . inet_proto . inet_service . {a}; flags interval;"
@@ -276,10 +280,7 @@ def _table_declaration(table: LookupTable) -> str:
 def _fixed_chains(rs: Ruleset) -> list[str]:
     mark, keep = f"{rs.mark:#010x}", f"{~rs.mark & 0xFFFFFFFF:#010x}"
     frontend = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
-    dispatch = [
-        *(f"\t\t{frontend[v]} @masquerade_v{v} meta mark set meta mark | {mark}" for v in (4, 6)),
-        *(f"\t\t{frontend[v]} vmap @dispatch_v{v}" for v in (4, 6)),
-    ]
+    dispatch = [f"\t\t{frontend[v]} vmap @dispatch_v{v}" for v in (4, 6)]
     return [
         # loadBalancerSourceRanges: before NAT, so a refused client never gets a conntrack NAT binding.
         "\tchain sources {",
