@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from ipaddress import ip_address
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
@@ -38,7 +37,10 @@ class NftForwarder:
         """`change`: the only services that changed since the last apply (their health), before and after: then
         the ruleset is updated in place and only their elements go to the kernel."""
         how = await self._apply_inet(frontends, vips, force, change)
-        await self._apply_dsr(frontends, force)
+        dsr_untouched = change is not None and not any(f.mode is model.ForwardingMode.DSR
+                                                       for f in (*change.old(), *change.new()))
+        if force or self.dsr_applied is None or not dsr_untouched:
+            await self._apply_dsr(frontends, force)  # O(frontends): not for a change that has no dsr frontend
         return how
 
     async def _apply_dsr(self, frontends: Sequence[Frontend], force: bool) -> None:
@@ -90,9 +92,7 @@ class NftForwarder:
         return {("inet", self.dataplane.table), ("netdev", self.dataplane.table)}
 
     def programmed(self) -> set[model.IPAddress]:
-        if self.applied is None:
-            return set()
-        return {ip_address(key[0]) for by_family in self.applied.dispatch.values() for key in by_family}
+        return set() if self.applied is None else self.applied.programmed()
 
     async def cleanup(self) -> None:
         await self._run(render_delete(self.dataplane) + dsr.render_delete(self.dataplane.table))

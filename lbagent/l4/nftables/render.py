@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -61,6 +61,11 @@ class Ruleset:
     tables: dict[str, LookupTable] = field(default_factory=dict)
     chains: dict[str, Chain] = field(default_factory=dict)
     users: Counter[str] = field(default_factory=Counter)  # dispatch entries per chain and per lookup table
+    dispatched: Counter[model.IPAddress] = field(default_factory=Counter)  # dispatch entries per VIP
+
+    def programmed(self) -> set[model.IPAddress]:
+        """The VIPs with at least one frontend dispatched (what the kernel forwards): O(VIPs), not O(frontends)."""
+        return {vip for vip, count in self.dispatched.items() if count > 0}
 
 
 def _key(f: Frontend) -> FrontendKey:
@@ -78,12 +83,22 @@ def lookup_table(frontend: Frontend, size: int) -> LookupTable:
     return maglev_table(frontend.active, frontend.vip.version, size)
 
 
-def maglev_table(active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
+def maglev_table(active: tuple[Backend, ...], version: int, size: int,
+                 known: Mapping[str, LookupTable] | None = None) -> LookupTable:
+    """The table, or the one in `known` with its name (the name says the content: computing it is cheap, the
+    Maglev permutation is not)."""
+    name = table_name(active, version, size)
+    if known is not None and (table := known.get(name)) is not None:
+        return table
     order = maglev.table([(b.node, b.weight) for b in active], size)
     slots = tuple(str(active[i].address) for i in order)
+    return LookupTable(name, version, slots)
+
+
+def table_name(active: tuple[Backend, ...], version: int, size: int) -> str:
     digest = hashlib.blake2b(repr((size, [(b.node, str(b.address), b.weight) for b in active])).encode(),
                              digest_size=6).hexdigest()
-    return LookupTable(f"mg{version}_{digest}", version, slots)
+    return f"mg{version}_{digest}"
 
 
 def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane) -> Ruleset:
@@ -107,13 +122,14 @@ class _TableCache:
         self._by_id: dict[int, tuple[tuple[Backend, ...], LookupTable]] = {}
         self._by_content: dict[tuple[Backend, ...], LookupTable] = {}
 
-    def get(self, active: tuple[Backend, ...], version: int, size: int) -> LookupTable:
+    def get(self, active: tuple[Backend, ...], version: int, size: int,
+            known: Mapping[str, LookupTable]) -> LookupTable:
         hit = self._by_id.get(id(active))
         if hit is not None and hit[0] is active:
             return hit[1]
         table = self._by_content.get(active)
         if table is None:
-            table = self._by_content[active] = maglev_table(active, version, size)
+            table = self._by_content[active] = maglev_table(active, version, size, known)
         self._by_id[id(active)] = (active, table)  # holds `active`: its id is not reused while cached
         return table
 
@@ -123,7 +139,7 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     if not active:
         return
     v, key = f.vip.version, _key(f)
-    table = tables.get(active, v, rs.size)
+    table = tables.get(active, v, rs.size, rs.tables)
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
     masquerade = f.mode is model.ForwardingMode.MASQUERADE
@@ -131,6 +147,8 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     rs.chains[chain] = Chain(table.name, by_client, masquerade)
     rs.users[chain] += 1
     rs.users[table.name] += 1
+    if rs.dispatch[v].get(key) is None:
+        rs.dispatched[f.vip] += 1
     rs.dispatch[v][key] = chain
     rs.node_ports[v][key] = f.node_port
     if f.source_ranges:
@@ -143,6 +161,7 @@ def _remove(rs: Ruleset, f: Frontend) -> None:
     chain = rs.dispatch[v].pop(key, None)
     if chain is None:
         return
+    rs.dispatched[f.vip] -= 1
     rs.users[chain] -= 1
     rs.users[rs.chains[chain].table] -= 1
     rs.node_ports[v].pop(key, None)
