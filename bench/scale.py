@@ -99,6 +99,7 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         health[(victim, "node3")] = health[(second, "node3")] = True
         p = replan(p3, m, health, {victim, second})
         await fwd.apply(p.frontends, p.vips, change=FrontendChange.of(p3.by_service, p.by_service, [victim, second]))
+    floor = await _tool_floor(fwd, kind) if kind.startswith("iptables") else {}
     # Peak Python memory of deciding, in its own pass: tracemalloc slows Python, so it stays out of the timings.
     tracemalloc.start()
     plan(m, health)
@@ -111,9 +112,27 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         "change_ms": round(statistics.median(changes) * 1000, 1),
         "change_table_there_ms": round(statistics.median(shared_changes) * 1000, 1),
         "baseline_forced_full_ms": round(statistics.median(baselines) * 1000, 1),
+        **floor,
         "python_plan_peak_mib": round(peak / 2**20, 1), "agent_peak_rss_mib": round(self_rss / 1024, 1),
         "tools_peak_rss_mib": round(children_rss / 1024, 1),
     }
+
+
+async def _tool_floor(fwd: Any, kind: str) -> dict[str, float]:
+    """The iptables tools alone on the full apply's IPv4 input, the floor under the forwarder's full apply: the
+    save that reads what is there, and the restore of the same text the forwarder sends."""
+    from lbagent.l4.iptables import apply as ipt  # noqa: PLC0415 (only for the iptables runs)
+    from lbagent.l4.iptables.render import parse_save, render_full  # noqa: PLC0415
+
+    variant = "nft" if kind == "iptables" else "legacy"
+    start = time.perf_counter()
+    existing = parse_save(await ipt.run_tool([ipt.tool(4, variant, "save")]))
+    t_save = time.perf_counter() - start
+    text = render_full(fwd.applied, 4, existing)
+    start = time.perf_counter()
+    await ipt.run_tool([ipt.tool(4, variant, "restore"), "--wait", "10", "--noflush"], text)
+    t_restore = time.perf_counter() - start
+    return {"tool_save_s": round(t_save, 2), "tool_restore_alone_s": round(t_restore, 2)}
 
 
 def main() -> int:

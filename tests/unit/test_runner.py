@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 from lbagent.agent.runner import BoundedFrequencyRunner
@@ -71,3 +72,29 @@ def test_periodic_resync_runs_without_marks() -> None:
 
     asyncio.run(scenario())
     assert runs[1] is True and runs[2] is True
+
+
+def test_a_sync_longer_than_the_resync_interval_never_overlaps_and_the_next_waits_a_full_interval() -> None:
+    """An iptables-nft full apply at 10,000 services takes longer than the default 30 s resync: the runner must
+    neither start a second one beside it nor start the next one the moment it ends."""
+    running, most, spans = 0, 0, []
+
+    async def sync(resync: bool) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        start = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.06)  # three resync intervals
+        running -= 1
+        spans.append((start, asyncio.get_running_loop().time()))
+
+    async def scenario() -> None:
+        runner = BoundedFrequencyRunner("t", sync, min_interval=0, resync=0.02, retry=1)
+        task = asyncio.create_task(runner.run_forever())
+        await _until(lambda: len(spans) >= 3)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert most == 1
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start - end >= 0.02 - 0.002  # a full interval after the previous one ended (loop clock slack)
