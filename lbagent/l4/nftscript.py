@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Set
 Contents = Mapping[str, Set[str]]
 
 
-def replace_table(table: str) -> list[str]:
+def replace_table(table: str, family: str = "inet") -> list[str]:
     """The opening of a whole-table script: declared first so that the delete cannot fail on a node without it,
     deleted, and defined again by the lines that follow (up to the closing brace): one transaction, so the kernel
     swaps the old table for the new one with nothing in between."""
-    return [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
+    return [f"table {family} {table}", f"delete table {family} {table}", f"table {family} {table} {{"]
 
 
 def elements(items: Iterable[str]) -> str:
@@ -41,9 +41,9 @@ def element_changes(table: str, before: Contents, after: Contents, names: Iterab
     return deletions, additions
 
 
-def delete_table(table: str) -> str:
+def delete_table(table: str, family: str = "inet") -> str:
     """Remove the table and everything in it; declared first, so that it succeeds when there is none."""
-    return script([f"table inet {table}", f"delete table inet {table}"])
+    return script([f"table {family} {table}", f"delete table {family} {table}"])
 
 
 def script(lines: Iterable[str]) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lbagent import model
+from lbagent.l4 import nftscript
 from lbagent.l4.jhash import HASH_SEED
 from lbagent.l4.nftables.render import LookupTable, maglev_table
 from lbagent.plan.services import Backend, Frontend
@@ -79,21 +80,16 @@ def build(table: str, frontends: Sequence[Frontend], size: int, interfaces: Sequ
                    sum(len(d) for d in dispatch.values()))
 
 
-def _elements(items: Iterable[str]) -> str:
-    listed = sorted(items)
-    return f" elements = {{ {', '.join(listed)} }};" if listed else ""
-
-
 def _text(table: str, interfaces: Sequence[str], dispatch: Mapping[int, list[str]], ranged: Mapping[int, list[str]],
           allowed: Mapping[int, list[str]], tables: Mapping[str, LookupTable], chains: Mapping[str, tuple[str, bool]],
           paths: Mapping[str, str], size: int) -> str:
-    lines = [f"table netdev {table}", f"delete table netdev {table}", f"table netdev {table} {{"]
+    lines = nftscript.replace_table(table, "netdev")
     for v in (4, 6):
         a, triple = _ADDR[v], f"{_ADDR[v]} . inet_proto . inet_service"
         lines += [
-            f"\tmap dispatch_v{v} {{ type {triple} : verdict;{_elements(dispatch[v])} }}",
-            f"\tset ranged_v{v} {{ type {triple};{_elements(ranged[v])} }}",
-            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{_elements(allowed[v])} }}",
+            f"\tmap dispatch_v{v} {{ type {triple} : verdict;{nftscript.elements(dispatch[v])} }}",
+            f"\tset ranged_v{v} {{ type {triple};{nftscript.elements(ranged[v])} }}",
+            f"\tset allowed_v{v} {{ type {triple} . {a}; flags interval;{nftscript.elements(allowed[v])} }}",
         ]
     for lookup in sorted(tables.values(), key=lambda t: t.name):
         l3 = _L3[lookup.version]
@@ -131,4 +127,4 @@ def _text(table: str, interfaces: Sequence[str], dispatch: Mapping[int, list[str
 
 
 def render_delete(table: str) -> str:
-    return f"table netdev {table}\ndelete table netdev {table}\n"
+    return nftscript.delete_table(table, "netdev")
