@@ -161,11 +161,28 @@ async def probe(target: Target) -> str | None:
 Prober = Callable[[Target], Awaitable[str | None]]
 
 
+# A refused connection (lbagent.l4.refusals) wakes its pair's probe loop: the next probe starts at once, but never
+# sooner than this after the previous one started, however many clients are refused meanwhile.
+WAKE_GAP = 0.1
+
+
 @dataclass
 class _Probe:
     target: Target
     state: ProbeState
     task: asyncio.Task[None] | None = field(default=None)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def served_by(m: model.Model) -> dict[tuple[model.IPAddress, int], list[HealthKey]]:
+    """The (service, node) pairs behind each node address and nodePort: whom a refusal from there concerns."""
+    out: dict[tuple[model.IPAddress, int], list[HealthKey]] = {}
+    for service in m.services:
+        for node in m.nodes:
+            for address in node.addresses:
+                for port in service.ports:
+                    out.setdefault((address, port.node_port), []).append((service.key, node.name))
+    return out
 
 
 class HealthChecker:
@@ -175,6 +192,7 @@ class HealthChecker:
         self._on_change = on_change
         self._prober = prober
         self._probes: dict[HealthKey, _Probe] = {}
+        self._served_by: dict[tuple[model.IPAddress, int], list[HealthKey]] = {}
         self.verdicts: dict[HealthKey, bool] = {}
         """Live verdicts, kept current as probes flip: what the planner reads (never copied per sync)."""
         self._running = False
@@ -183,6 +201,7 @@ class HealthChecker:
     def update(self, m: model.Model) -> None:
         """Reconcile the probes with a new model; a pair whose target is unchanged keeps its state."""
         wanted = targets(m)
+        self._served_by = served_by(m)
         for key in list(self._probes):
             if key not in wanted or wanted[key] != self._probes[key].target:
                 self._cancel(key)
@@ -218,7 +237,14 @@ class HealthChecker:
     async def wait_complete(self) -> None:
         await self._complete.wait()
 
-    async def probe_once(self, key: HealthKey) -> None:
+    def refused(self, address: model.IPAddress, port: int) -> None:
+        """A node refused a connection the data plane forwarded to address:port: probe its pairs now (their
+        rise/fall still decides: a refusal is a reason to look, not a verdict)."""
+        for key in self._served_by.get((address, port), ()):
+            if (probe := self._probes.get(key)) is not None:
+                probe.wake.set()
+
+    async def probe_once(self, key: HealthKey, woken: bool = False) -> None:
         """One probe round for a pair, then the hysteresis."""
         probe = self._probes[key]
         target = probe.target
@@ -239,6 +265,7 @@ class HealthChecker:
                 log, logging.INFO if probe.state.healthy else logging.WARNING, "health_changed",
                 service=target.service, node=target.node,
                 healthy=probe.state.healthy, was=was, reason=probe.state.reason,
+                **({"woken": "refused"} if woken else {}),
             )
             self._on_change(key)
 
@@ -253,10 +280,20 @@ class HealthChecker:
             probe.task.cancel()
 
     async def _loop(self, key: HealthKey) -> None:
-        interval = self._probes[key].target.check.interval
+        probe = self._probes[key]
+        interval = probe.target.check.interval
+        loop = asyncio.get_running_loop()
+        woken = False
         while True:
-            started = asyncio.get_running_loop().time()
-            await self.probe_once(key)
-            elapsed = asyncio.get_running_loop().time() - started
-            await asyncio.sleep(max(0.0, interval - elapsed))
+            started = loop.time()
+            probe.wake.clear()  # a refusal from now on asks for one more probe after this one
+            await self.probe_once(key, woken)
+            try:
+                async with asyncio.timeout(max(0.0, interval - (loop.time() - started))):
+                    await probe.wake.wait()
+            except TimeoutError:
+                woken = False
+                continue
+            woken = True
+            await asyncio.sleep(max(0.0, WAKE_GAP - (loop.time() - started)))
 

@@ -275,6 +275,8 @@ class Agent:
             self._spawn(self._supervise("dataplane drift watcher", self.dataplane.watch_drift),
                         "dataplane drift watcher")
             self._spawn(self._supervise("address drift watcher", self.vips.watch_addresses), "address drift watcher")
+            self._spawn(self._supervise("refusal watcher", lambda: self.dataplane.watch_refusals(self.health.refused)),
+                        "refusal watcher")
         await self._first_syncs()
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)  # those of modules the data plane loaded
         # What is bound and programmed now is what this node serves: the next BGP pass announces all of it and

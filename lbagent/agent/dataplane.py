@@ -14,6 +14,7 @@ from lbagent.agent.reconciler import Desired, Reconciler
 from lbagent.l4.conntrack import clear_udp
 from lbagent.l4.drift import NftChange, NftWatcher
 from lbagent.l4.forwarder import Forwarder, FrontendChange
+from lbagent.l4.refusals import RefusalWatcher, Refused
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend, StaleFlows, stale_udp_flows
 
@@ -131,6 +132,13 @@ class DataplaneReconciler(Reconciler):
         event(log, logging.WARNING, "dataplane_events_lost", action="full apply now")
         self._dirty = None
         self.runner.request_resync()
+
+    async def watch_refusals(self, on_refused: Refused) -> None:
+        """Report the connections nodes refuse as the data plane forwards them (nftables logs them; the other
+        data planes do not: their nodes are found by the probes alone)."""
+        if self.forwarder.kind is not model.DataplaneKind.NFTABLES:
+            return
+        await RefusalWatcher(on_refused).run()
 
     async def watch_drift(self) -> None:
         """Report commits of other processes to the forwarder's nftables tables (none: nothing to watch)."""

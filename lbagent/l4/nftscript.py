@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Set
 
+# The NFLOG group lbagent's nftables table logs refused connections to ("lb"), read by lbagent.l4.refusals.
+REFUSED_LOG_GROUP = 27746
+
 # Set or map name -> its elements, each as nft writes it ("192.0.2.10 . tcp . 80 : goto mg4_ab12").
 Contents = Mapping[str, Set[str]]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import socket
 from ipaddress import ip_address
 
 import yaml
 
-from lbagent import model
+from lbagent import health, model
 from lbagent.health import HealthChecker, ProbeState, Target, probe, targets, tcp_probe
 from lbagent.sources.file import config
 from tests.unit.test_config import MINIMAL
@@ -169,3 +171,37 @@ def test_a_prober_that_raises_counts_as_a_failed_probe() -> None:
         return checker.snapshot()
 
     assert asyncio.run(scenario())[("default/web", "node1")] is False
+
+
+def test_a_refused_connection_probes_its_pairs_at_once_and_rise_fall_still_decides() -> None:
+    """The interval is 60 s: every probe after the first is one a refusal asked for."""
+    refusing: set[str] = set()
+    started: dict[tuple[str, str], list[float]] = {}
+    changes: list[tuple[str, str]] = []
+
+    async def prober(target: Target) -> str | None:
+        started.setdefault(target.key, []).append(asyncio.get_running_loop().time())
+        return "connection refused" if str(target.address) in refusing else None
+
+    async def scenario() -> None:
+        checker = HealthChecker(changes.append, prober)
+        m = _model()
+        slow = dataclasses.replace(m.services[0].health_check, interval=60.0)
+        checker.update(dataclasses.replace(m, services=(dataclasses.replace(m.services[0], health_check=slow),)))
+        checker.start()
+        await checker.wait_complete()
+        refusing.add("203.0.113.12")
+        async with asyncio.timeout(30):  # a deadline for a hang: on schedule alone this would take 2 minutes
+            while checker.verdicts[("default/web", "node2")]:
+                checker.refused(ip_address("203.0.113.12"), 30080)  # every client connection refused meanwhile
+                await asyncio.sleep(0.01)
+        checker.refused(ip_address("203.0.113.99"), 30080)  # no such node: nothing to wake
+        await checker.stop()
+
+    asyncio.run(scenario())
+    node2, node1 = started[("default/web", "node2")], started[("default/web", "node1")]
+    # fall (3) probes after the first refusal, each woken, none sooner than WAKE_GAP after the one before
+    assert len(node2) == 4
+    assert all(b - a >= health.WAKE_GAP - 0.005 for a, b in itertools.pairwise(node2[1:]))
+    assert len(node1) == 1  # node1 was not refused: probed on its own schedule only
+    assert changes == [("default/web", "node1"), ("default/web", "node2"), ("default/web", "node2")]

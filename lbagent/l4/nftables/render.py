@@ -322,6 +322,13 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
         # A VIP belongs to the services behind it, not to the LB host: nothing else here answers on it. A packet
         # conntrack calls INVALID was not NATed (it belongs to a flow conntrack cannot place): dropped, never
         # answered with a reset that would end a client's connection a node still serves.
+        # A node's reset of a flow lbagent forwarded to it (a refusal: nothing listens on the nodePort any more), seen
+        # as it passes back: logged for the agent (lbagent.l4.refusals), which probes that node at once.
+        "\tchain refused {",
+        "\t\ttype filter hook forward priority filter; policy accept;",
+        *(f"\t\tct direction reply ct original {_L3[v]} daddr @vips_v{v} tcp flags & rst == rst"
+          f" limit rate 200/second log group {nftscript.REFUSED_LOG_GROUP}" for v in (4, 6)),
+        "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
         "\t\tip daddr @vips_v4 ct state invalid drop",
