@@ -156,6 +156,29 @@ def test_killed_backend_leaves_rotation_within_the_health_window(lab: Lab) -> No
              message="node2 to re-enter rotation")
 
 
+def test_a_backend_refusing_clients_leaves_rotation_on_the_refusals_not_the_schedule(lab: Lab) -> None:
+    """node2's service stops while clients connect: each refused connection's reset passes back through an LB,
+    nftables logs it, and that agent probes node2 at once (`woken=refused`) instead of at its next interval, so
+    node2 leaves after `fall` quick probes. The time and the requests refused are printed for docs/benchmarks.md."""
+    node2 = address("node2")
+    flipped = re.compile(r"event=health_changed .*node=node2 healthy=false .*woken=refused")
+    with RequestLoop(lab) as loop:
+        wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
+        lab.stop_backend("node2")
+        stopped = time.monotonic()
+        wait_for(lambda: all(node2 not in lab.nft_ruleset(lb) for lb in ("lb1", "lb2")), timeout=30,
+                 message="node2 to leave rotation on both LBs")
+        took = time.monotonic() - stopped
+        refused = sum(1 for t in loop.failures if t >= stopped)
+    woken = [lb for lb in ("lb1", "lb2") if flipped.search(lab.agent_log(lb))]
+    assert woken, "no LB took node2 out on a probe a refusal asked for:\n" + lab.agent_log("lb1")[-2000:]
+    lab.start_backend("node2")
+    wait_for(lambda: all(node2 in lab.nft_ruleset(lb) for lb in ("lb1", "lb2")), timeout=30,
+             message="node2 to re-enter rotation")
+    print(f"refusing backend: out of rotation on both LBs {took * 1000:.0f} ms after it stopped; {refused} requests "
+          f"refused meanwhile; woken on {', '.join(woken)}")
+
+
 def metrics(lab: Lab, lb: str) -> str:
     """lbagent's /metrics, scraped inside the LB's namespace (it listens on localhost by default)."""
     return lab.exec(lb, ["curl", "-sf", "http://127.0.0.1:9469/metrics"]).stdout
