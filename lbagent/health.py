@@ -241,7 +241,7 @@ class HealthChecker:
         """A node refused a connection the data plane forwarded to address:port: probe its pairs now (their
         rise/fall still decides: a refusal is a reason to look, not a verdict)."""
         for key in self._served_by.get((address, port), ()):
-            if (probe := self._probes.get(key)) is not None:
+            if (probe := self._probes.get(key)) is not None and probe.target.check.probe_on_refusal:
                 probe.wake.set()
 
     async def probe_once(self, key: HealthKey, woken: bool = False) -> None:

@@ -59,6 +59,7 @@ class HealthCheck:
     fall: int
     kube_proxy_healthz: bool = False
     kube_proxy_port: int = 10256
+    probe_on_refusal: bool = True  # probe at once when the data plane sees the node refuse a forwarded connection
 
     @property
     def window(self) -> float:

@@ -205,3 +205,26 @@ def test_a_refused_connection_probes_its_pairs_at_once_and_rise_fall_still_decid
     assert all(b - a >= health.WAKE_GAP - 0.005 for a, b in itertools.pairwise(node2[1:]))
     assert len(node1) == 1  # node1 was not refused: probed on its own schedule only
     assert changes == [("default/web", "node1"), ("default/web", "node2"), ("default/web", "node2")]
+
+
+def test_probe_on_refusal_off_leaves_the_schedule_alone() -> None:
+    started: list[float] = []
+
+    async def prober(target: Target) -> str | None:
+        started.append(asyncio.get_running_loop().time())
+        return None
+
+    async def scenario() -> None:
+        checker = HealthChecker(lambda key: None, prober)
+        m = config.parse(yaml.safe_dump({**yaml.safe_load(MINIMAL),
+                                         "healthCheckDefaults": {"interval": "60s", "probeOnRefusal": False}}))
+        checker.update(m)
+        checker.start()
+        await checker.wait_complete()
+        for _ in range(5):
+            checker.refused(ip_address("203.0.113.11"), 30080)
+            await asyncio.sleep(health.WAKE_GAP)
+        await checker.stop()
+
+    asyncio.run(scenario())
+    assert len(started) == 1  # the first probe only: the refusals asked for nothing

@@ -108,6 +108,7 @@ class HealthCheckSection(Strict):
     fall: int | None = Field(None, ge=1, le=100)
     kube_proxy_healthz: bool | None = Field(None, alias="kubeProxyHealthz")
     kube_proxy_port: Port | None = Field(None, alias="kubeProxyPort")
+    probe_on_refusal: bool | None = Field(None, alias="probeOnRefusal")
 
 
 class NodeEntry(Strict):
@@ -705,6 +706,9 @@ def _health(defaults: model.HealthCheck, section: HealthCheckSection) -> model.H
             section.kube_proxy_healthz if section.kube_proxy_healthz is not None else defaults.kube_proxy_healthz
         ),
         kube_proxy_port=section.kube_proxy_port if section.kube_proxy_port is not None else defaults.kube_proxy_port,
+        probe_on_refusal=(
+            section.probe_on_refusal if section.probe_on_refusal is not None else defaults.probe_on_refusal
+        ),
     )
 
 
