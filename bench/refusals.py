@@ -35,9 +35,11 @@ def _set_probe_on_refusal(lab: Lab, on: bool) -> None:
         lab.write_agent_config(lb, config)
         mark = len(lab.agent_log(lb))
         lab.signal_agent(lb, signal.SIGHUP)
-        wait_for(lambda lb=lb, mark=mark: any(f"event=config_{what}" in lab.agent_log(lb)[mark:]
-                                              for what in ("loaded", "unchanged")), timeout=20,
-                 message=f"{lb} to reload")
+
+        def reloaded(lb: str = lb, mark: int = mark) -> bool:
+            return any(f"event=config_{what}" in lab.agent_log(lb)[mark:] for what in ("loaded", "unchanged"))
+
+        wait_for(reloaded, timeout=20, message=f"{lb} to reload")
 
 
 def _round(lab: Lab) -> dict[str, float]:
