@@ -70,6 +70,7 @@ def test_the_seeds_canary_applied_with_kubectl(kube_apiserver: KubeAPIServer, na
             assert refused["reason"] == "NotServed" and refused["involvedObject"]["kind"] == "Ingress"
             assert "nginx.ingress.kubernetes.io/auth-url" in refused["message"]
             assert "not served" in api.kubectl("describe", "ingress", "guarded", "-n", namespace).stdout
+            await source.write()  # a pass still in flight (its write already seen above) ends first
             writes = source.status()["statusWrites"]
             await source.write()
             assert source.status()["statusWrites"] == writes  # each Ingress's status written once
