@@ -89,6 +89,21 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
+def netfilter_socket(receive_buffer: int, configure: Callable[[socket.socket], None]) -> socket.socket:
+    """A netfilter netlink socket with its receive buffer, bound, then configured by `configure` (subscriptions,
+    filters, requests answered at once), then non-blocking; closed again if any of it fails."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((0, 0))
+        configure(sock)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _drop_element_messages(sock: socket.socket) -> None:
     """A classic BPF filter on the socket: set-element messages never reach user space."""
     type_byte = 4 if sys.byteorder == "little" else 5  # the low byte of nlmsg_type: the nf_tables message
@@ -176,17 +191,11 @@ class NftWatcher:
         self._on_lost = on_lost
 
     def open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            _drop_element_messages(sock)
-            sock.bind((0, 0))
+        def subscribe(sock: socket.socket) -> None:
+            _drop_element_messages(sock)  # before the membership: no element message is ever queued
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+
+        return netfilter_socket(RECEIVE_BUFFER, subscribe)
 
     def handle(self, data: bytes) -> None:
         for change in self.parser.feed(data):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 from lbagent import model
-from lbagent.l4.drift import NETLINK_NETFILTER, NLA_HDR, NLMSG_HDR
+from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, netfilter_socket
 from lbagent.l4.nftscript import REFUSED_LOG_GROUP
 from lbagent.logfmt import event
 
@@ -111,18 +111,12 @@ class RefusalWatcher:
         self._group = group
 
     def open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-            sock.bind((0, 0))
+        def bind_group(sock: socket.socket) -> None:
             for message in bind_messages(self._group):
                 sock.send(message)
                 _check_ack(sock.recv(4096), self._group)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+
+        return netfilter_socket(RECEIVE_BUFFER, bind_group)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
