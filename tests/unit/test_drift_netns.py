@@ -3,15 +3,12 @@ which address removals they report, and which they do not (lbagent's own, other 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.netns import run_python, throwaway_netns
 
 REPO = Path(__file__).resolve().parents[2]
 # Runs inside the namespace: both watchers, then commits and removals by this process's children; prints what
@@ -80,14 +77,8 @@ asyncio.run(main())
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
-    name = f"drift{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns("drift") as (name,):
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.mark.parametrize("pid_namespace", [False, True], ids=["host-pids", "own-pid-namespace"])
@@ -96,10 +87,7 @@ def test_watchers_report_foreign_changes_to_lbagents_table_and_removed_addresses
     """In its own pid namespace (a container, or CI's fresh root) the kernel names committers by pids lbagent
     never saw; lbagent's own commits must still be known as its own, or every repair would look like drift."""
     inner = ["unshare", "--pid", "--fork", "--mount-proc"] if pid_namespace else []
-    out = subprocess.run(["ip", "netns", "exec", netns, *inner, sys.executable, "-c", STEP], capture_output=True,
-                         text=True, cwd=REPO, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_python(netns, STEP, wrap=inner)
     # exactly the two foreign commits to lbagent's table, each named: not lbagent's own, not the other table,
     # not the element deletion
     assert result["changes"] == [["delete rule inet lbagent", "nft"],

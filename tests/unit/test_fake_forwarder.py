@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from lbagent.l4.nftables.apply import NftForwarder
 from lbagent.plan.services import Frontend, all_healthy, plan
 from lbagent.sources.file import config
 from tests.fake_forwarder import FakeForwarder
+from tests.netns import nft, run_python, throwaway_netns
 from tests.unit.test_plan_render import THREE_NODES, _canonical, three_nodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,31 +145,13 @@ def inside() -> None:
 
 @pytest.fixture
 def namespaces() -> Iterator[list[str]]:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
-    names = [f"ffw{i}{uuid.uuid4().hex[:6]}" for i in range(3)]
-    for name in names:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns("ffw", 3) as names:
         yield names
-    finally:
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def _nft(ns: str, *args: str, script: str | None = None) -> str:
-    r = subprocess.run(["ip", "netns", "exec", ns, "nft", *args], input=script, capture_output=True, text=True,
-                       check=False)
-    assert r.returncode == 0, f"nft {' '.join(args)} in {ns}: {r.stderr}\n{(script or '')[:3000]}"
-    return r.stdout
 
 
 def test_the_fake_forwarder_keeps_the_real_ones_promises(namespaces: list[str]) -> None:
     real_ns, replay_ns, text_ns = namespaces
-    out = subprocess.run(["ip", "netns", "exec", real_ns, sys.executable, "-c", INSIDE], capture_output=True,
-                         text=True, cwd=REPO, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    real = json.loads(out.stdout)
+    real = run_python(real_ns, INSIDE)
 
     fake = FakeForwarder(model.Dataplane(table=TABLE))
 
@@ -195,14 +175,14 @@ def test_the_fake_forwarder_keeps_the_real_ones_promises(namespaces: list[str]) 
     for real_step, fake_step in zip(real, faked, strict=True):
         # what the fake would have sent, replayed in a kernel of its own: taken, and the same table
         for script in fake.scripts[sent:fake_step["scripts"]]:
-            _nft(replay_ns, "-f", "-", script=script)
+            nft(replay_ns, "-f", "-", script=script)
         sent = fake_step["scripts"]
         if real_step["table"] is None:  # nft refused: the table belongs to someone else
             assert "error" in fake_step and fake_step["text"] == ""
             continue
         kernel = _canonical(real_step["table"])
-        assert _canonical(_nft(replay_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
-        _nft(text_ns, "-f", "-", script=fake_step["text"])
-        assert _canonical(_nft(text_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
+        assert _canonical(nft(replay_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
+        nft(text_ns, "-f", "-", script=fake_step["text"])
+        assert _canonical(nft(text_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
     # only the full applies replaced the table; the health changes and the new model went as element changes
     assert sum("delete table inet" in s for s in fake.scripts) == 3

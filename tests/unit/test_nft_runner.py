@@ -4,14 +4,9 @@ leaves the table as it was, whichever way it went."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
-import pytest
+from tests.netns import run_python, throwaway_netns
 
 REPO = Path(__file__).resolve().parents[2]
 STEP = r"""
@@ -50,17 +45,8 @@ asyncio.run(main())
 
 
 def test_small_scripts_run_in_process_large_ones_in_nft_and_refusals_change_nothing() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
-    name = f"nftrun{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", STEP], capture_output=True,
-                             text=True, cwd=REPO, timeout=120, check=False)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    with throwaway_netns("nftrun") as (name,):
+        result = run_python(name, STEP)
     assert result["small"] == {"processes": [], "elements": ["192.0.2.1"]}  # no nft process for a small script
     # the message names the line it refused and what in it
     assert ":2:" in result["refused"] and "nosuchset" in result["refused"], result["refused"]

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import subprocess
-import uuid
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, plan, replan
 from lbagent.sources.file import config
 from tests import golden
+from tests.netns import nft, throwaway_netns
 from tests.unit.test_config import MINIMAL
 
 THREE_NODES = yaml.safe_load(MINIMAL) | {
@@ -230,8 +230,6 @@ def _canonical(listing: str) -> Any:
 
 
 def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
     m = three_nodes()
     health = all_healthy(m)
     steps = [
@@ -244,38 +242,24 @@ def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
     doc["services"][0]["ports"][0]["nodePort"] = 31080  # a changed nodePort element
     doc["services"][3]["loadBalancerSourceRanges"] = ["203.0.113.0/24"]
     changed = config.parse(yaml.safe_dump(doc))
-    names = [f"nftd{uuid.uuid4().hex[:6]}", f"nftf{uuid.uuid4().hex[:6]}"]
-    for name in names:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        def nft(ns: str, script: str) -> str:
-            r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True,
-                               capture_output=True, check=False)
-            assert r.returncode == 0, f"{r.stderr}\n{script[:2000]}"
-            return r.stdout
-
+    with throwaway_netns("nftd", 2) as names:
         def listing(ns: str) -> Any:
-            out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "lbagent"],
-                                 capture_output=True, text=True, check=True).stdout
-            return _canonical(out)
+            return _canonical(nft(ns, "-j", "list", "table", "inet", "lbagent"))
 
         previous = None
         for model_, snapshot in [(m, s) for s in steps] + [(changed, health)]:
             p = plan(model_, snapshot)
             rs = nftables.build(p.frontends, p.vips, model_.dataplane)
             if previous is None:
-                nft(names[0], nftables.render_full(rs))
+                nft(names[0], "-f", "-", script=nftables.render_full(rs))
             else:
                 delta = nftables.render_delta(previous, rs)
                 assert delta is not None
                 if delta:
-                    nft(names[0], delta)
-            nft(names[1], nftables.render_full(rs))
+                    nft(names[0], "-f", "-", script=delta)
+            nft(names[1], "-f", "-", script=nftables.render_full(rs))
             assert listing(names[0]) == listing(names[1])
             previous = rs
-    finally:
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_replan_of_changed_services_equals_a_fresh_plan() -> None:
@@ -295,28 +279,16 @@ def test_replan_of_changed_services_equals_a_fresh_plan() -> None:
 
 
 def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
     m = three_nodes()
     health = all_healthy(m)
     p = plan(m, health)
     rs = nftables.build(p.frontends, p.vips, m.dataplane)
-    names = [f"nftu{uuid.uuid4().hex[:6]}", f"nftg{uuid.uuid4().hex[:6]}"]
-    for name in names:
-        subprocess.run(["ip", "netns", "add", name], check=True)
     rng = random.Random(11)
-    try:
-        def nft(ns: str, script: str) -> None:
-            r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True,
-                               capture_output=True, check=False)
-            assert r.returncode == 0, f"{r.stderr}\n{script[:3000]}"
-
+    with throwaway_netns("nftu", 2) as names:
         def listing(ns: str) -> Any:
-            out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "lbagent"],
-                                 capture_output=True, text=True, check=True).stdout
-            return _canonical(out)
+            return _canonical(nft(ns, "-j", "list", "table", "inet", "lbagent"))
 
-        nft(names[0], nftables.render_full(rs))
+        nft(names[0], "-f", "-", script=nftables.render_full(rs))
         keys = sorted(health)
         for _ in range(12):
             changed_keys = rng.sample(keys, 2)
@@ -326,11 +298,8 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
             p2 = replan(p, m, health, services)
             script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services))
             if script:
-                nft(names[0], script)
-            nft(names[1], nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))
+                nft(names[0], "-f", "-", script=script)
+            nft(names[1], "-f", "-", script=nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))
             assert listing(names[0]) == listing(names[1])
             assert rs == nftables.build(p2.frontends, p2.vips, m.dataplane)
             p = p2
-    finally:
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=False)

@@ -3,19 +3,13 @@ network namespace the test makes."""
 
 from __future__ import annotations
 
-import json
-import os
 import struct
-import subprocess
-import sys
-import uuid
 from ipaddress import ip_address
 from pathlib import Path
 
-import pytest
-
 from lbagent.l4 import refusals
 from lbagent.l4.drift import NLA_HDR, NLMSG_HDR
+from tests.netns import run_python, throwaway_netns
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,14 +66,5 @@ asyncio.run(main())
 
 
 def test_a_reset_logged_by_nftables_reaches_the_watcher_at_once() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
-    name = f"refused{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", STEP], capture_output=True,
-                             text=True, cwd=REPO, timeout=60, check=False)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [["127.0.0.1", 9], ["::1", 9]]
+    with throwaway_netns("refused") as (name,):
+        assert run_python(name, STEP, timeout=60) == [["127.0.0.1", 9], ["::1", 9]]

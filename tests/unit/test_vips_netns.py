@@ -7,16 +7,14 @@ the VIPs a previous process bound is exercised for real.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from lbagent.l3.vips import VipError, apply_sysctls
+from tests.netns import run_python, throwaway_netns
 
 REPO = Path(__file__).resolve().parents[2]
 STEP = """
@@ -39,25 +37,15 @@ else:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (network namespaces): run it as root, as `make test` does")
-    name = f"vipt{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns("vipt") as (name,):
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def step(
     ns: str, op: str, desired: Sequence[str] = (), keep: Sequence[str] = (), interface: str = "lo"
 ) -> dict[str, object]:
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", STEP, op, interface, json.dumps(list(desired)),
-         json.dumps(list(keep))],
-        capture_output=True, text=True, check=True, cwd=REPO, timeout=60,
-    )
-    result: dict[str, object] = json.loads(out.stdout)
+    result: dict[str, object] = run_python(ns, STEP, op, interface, json.dumps(list(desired)),
+                                           json.dumps(list(keep)), timeout=60)
     return result
 
 
