@@ -23,7 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.lab.lab import Lab, address, wait_for
-from tests.lab.test_skeleton import LB_UPLINKS, VIP, RequestLoop
+from tests.lab.test_skeleton import LB_UPLINKS, VIP
+from tests.lab.traffic import RequestLoop
 
 LBS = ("lb1", "lb2")
 
@@ -45,7 +46,7 @@ def _set_probe_on_refusal(lab: Lab, on: bool) -> None:
 def _round(lab: Lab) -> dict[str, float]:
     node2 = address("node2")
     wait_for(lambda: all(node2 in lab.nft_ruleset(lb) for lb in LBS), timeout=30, message="node2 in rotation")
-    with RequestLoop(lab) as loop:
+    with RequestLoop(lab, f"http://{VIP}/") as loop:
         wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
         lab.stop_backend("node2")
         stopped = time.monotonic()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import re
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import yaml
 
 from tests.lab.lab import Lab, address, wait_for
+from tests.lab.traffic import RequestLoop
 
 pytestmark = pytest.mark.lab
 
@@ -32,33 +31,6 @@ def lab(lab_factory: Callable[..., Lab]) -> Iterator[Lab]:
     wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), timeout=20,
              message="the router to learn the VIP from both LBs")
     yield lab
-
-
-class RequestLoop:
-    """Requests from the client to the VIP, one new connection each, in a thread until stopped."""
-
-    def __init__(self, lab: Lab, url: str = URL) -> None:
-        self.lab, self.url = lab, url
-        self.answers: list[dict[str, Any]] = []
-        self.failures: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            answer = self.lab.request(self.url, timeout=2)
-            if answer is None:
-                self.failures.append(time.monotonic())
-            else:
-                self.answers.append(answer)
-
-    def __enter__(self) -> RequestLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def test_router_holds_vip_with_both_lbs_as_next_hops(lab: Lab) -> None:
@@ -79,7 +51,7 @@ def test_client_reaches_every_node_through_the_vip(lab: Lab) -> None:
 
 
 def test_sigterm_withdraws_lb1_within_2s_while_requests_keep_succeeding(lab: Lab) -> None:
-    with RequestLoop(lab) as loop:
+    with RequestLoop(lab, URL) as loop:
         wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
         started = time.monotonic()
         lab.signal_agent("lb1", signal.SIGTERM)
@@ -113,7 +85,7 @@ def test_killed_agent_with_graceful_restart_keeps_lb1_serving_until_it_is_back(l
     wait_for(lambda: all("Restart time: 30" in protocol(lb) and "Established" in protocol(lb) for lb in LB_UPLINKS)
              and lab.router_nexthops(f"{VIP}/32") == set(LB_UPLINKS.values()), timeout=30,
              message="both sessions again, with graceful restart, and the VIP via both LBs")
-    with RequestLoop(lab) as loop:
+    with RequestLoop(lab, URL) as loop:
         wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
         lab.signal_agent("lb1", signal.SIGKILL)
         lab.wait_agent_exit("lb1", timeout=10)
@@ -162,7 +134,7 @@ def test_a_backend_refusing_clients_leaves_rotation_on_the_refusals_not_the_sche
     node2 leaves after `fall` quick probes. The time and the requests refused are printed for docs/benchmarks.md."""
     node2 = address("node2")
     flipped = re.compile(r"event=health_changed .*node=node2 healthy=false .*woken=refused")
-    with RequestLoop(lab) as loop:
+    with RequestLoop(lab, URL) as loop:
         wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
         lab.stop_backend("node2")
         stopped = time.monotonic()
@@ -289,7 +261,7 @@ def test_state_removed_by_hand_is_put_back_at_once_without_a_withdrawal(lab: Lab
                "event=dataplane_drift")
     else:
         how = (f"ip addr del {VIP}/32 dev lo", f"ip -o addr show dev lo | grep -q ' {VIP}/32 '", "event=vip_drift")
-    with RequestLoop(lab) as loop:
+    with RequestLoop(lab, URL) as loop:
         wait_for(lambda: len(loop.answers) >= 10, timeout=10, message="requests flowing")
         seconds = _repair_seconds(lab, "lb1", how[0], how[1])
         count = len(loop.answers)

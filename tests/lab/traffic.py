@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,30 @@ class Flows:
         """Every connection alive now has had `answers` more answers than in `since`."""
         return all(n["error"] is not None or n["requests"] >= s["requests"] + answers
                    for n, s in zip(self.results(), since, strict=True))
+
+
+class RequestLoop:
+    """Requests from the client to `url` (at a VIP), one new connection each, in a thread until stopped."""
+
+    def __init__(self, lab: Lab, url: str) -> None:
+        self.lab, self.url = lab, url
+        self.answers: list[dict[str, Any]] = []
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            answer = self.lab.request(self.url, timeout=2)
+            if answer is None:
+                self.failures.append(time.monotonic())
+            else:
+                self.answers.append(answer)
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
