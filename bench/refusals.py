@@ -22,11 +22,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.lab.lab import Lab, address, wait_for
-from tests.lab.test_skeleton import LB_UPLINKS, VIP
+from tests.lab.lab import DEFAULT_SERVICES, Lab, address, wait_for
 from tests.lab.traffic import RequestLoop
 
 LBS = ("lb1", "lb2")
+VIP = str(DEFAULT_SERVICES[0]["vip"])  # the lab's own service
+LB_UPLINKS = {lb: address(lb, "uplink") for lb in LBS}
 
 
 def _set_probe_on_refusal(lab: Lab, on: bool) -> None:
