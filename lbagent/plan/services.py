@@ -129,11 +129,16 @@ class Plan:
     vips: tuple[model.IPAddress, ...]
     frontends: Sequence[Frontend]
     announcements: Mapping[str, Announcement]
-    decisions: tuple[ServiceDecision, ...]
     sysctls: Mapping[str, str]
     by_service: Mapping[str, tuple[Frontend, ...]] = field(default_factory=dict)
     decision_by_service: Mapping[str, ServiceDecision] = field(default_factory=dict)
     l4_vips: tuple[model.IPAddress, ...] = ()  # the VIPs the kernel forwards (the others are HAProxy's)
+
+    @property
+    def decisions(self) -> tuple[ServiceDecision, ...]:
+        """Every service's and listener's decision, in model order: made when asked (status, plan output), so
+        a plan made again for one service copies none of them."""
+        return tuple(self.decision_by_service.values())
 
 
 def all_healthy(m: model.Model) -> dict[tuple[str, str], bool]:
@@ -271,7 +276,6 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
         l4_vips=tuple(sorted(m.l4_vips, key=lambda a: (a.version, int(a)))),
         frontends=Frontends(by_service),
         announcements=announcements,
-        decisions=tuple(decisions.values()),
         sysctls=sysctls(m),
         by_service=by_service,
         decision_by_service=decisions,
@@ -294,7 +298,6 @@ def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterabl
         l4_vips=prev.l4_vips,
         frontends=Frontends(by_service),
         announcements=announcements,
-        decisions=tuple(decisions.values()),
         sysctls=prev.sysctls,
         by_service=by_service,
         decision_by_service=decisions,
@@ -324,8 +327,7 @@ def with_listeners(p: Plan, m: model.Model, listener_decisions: Iterable[Service
         decisions[d.service] = d
         touched.update(d.vips)
     announcements = _reannounce(m, p.announcements, decisions, touched)
-    return replace(p, decisions=tuple(decisions.values()), decision_by_service=decisions,
-                   announcements=announcements)
+    return replace(p, decision_by_service=decisions, announcements=announcements)
 
 
 @dataclass(frozen=True)
