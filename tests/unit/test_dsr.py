@@ -3,6 +3,7 @@ goes to (the inet table's choice), and the ipMode the Kubernetes source writes."
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from lbagent import model
-from lbagent.l4.nftables import dsr
+from lbagent.l4.nftables import apply, dsr
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Backend, Frontend
 from lbagent.sources.file import config
@@ -161,3 +162,34 @@ def test_check_judges_the_netdev_table_as_this_host_would_write_it(netns: str, t
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert "not checked  nft -c -f lbagent-dsr.nft: dataplane.dsrInterfaces up0: not on this host" in elsewhere.stdout
     assert "accepted     nft -c -f lbagent.nft" in elsewhere.stdout
+
+
+def test_the_kernel_is_asked_for_on_link_paths_when_the_nodes_change_and_on_every_resync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not on every change of a dsr frontend: the same nodes have the same paths until a resync asks again."""
+    asked: list[frozenset[str]] = []
+
+    def paths(addresses: frozenset[str], interfaces: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+        asked.append(frozenset(addresses))
+        return {a: "eth1" for a in addresses}, list(interfaces)
+
+    async def no_kernel(script: str) -> None:
+        return None
+
+    monkeypatch.setattr(apply, "on_link_paths", paths)
+    forwarder = apply.NftForwarder(model.Dataplane(dsr_interfaces=("eth1",)))
+    monkeypatch.setattr(forwarder, "_run", no_kernel)
+    vips = [ip_address("192.0.2.10")]
+    web, fewer = _frontend(), replace(_frontend(), backends=_frontend().backends[:2])
+
+    async def scenario() -> None:
+        await forwarder.apply([web], vips)
+        await forwarder.apply([replace(web, affinity_timeout=60)], vips)  # a change, the same nodes
+        assert asked == [frozenset(NODES.values())]
+        await forwarder.apply([fewer], vips)  # other nodes: asked for them
+        assert asked[-1] == frozenset(list(NODES.values())[:2]) and len(asked) == 2
+        await forwarder.apply([fewer], vips, force=True)  # a resync asks again (a route may have changed)
+        assert len(asked) == 3
+        assert "203.0.113.12" in (forwarder.dsr_applied or "")
+
+    asyncio.run(scenario())

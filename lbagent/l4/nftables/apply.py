@@ -29,6 +29,8 @@ class NftForwarder:
         self.applied: Ruleset | None = None  # what the kernel's table holds; None: unknown, write it whole
         self.dsr_applied: str | None = None  # the netdev table's text in the kernel ("": none); None: unknown
         self._dsr_reported: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+        # the kernel's on-link answer for the dsr nodes' addresses: (addresses, paths, interfaces that exist)
+        self._paths: tuple[frozenset[str], dict[str, str], list[str]] | None = None
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
@@ -47,8 +49,12 @@ class NftForwarder:
         wanted = dsr.dsr_frontends(frontends)
         if not wanted and self.dsr_applied == "":
             return  # none wanted, none there (the first apply removed any a previous run left)
-        addresses = {str(b.address) for f in wanted for b in f.active}
-        paths, interfaces = await asyncio.to_thread(on_link_paths, addresses, self.dataplane.dsr_interfaces)
+        addresses = frozenset(str(b.address) for f in wanted for b in f.active)
+        if force or self._paths is None or self._paths[0] != addresses:
+            # asked again on every resync: a route that changed (a node no longer on-link) is seen there
+            self._paths = (addresses, *await asyncio.to_thread(on_link_paths, addresses,
+                                                                 self.dataplane.dsr_interfaces))
+        _, paths, interfaces = self._paths
         plan = dsr.build(self.dataplane.table, wanted, self.dataplane.maglev_table_size, interfaces, paths)
         missing = frozenset(self.dataplane.dsr_interfaces) - set(interfaces) if wanted else frozenset()
         unreachable = frozenset(f"{node} {address}" for address, node in plan.unreachable.items())
