@@ -18,6 +18,7 @@ import errno
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -89,13 +90,23 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
+# Held while lbagent opens a netfilter netlink socket of its own and binds it, and while libnftables makes its
+# context (lbagent.l4.nft): the one new netfilter socket then is the context's, whatever other threads do.
+NETFILTER_SOCKETS = threading.Lock()
+
+
 def netfilter_socket(receive_buffer: int, configure: Callable[[socket.socket], None]) -> socket.socket:
     """A netfilter netlink socket with its receive buffer, bound, then configured by `configure` (subscriptions,
     filters, requests answered at once), then non-blocking; closed again if any of it fails."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    with NETFILTER_SOCKETS:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+        except BaseException:
+            sock.close()
+            raise
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.bind((0, 0))
         configure(sock)
         sock.setblocking(False)
     except BaseException:

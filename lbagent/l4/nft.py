@@ -25,7 +25,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from lbagent.l4.drift import remember_own
+from lbagent.l4.drift import NETFILTER_SOCKETS, NETLINK_NETFILTER, remember_own
 
 # Scripts up to this size go through the in-process library (a change's transaction is a few KB: one Maglev table
 # of 1,021 slots is 25 KB); larger ones, whole tables, through an `nft` process.
@@ -77,14 +77,15 @@ class Libnftables:
         lib.nft_run_cmd_from_filename.restype = ctypes.c_int
         self._lib = lib
         self._lock = threading.Lock()
-        before = _netlink_sockets()
-        self._ctx = lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
-        if not self._ctx:
-            raise OSError("nft_ctx_new failed")
+        with NETFILTER_SOCKETS:  # no other netfilter socket of lbagent's is opened meanwhile
+            before = _sockets()
+            self._ctx = lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
+            if not self._ctx:
+                raise OSError("nft_ctx_new failed")
+            # The context's own netlink socket, bound now so that its port id is known before its first commit.
+            self._ports = {port for fd in _sockets() - before if (port := _bind_netfilter(fd))}
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
-        # The context's own netlink socket, bound now so that its port id is known before its first commit.
-        self._ports = {port for fd in _netlink_sockets() - before if (port := _bind_netlink(fd))}
 
     def run(self, script: str) -> str:
         """Apply the script and return its output; NftError with libnftables' message when it is refused."""
@@ -120,7 +121,8 @@ def _script_file(script: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _netlink_sockets() -> set[int]:
+def _sockets() -> set[int]:
+    """The process's open sockets, by file descriptor."""
     out = set()
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -131,12 +133,12 @@ def _netlink_sockets() -> set[int]:
     return out
 
 
-def _bind_netlink(fd: int) -> int:
-    """Bind a netlink socket that is not bound yet (the kernel picks the port id, as it would at its first send)
-    and return its port id; 0 for any other socket."""
+def _bind_netfilter(fd: int) -> int:
+    """A netfilter netlink socket's port id, binding it first if it is not bound yet (the kernel picks the port id,
+    as it would at its first send); 0 for any other socket (pyroute2's routing sockets, say), left as it is."""
     try:
         with socket.socket(fileno=os.dup(fd)) as sock:
-            if sock.family != socket.AF_NETLINK:
+            if sock.family != socket.AF_NETLINK or sock.proto != NETLINK_NETFILTER:
                 return 0
             if sock.getsockname()[0] == 0:
                 sock.bind((0, 0))

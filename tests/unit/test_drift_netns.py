@@ -4,13 +4,11 @@ which address removals they report, and which they do not (lbagent's own, other 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.netns import run_python, throwaway_netns
 
-REPO = Path(__file__).resolve().parents[2]
 # Runs inside the namespace: both watchers, then commits and removals by this process's children; prints what
 # the watchers reported once each step's own marker (a change to another table / address) has been seen.
 STEP = r"""

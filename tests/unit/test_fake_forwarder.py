@@ -17,7 +17,6 @@ import json
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,7 +32,6 @@ from tests.fake_forwarder import FakeForwarder
 from tests.netns import nft, run_python, throwaway_netns
 from tests.unit.test_plan_render import THREE_NODES, _canonical, three_nodes
 
-REPO = Path(__file__).resolve().parents[2]
 TABLE = "lbagent"
 NODES = ("node1", "node2", "node3")
 

@@ -4,14 +4,16 @@ leaves the table as it was, whichever way it went."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import socket
 
+from lbagent.l4 import nft
+from lbagent.l4.drift import NETLINK_NETFILTER
 from tests.netns import run_python, throwaway_netns
 
-REPO = Path(__file__).resolve().parents[2]
 STEP = r"""
 import asyncio, json, subprocess
 from lbagent.l4 import nft
+from lbagent.l4.drift import NETLINK_NETFILTER
 
 started = []
 real_run_nft = nft.run_nft
@@ -53,3 +55,14 @@ def test_small_scripts_run_in_process_large_ones_in_nft_and_refusals_change_noth
     assert result["after_refusal"] == ["192.0.2.1"]  # all or nothing: 192.0.2.2 did not go in either
     assert len(result["big"]["processes"]) == 1 and result["big"]["processes"][0] > 256 * 1024
     assert result["big"]["count"] == 251
+
+
+def test_only_an_unbound_netfilter_socket_is_taken_for_the_contexts() -> None:
+    """Finding libnftables' socket binds nothing else: a routing socket another thread has just opened (pyroute2's)
+    must stay unbound for its owner to bind."""
+    with (socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as route,
+          socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as netfilter):
+        assert nft._bind_netfilter(route.fileno()) == 0
+        assert route.getsockname()[0] == 0
+        port = nft._bind_netfilter(netfilter.fileno())
+        assert port != 0 and netfilter.getsockname()[0] == port

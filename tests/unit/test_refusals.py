@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import struct
 from ipaddress import ip_address
-from pathlib import Path
 
 from lbagent.l4 import refusals
 from lbagent.l4.drift import NLA_HDR, NLMSG_HDR
 from tests.netns import run_python, throwaway_netns
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _message(payload: bytes, family: int = 2) -> bytes:

@@ -16,7 +16,6 @@ import pytest
 from lbagent.l3.vips import VipError, apply_sysctls
 from tests.netns import run_python, throwaway_netns
 
-REPO = Path(__file__).resolve().parents[2]
 STEP = """
 import asyncio, json, sys
 from ipaddress import ip_address
