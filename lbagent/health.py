@@ -166,10 +166,20 @@ Prober = Callable[[Target], Awaitable[str | None]]
 WAKE_GAP = 0.1
 
 
+# What one probe loop checks: the same node, kind, address, ports and settings give the same answer, whichever
+# service asks (kube-proxy's /healthz is one per node for every Cluster service that probes it).
+ProbeId = tuple[str, model.ProbeKind, model.IPAddress, tuple[int, ...], model.HealthCheck]
+
+
+def probe_id(target: Target) -> ProbeId:
+    return (target.node, target.kind, target.address, target.ports, target.check)
+
+
 @dataclass
 class _Probe:
-    target: Target
+    target: Target  # the first pair's: what is probed, for every pair in `pairs`
     state: ProbeState
+    pairs: set[HealthKey] = field(default_factory=set)
     task: asyncio.Task[None] | None = field(default=None)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -186,12 +196,14 @@ def served_by(m: model.Model) -> dict[tuple[model.IPAddress, int], list[HealthKe
 
 
 class HealthChecker:
-    """Runs one probe loop per target and tells `on_change` whenever a verdict flips."""
+    """Runs one probe loop per distinct probe (pairs that would probe the same thing share one: its verdict is
+    theirs) and tells `on_change` of every pair whose verdict flips."""
 
     def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe) -> None:
         self._on_change = on_change
         self._prober = prober
-        self._probes: dict[HealthKey, _Probe] = {}
+        self._probes: dict[ProbeId, _Probe] = {}
+        self._probe_of: dict[HealthKey, ProbeId] = {}
         self._served_by: dict[tuple[model.IPAddress, int], list[HealthKey]] = {}
         self.verdicts: dict[HealthKey, bool] = {}
         """Live verdicts, kept current as probes flip: what the planner reads (never copied per sync)."""
@@ -199,22 +211,34 @@ class HealthChecker:
         self._complete = asyncio.Event()
 
     def update(self, m: model.Model) -> None:
-        """Reconcile the probes with a new model; a pair whose target is unchanged keeps its state."""
-        wanted = targets(m)
+        """Reconcile the probes with a new model; a probe whose target is unchanged keeps its state, and a pair
+        that joins a probe already running has its verdict at once."""
+        wanted: dict[ProbeId, tuple[Target, set[HealthKey]]] = {}
+        for key, target in targets(m).items():
+            wanted.setdefault(probe_id(target), (target, set()))[1].add(key)
         self._served_by = served_by(m)
-        for key in list(self._probes):
-            if key not in wanted or wanted[key] != self._probes[key].target:
-                self._cancel(key)
-        for key, target in wanted.items():
-            if key not in self._probes:
-                self._probes[key] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
+        for pid in [pid for pid in self._probes if pid not in wanted]:
+            probe = self._probes.pop(pid)
+            if probe.task is not None:
+                probe.task.cancel()
+        for pid, (target, pairs) in wanted.items():
+            known = self._probes.get(pid)
+            if known is None:
+                known = self._probes[pid] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
                 if self._running:
-                    self._start(key)
+                    self._start(pid)
+            known.pairs = pairs
+        self._probe_of = {key: pid for pid, (_, pairs) in wanted.items() for key in pairs}
+        self.verdicts.clear()
+        self.verdicts.update({key: p.state.healthy for p in self._probes.values() if p.state.healthy is not None
+                              for key in p.pairs})
+        if not self._complete.is_set() and self.complete():
+            self._complete.set()
 
     def start(self) -> None:
         self._running = True
-        for key in self._probes:
-            self._start(key)
+        for pid in self._probes:
+            self._start(pid)
 
     async def stop(self) -> None:
         self._running = False
@@ -223,12 +247,16 @@ class HealthChecker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def probes(self) -> int:
+        """How many probe loops run (pairs that probe the same thing share one)."""
+        return len(self._probes)
+
     def snapshot(self) -> dict[HealthKey, bool]:
         """A copy of the verdicts known so far; a pair not probed yet is absent."""
         return dict(self.verdicts)
 
     def reasons(self) -> dict[HealthKey, str]:
-        return {k: p.state.reason for k, p in self._probes.items()}
+        return {key: self._probes[pid].state.reason for key, pid in self._probe_of.items()}
 
     def complete(self) -> bool:
         """True once every pair has a verdict: nothing is programmed before that (a full first snapshot)."""
@@ -241,12 +269,17 @@ class HealthChecker:
         """A node refused a connection the data plane forwarded to address:port: probe its pairs now (their
         rise/fall still decides: a refusal is a reason to look, not a verdict)."""
         for key in self._served_by.get((address, port), ()):
-            if (probe := self._probes.get(key)) is not None and probe.target.check.probe_on_refusal:
+            pid = self._probe_of.get(key)
+            if pid is not None and (probe := self._probes[pid]).target.check.probe_on_refusal:
                 probe.wake.set()
 
     async def probe_once(self, key: HealthKey, woken: bool = False) -> None:
-        """One probe round for a pair, then the hysteresis."""
-        probe = self._probes[key]
+        """One probe round for the probe of a pair (shared with the pairs that probe the same), then the
+        hysteresis for all of them."""
+        await self._round(self._probe_of[key], woken)
+
+    async def _round(self, pid: ProbeId, woken: bool) -> None:
+        probe = self._probes[pid]
         target = probe.target
         try:
             error = await self._prober(target)
@@ -254,40 +287,37 @@ class HealthChecker:
             error = f"probe error: {type(exc).__name__}: {exc}"
         was = probe.state.healthy
         flipped = probe.state.observe(error)
-        if self._probes.get(key) is not probe:
-            return  # the pair was removed by a reload while this probe was in flight
+        if self._probes.get(pid) is not probe:
+            return  # the probe was removed by a reload while it was in flight
         if probe.state.healthy is not None:
-            self.verdicts[key] = probe.state.healthy
+            for pair in probe.pairs:
+                self.verdicts[pair] = probe.state.healthy
         if not self._complete.is_set() and self.complete():
             self._complete.set()
         if flipped:
-            event(
-                log, logging.INFO if probe.state.healthy else logging.WARNING, "health_changed",
-                service=target.service, node=target.node,
-                healthy=probe.state.healthy, was=was, reason=probe.state.reason,
-                **({"woken": "refused"} if woken else {}),
-            )
-            self._on_change(key)
+            for service, node in sorted(probe.pairs):
+                event(
+                    log, logging.INFO if probe.state.healthy else logging.WARNING, "health_changed",
+                    service=service, node=node,
+                    healthy=probe.state.healthy, was=was, reason=probe.state.reason,
+                    **({"woken": "refused"} if woken else {}),
+                )
+            for pair in sorted(probe.pairs):
+                self._on_change(pair)
 
-    def _start(self, key: HealthKey) -> None:
-        probe = self._probes[key]
-        probe.task = asyncio.get_running_loop().create_task(self._loop(key), name=f"health {key}")
+    def _start(self, pid: ProbeId) -> None:
+        probe = self._probes[pid]
+        probe.task = asyncio.get_running_loop().create_task(self._loop(pid), name=f"health {pid[:4]}")
 
-    def _cancel(self, key: HealthKey) -> None:
-        self.verdicts.pop(key, None)
-        probe = self._probes.pop(key)
-        if probe.task is not None:
-            probe.task.cancel()
-
-    async def _loop(self, key: HealthKey) -> None:
-        probe = self._probes[key]
+    async def _loop(self, pid: ProbeId) -> None:
+        probe = self._probes[pid]
         interval = probe.target.check.interval
         loop = asyncio.get_running_loop()
         woken = False
         while True:
             started = loop.time()
             probe.wake.clear()  # a refusal from now on asks for one more probe after this one
-            await self.probe_once(key, woken)
+            await self._round(pid, woken)
             try:
                 async with asyncio.timeout(max(0.0, interval - (loop.time() - started))):
                     await probe.wake.wait()

@@ -228,3 +228,47 @@ def test_probe_on_refusal_off_leaves_the_schedule_alone() -> None:
 
     asyncio.run(scenario())
     assert len(started) == 1  # the first probe only: the refusals asked for nothing
+
+
+def test_pairs_that_probe_the_same_share_one_probe_and_its_verdict() -> None:
+    """Cluster services that probe kube-proxy's /healthz ask each node the same question: one probe per node, not
+    one per service and node, and a flip is every such service's. A service with other settings has its own."""
+    asked: list[tuple[str, int]] = []
+    down: set[str] = set()
+    changes: list[tuple[str, str]] = []
+
+    async def prober(target: Target) -> str | None:
+        asked.append((str(target.address), target.ports[0]))
+        return "HTTP 503" if str(target.address) in down else None
+
+    def services(n: int, extra: list[dict[str, object]] | None = None) -> model.Model:
+        cluster: list[dict[str, object]] = [
+            {"name": f"s{i}", "vip": f"192.0.2.{20 + i}", "healthCheck": {"kubeProxyHealthz": True},
+             "ports": [{"port": 80, "nodePort": 31000 + i}]} for i in range(n)]
+        return _model(cluster + (extra or []))
+
+    async def scenario() -> None:
+        checker = HealthChecker(changes.append, prober)
+        checker.update(services(3))
+        assert checker.probes() == 2 + 2  # web's own nodePort probe on each node, and kube-proxy's on each node
+        for node in ("node1", "node2"):
+            await checker.probe_once(("default/s0", node))
+            await checker.probe_once(("default/web", node))
+        assert checker.complete() and all(checker.verdicts.values()) and len(checker.verdicts) == 8
+        assert sorted(asked).count(("203.0.113.12", 10256)) == 1
+        down.add("203.0.113.12")
+        changes.clear()
+        for _ in range(3):  # fall 3: one probe's three failures
+            await checker.probe_once(("default/s1", "node2"))
+        assert changes == [("default/s0", "node2"), ("default/s1", "node2"), ("default/s2", "node2")]
+        assert sorted(k for k, ok in checker.verdicts.items() if not ok) == changes
+        assert checker.reasons()[("default/s2", "node2")] == "HTTP 503"
+        # a fourth such service joins the running probes with their verdicts; other settings: a probe of its own
+        checker.update(services(4, [{"name": "slow", "vip": "192.0.2.40", "ports": [{"port": 80, "nodePort": 31100}],
+                                     "healthCheck": {"kubeProxyHealthz": True, "interval": "30s"}}]))
+        assert checker.verdicts[("default/s3", "node2")] is False and checker.verdicts[("default/s3", "node1")]
+        assert checker.probes() == 2 + 2 + 2 and ("default/slow", "node1") not in checker.verdicts
+        checker.update(services(0))
+        assert checker.probes() == 2 and set(checker.verdicts) == {("default/web", "node1"), ("default/web", "node2")}
+
+    asyncio.run(scenario())
