@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import shutil
 import socket
@@ -26,10 +27,14 @@ import threading
 from collections.abc import Iterator
 
 from lbagent.l4.drift import NETFILTER_SOCKETS, NETLINK_NETFILTER, remember_own
+from lbagent.logfmt import event
+
+log = logging.getLogger("lbagent.dataplane")
 
 # Scripts up to this size go through the in-process library (a change's transaction is a few KB: one Maglev table
 # of 1,021 slots is 25 KB); larger ones, whole tables, through an `nft` process.
 IN_PROCESS_LIMIT = 256 * 1024
+FD_SETSIZE = 1024  # glibc's select() limit
 
 
 class NftError(RuntimeError):
@@ -77,13 +82,21 @@ class Libnftables:
         lib.nft_run_cmd_from_filename.restype = ctypes.c_int
         self._lib = lib
         self._lock = threading.Lock()
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         with NETFILTER_SOCKETS:  # no other netfilter socket of lbagent's is opened meanwhile
             before = _sockets()
             self._ctx = lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
             if not self._ctx:
                 raise OSError("nft_ctx_new failed")
             # The context's own netlink socket, bound now so that its port id is known before its first commit.
-            self._ports = {port for fd in _sockets() - before if (port := _bind_netfilter(fd))}
+            found = {fd: port for fd in _sockets() - before if (port := _bind_netfilter(fd))}
+        if any(fd >= FD_SETSIZE for fd in found):
+            # libnftables waits for the kernel's answer with select(), which aborts the whole process (glibc's
+            # fortify check) on a descriptor from 1024 up: a busy agent (thousands of probe connections) must
+            # make its context early (prepare()), or do without it.
+            lib.nft_ctx_free(self._ctx)
+            raise OSError(f"libnftables' socket is descriptor {max(found)}, beyond select()'s {FD_SETSIZE}")
+        self._ports = set(found.values())
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
 
@@ -153,6 +166,12 @@ _LIBRARY_LOADED = False
 _LIBRARY_LOCK = threading.Lock()
 
 
+def prepare() -> None:
+    """Make the process's libnftables context now, while few descriptors are open (see Libnftables): the agent
+    calls it when its nftables forwarder is made, before any probe opens a connection."""
+    _library()
+
+
 def _library() -> Libnftables | None:
     """The process's libnftables context, made on first use; None when the library cannot be loaded (then every
     script goes through an `nft` process)."""
@@ -163,6 +182,8 @@ def _library() -> Libnftables | None:
             path = ctypes.util.find_library("nftables") or "libnftables.so.1"
             try:
                 _LIBRARY = Libnftables(path)
-            except OSError:
+            except OSError as exc:
                 _LIBRARY = None
+                event(log, logging.WARNING, "libnftables_unused", error=str(exc),
+                      consequence="every nftables change runs an nft process (slower, same result)")
         return _LIBRARY

@@ -66,3 +66,35 @@ def test_only_an_unbound_netfilter_socket_is_taken_for_the_contexts() -> None:
         assert route.getsockname()[0] == 0
         port = nft._bind_netfilter(netfilter.fileno())
         assert port != 0 and netfilter.getsockname()[0] == port
+
+
+BUSY = r"""
+import asyncio, ctypes.util, json, resource, socket, subprocess
+from lbagent.l4 import nft
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+early = sys.argv[1] == "early"
+if early:
+    nft.prepare()
+held = [socket.socket() for _ in range(1100)]  # a busy agent: a probe connection each
+started = []
+real_run_nft = nft.run_nft
+async def counting_run_nft(args, script=None):
+    started.append(len(script or ""))
+    return await real_run_nft(args, script)
+nft.run_nft = counting_run_nft
+asyncio.run(nft.apply_script("table inet t {\n  set s {\n    type ipv4_addr; elements = { 192.0.2.1 }\n  }\n}\n"))
+out = subprocess.run(["nft", "-j", "list", "set", "inet", "t", "s"], capture_output=True, text=True, check=True)
+print(json.dumps({"processes": len(started), "in_process": nft._library() is not None,
+                  "listed": "192.0.2.1" in out.stdout}))
+""".replace("import asyncio,", "import sys, asyncio,")
+
+
+def test_a_busy_agent_never_hands_libnftables_a_descriptor_select_cannot_take() -> None:
+    """libnftables waits with select(): from descriptor 1024 up, glibc aborts the process. A context made early
+    keeps a low descriptor and serves a busy agent in process; one that would be made late is not made (an nft
+    process applies the script), and nothing aborts."""
+    with throwaway_netns("nftbusy") as (name,):
+        assert run_python(name, BUSY, "early") == {"processes": 0, "in_process": True, "listed": True}
+        assert run_python(name, BUSY, "late") == {"processes": 1, "in_process": False, "listed": True}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
-from lbagent.l4.nft import NftError, apply_script
+from lbagent.l4.nft import NftError, apply_script, prepare
 from lbagent.l4.nftables import dsr
 from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
 from lbagent.l4.routes import on_link_paths
@@ -26,6 +26,7 @@ class NftForwarder:
 
     def __init__(self, dataplane: model.Dataplane) -> None:
         self.dataplane = dataplane
+        prepare()  # libnftables' socket must get a low descriptor: before the probes open thousands
         self.applied: Ruleset | None = None  # what the kernel's table holds; None: unknown, write it whole
         self.dsr_applied: str | None = None  # the netdev table's text in the kernel ("": none); None: unknown
         self._dsr_reported: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
