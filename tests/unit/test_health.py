@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import socket
+import subprocess
 from ipaddress import ip_address
 
 import yaml
@@ -104,9 +105,17 @@ def test_update_keeps_state_of_unchanged_pairs_and_drops_removed() -> None:
 
 def test_real_tcp_probe_on_loopback() -> None:
     async def scenario() -> None:
-        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        held: list[asyncio.StreamWriter] = []  # the server keeps its end open: the probe is the one that closes
+        server = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         assert await tcp_probe(ip_address("127.0.0.1"), port, 1.0) is None
+        await asyncio.sleep(0)
+        # closed with a reset: nothing left behind per probe (no FIN_WAIT, no TIME_WAIT: thousands per second)
+        waiting = (await asyncio.to_thread(subprocess.run, ["ss", "-Htan", "dport", "=", f":{port}"],
+                                           capture_output=True, text=True, check=True)).stdout
+        assert waiting.strip() == ""
+        for writer in held:
+            writer.close()
         server.close()
         await server.wait_closed()
         with socket.socket() as s:  # a port nothing listens on: bind, never listen
