@@ -84,6 +84,7 @@ bench: deps kube-apiserver
 	$(VENV)/bin/python bench/throughput.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/forwarding.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/refusals.py --rounds 5
+	$(VENV)/bin/python bench/idle.py --minutes 10
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3
 	$(VENV)/bin/python bench/l7.py --seconds 5 --repeat 3 --churn-seconds 0 --server-connection-reuse always
 

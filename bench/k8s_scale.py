@@ -138,7 +138,7 @@ async def inside_kubernetes(config_path: str, changes: int) -> dict[str, Any]:
         new = await asyncio.to_thread(source.load)
         t1 = time.perf_counter()
         keys = {s.key for s in new.services if s != (m.service(s.key) if m.has_service(s.key) else None)}
-        p2 = replan(p, new, all_healthy(new), keys)
+        p2 = replan(p, new, health, keys)  # the same Nodes: the same (service, node) pairs, all healthy
         t2 = time.perf_counter()
         await fwd.apply(p2.frontends, p2.vips, change=FrontendChange.of(p.by_service, p2.by_service, keys))
         now = time.monotonic()
