@@ -10,18 +10,22 @@ from lbagent.l4 import nft
 from lbagent.l4.drift import NETLINK_NETFILTER
 from tests.netns import run_python, throwaway_netns
 
-STEP = r"""
-import asyncio, json, subprocess
-from lbagent.l4 import nft
-from lbagent.l4.drift import NETLINK_NETFILTER
-
+# Inside the snippets: `started` records each nft process lbagent.l4.nft runs (its script's length).
+COUNT_NFT_PROCESSES = r"""
 started = []
 real_run_nft = nft.run_nft
 async def counting_run_nft(args, script=None):
     started.append(len(script or ""))
     return await real_run_nft(args, script)
 nft.run_nft = counting_run_nft
+"""
 
+STEP = r"""
+import asyncio, json, subprocess
+from lbagent.l4 import nft
+from lbagent.l4.drift import NETLINK_NETFILTER
+
+""" + COUNT_NFT_PROCESSES + r"""
 def elements():
     out = subprocess.run(["nft", "-j", "list", "set", "inet", "t", "s"], capture_output=True, text=True, check=True)
     return sorted(e for x in json.loads(out.stdout)["nftables"] if "set" in x for e in x["set"].get("elem", []))
@@ -69,7 +73,7 @@ def test_only_an_unbound_netfilter_socket_is_taken_for_the_contexts() -> None:
 
 
 BUSY = r"""
-import asyncio, ctypes.util, json, resource, socket, subprocess
+import sys, asyncio, json, resource, socket, subprocess
 from lbagent.l4 import nft
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -78,17 +82,12 @@ early = sys.argv[1] == "early"
 if early:
     nft.prepare()
 held = [socket.socket() for _ in range(1100)]  # a busy agent: a probe connection each
-started = []
-real_run_nft = nft.run_nft
-async def counting_run_nft(args, script=None):
-    started.append(len(script or ""))
-    return await real_run_nft(args, script)
-nft.run_nft = counting_run_nft
+""" + COUNT_NFT_PROCESSES + r"""
 asyncio.run(nft.apply_script("table inet t {\n  set s {\n    type ipv4_addr; elements = { 192.0.2.1 }\n  }\n}\n"))
 out = subprocess.run(["nft", "-j", "list", "set", "inet", "t", "s"], capture_output=True, text=True, check=True)
 print(json.dumps({"processes": len(started), "in_process": nft._library() is not None,
                   "listed": "192.0.2.1" in out.stdout}))
-""".replace("import asyncio,", "import sys, asyncio,")
+"""
 
 
 def test_a_busy_agent_never_hands_libnftables_a_descriptor_select_cannot_take() -> None:
