@@ -5,7 +5,7 @@ VENV := .venv
 # The Debian packages come from deps/programs.txt, the one table of programs the project runs: `agent` and `test`
 # rows for demo and test, `bench` rows for the benchmarks.
 PROGRAMS := deps/programs.txt
-packages_for = $(shell awk '!/^\#/ && NF >= 3 && $$2 !~ /^pip:/ { n = split($$3, f, ","); \
+packages_for = $(shell awk '!/^\#/ && NF >= 3 && $$2 !~ /^(pip|build):/ { n = split($$3, f, ","); \
 	for (i = 1; i <= n; i++) if (index(" $(1) ", " " f[i] " ")) { print $$2; break } }' $(PROGRAMS) | sort -u)
 APT_PACKAGES := $(call packages_for,agent test)
 BENCH_PACKAGES := $(call packages_for,bench)

@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # The Debian packages of the agent's own tools (nft, iptables, ipvsadm, conntrack, ip, the HAProxy it runs for HTTP
 # listeners, python3-venv): the `agent` rows of the project's table of programs.
 agent_packages() {
-  awk '!/^#/ && NF >= 3 && $2 !~ /^pip:/ && ("," $3 ",") ~ /,agent,/ { print $2 }' "$here/deps/programs.txt" | sort -u
+  awk '!/^#/ && NF >= 3 && $2 !~ /^(pip|build):/ && ("," $3 ",") ~ /,agent,/ { print $2 }' "$here/deps/programs.txt" | sort -u
 }
 destdir=${DESTDIR:-}
 config=""

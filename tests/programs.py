@@ -28,17 +28,27 @@ class Row:
     """One line of the table."""
 
     program: str | None  # None: a package that installs no program the project runs
-    package: str  # a Debian package, or pip:NAME for a distribution in the virtualenv
+    package: str  # a Debian package, pip:NAME for a distribution in the virtualenv, build:NAME built by the tests
     uses: frozenset[str]
     line: int
 
     @property
     def debian(self) -> bool:
-        return not self.package.startswith("pip:")
+        return not self.package.startswith(("pip:", "build:"))
+
+    @property
+    def pip(self) -> bool:
+        return self.package.startswith("pip:")
+
+    @property
+    def built(self) -> bool:
+        return self.package.startswith("build:")
 
     def how_to_install(self) -> str:
-        if not self.debian:
+        if self.pip:
             return f"Python distribution {self.package[4:]}, installed into .venv by `make` from pyproject.toml"
+        if self.built:
+            return f"built with the tests' {self.package[6:]} by `make {self.package[6:]}` (tests/k8s/build.py)"
         target = "`make bench`" if self.uses == {"bench"} else "`make demo` / `make test`"
         return f"Debian package {self.package}, installed by {target}"
 
@@ -88,6 +98,8 @@ def missing(names: Iterable[str], table: Path = TABLE) -> list[str]:
         if name not in known:
             shown = table.relative_to(REPO) if table.is_relative_to(REPO) else table
             raise KeyError(f"{name} is not in {shown}: add it with the package that provides it")
+        if known[name].built:
+            raise KeyError(f"{name} is built by the tests ({known[name].how_to_install()}): ask the builder for it")
         if find(name) is None:
             problems.append(f"missing tool: {name} ({known[name].how_to_install()})")
     return problems

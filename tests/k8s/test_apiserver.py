@@ -1,10 +1,9 @@
 """The tests' kube-apiserver is real and lbagent's user gets exactly what deploy/kubernetes/rbac.yaml grants.
 
-Everything a person would do goes through Debian's kubectl: the admin applies a Service of lbagent's class, its
+Everything a person would do goes through kubectl: the admin applies a Service of lbagent's class, its
 EndpointSlice and a Node; lbagent's user lists and watches them, writes the Service's load-balancer IP into its status
-by server-side apply (kubectl 1.20 has no --subresource: that is raw HTTPS with the user's certificate, as the
-source will do it) and records an Event; `kubectl get svc` shows the IP; `kubectl auth can-i` and real attempts
-show what that user may not do.
+by server-side apply (raw HTTPS with the user's certificate, as the source does it) and records an Event; `kubectl get
+svc` shows the IP; `kubectl auth can-i` and real attempts show what that user may not do.
 """
 
 from __future__ import annotations

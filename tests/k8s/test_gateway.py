@@ -90,8 +90,11 @@ def test_a_gateway_and_its_routes_get_their_status(kube_apiserver: KubeAPIServer
             assert listener["attachedRoutes"] == 3 and conditions(listener)["Programmed"][0] == "True"
             await until("get-only Accepted and resolved", lambda: route_conditions(api, "get-only", namespace) == {
                 "Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")})
-            assert route_conditions(api, "broken", namespace)["ResolvedRefs"] == ("False", "BackendNotFound")
-            assert route_conditions(api, "cross", namespace)["ResolvedRefs"] == ("False", "RefNotPermitted")
+            # each route's status is a write of its own: wait for each
+            await until("broken's backend not found", lambda: route_conditions(api, "broken", namespace).get(
+                "ResolvedRefs") == ("False", "BackendNotFound"))
+            await until("cross's reference not permitted", lambda: route_conditions(api, "cross", namespace).get(
+                "ResolvedRefs") == ("False", "RefNotPermitted"))
             # the source's own store has the status once the watch brings back what the writer wrote
             m = await until("the source's model to hold the Gateway's listener", lambda: (
                 m := source.load()) and any(lst.name == f"gateway:{namespace}/gw:80" for lst in m.listeners) and m)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import programs
+from tests.k8s import build
 
 REPO = programs.REPO
 PYTHON_SOURCES = ("lbagent", "tests", "bench")
@@ -195,7 +196,17 @@ def test_each_debian_row_is_on_the_install_list_and_its_package_provides_the_pro
         f"{row.program} at {found} comes from {_dpkg_owner(found)}, not {row.package} (deps/programs.txt:{row.line})")
 
 
-@pytest.mark.parametrize("row", [r for r in programs.rows() if not r.debian], ids=lambda r: f"{r.program}:{r.package}")
+@pytest.mark.parametrize("row", [r for r in programs.rows() if r.built], ids=lambda r: f"{r.program}:{r.package}")
+def test_each_built_row_is_what_its_builder_makes(row: programs.Row) -> None:
+    assert row.package == f"build:{build.BINARY_NAME}" and row.program == build.KUBECTL_NAME, (
+        f"deps/programs.txt:{row.line}: tests/k8s/build.py builds {build.BINARY_NAME} and {build.KUBECTL_NAME} only")
+    assert "make " + build.BINARY_NAME in row.how_to_install()
+    assert re.search(rf"^{build.BINARY_NAME}:", (REPO / "Makefile").read_text(), re.M)
+    with pytest.raises(KeyError, match="built by the tests"):
+        programs.missing([row.program])
+
+
+@pytest.mark.parametrize("row", [r for r in programs.rows() if r.pip], ids=lambda r: f"{r.program}:{r.package}")
 def test_each_pip_row_is_a_dependency_in_the_virtualenv(row: programs.Row) -> None:
     distribution = row.package.removeprefix("pip:")
     pyproject = (REPO / "pyproject.toml").read_text()

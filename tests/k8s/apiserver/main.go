@@ -2,6 +2,9 @@
 //
 //	kube-apiserver --etcd-dir DIR -- [kube-apiserver flags...]
 //
+// Run under the name kubectl (tests/k8s/build.py links it so), the same binary is kubectl of the same release:
+// the client the tests drive the server with is never outside Kubernetes' version skew, and needs no package.
+//
 // The flags before "--" are this program's; the ones after it go to kube-apiserver unchanged, with
 // --etcd-servers added (the embedded etcd's address). tests/k8s/apiserver.py starts it; tests/k8s/README.md says
 // why etcd is embedded rather than Debian's etcd-server.
@@ -17,17 +20,27 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"golang.org/x/sys/unix"
 	"k8s.io/component-base/cli"
+	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	"k8s.io/kubernetes/cmd/kube-apiserver/app"
 )
 
 const etcdStartTimeout = 60 * time.Second
 
 func main() {
+	if filepath.Base(os.Args[0]) == "kubectl" {
+		// As Kubernetes' own cmd/kubectl does: errors are printed by kubectl's handler, with its exit codes.
+		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
+			kubectlutil.CheckErr(err)
+		}
+		return
+	}
 	parent := os.Getppid()
 	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGTERM), 0, 0, 0); err != nil {
 		fmt.Fprintf(os.Stderr, "prctl(PR_SET_PDEATHSIG): %v\n", err)
