@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from lbagent import model
@@ -67,25 +68,31 @@ def targets(m: model.Model) -> dict[HealthKey, Target]:
     nothing unless kube-proxy's healthz is enabled (recommended for UDP)."""
     out: dict[HealthKey, Target] = {}
     for service in m.services:
-        kind = service.probe
-        if kind is model.ProbeKind.HEALTH_CHECK_NODE_PORT:
-            ports: tuple[int, ...] = (service.health_check_node_port or 0,)
-        elif kind is model.ProbeKind.KUBE_PROXY:
-            ports = (service.health_check.kube_proxy_port,)
-        else:
-            ports = tuple(p.node_port for p in service.ports if p.protocol is model.Protocol.TCP)
-        for node in m.nodes:
-            # Node health does not depend on the family: probe the address of the service's first VIP family
-            # (a service only HAProxy reaches has no VIP: its node's first address, the one HAProxy dials).
-            address = next((a for v in service.vips if (a := node.address_for(v)) is not None),
-                           None if service.vips else node.addresses[0])
-            if address is not None:
-                out[(service.key, node.name)] = Target(service.key, node.name, kind, address, ports,
-                                                       service.health_check)
+        out.update(service_targets(service, m.nodes))
     for backend in m.backends:
         for endpoint in backend.endpoints:
             out[(backend.key, str(endpoint))] = Target(backend.key, str(endpoint), model.ProbeKind.NODE_PORT,
                                                        endpoint.address, (endpoint.port,), backend.health_check)
+    return out
+
+
+def service_targets(service: model.Service, nodes: Iterable[model.Node]) -> dict[HealthKey, Target]:
+    """One service's probes: one per node."""
+    kind = service.probe
+    if kind is model.ProbeKind.HEALTH_CHECK_NODE_PORT:
+        ports: tuple[int, ...] = (service.health_check_node_port or 0,)
+    elif kind is model.ProbeKind.KUBE_PROXY:
+        ports = (service.health_check.kube_proxy_port,)
+    else:
+        ports = tuple(p.node_port for p in service.ports if p.protocol is model.Protocol.TCP)
+    out: dict[HealthKey, Target] = {}
+    for node in nodes:
+        # Node health does not depend on the family: probe the address of the service's first VIP family
+        # (a service only HAProxy reaches has no VIP: its node's first address, the one HAProxy dials).
+        address = next((a for v in service.vips if (a := node.address_for(v)) is not None),
+                       None if service.vips else node.addresses[0])
+        if address is not None:
+            out[(service.key, node.name)] = Target(service.key, node.name, kind, address, ports, service.health_check)
     return out
 
 
@@ -192,15 +199,24 @@ class _Probe:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def served_by(m: model.Model) -> dict[tuple[model.IPAddress, int], list[HealthKey]]:
+ServedBy = dict[tuple[model.IPAddress, int], list[HealthKey]]
+
+
+def served_by(m: model.Model) -> ServedBy:
     """The (service, node) pairs behind each node address and nodePort: whom a refusal from there concerns."""
-    out: dict[tuple[model.IPAddress, int], list[HealthKey]] = {}
+    out: ServedBy = {}
     for service in m.services:
-        for node in m.nodes:
-            for address in node.addresses:
-                for port in service.ports:
-                    out.setdefault((address, port.node_port), []).append((service.key, node.name))
+        for where, key in _service_served_by(service, m.nodes):
+            out.setdefault(where, []).append(key)
     return out
+
+
+def _service_served_by(service: model.Service, nodes: Iterable[model.Node],
+                       ) -> Iterator[tuple[tuple[model.IPAddress, int], HealthKey]]:
+    for node in nodes:
+        for address in node.addresses:
+            for port in service.ports:
+                yield (address, port.node_port), (service.key, node.name)
 
 
 class HealthChecker:
@@ -212,7 +228,7 @@ class HealthChecker:
         self._prober = prober
         self._probes: dict[ProbeId, _Probe] = {}
         self._probe_of: dict[HealthKey, ProbeId] = {}
-        self._served_by: dict[tuple[model.IPAddress, int], list[HealthKey]] = {}
+        self._served_by: ServedBy = {}
         self.verdicts: dict[HealthKey, bool] = {}
         """Live verdicts, kept current as probes flip: what the planner reads (never copied per sync)."""
         self._running = False
@@ -240,6 +256,51 @@ class HealthChecker:
         self.verdicts.clear()
         self.verdicts.update({key: p.state.healthy for p in self._probes.values() if p.state.healthy is not None
                               for key in p.pairs})
+        if not self._complete.is_set() and self.complete():
+            self._complete.set()
+
+    def update_services(self, old: model.Model, new: model.Model, keys: Iterable[str]) -> None:
+        """`update(new)` for a reload that changed these services only (`changed_services(old, new)`: the same
+        nodes) and no static backend: costs what changed. A probe a changed service still asks for keeps its
+        state."""
+        if old.nodes != new.nodes or old.backends != new.backends:
+            self.update(new)
+            return
+        emptied: set[ProbeId] = set()
+        for key in keys:
+            if old.has_service(key):
+                service = old.service(key)
+                for node in old.nodes:
+                    pair = (key, node.name)
+                    self.verdicts.pop(pair, None)
+                    if (pid := self._probe_of.pop(pair, None)) is not None:
+                        self._probes[pid].pairs.discard(pair)
+                        emptied.add(pid)
+                for where, pair in _service_served_by(service, old.nodes):
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._served_by[where].remove(pair)
+                        if not self._served_by[where]:
+                            del self._served_by[where]
+            if new.has_service(key):
+                service = new.service(key)
+                for pair, target in service_targets(service, new.nodes).items():
+                    pid = probe_id(target)
+                    known = self._probes.get(pid)
+                    if known is None:
+                        known = self._probes[pid] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
+                        if self._running:
+                            self._start(pid)
+                    known.pairs.add(pair)
+                    self._probe_of[pair] = pid
+                    if known.state.healthy is not None:
+                        self.verdicts[pair] = known.state.healthy
+                for where, pair in _service_served_by(service, new.nodes):
+                    self._served_by.setdefault(where, []).append(pair)
+        for pid in emptied:
+            if not self._probes[pid].pairs:
+                probe = self._probes.pop(pid)
+                if probe.task is not None:
+                    probe.task.cancel()
         if not self._complete.is_set() and self.complete():
             self._complete.set()
 

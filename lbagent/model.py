@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
@@ -524,7 +525,8 @@ class Model:
         return cached
 
     @cached_property
-    def _service_index(self) -> dict[str, Service]:
+    def service_index(self) -> Mapping[str, Service]:
+        """Each service by its key (`namespace/name`), in config order."""
         return {s.key: s for s in self.services}
 
     @cached_property
@@ -560,7 +562,7 @@ class Model:
         return self._backend_index[name]
 
     def has_service(self, key: str) -> bool:
-        return key in self._service_index
+        return key in self.service_index
 
     def service(self, key: str) -> Service:
-        return self._service_index[key]
+        return self.service_index[key]

@@ -9,7 +9,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from lbagent.l3.vips import VipBinder, apply_sysctls
 from lbagent.l4.forwarder import Forwarder, make_forwarder
 from lbagent.l7.process import HaproxyProcess, ProxyLayer
 from lbagent.logfmt import event
-from lbagent.plan.services import Plan, plan, replan, with_listeners
+from lbagent.plan.services import Plan, changed_services, plan, replan, with_listeners
 from lbagent.sources import Source, SourceError
 
 log = logging.getLogger("lbagent.agent")
@@ -171,9 +171,15 @@ class Agent:
         return self.vips.bound & (self.dataplane.programmed | self.proxy.serving())
 
     def _invalidate(self) -> None:
-        """Everything is decided and applied afresh (a reload)."""
+        """Everything is decided and applied afresh (a reload that changed more than services)."""
         self._replan_all = True
         self.dataplane.invalidate()
+
+    def _changed_services(self, keys: Iterable[str]) -> None:
+        """These services were added, removed or changed by a reload: only they are planned and applied again."""
+        for key in keys:
+            self._replan.add(key)
+            self.dataplane.service_changed(key)
 
     # -- events ---------------------------------------------------------------------------------------
 
@@ -487,10 +493,20 @@ class Agent:
             event(log, logging.INFO, "config_unchanged", config_hash=new.digest())
             return True
         old, self.model = self.model, new
-        self.health.update(new)
-        self.metrics.health(self.health.verdicts, self.health.reasons())
+        # Only services changed (a Kubernetes source's usual change): only theirs is probed, planned and applied
+        # again, at a cost that does not grow with the services that did not change.
+        changed = changed_services(old, new)
+        if changed is not None and old.backends == new.backends:
+            self.health.update_services(old, new, changed)
+            self.metrics.health_of(self.health.verdicts, [(key, n.name) for key in changed for n in new.nodes])
+        else:
+            self.health.update(new)
+            self.metrics.health(self.health.verdicts, self.health.reasons())
+        if changed is None:
+            self._invalidate()
+        else:
+            self._changed_services(changed)
         self.metrics.config_loaded(new.digest())
-        self._invalidate()
         apply_sysctls(self.current_plan().sysctls, self._sysctl_root)
         if new.bgp != old.bgp:
             await self.bfd.reconfigure(new.bgp)  # first: a machine without bfdd refuses the config untouched

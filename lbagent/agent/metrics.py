@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
@@ -155,6 +156,16 @@ class Metrics:
         for key in pairs:
             if key in verdicts:
                 self.node_healthy.labels(*key).set(1 if verdicts[key] else 0)
+
+    def health_of(self, verdicts: Mapping[tuple[str, str], bool], pairs: Iterable[tuple[str, str]]) -> None:
+        """`health()` for these pairs only (a reload that changed a few services): a pair without a verdict now,
+        or gone, loses its series."""
+        for key in pairs:
+            if key in verdicts:
+                self.node_healthy.labels(*key).set(1 if verdicts[key] else 0)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.node_healthy.remove(*key)
 
     def bgp(self, peers: Mapping[str, str], announced: int) -> None:
         self.bgp_session_up.clear()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from ipaddress import IPv4Address
 from typing import NamedTuple, overload
@@ -242,7 +242,7 @@ def _announcement(
 ) -> Announcement | None:
     """A VIP is announced while any service on it is. Services sharing a VIP carry the same attributes
     (the config checks it), so the first of them speaks for it."""
-    keys = m.services_by_vip[vip]
+    keys = m.services_by_vip.get(vip, [])
     if not any(k in decisions and decisions[k].announce for k in keys):
         return None
     bgp = m.service(keys[0]).bgp if m.has_service(keys[0]) else model.BgpAttributes()
@@ -283,25 +283,62 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
 
 
 def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterable[str], draining: bool = False) -> Plan:
-    """`plan()` again for a few services whose health changed, reusing everything else from `prev` (same model,
-    same draining state): the cost grows with the services changed, not with how many there are."""
+    """`plan()` again for a few services, reusing everything else from `prev`: the cost grows with the services
+    named, not with how many there are. `prev` is a plan of the same nodes, dataplane settings and listeners; the
+    services named may have changed their health, their spec, or come or gone in `m` (a source's change:
+    `changed_services`)."""
     by_service = dict(prev.by_service)
     decisions = dict(prev.decision_by_service)
     touched: set[model.IPAddress] = set()
+    members_changed = vips_changed = False
     for key in services:
+        if (before := decisions.get(key)) is not None:
+            touched.update(before.vips)
+        if not m.has_service(key):
+            members_changed |= by_service.pop(key, None) is not None
+            decisions.pop(key, None)
+            continue
         service = m.service(key)
+        members_changed |= key not in by_service
+        vips_changed |= before is None or before.vips != service.vips
         by_service[key], decisions[key] = plan_service(service, m.nodes, health, draining)
         touched.update(service.vips)
+    if members_changed:  # model order, as plan() makes it (the listeners' decisions are placed again after this)
+        by_service = {s.key: by_service[s.key] for s in m.services}
+        decisions = {s.key: decisions[s.key] for s in m.services}
     announcements = _reannounce(m, prev.announcements, decisions, touched)
+    if members_changed or vips_changed:
+        vips = tuple(sorted(m.services_by_vip, key=lambda a: (a.version, int(a))))
+        l4_vips = tuple(sorted(m.l4_vips, key=lambda a: (a.version, int(a))))
+        settings: Mapping[str, str] = sysctls(m)
+    else:
+        vips, l4_vips, settings = prev.vips, prev.l4_vips, prev.sysctls
     return Plan(
-        vips=prev.vips,
-        l4_vips=prev.l4_vips,
+        vips=vips,
+        l4_vips=l4_vips,
         frontends=Frontends(by_service),
         announcements=announcements,
-        sysctls=prev.sysctls,
+        sysctls=settings,
         by_service=by_service,
         decision_by_service=decisions,
     )
+
+
+# What a service's plan may read besides the service itself and the health snapshot: every other part of the model
+# but the routes and static backends (HAProxy's). When these are equal in two models, only the services that differ
+# need planning again (`replan`).
+_PLAN_READS = tuple(f.name for f in fields(model.Model) if f.name not in {"services", "routes", "backends"})
+
+
+def changed_services(old: model.Model, new: model.Model) -> set[str] | None:
+    """The keys of the services added, removed or changed from `old` to `new`; None when something every service's
+    plan reads changed too (the nodes, the data plane's settings...): then only a whole plan will do."""
+    if any(getattr(old, name) != getattr(new, name) for name in _PLAN_READS):
+        return None
+    before, after = old.service_index, new.service_index
+    changed = {key for key, service in after.items() if before.get(key) != service}
+    changed.update(before.keys() - after.keys())
+    return changed
 
 
 def listener_decision(listener: model.Listener, usable: Sequence[str], unusable: Sequence[str], proxy_up: bool,

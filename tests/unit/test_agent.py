@@ -30,7 +30,7 @@ from lbagent.health import Target
 from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
 from lbagent.plan.http import ServerState
-from lbagent.plan.services import StaleFlows
+from lbagent.plan.services import StaleFlows, plan
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
 from tests.fake_forwarder import FakeForwarder
@@ -350,6 +350,56 @@ def test_reload_refuses_a_bad_file_and_applies_a_good_one(tmp_path: Path, caplog
     assert problems[0].lbagent_fields["value"] == "0"  # type: ignore[attr-defined]
     rejected = [r for r in caplog.records if r.getMessage() == "config_rejected"]
     assert rejected[1].lbagent_fields["field"] == "node.vipInterface"  # type: ignore[attr-defined]
+
+
+def test_a_reload_that_changes_only_services_applies_only_theirs(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A source's usual change (a Service's spec, one added beside another on its VIP, one gone) is planned and
+    applied for those services alone; a change to the nodes is planned and applied whole. Either way the table ends
+    as a fresh agent would write it."""
+    services: list[object] = list(CONFIG["services"])  # type: ignore[call-overload]
+    extra: dict[str, object] = {"services": [
+        *services, {"name": "api", "vip": "192.0.2.10", "ports": [{"port": 443, "nodePort": 30443}]}]}
+    h = Harness(tmp_path, extra=extra)
+    caplog.set_level(logging.INFO)
+
+    def how_applied() -> list[str]:
+        return [r.lbagent_fields.get("how", "") for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "dataplane_applied"]
+
+    async def reload_to(doc: dict[str, Any]) -> list[str]:
+        applied = len(how_applied())
+        h.path.write_text(yaml.safe_dump(doc))
+        assert await h.agent.reload() is True
+        await until(lambda: len(how_applied()) > applied)
+        hows = how_applied()[applied:]
+        fresh = FakeForwarder()
+        await fresh.apply(*_whole_plan(h.agent))
+        assert h.forwarder.text == fresh.text
+        return hows
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        doc = yaml.safe_load(h.path.read_text())
+        doc["services"][0]["ports"][0]["nodePort"] = 30081
+        doc["services"][1:] = [{"name": "admin", "vip": "192.0.2.10", "ports": [{"port": 22, "nodePort": 30022}]}]
+        assert await reload_to(doc) == ["update"]
+        assert "192.0.2.10 . tcp . 22 : 30022, 192.0.2.10 . tcp . 80 : 30081 }" in h.forwarder.scripts[-1]
+        assert "192.0.2.10 . tcp . 443" in h.forwarder.scripts[-1]  # api's elements deleted
+
+        doc["nodes"] = doc["nodes"][:2]
+        assert "update" not in await reload_to(doc)
+        await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.12"})
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
+def _whole_plan(agent: Agent) -> tuple[Any, Any]:
+    fresh = plan(agent.model, agent.health.verdicts)
+    return fresh.frontends, fresh.l4_vips
 
 
 def test_bgp_restart_is_reannounced(tmp_path: Path) -> None:

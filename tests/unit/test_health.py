@@ -8,11 +8,13 @@ import itertools
 import socket
 import subprocess
 from ipaddress import ip_address
+from typing import Any
 
 import yaml
 
 from lbagent import health, model
 from lbagent.health import HealthChecker, ProbeState, Target, probe, targets, tcp_probe
+from lbagent.plan.services import changed_services
 from lbagent.sources.file import config
 from tests.unit.test_config import MINIMAL
 
@@ -279,5 +281,57 @@ def test_pairs_that_probe_the_same_share_one_probe_and_its_verdict() -> None:
         assert checker.probes() == 2 + 2 + 2 and ("default/slow", "node1") not in checker.verdicts
         checker.update(services(0))
         assert checker.probes() == 2 and set(checker.verdicts) == {("default/web", "node1"), ("default/web", "node2")}
+
+    asyncio.run(scenario())
+
+
+def _state(checker: HealthChecker) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
+    """What a checker knows, comparable between two checkers: probes by id with their pairs and verdicts, the pairs'
+    probes, the verdicts, who is served where."""
+    probes = {pid: (frozenset(p.pairs), p.state.healthy) for pid, p in checker._probes.items()}
+    served = {where: sorted(pairs) for where, pairs in checker._served_by.items()}
+    return probes, dict(checker._probe_of), dict(checker.verdicts), served
+
+
+def test_an_update_of_changed_services_is_the_same_as_a_whole_update_and_keeps_running_probes() -> None:
+    """A reload that changed a few services updates only theirs: the checker ends as a whole update would leave
+    it; a probe that a changed service still asks for (shared kube-proxy /healthz) keeps its state and its loop."""
+    async def ok(target: Target) -> str | None:
+        return None
+
+    def services(specs: dict[str, dict[str, object]]) -> model.Model:
+        return _model([{"name": name, **spec} for name, spec in specs.items()])
+
+    async def scenario() -> None:
+        specs: dict[str, dict[str, object]] = {
+            f"s{i}": {"vip": f"192.0.2.{20 + i}", "ports": [{"port": 80, "nodePort": 31000 + i}],
+                      "healthCheck": {"kubeProxyHealthz": i % 2 == 0}} for i in range(6)}
+        old = services(specs)
+        checker = HealthChecker(lambda key: None, ok)
+        checker.update(old)
+        checker.start()
+        await asyncio.wait_for(checker.wait_complete(), 5)
+        shared = {pid: p for pid, p in checker._probes.items() if pid[1] is model.ProbeKind.KUBE_PROXY}
+        specs["s0"] = {**specs["s0"], "ports": [{"port": 81, "nodePort": 31050}]}  # still on kube-proxy's probe
+        specs["s1"]["ports"] = [{"port": 80, "nodePort": 31051}]  # a nodePort probe of its own, anew
+        del specs["s2"]
+        specs["s9"] = {"vip": "192.0.2.40", "ports": [{"port": 80, "nodePort": 31090}],
+                       "healthCheck": {"kubeProxyHealthz": True}}
+        new = services(specs)
+        keys = changed_services(old, new)
+        assert keys == {"default/s0", "default/s1", "default/s2", "default/s9"}
+        checker.update_services(old, new, keys)
+        whole = HealthChecker(lambda key: None, ok)
+        whole.update(new)
+        probes, probe_of, verdicts, served = _state(checker)
+        w_probes, w_probe_of, _, w_served = _state(whole)
+        assert {pid: pairs for pid, (pairs, _) in probes.items()} == {
+            pid: pairs for pid, (pairs, _) in w_probes.items()}
+        assert (probe_of, served) == (w_probe_of, w_served)
+        # what has a probe that kept running has its verdict at once; only s1's new nodePort probe has none yet
+        assert set(verdicts) == set(probe_of) - {("default/s1", "node1"), ("default/s1", "node2")}
+        for pid, kept in shared.items():
+            assert checker._probes[pid] is kept and kept.task is not None and not kept.task.done()
+        await checker.stop()
 
     asyncio.run(scenario())

@@ -18,7 +18,7 @@ from lbagent import model
 from lbagent.l3.vips import VipError, apply_sysctls
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nftables import render as nftables
-from lbagent.plan.services import Reason, all_healthy, plan, replan
+from lbagent.plan.services import Reason, all_healthy, changed_services, plan, replan
 from lbagent.sources.file import config
 from tests import golden
 from tests.netns import nft, throwaway_netns
@@ -303,3 +303,82 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
             assert listing(names[0]) == listing(names[1])
             assert rs == nftables.build(p2.frontends, p2.vips, m.dataplane)
             p = p2
+
+
+def _edited(base: dict[str, Any], rng: random.Random, step: int) -> dict[str, Any]:
+    """The config with its services edited as a source's change would: one added (on a VIP of its own or on a
+    shared one), removed, re-ported, moved to another VIP, or given other BGP attributes."""
+    doc: dict[str, Any] = yaml.safe_load(yaml.safe_dump(base))
+    services = doc["services"]
+    kind = rng.choice(["add", "add-shared", "remove", "port", "vip", "med"])
+    if kind.startswith("add") or len(services) < 2:
+        added = {"name": f"new{step}", "vip": f"192.0.2.{100 + step}",
+                 "ports": [{"port": 8000 + step, "nodePort": 31000 + step}]}
+        if kind == "add-shared":  # services on one VIP announce it alike (the config checks it)
+            shared = rng.choice(services)
+            added |= {"vip": shared["vip"]} | ({"bgp": shared["bgp"]} if "bgp" in shared else {})
+        services.append(added)
+    elif kind == "remove":
+        services.pop(rng.randrange(len(services)))
+    else:
+        s = rng.choice(services)
+        if kind == "port":
+            s["ports"][0]["nodePort"] = 32000 + step
+        elif kind == "vip" and ":" not in s["vip"]:
+            s["vip"] = f"198.51.100.{step + 1}"
+        else:
+            for other in services:
+                if other["vip"] == s["vip"]:
+                    other["bgp"] = {"med": step}
+    return doc
+
+
+def test_replan_of_a_sources_changed_services_equals_a_fresh_plan_and_the_kernel_follows() -> None:
+    """A reload that changed only services (added, removed, edited; VIPs shared or not) is planned for those and
+    applied as their elements: the same plan and the same table as planning and writing the new config whole."""
+    rng = random.Random(5)
+    doc = THREE_NODES
+    m = three_nodes()
+    health = all_healthy(m)
+    health[("default/web", "node2")] = False  # a verdict that is not the default, kept across the edits
+    p = plan(m, health)
+    rs = nftables.build(p.frontends, p.l4_vips, m.dataplane)
+    kinds_seen = set()
+    with throwaway_netns("nftr", 2) as names:
+        nft(names[0], "-f", "-", script=nftables.render_full(rs))
+        for step in range(24):
+            doc = _edited(doc, rng, step)
+            new = config.parse(yaml.safe_dump(doc))
+            changed = changed_services(m, new)
+            assert changed is not None and changed
+            health |= {k: True for k in all_healthy(new) if k not in health}
+            p2 = replan(p, new, health, changed)
+            fresh = plan(new, health)
+            assert p2 == fresh
+            assert p2.decisions == fresh.decisions  # model order too
+            if p2.l4_vips == p.l4_vips:  # the data plane's change path (a VIP added or gone is a whole apply)
+                kinds_seen.add("update")
+                script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, changed))
+                if script:
+                    nft(names[0], "-f", "-", script=script)
+            else:
+                kinds_seen.add("whole")
+                rs = nftables.build(p2.frontends, p2.l4_vips, new.dataplane)
+                nft(names[0], "-f", "-", script=nftables.render_full(rs))
+            nft(names[1], "-f", "-", script=nftables.render_full(nftables.build(fresh.frontends, fresh.l4_vips,
+                                                                                new.dataplane)))
+            assert _canonical(nft(names[0], "-j", "list", "table", "inet", "lbagent")) == _canonical(
+                nft(names[1], "-j", "list", "table", "inet", "lbagent"))
+            m, p = new, p2
+    assert kinds_seen == {"update", "whole"}
+
+
+def test_a_change_beyond_the_services_asks_for_a_whole_plan() -> None:
+    m = three_nodes()
+    assert changed_services(m, m) == set()
+    for key, value in (("nodes", THREE_NODES["nodes"][:2]), ("dataplane", {"kind": "iptables"})):
+        other = config.parse(yaml.safe_dump(THREE_NODES | {key: value}))
+        assert changed_services(m, other) is None, key
+    renamed = yaml.safe_load(yaml.safe_dump(THREE_NODES))
+    renamed["services"][1]["name"] = "dns2"
+    assert changed_services(m, config.parse(yaml.safe_dump(renamed))) == {"kube-system/dns", "kube-system/dns2"}
