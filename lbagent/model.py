@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Literal
+from typing import Any, Literal
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -102,6 +102,14 @@ class Service:
     # externalTrafficPolicy Local: the nodes the API says have endpoints (EndpointSlices), sorted; None when the
     # source does not know (the file): then the healthCheckNodePort probe alone decides.
     endpoint_nodes: tuple[str, ...] | None = None
+
+    def digest(self) -> bytes:
+        """A hash of the service's settings, worked out once (the service is frozen): see Model.digest."""
+        cached: bytes | None = self.__dict__.get("_digest")
+        if cached is None:
+            cached = hashlib.sha256(_json_digest(self)).digest()
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
     @property
     def key(self) -> str:
@@ -500,6 +508,11 @@ class Proxy:
     max_request_headers: int = 100
 
 
+def _json_digest(obj: Any) -> bytes:
+    """A dataclass's fields as canonical JSON, to be hashed."""
+    return json.dumps(asdict(obj), default=str, sort_keys=True).encode()
+
+
 @dataclass(frozen=True)
 class Model:
     node_name: str
@@ -516,11 +529,16 @@ class Model:
     kubernetes: Kubernetes | None = None
 
     def digest(self) -> str:
-        """A stable hash of the whole model: the loaded config's identity in logs and metrics. Worked out once
-        (0.4 s at 10,000 services): the model is frozen, and the agent asks for it in several places."""
+        """A stable hash of the whole model: the loaded config's identity in logs and metrics. Worked out once per
+        model (it is frozen, and the agent asks for it in several places), from each service's own hash, which is
+        kept with the service: a source that keeps the services that did not change (the Kubernetes source does)
+        hashes only the changed ones (a whole model of 10,000 services: 0.5 s; one changed: a few ms)."""
         cached: str | None = self.__dict__.get("_digest")
         if cached is None:
-            cached = hashlib.sha256(json.dumps(asdict(self), default=str, sort_keys=True).encode()).hexdigest()[:16]
+            whole = hashlib.sha256(_json_digest(replace(self, services=())))
+            for service in self.services:
+                whole.update(service.digest())
+            cached = whole.hexdigest()[:16]
             object.__setattr__(self, "_digest", cached)
         return cached
 

@@ -220,7 +220,8 @@ class Agent:
                 {"service": d.service, "vips": [str(v) for v in d.vips], "announce": d.announce,
                  "reason": d.reason.value,
                  "nodes": [{"node": n.name, "healthy": verdicts.get((d.service, n.name)),
-                            "reason": reasons.get((d.service, n.name), "notProbed")} for n in self.model.nodes]}
+                            "reason": reasons.get((d.service, n.name), self._not_probed(d.service, n.name))}
+                           for n in self.model.nodes]}
                 for d in p.decisions if d.service not in listeners
             ],
             "listeners": [
@@ -234,6 +235,12 @@ class Agent:
                             "lastError": r.last_error, "runs": r.runs, "failures": r.failures}
                      for name, r in self.runners.items()},
         }
+
+    def _not_probed(self, service: str, node: str) -> str:
+        s = self.model.service(service) if self.model.has_service(service) else None
+        if s is not None and s.endpoint_nodes is not None and node not in s.endpoint_nodes:
+            return "noEndpointsOnNode"  # the EndpointSlices' word: not probed (lbagent.health.service_targets)
+        return "notProbed"
 
     # -- life cycle -----------------------------------------------------------------------------------
 

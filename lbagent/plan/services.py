@@ -336,7 +336,8 @@ def changed_services(old: model.Model, new: model.Model) -> set[str] | None:
     if any(getattr(old, name) != getattr(new, name) for name in _PLAN_READS):
         return None
     before, after = old.service_index, new.service_index
-    changed = {key for key, service in after.items() if before.get(key) != service}
+    # the identity first: a source that kept a service that did not change (the Kubernetes source) is not compared
+    changed = {key for key, service in after.items() if (was := before.get(key)) is not service and was != service}
     changed.update(before.keys() - after.keys())
     return changed
 

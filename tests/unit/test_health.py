@@ -335,3 +335,27 @@ def test_an_update_of_changed_services_is_the_same_as_a_whole_update_and_keeps_r
         await checker.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_local_service_whose_endpoints_are_known_probes_only_their_nodes() -> None:
+    """The Kubernetes source knows from the EndpointSlices which nodes have an endpoint: the others are out whatever
+    a probe says, so they are not probed; a node that gains one gets its probe, and its first answer decides."""
+    async def ok(target: Target) -> str | None:
+        return None
+
+    async def scenario() -> None:
+        m = _model()
+        web = dataclasses.replace(m.services[0], external_traffic_policy=model.TrafficPolicy.LOCAL,
+                                  health_check_node_port=32000, endpoint_nodes=("node1",))
+        old = dataclasses.replace(m, services=(web,))
+        assert set(targets(old)) == {("default/web", "node1")}
+        checker = HealthChecker(lambda key: None, ok)
+        checker.update(old)
+        await checker.probe_once(("default/web", "node1"))
+        moved = dataclasses.replace(old, services=(dataclasses.replace(web, endpoint_nodes=("node2",)),))
+        checker.update_services(old, moved, changed_services(old, moved) or ())
+        assert set(checker.reasons()) == {("default/web", "node2")} and checker.verdicts == {}
+        await checker.probe_once(("default/web", "node2"))
+        assert checker.verdicts == {("default/web", "node2"): True}
+
+    asyncio.run(scenario())
