@@ -8,10 +8,12 @@ N Services of type LoadBalancer (externalTrafficPolicy Local, 2 ports) with an E
    plane) in a throwaway network namespace (the API through tests/k8s/bridge.py): from start to the services
    programmed, timed; the baseline is the file source with the same services (config.load of the equivalent YAML,
    the plan, the apply) in another fresh namespace;
-3. network programming latency: C EndpointSlice changes one after the other (the next written 0.25 s after the last
-   was applied, more than the agent's minSyncInterval), from the write request to the nft change applied in the namespace by the agent's own reload path (the kernel's monotonic clock is the host's in
-   every namespace), with the agent's time in its reload (the source's model, health, plan bookkeeping) and in
-   the apply, and how many applies were of the changed services only against whole ones.
+3. network programming latency: C EndpointSlice changes one after the other (each moves one of a Service's two
+   endpoint nodes, as a rolling update's step; the next written 0.25 s after the last was applied, more than the
+   agent's minSyncInterval), from the write request to the nft change that puts the Service on its new nodes
+   (the one that joins after its first probe), applied by the agent's own reload path (the kernel's monotonic
+   clock is the host's in every namespace); with the agent's time in its reload (the source's model, health,
+   plan bookkeeping) and in the apply, and how many applies were of the changed services only against whole ones.
 Every probe passes at once and probes run once an hour (their traffic is bench/idle.py's subject); BGP is the
 unit tests' in-memory speaker.
 
@@ -106,8 +108,13 @@ async def populate(kubeconfig: str, services: int, nodes: int) -> None:
             NAMESPACE, raw(slice_of(i, nodes, 0)))) for i in range(services)))
 
 
+def slice_nodes(i: int, nodes: int, shift: int) -> list[str]:
+    """The two nodes of Service i's endpoints; one shift more moves one of them (a rolling update's step)."""
+    return [f"node{(i + shift) % nodes}", f"node{(i + shift + 1) % nodes}"]
+
+
 def slice_of(i: int, nodes: int, shift: int) -> dict[str, Any]:
-    on = [f"node{(i + shift) % nodes}", f"node{(i + shift + 1) % nodes}"]
+    on = slice_nodes(i, nodes, shift)
     return {"metadata": {"name": f"svc{i}-1", "labels": {"kubernetes.io/service-name": f"svc{i}"}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": [f"198.51.100.{(2 * i + k) % 250 + 1}"], "nodeName": n,
@@ -146,7 +153,8 @@ async def inside_kubernetes(config_path: str) -> dict[str, Any]:
                 steps["apply"].append(time.perf_counter() - t0)
                 applies["whole" if change is None else "changed services"] += 1
                 for key in sorted(change.services) if change is not None else ["*"]:
-                    print(json.dumps({"applied": key, "at": now}), flush=True)
+                    nodes = sorted({b.node for f in change.after(key) for b in f.backends}) if change else None
+                    print(json.dumps({"applied": key, "nodes": nodes, "at": now}), flush=True)
             elif len(frontends):
                 programmed.set()
             return how
@@ -344,7 +352,10 @@ async def measure_changes(api: Any, agent: subprocess.Popen[str], args: argparse
             while True:
                 line = await asyncio.to_thread(agent.stdout.readline)
                 item = json.loads(line)
-                if item.get("applied") in (f"{NAMESPACE}/svc{i}", "*"):  # "*": a whole apply
+                # until the Service's frontends hold exactly the new nodes: the one that joins does so after its
+                # first probe (a second apply); "*": a whole apply, which holds everything
+                if item.get("applied") == "*" or (item.get("applied") == f"{NAMESPACE}/svc{i}" and sorted(
+                        item["nodes"]) == sorted(slice_nodes(i, args.nodes, shift))):
                     latencies.append(item["at"] - written)
                     break
     return latencies

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
+
+from lbagent.logfmt import event
+
+log = logging.getLogger("lbagent.agent")
 
 
 class Notifier:
@@ -26,10 +31,18 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, *fields: str) -> None:
+        """Sent without waiting: this runs on the agent's event loop, and a supervisor that does not read its socket
+        (a full queue: net.unix.max_dgram_qlen, 10 on some machines) must not stop the agent. What cannot be sent
+        now is dropped and logged; a keep-alive is sent again on the next beat."""
         if not self._address:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto("\n".join(fields).encode(), self._address)
+            try:
+                sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self._address)
+            except OSError as exc:  # BlockingIOError (the queue is full), or the socket is gone
+                if fields != ("WATCHDOG=1",):
+                    event(log, logging.WARNING, "notify_dropped", fields=" ".join(fields).replace("\n", " "),
+                          error=f"{type(exc).__name__}: {exc}")
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lbagent import model, tls
+from lbagent import model
 from lbagent.files import private_dir, write_private
 from lbagent.logfmt import event
 
@@ -137,6 +137,9 @@ class CertificateStore:
         if self._seen.get(path) == seen and (target.exists() or path in self._refused):
             return None
         self._seen[path] = seen
+        # Here, not at the top: cryptography's x509 is 9 MiB of an agent's memory, and only TLS listeners need it.
+        from lbagent import tls  # noqa: PLC0415
+
         pair = tls.read_pair(cert.cert_file, cert.key_file, self._clock())
         try:
             pem = tls.combine(pair)

@@ -16,17 +16,23 @@ from lbagent.l4.iptables import render as iptables
 from lbagent.l4.ipvs import mh
 from lbagent.l4.ipvs import render as ipvs
 from lbagent.l4.nftables import render as nftables
-from lbagent.ops import judge
 from lbagent.ops.artifacts import plan_document
 from lbagent.plan.services import all_healthy, plan
-from lbagent.sources import Source
-from lbagent.sources.file import config
+from lbagent.sources import Problem, Source, SourceError
 
 
-def _load_or_report(path: str, warnings: list[config.Problem] | None = None) -> model.Model | None:
+def _load_or_report(path: str, warnings: list[Problem] | None = None, apart: bool = False) -> model.Model | None:
+    """The config's model, or None after printing every problem. `apart`: parsed in a child process, so that this
+    one never imports the config schemas (`run`: lbagent.sources.file.apart)."""
+    from lbagent.sources.file import apart as in_child
+
     try:
+        if apart:
+            return in_child.load(path, warnings)
+        from lbagent.sources.file import config
+
         return config.load(path, warnings)
-    except config.ConfigError as exc:
+    except SourceError as exc:
         print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
@@ -34,7 +40,7 @@ def _load_or_report(path: str, warnings: list[config.Problem] | None = None) -> 
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    warnings: list[config.Problem] = []
+    warnings: list[Problem] = []
     m = _load_or_report(args.config, warnings)
     if m is None:
         return 1
@@ -63,11 +69,15 @@ def _field_lines(source: str) -> Callable[[str], int | None]:
         text = Path(source).read_text(errors="replace")
     except OSError:
         return lambda path: None
+    from lbagent.sources.file import config
+
     return lambda path: config.field_line(text, path)
 
 
 def _tools_accept(source: str, m: model.Model) -> bool:
     """Each real tool's verdict on what `run` would write, one line each; False when one refused."""
+    from lbagent.ops import judge  # `check` only: it reads certificates (cryptography), which `run` need not load
+
     try:
         verdicts = judge.judge(m)
     except ValueError as exc:  # a renderer refused what the checks passed: a bug in lbagent, said as such
@@ -262,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lbagent.sources.file.source import FileSource
 
     logfmt.setup(args.log_level, with_time=not args.no_timestamps)
-    m = _load_or_report(args.config)
+    m = _load_or_report(args.config, apart=True)
     if m is None:
         return 1
     source: Source = FileSource(args.config)

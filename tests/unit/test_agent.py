@@ -31,6 +31,7 @@ from lbagent.l3.vips import VipBinder, VipError
 from lbagent.l4.drift import NftChange
 from lbagent.plan.http import ServerState
 from lbagent.plan.services import StaleFlows, plan
+from lbagent.sources import SourceError
 from lbagent.sources.file import config
 from lbagent.sources.file.source import FileSource
 from tests.fake_forwarder import FakeForwarder
@@ -442,8 +443,9 @@ def test_systemd_notify_ready_watchdog_reload_and_stopping(tmp_path: Path) -> No
         ready_at = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
         assert h.binder.vips and h.forwarder.applied is not None  # ready only once VIPs and forwarding are in
         await until(lambda: sum(m == "WATCHDOG=1" for m in drain()) >= 3)
-        assert await h.agent.reload() is True
-        drain()
+        reload = asyncio.create_task(h.agent.reload())  # the file is parsed in a child process: a while
+        await until(lambda: bool(drain()) and reload.done(), timeout=30)  # read as systemd would meanwhile
+        assert reload.result() is True
         assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in messages[ready_at:])
         h.agent.stop("test")
         await run
@@ -453,6 +455,22 @@ def test_systemd_notify_ready_watchdog_reload_and_stopping(tmp_path: Path) -> No
         asyncio.run(scenario())
     finally:
         listener.close()
+
+
+def test_a_supervisor_that_does_not_read_never_blocks_the_agent(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    sock_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(sock_path))
+    notifier = Notifier({"NOTIFY_SOCKET": str(sock_path)})
+    try:
+        for _ in range(1000):  # far more than any queue holds (net.unix.max_dgram_qlen)
+            notifier.notify("WATCHDOG=1")
+        notifier.ready("serving")
+    finally:
+        listener.close()
+    assert [r.getMessage() for r in caplog.records] == ["notify_dropped"]
+    assert "READY=1" in str(caplog.records[0].lbagent_fields["fields"])  # type: ignore[attr-defined]
 
 
 def test_notifier_is_silent_without_a_supervisor() -> None:
@@ -616,7 +634,7 @@ def test_a_reload_load_leaves_the_collector_on_freezes_only_a_large_model_and_ha
     assert m == config.load(small) and gc.isenabled() and gc.get_freeze_count() == frozen
     assert m.__dict__["_digest"] == m.digest()  # worked out in the thread, not on the loop
     (tmp_path / "bad.yaml").write_text("services: [\n")
-    with pytest.raises(config.ConfigError):
+    with pytest.raises(SourceError, match="invalid YAML"):
         load_off_the_loop(FileSource(tmp_path / "bad.yaml"))
     assert gc.isenabled() and gc.get_freeze_count() == frozen
     doc = dict(base)

@@ -7,7 +7,6 @@ import asyncio
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
@@ -22,6 +21,7 @@ from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Backend, Frontend
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes.writer import ip_mode, status_body
+from tests.netns import throwaway_netns
 from tests.unit.test_config import MINIMAL, problems
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,12 +79,8 @@ def netns() -> Iterator[str]:
     """A fresh network namespace (its `lo` is the one interface the table can hook)."""
     if shutil.which("ip") is None or shutil.which("nft") is None:
         pytest.fail("ip and nft are needed: `make test` installs them (iproute2, nftables)")
-    name = f"lbagent-dsr-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns("lbagent-dsr-") as (name,):
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_the_netdev_table_is_accepted_by_nft(netns: str) -> None:

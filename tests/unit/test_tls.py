@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import subprocess
+import sys
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from lbagent import model, tls
 from lbagent.agent.metrics import Metrics
 from lbagent.l7.certs import CertificateStore
 from lbagent.ops import cli
-from lbagent.sources.file import config
+from lbagent.sources import Problem, SourceError
+from lbagent.sources.file import apart, config
 from tests.certs import Issued, TestCA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -226,3 +228,27 @@ def test_a_certificate_that_expires_while_served_is_said_once(tmp_path: Path,
     (record,) = _events(caplog, "certificate_expired")
     assert "expired while served" in str(record.__dict__)
 
+
+
+def test_the_agents_parse_in_a_child_gives_the_same_model_problems_and_warnings(tmp_path: Path) -> None:
+    """`run` parses apart (lbagent.sources.file.apart): the same model, the same problems, the same warnings as
+    `check`'s in-process parse; and the agent's process never imports the config schemas or cryptography."""
+    ca = TestCA(tmp_path / "ca")
+    path = _config(tmp_path, ca.issue("shop", ["shop.example.com"], valid=(-40 * DAY, -3 * DAY)))
+    said: list[Problem] = []
+    m = apart.load(path, said)
+    assert m == config.load(path) and m.digest() == config.load(path).digest()
+    assert [str(p) for p in said] == _warnings(path) and said
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("port: 443", "port: 0"))
+    with pytest.raises(SourceError) as refused:
+        apart.load(bad)
+    assert [str(p) for p in refused.value.problems] == _problems(bad)
+    with pytest.raises(SourceError, match="cannot read the file"):
+        apart.load(tmp_path / "absent.yaml")
+    probe = ("import sys; from lbagent.ops import cli; from lbagent.agent.agent import Agent; "
+             "from lbagent.sources.file.source import FileSource; FileSource(sys.argv[1]).load(); "
+             "print(sorted(m for m in ('pydantic', 'cryptography', 'lbagent.sources.file.config') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""The file as a Source: the model is the YAML file's (config.load), read again when the agent gets SIGHUP."""
+"""The file as a Source: the model is the YAML file's (config.load, in a child process: lbagent.sources.file.apart),
+read again when the agent gets SIGHUP."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lbagent import model
-from lbagent.sources.file import config
+from lbagent.sources.file import apart
 
 
 class FileSource:
@@ -23,8 +24,8 @@ class FileSource:
         return str(self.path)
 
     def load(self) -> model.Model:
-        """config.load: raises config.ConfigError (a SourceError) with every problem, each with its line."""
-        return config.load(self.path)
+        """config.load, apart: raises SourceError with every problem, each with its line."""
+        return apart.load(self.path)
 
     def watch(self, changed: Callable[[], None]) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, changed)
