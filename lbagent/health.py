@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -229,11 +228,9 @@ class HealthChecker:
     """Runs one probe loop per distinct probe (pairs that would probe the same thing share one: its verdict is
     theirs) and tells `on_change` of every pair whose verdict flips."""
 
-    def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe,
-                 jitter: Callable[[], float] = random.random) -> None:
+    def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe) -> None:
         self._on_change = on_change
         self._prober = prober
-        self._jitter = jitter  # in [0, 1): where in its interval a probe's second round falls
         self._probes: dict[ProbeId, _Probe] = {}
         self._probe_of: dict[HealthKey, ProbeId] = {}
         self._served_by: ServedBy = {}
@@ -391,18 +388,17 @@ class HealthChecker:
         interval = probe.target.check.interval
         loop = asyncio.get_running_loop()
         woken = False
-        # A fresh agent's probes (or a large reload's) all start together, for a quick first snapshot. After that
-        # first round each waits a random part of its interval, once: thousands of probes then no longer go out in
-        # one burst every interval (bursts that time probes out on a loaded node), and each keeps its own phase.
-        spread = True
+        # The probes of an agent keep the phase they started with: they go out together every interval. Spreading
+        # them (a random wait once) was tried and taken out: an LB whose node links came back then had its nodes
+        # turn healthy one by one, announced with some of them, and its Maglev tables moved flows to other nodes
+        # (the failover demo lost 2 of 16 connections). Spreading needs an announcement that waits for the nodes
+        # that are coming back first.
         while True:
             started = loop.time()
             probe.wake.clear()  # a refusal from now on asks for one more probe after this one
             await self._round(pid, woken)
-            wait = interval * self._jitter() if spread else interval - (loop.time() - started)
-            spread = False
             try:
-                async with asyncio.timeout(max(0.0, wait)):
+                async with asyncio.timeout(max(0.0, interval - (loop.time() - started))):
                     await probe.wake.wait()
             except TimeoutError:
                 woken = False

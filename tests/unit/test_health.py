@@ -359,35 +359,3 @@ def test_a_local_service_whose_endpoints_are_known_probes_only_their_nodes() -> 
         assert checker.verdicts == {("default/web", "node2"): True}
 
     asyncio.run(scenario())
-
-
-def test_probes_that_start_together_spread_over_their_interval_after_the_first_round() -> None:
-    """Every probe of a fresh agent goes out at once (a quick first snapshot); the second round of each falls where
-    its jitter puts it in the interval, so that they no longer go out in one burst every interval."""
-    starts: dict[str, list[float]] = {}
-    fractions = iter([i / 10 for i in range(10)])
-
-    async def prober(target: Target) -> str | None:
-        starts.setdefault(target.service, []).append(asyncio.get_running_loop().time())
-        return None
-
-    async def scenario() -> None:
-        services: list[dict[str, object]] = [
-            {"name": f"s{i}", "vip": f"192.0.2.{20 + i}", "ports": [{"port": 80, "nodePort": 31000 + i}],
-             "healthCheck": {"interval": "1s"}} for i in range(10)]
-        m = _model(services)
-        m = dataclasses.replace(m, nodes=m.nodes[:1], services=m.services[1:])
-        checker = HealthChecker(lambda key: None, prober, jitter=lambda: next(fractions))
-        checker.update(m)
-        checker.start()
-        async with asyncio.timeout(10):
-            while len(starts) < 10 or any(len(s) < 2 for s in starts.values()):  # noqa: ASYNC110 - polls a fake
-                await asyncio.sleep(0.01)
-        await checker.stop()
-        first = {name: times[0] for name, times in starts.items()}
-        second = sorted(times[1] - first[name] for name, times in starts.items())
-        assert max(first.values()) - min(first.values()) < 0.5  # together (on any machine: far under 1 s)
-        # each second round at its own fraction of the interval, not all at 1 s: no later than asked, however busy
-        assert [round(gap, 1) >= i / 10 for i, gap in enumerate(second)] == [True] * 10
-
-    asyncio.run(scenario())
