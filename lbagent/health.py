@@ -247,30 +247,21 @@ class HealthChecker:
             wanted.setdefault(probe_id(target), (target, set()))[1].add(key)
         self._served_by = served_by(m)
         for pid in [pid for pid in self._probes if pid not in wanted]:
-            probe = self._probes.pop(pid)
-            if probe.task is not None:
-                probe.task.cancel()
+            self._drop(pid)
         for pid, (target, pairs) in wanted.items():
-            known = self._probes.get(pid)
-            if known is None:
-                known = self._probes[pid] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
-                if self._running:
-                    self._start(pid)
-            known.pairs = pairs
+            self._probe_for(pid, target).pairs = pairs
         self._probe_of = {key: pid for pid, (_, pairs) in wanted.items() for key in pairs}
         self.verdicts.clear()
         self.verdicts.update({key: p.state.healthy for p in self._probes.values() if p.state.healthy is not None
                               for key in p.pairs})
-        if not self._complete.is_set() and self.complete():
-            self._complete.set()
+        self._note_complete()
 
-    def update_services(self, old: model.Model, new: model.Model, keys: Iterable[str]) -> None:
-        """`update(new)` for a reload that changed these services only (`changed_services(old, new)`: the same
-        nodes) and no static backend: costs what changed. A probe a changed service still asks for keeps its
-        state."""
+    def update_services(self, old: model.Model, new: model.Model, keys: Iterable[str]) -> bool:
+        """`update(new)` for a reload that changed these services only (`changed_services(old, new)`): costs what
+        changed, and a probe a changed service still asks for keeps its state. False, having done nothing, when the
+        nodes or the static backends changed too: then only `update(new)` will do."""
         if old.nodes != new.nodes or old.backends != new.backends:
-            self.update(new)
-            return
+            return False
         emptied: set[ProbeId] = set()
         for key in keys:
             if old.has_service(key):
@@ -290,11 +281,7 @@ class HealthChecker:
                 service = new.service(key)
                 for pair, target in service_targets(service, new.nodes).items():
                     pid = probe_id(target)
-                    known = self._probes.get(pid)
-                    if known is None:
-                        known = self._probes[pid] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
-                        if self._running:
-                            self._start(pid)
+                    known = self._probe_for(pid, target)
                     known.pairs.add(pair)
                     self._probe_of[pair] = pid
                     if known.state.healthy is not None:
@@ -303,9 +290,25 @@ class HealthChecker:
                     self._served_by.setdefault(where, []).append(pair)
         for pid in emptied:
             if not self._probes[pid].pairs:
-                probe = self._probes.pop(pid)
-                if probe.task is not None:
-                    probe.task.cancel()
+                self._drop(pid)
+        self._note_complete()
+        return True
+
+    def _probe_for(self, pid: ProbeId, target: Target) -> _Probe:
+        """The probe of this id, made (and started, if probes run) when there is none yet."""
+        known = self._probes.get(pid)
+        if known is None:
+            known = self._probes[pid] = _Probe(target, ProbeState(target.check.rise, target.check.fall))
+            if self._running:
+                self._start(pid)
+        return known
+
+    def _drop(self, pid: ProbeId) -> None:
+        probe = self._probes.pop(pid)
+        if probe.task is not None:
+            probe.task.cancel()
+
+    def _note_complete(self) -> None:
         if not self._complete.is_set() and self.complete():
             self._complete.set()
 
@@ -366,8 +369,7 @@ class HealthChecker:
         if probe.state.healthy is not None:
             for pair in probe.pairs:
                 self.verdicts[pair] = probe.state.healthy
-        if not self._complete.is_set() and self.complete():
-            self._complete.set()
+        self._note_complete()
         if flipped:
             for service, node in sorted(probe.pairs):
                 event(

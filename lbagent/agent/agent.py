@@ -503,8 +503,7 @@ class Agent:
         # Only services changed (a Kubernetes source's usual change): only theirs is probed, planned and applied
         # again, at a cost that does not grow with the services that did not change.
         changed = changed_services(old, new)
-        if changed is not None and old.backends == new.backends:
-            self.health.update_services(old, new, changed)
+        if changed is not None and self.health.update_services(old, new, changed):
             self.metrics.health_of(self.health.verdicts, [(key, n.name) for key in changed for n in new.nodes])
         else:
             self.health.update(new)
