@@ -179,6 +179,10 @@ def _check_names(plan: ProxyPlan) -> None:
             seen[clean] = name
 
 
+# An IPv4 literal, or anything with a colon (an IPv6 literal; no DNS name has one).
+SNI_ADDRESS = r"^[0-9.]+$|:"
+
+
 def rewrite_reserve(plan: ProxyPlan) -> int:
     """HAProxy's `tune.maxrewrite`: room for what the frontends' rules and the most demanding rule add to headers."""
     return REWRITE_RESERVE + max((rewrite_growth(b.request_headers, b.response_headers, b.rewrite)
@@ -275,10 +279,13 @@ def _frontend(f: HttpFrontend, trusted_proxies: tuple[model.IPNetwork, ...] = ()
     lines.append(f"{_INDENT}http-request set-var(txn.host) req.hdr(host),host_only,lower")
     if https:
         # a request for another host than the TLS server name it came by (a browser reusing a connection for a
-        # name the certificate also covers): 421, and the client opens a connection for that name (RFC 9110)
+        # name the certificate also covers): 421, and the client opens a connection for that name (RFC 9110).
+        # An address as server name is no name (RFC 6066 forbids it; OpenSSL-based clients such as wrk and
+        # `openssl s_client` send one when given an address): such a connection is taken as one without SNI.
         lines.append(f"{_INDENT}http-request return status 421 content-type text/plain string "
                      f"{_word('misdirected request: the Host is not the TLS server name')} "
-                     "if { ssl_fc_sni -m found } !{ ssl_fc_sni,lower,strcmp(txn.host) eq 0 }")
+                     "if { ssl_fc_sni -m found } !{ ssl_fc_sni,lower,strcmp(txn.host) eq 0 } "
+                     f"!{{ ssl_fc_sni -m reg {SNI_ADDRESS} }}")
         if f.hsts is not None:
             lines.append(f"{_INDENT}http-after-response set-header Strict-Transport-Security {_word(f.hsts)}")
     if f.redirect_to_https is not None:

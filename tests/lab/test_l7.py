@@ -116,6 +116,17 @@ def curl(lab: Lab, url: str, *args: str, host: str = "client") -> Answer:
     return Answer(status, headers, body)
 
 
+def tls_status(lab: Lab, server_name: str, host: str) -> int:
+    """The status of one request over TLS whose server name (SNI) is `server_name`, as OpenSSL sends it (curl sends
+    none for an address)."""
+    request = f"GET /x HTTP/1.1\\r\\nHost: {host}\\r\\nX-Canary: never\\r\\nConnection: close\\r\\n\\r\\n"
+    out = lab.exec("client", ["sh", "-c", f"printf '{request}' | openssl s_client -quiet -connect {VIP}:443 "
+                              f"-servername {server_name} 2>/dev/null"], timeout=15).stdout
+    status = re.match(r"HTTP/1\.1 (\d{3}) ", out)
+    assert status, f"no HTTP answer over TLS with server name {server_name}: {out!r}"
+    return int(status.group(1))
+
+
 def count_versions(lab: Lab, n: int, headers: dict[str, str] | None = None) -> dict[str, int]:
     """n requests to shop.example.com over one keep-alive connection; answers by nodePort (the version)."""
     return count_by_port(lab, "shop.example.com", VIP, n, headers)
@@ -153,6 +164,10 @@ def test_host_path_and_sni_routing_filters_404_503(l7_lab: tuple[Lab, TestCA]) -
     default = lab.exec("client", ["curl", "-sS", "-v", "-k", "-o", "/dev/null", "--resolve",
                                   f"unknown.example.com:443:{VIP}", "https://unknown.example.com/"]).stderr
     assert "CN=default.example.net" in default  # no SNI match: the default certificate
+    # the server name must be the Host (421 otherwise); an address as server name (wrk, openssl) is no name
+    assert tls_status(lab, "a.example.org", "shop.example.com") == 421
+    assert tls_status(lab, VIP, "shop.example.com") == 200
+    assert tls_status(lab, "shop.example.com", "shop.example.com") == 200
     # nothing matches: 404; the chosen backend has no endpoint: 503
     assert curl(lab, "http://nothing.example.com/").status == 404
     assert curl(lab, "http://shop.example.com/down").status == 503
