@@ -275,7 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     m = _load_or_report(args.config, apart=True)
     if m is None:
         return 1
-    source: Source = FileSource(args.config)
+    source: Source = FileSource(args.config, first=m)
     if m.kubernetes is not None:
         from lbagent.sources.kubernetes.source import KubernetesSource
 

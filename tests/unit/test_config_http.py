@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +420,22 @@ def test_a_split_is_exact_in_whole_weights_when_haproxy_can_take_it(weights: tup
     if max(expected) < plan_http.MAX_WEIGHT:  # exact: the second ref's share is its weight's
         v2 = sum(s.weight for s in servers[3:]) / sum(s.weight for s in servers)
         assert v2 == weights[1] / sum(weights)
+
+
+def test_the_model_hash_follows_every_route_and_is_the_same_for_the_same_config() -> None:
+    rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/a"}}],
+            "backendRefs": [{"name": "shop-v1", "port": 80}]}
+    doc = _doc(routes=[_route([rule]), _route([rule], ["b.example.com"], name="other")])
+    m = _parse(doc)
+    assert m.digest() == _parse(doc).digest()
+    moved = _doc(routes=[_route([rule]), _route([{**rule, "backendRefs": [{"name": "shop-v2", "port": 80}]}],
+                                                ["b.example.com"], name="other")])
+    assert m.digest() != _parse(moved).digest()
+    assert m.digest() != replace(m, routes=m.routes[:1]).digest()
+    assert m.digest() != replace(m, routes=m.routes[::-1]).digest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2046, 2047, 2048, 4094, 4095, 10_000])
+def test_hashing_in_pieces_is_sha256(size: int) -> None:
+    data = bytes(range(256)) * (size // 256 + 1)
+    assert model._sha256(data[:size]).hexdigest() == hashlib.sha256(data[:size]).hexdigest()

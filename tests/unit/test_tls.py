@@ -22,6 +22,7 @@ from lbagent.l7.certs import CertificateStore
 from lbagent.ops import cli
 from lbagent.sources import Problem, SourceError
 from lbagent.sources.file import apart, config
+from lbagent.sources.file.source import FileSource
 from tests.certs import Issued, TestCA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -252,3 +253,35 @@ def test_the_agents_parse_in_a_child_gives_the_same_model_problems_and_warnings(
              "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_childs_model_comes_back_whole_across_chunks(tmp_path: Path) -> None:
+    """The child sends services and routes in chunks of apart.CHUNK (the agent's event loop runs between two): a
+    config of more than two chunks of each comes back as the in-process parse makes it, in the same order."""
+    ca = TestCA(tmp_path / "ca")
+    doc = yaml.safe_load(_config(tmp_path, ca.issue("shop", ["shop.example.com"])).read_text())
+    n = 2 * apart.CHUNK + 7
+    doc["services"] += [{"name": f"s{i}", "vip": "192.0.2.30", "ports": [{"port": 1000 + i, "nodePort": 31000 + i}]}
+                        for i in range(n)]
+    doc["routes"] += [{"name": f"r{i}", "listeners": ["websecure"], "hostnames": ["shop.example.com"],
+                       "rules": [{"matches": [{"path": {"type": "Exact", "value": f"/r{i}"}}],
+                                  "backendRefs": [{"name": f"s{i}", "port": 1000 + i}]}]} for i in range(n)]
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    m, whole = apart.load(path), config.load(path)
+    assert len(m.services) == len(whole.services) > n and len(m.routes) == n + 1
+    assert [s.key for s in m.services] == [s.key for s in whole.services]
+    assert m == whole and m.digest() == whole.digest()
+
+
+def test_run_parses_the_file_once_at_start_and_again_on_each_reload(tmp_path: Path) -> None:
+    """`lbagent run` loads the file to report its problems before starting; the agent's first load takes that
+    model (no second parse), every later one reads the file again."""
+    ca = TestCA(tmp_path / "ca")
+    path = _config(tmp_path, ca.issue("shop", ["shop.example.com"]))
+    first = apart.load(path)
+    source = FileSource(path, first=first)
+    path.write_text(path.read_text().replace("port: 443", "port: 8443"))
+    assert source.load() is first
+    again = source.load()
+    assert again != first and again == config.load(path)

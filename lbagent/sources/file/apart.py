@@ -6,20 +6,31 @@ that parsed in process would keep for its whole life, for a parse it runs at sta
 agent with 1,000 services used 96 MiB, 61 of them imported code; docs/benchmarks.md, "Idle"). A child costs
 about 0.4 s more per load (a Python start and the imports), next to 3 s for a 10,000-service file.
 
+The model comes back in pieces: first the model without its services, routes and static backends, then those in
+chunks of CHUNK, each a pickle of its own. `pickle.loads` holds the GIL for its whole run, so a load's worker thread
+stops the agent's event loop for as long as one `loads` takes: the whole model of 10,000 services in one piece
+stopped it for 123 ms; a chunk takes a few (bench/config_load.py, "reload").
+
     python -m lbagent.sources.file.apart PATH     # writes the pickled outcome to stdout
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from lbagent import model
 from lbagent.sources import Problem, SourceError
 
 MODULE = "lbagent.sources.file.apart"
+# The model's fields sent in chunks, and a chunk's length: 250 services unpickle in about 3 ms.
+CHUNKED = ("services", "routes", "backends")
+CHUNK = 250
 
 
 def load(path: str | Path, warnings: list[Problem] | None = None) -> model.Model:
@@ -31,14 +42,21 @@ def load(path: str | Path, warnings: list[Problem] | None = None) -> model.Model
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
         raise SourceError(str(path), [Problem("", str(path), f"the config loader (python -m {MODULE}) exited "
                                                              f"{proc.returncode}: {' / '.join(tail) or 'no output'}")])
-    outcome = pickle.loads(proc.stdout)  # our own child's output, over a pipe only we hold
+    stream = io.BytesIO(proc.stdout)  # our own child's output, over a pipe only we hold
+    outcome = pickle.load(stream)
     if outcome[0] == "problems":
         raise SourceError(outcome[1], outcome[2])
-    _, loaded, said = outcome
+    _, shell, said, counts = outcome
+    assert isinstance(shell, model.Model)
+    parts: dict[str, Any] = {}
+    for name, count in counts.items():
+        items: list[object] = []
+        while len(items) < count:
+            items.extend(pickle.load(stream))  # one chunk: the loop may run between two
+        parts[name] = tuple(items)
     if warnings is not None:
         warnings.extend(said)
-    assert isinstance(loaded, model.Model)
-    return loaded
+    return replace(shell, **parts)
 
 
 def main(argv: list[str]) -> int:
@@ -48,12 +66,24 @@ def main(argv: list[str]) -> int:
         print(f"usage: python -m {MODULE} PATH", file=sys.stderr)
         return 2
     warnings: list[Problem] = []
+    out = sys.stdout.buffer
     try:
-        outcome: tuple[object, ...] = ("model", config.load(argv[0], warnings), warnings)
+        loaded = config.load(argv[0], warnings)
     except config.ConfigError as exc:
-        outcome = ("problems", exc.source, list(exc.problems))
-    sys.stdout.buffer.write(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+        _dump(("problems", exc.source, list(exc.problems)), out)
+        return 0
+    chunked = {name: getattr(loaded, name) for name in CHUNKED}
+    empty: dict[str, Any] = dict.fromkeys(CHUNKED, ())
+    _dump(("model", replace(loaded, **empty), warnings,
+           {name: len(items) for name, items in chunked.items()}), out)
+    for items in chunked.values():
+        for start in range(0, len(items), CHUNK):
+            _dump(items[start:start + CHUNK], out)
     return 0
+
+
+def _dump(obj: object, out: BinaryIO) -> None:
+    pickle.dump(obj, out, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ from lbagent.sources.file import apart
 class FileSource:
     """The model in the YAML file at `path`. It changes when the operator says so: SIGHUP."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, first: model.Model | None = None) -> None:
+        """`first`: the file's model as the caller has just loaded it (`lbagent run` does, to report problems
+        before it starts): the agent's first load takes it instead of parsing the file again."""
         self.path = Path(path)
+        self._first = first
 
     @property
     def name(self) -> str:
@@ -25,7 +28,8 @@ class FileSource:
 
     def load(self) -> model.Model:
         """config.load, apart: raises SourceError with every problem, each with its line."""
-        return apart.load(self.path)
+        first, self._first = self._first, None
+        return first if first is not None else apart.load(self.path)
 
     def watch(self, changed: Callable[[], None]) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, changed)
