@@ -107,9 +107,9 @@ class Service:
         """A hash of the service's settings, worked out once (the service is frozen): see Model.digest."""
         return _item_digest(self)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """The Kubernetes-style identity `namespace/name`."""
+        """The Kubernetes-style identity `namespace/name` (kept: a plan asks for it several times per service)."""
         return f"{self.namespace}/{self.name}"
 
     @property

@@ -194,19 +194,48 @@ IPVS_SYSCTLS = {
 BackendCache = dict[tuple[int, tuple[tuple[str, int], ...]], tuple[Backend, ...]]
 
 
+class _Row(NamedTuple):
+    """What a service's health row (which nodes serve it) decides, whatever the service: worked out once per row in
+    a plan, as most services share a handful of rows (all nodes healthy, one node down...)."""
+
+    healthy: tuple[model.Node, ...]
+    weights: tuple[tuple[str, int], ...]
+    taking: tuple[str, ...]
+    unhealthy: tuple[str, ...]
+    draining: tuple[str, ...]
+
+    @classmethod
+    def of(cls, nodes: Sequence[model.Node], serving: tuple[bool, ...]) -> _Row:
+        healthy = tuple(n for n, ok in zip(nodes, serving, strict=True) if ok)
+        return cls(healthy, tuple((n.name, 0 if n.draining else n.weight) for n in healthy),
+                   tuple(n.name for n in healthy if not n.draining),
+                   tuple(n.name for n, ok in zip(nodes, serving, strict=True) if not ok),
+                   tuple(n.name for n in healthy if n.draining))
+
+
+RowCache = dict[tuple[bool, ...], _Row]
+
+
 def plan_service(
     service: model.Service, nodes: Sequence[model.Node], health: HealthSnapshot, draining: bool,
-    shared: BackendCache | None = None,
+    shared: BackendCache | None = None, rows: RowCache | None = None,
 ) -> tuple[tuple[Frontend, ...], ServiceDecision]:
-    """One service's frontends and announce decision: services are planned independently of each other."""
+    """One service's frontends and announce decision: services are planned independently of each other. `shared`
+    and `rows`: caches kept across the services of one plan (of the same nodes)."""
     key = service.key
     endpoints = service.endpoint_nodes
-    serving = [health.get((key, n.name), False) and (endpoints is None or n.name in endpoints) for n in nodes]
-    healthy = [n for n, ok in zip(nodes, serving, strict=True) if ok]
-    taking = [n for n in healthy if not n.draining]
+    if endpoints is None:
+        serving = tuple([health.get((key, n.name), False) for n in nodes])
+    else:
+        serving = tuple([health.get((key, n.name), False) and n.name in endpoints for n in nodes])
+    row = rows.get(serving) if rows is not None else None
+    if row is None:
+        row = _Row.of(nodes, serving)
+        if rows is not None:
+            rows[serving] = row
     frontends = []
     cache: BackendCache = {} if shared is None else shared
-    weights = tuple((n.name, 0 if n.draining else n.weight) for n in healthy)
+    healthy, weights = row.healthy, row.weights
     for vip in service.vips:
         backends = cache.get((vip.version, weights))
         if backends is None:
@@ -224,16 +253,13 @@ def plan_service(
             )
     if draining:
         reason = Reason.DRAINING
-    elif not taking:
+    elif not row.taking:
         local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
         reason = Reason.NO_LOCAL_ENDPOINTS if local else Reason.NO_HEALTHY_NODES
     else:
         reason = Reason.ANNOUNCED
-    decision = ServiceDecision(
-        key, service.vips, reason is Reason.ANNOUNCED, reason, tuple(n.name for n in taking),
-        tuple(n.name for n, ok in zip(nodes, serving, strict=True) if not ok),
-        tuple(n.name for n in healthy if n.draining),
-    )
+    decision = ServiceDecision(key, service.vips, reason is Reason.ANNOUNCED, reason, row.taking, row.unhealthy,
+                               row.draining)
     return tuple(frontends), decision
 
 
@@ -265,8 +291,10 @@ def plan(m: model.Model, health: HealthSnapshot, draining: bool = False) -> Plan
     by_service: dict[str, tuple[Frontend, ...]] = {}
     decisions: dict[str, ServiceDecision] = {}
     shared: BackendCache = {}
+    rows: RowCache = {}
     for service in m.services:
-        by_service[service.key], decisions[service.key] = plan_service(service, m.nodes, health, draining, shared)
+        by_service[service.key], decisions[service.key] = plan_service(service, m.nodes, health, draining, shared,
+                                                                       rows)
     announcements = {}
     for vip in m.services_by_vip:
         if (a := _announcement(m, vip, decisions)) is not None:
