@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,22 @@ def slice_of(i: int, nodes: int, shift: int) -> dict[str, Any]:
 # ---- inside a namespace ---------------------------------------------------------------------------------------
 
 
-async def inside_kubernetes(config_path: str) -> dict[str, Any]:
+def rss_now_mib() -> float:
+    """This process's resident memory now (ru_maxrss is the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def top_allocations(snapshot: tracemalloc.Snapshot, count: int = 15) -> list[str]:
+    """The files that hold the most of what Python allocated (tracemalloc), then lbagent's lines, largest first."""
+    ours = snapshot.filter_traces([tracemalloc.Filter(True, str(REPO / "lbagent" / "*"))])
+    return [f"{stat.size / 2**20:8.1f} MiB {stat.count:>9,} blocks  {stat.traceback}"
+            for stats in (snapshot.statistics("filename"), ours.statistics("lineno")) for stat in stats[:count]]
+
+
+async def inside_kubernetes(config_path: str, trace_memory: bool = False) -> dict[str, Any]:
     """The agent itself (lbagent.agent.Agent with the Kubernetes source and the nftables data plane) from nothing to
     programmed, then the latency of EndpointSlice changes through its own reload path. BGP is the in-memory speaker
     of the unit tests and every probe passes (probes once an hour: their traffic is not what is measured)."""
@@ -167,6 +183,8 @@ async def inside_kubernetes(config_path: str) -> dict[str, Any]:
             finally:
                 steps["reload"].append(time.perf_counter() - t0)
 
+    if trace_memory:
+        tracemalloc.start()
     started = time.perf_counter()
     source = KubernetesSource(config_path, "bench-lb")
     initial = config.load(config_path)
@@ -180,6 +198,10 @@ async def inside_kubernetes(config_path: str) -> dict[str, Any]:
     await programmed.wait()
     total = time.perf_counter() - started
     services = len(agent.model.services)
+    rss_programmed = rss_now_mib()
+    if trace_memory:
+        for line in top_allocations(tracemalloc.take_snapshot()):
+            print(line, file=sys.stderr)
     print(json.dumps({"ready": True}), flush=True)
     await asyncio.to_thread(sys.stdin.readline)  # the orchestrator has made its changes
     agent.stop("bench done")
@@ -187,7 +209,7 @@ async def inside_kubernetes(config_path: str) -> dict[str, Any]:
     await agent.dataplane.forwarder.cleanup()
     return {"to_programmed_s": round(total, 2), "services": services,
             "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "applies": applies,
+            "rss_programmed_mib": rss_programmed, "applies": applies,
             "change_p50_ms": {step: round(statistics.median(v) * 1000, 1) for step, v in steps.items() if v}}
 
 
@@ -210,6 +232,8 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="the agent's largest Python allocations by file once programmed (tracemalloc: slower)")
     parser.add_argument("--inside", choices=["kubernetes", "file"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +241,7 @@ def main() -> int:
         print("needs root (network namespaces, nft)", file=sys.stderr)
         return 1
     if args.inside == "kubernetes":
-        print(json.dumps({"result": asyncio.run(inside_kubernetes(args.config))}), flush=True)
+        print(json.dumps({"result": asyncio.run(inside_kubernetes(args.config, args.trace_memory))}), flush=True)
         return 0
     if args.inside == "file":
         print(json.dumps({"result": asyncio.run(inside_file(args.config))}), flush=True)
@@ -277,7 +301,7 @@ async def run_in(work: Path, args: argparse.Namespace) -> int:
             ns_config = work / "ns.yaml"
             ns_config.write_text(json.dumps(base_config(str(work / "ns-run"), str(kubeconfig))))
             agent = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, __file__, "--inside", "kubernetes",
-                                      "--config", str(ns_config)],
+                                      "--config", str(ns_config), *(["--trace-memory"] if args.trace_memory else [])],
                                      cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert agent.stdout is not None
             assert json.loads(agent.stdout.readline()).get("ready")

@@ -289,7 +289,8 @@ def _state(checker: HealthChecker) -> tuple[dict[Any, Any], dict[Any, Any], dict
     """What a checker knows, comparable between two checkers: probes by id with their pairs and verdicts, the pairs'
     probes, the verdicts, who is served where."""
     probes = {pid: (frozenset(p.pairs), p.state.healthy) for pid, p in checker._probes.items()}
-    served = {where: sorted(pairs) for where, pairs in checker._served_by.items()}
+    by = checker._served_by
+    served = {"nodes": by.nodes_at, "services": {port: sorted(keys) for port, keys in by.services_on.items()}}
     return probes, dict(checker._probe_of), dict(checker.verdicts), served
 
 

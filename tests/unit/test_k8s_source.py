@@ -12,6 +12,7 @@ import yaml
 
 from lbagent import model
 from lbagent.sources.file import config
+from lbagent.sources.kubernetes.reflector import LAST_APPLIED, trimmed
 from lbagent.sources.kubernetes.source import Snapshot, build, merged
 from lbagent.sources.kubernetes.writer import holds_status
 
@@ -135,3 +136,21 @@ def test_lbagent_holds_a_status_only_where_its_manager_wrote_the_load_balancer()
     assert not holds_status(svc({**ours, "subresource": None}))  # lbagent never writes a Service's spec
     assert not holds_status(svc({**ours, "fieldsV1": {"f:status": {"f:conditions": {}}}}))
     assert not holds_status(svc()) and not holds_status({})
+
+
+def test_the_store_leaves_out_other_managers_fields_and_kubectls_copy_but_keeps_what_lbagent_wrote() -> None:
+    ours = {"manager": "lbagent", "operation": "Apply", "subresource": "status",
+            "fieldsV1": {"f:status": {"f:loadBalancer": {"f:ingress": {}}}}}
+    theirs = {"manager": "kubectl-client-side-apply", "operation": "Update",
+              "fieldsV1": {"f:spec": {"f:ports": {}, "f:type": {}}}}
+    spec = {"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30080}]}
+    service = {"metadata": {"name": "web", "namespace": "default", "managedFields": [theirs, ours],
+                            "annotations": {LAST_APPLIED: json.dumps({"spec": spec}), "team": "shop"}},
+               "spec": json.loads(json.dumps(spec))}
+    assert holds_status(service)
+    kept = trimmed(service)
+    assert kept["metadata"]["managedFields"] == [ours] and holds_status(kept)
+    assert kept["metadata"]["annotations"] == {"team": "shop"} and kept["spec"] == spec
+    other = trimmed({"metadata": {"name": "web", "managedFields": [theirs]}, "spec": spec})
+    assert "managedFields" not in other["metadata"] and not holds_status(other)
+    assert trimmed({"metadata": None}) == {"metadata": None}

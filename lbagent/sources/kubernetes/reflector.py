@@ -11,7 +11,9 @@
 - Errors back off (0.5 s doubling to 30 s, with jitter) and keep the store as it was: an API outage changes
   nothing in the data plane. `stale_since` says since when the store may be behind.
 Objects stay the API's JSON (dicts): the translation reads a few fields, and typed models would cost a
-deserialisation of every field of every object.
+deserialisation of every field of every object. What no part of lbagent reads is left out of the store (`trimmed`):
+the managedFields of other field managers and kubectl's last-applied-configuration annotation, which repeat an
+object's fields (a third of a Service's JSON as kube-apiserver sends it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from lbagent.logfmt import event
+from lbagent.sources.kubernetes.writer import FIELD_MANAGER
 
 log = logging.getLogger("lbagent.kubernetes")
 
@@ -35,6 +38,28 @@ LIST_READ_TIMEOUT = 60.0
 READ_TIMEOUT = 90.0  # longer than the API server's bookmark interval (about a minute)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def trimmed(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as the store keeps it: without other managers' managedFields entries (lbagent's own tell the writer
+    what it holds) and without kubectl's copy of the last applied object."""
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        return obj
+    fields = metadata.get("managedFields")
+    if isinstance(fields, list):
+        ours = [f for f in fields if isinstance(f, Mapping) and f.get("manager") == FIELD_MANAGER]
+        if ours:
+            metadata["managedFields"] = ours
+        else:
+            del metadata["managedFields"]
+    annotations = metadata.get("annotations")
+    if isinstance(annotations, dict):
+        annotations.pop(LAST_APPLIED, None)
+    return obj
+
 
 # A generated kubernetes_asyncio list method, e.g. CoreV1Api(api).list_service_for_all_namespaces.
 ListFunction = Callable[..., Awaitable[Any]]
@@ -102,7 +127,7 @@ class Reflector:
                                            _request_timeout=(CONNECT_TIMEOUT, LIST_READ_TIMEOUT))
             body = json.loads(await response.read())
             for item in body.get("items") or []:
-                items[object_key(item)] = item
+                items[object_key(item)] = trimmed(item)
             token = (body.get("metadata") or {}).get("continue")
             if not token:
                 self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
@@ -148,6 +173,7 @@ class Reflector:
         if kind == "DELETED":
             existed = self.store.pop(key, None) is not None
         elif kind in ("ADDED", "MODIFIED"):
+            obj = trimmed(obj)
             existed = self.store.get(key) != obj
             self.store[key] = obj
         else:
