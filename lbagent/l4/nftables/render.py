@@ -116,30 +116,34 @@ def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datapl
 
 class _TableCache:
     """Lookup tables made in one pass, found by the backends tuple's identity first (the planner shares one tuple
-    between all frontends on the same nodes, so 20,000 frontends cost a few lookups) and by its content second."""
+    between all frontends on the same nodes, so 20,000 frontends cost a few lookups, and their active backends are
+    picked out once per tuple) and by the active backends' content second."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, tuple[tuple[Backend, ...], LookupTable]] = {}
+        self._by_id: dict[tuple[int, int], tuple[tuple[Backend, ...], LookupTable | None]] = {}
         self._by_content: dict[tuple[Backend, ...], LookupTable] = {}
 
-    def get(self, active: tuple[Backend, ...], version: int, size: int,
-            known: Mapping[str, LookupTable]) -> LookupTable:
-        hit = self._by_id.get(id(active))
-        if hit is not None and hit[0] is active:
+    def get(self, f: Frontend, size: int, known: Mapping[str, LookupTable]) -> LookupTable | None:
+        """The frontend's lookup table; None when it has no active backend."""
+        backends, version = f.backends, f.vip.version
+        hit = self._by_id.get((id(backends), version))
+        if hit is not None and hit[0] is backends:
             return hit[1]
-        table = self._by_content.get(active)
-        if table is None:
-            table = self._by_content[active] = maglev_table(active, version, size, known)
-        self._by_id[id(active)] = (active, table)  # holds `active`: its id is not reused while cached
+        active = f.active
+        table = None
+        if active:
+            table = self._by_content.get(active)
+            if table is None:
+                table = self._by_content[active] = maglev_table(active, version, size, known)
+        self._by_id[(id(backends), version)] = (backends, table)  # holds `backends`: its id is not reused meanwhile
         return table
 
 
 def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
-    active = f.active
-    if not active:
+    table = tables.get(f, rs.size, rs.tables)
+    if table is None:
         return
     v, key = f.vip.version, _key(f)
-    table = tables.get(active, v, rs.size, rs.tables)
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
     masquerade = f.mode is model.ForwardingMode.MASQUERADE

@@ -8,8 +8,9 @@ about 0.4 s more per load (a Python start and the imports), next to 3 s for a 10
 
 The model comes back in pieces: first the model without its services, routes and static backends, then those in
 chunks of CHUNK, each a pickle of its own. `pickle.loads` holds the GIL for its whole run, so a load's worker thread
-stops the agent's event loop for as long as one `loads` takes: the whole model of 10,000 services in one piece
-stopped it for 123 ms; a chunk takes a few (bench/config_load.py, "reload").
+stops the agent's event loop for as long as one `loads` takes: a whole model of 4,000 routes takes about 0.13 s in
+one piece, a chunk of it 8 ms at most (docs/benchmarks.md, "The agent's reload since the parse moved to a child
+process").
 
     python -m lbagent.sources.file.apart PATH     # writes the pickled outcome to stdout
 """
@@ -28,7 +29,7 @@ from lbagent import model
 from lbagent.sources import Problem, SourceError
 
 MODULE = "lbagent.sources.file.apart"
-# The model's fields sent in chunks, and a chunk's length: 250 services unpickle in about 3 ms.
+# The model's fields sent in chunks, and a chunk's length (250 services unpickle in a few ms).
 CHUNKED = ("services", "routes", "backends")
 CHUNK = 250
 
