@@ -76,13 +76,23 @@ def targets(m: model.Model) -> dict[HealthKey, Target]:
     return out
 
 
+def probed_on(service: model.Service, node: str) -> bool:
+    """Whether a service is probed on a node: everywhere, unless the source names the nodes with its endpoints (a
+    Local service's EndpointSlices): then only there."""
+    return service.endpoint_nodes is None or node in service.endpoint_nodes
+
+
+def not_probed_reason(service: model.Service | None, node: str) -> str:
+    """The status reason of a pair without a probe."""
+    return "noEndpointsOnNode" if service is not None and not probed_on(service, node) else "notProbed"
+
+
 def service_targets(service: model.Service, nodes: Iterable[model.Node]) -> dict[HealthKey, Target]:
     """One service's probes: one per node; for a Local service whose EndpointSlices are known (the Kubernetes
     source), one per node that has an endpoint: the others take no flows whatever a probe would say, and probing
     them all costs a probe loop per Service and node (200,000 at 10,000 Services and 20 nodes). A node that gains
     an endpoint is probed at once, and its first answer decides."""
-    if service.endpoint_nodes is not None:
-        nodes = [n for n in nodes if n.name in service.endpoint_nodes]
+    nodes = [n for n in nodes if probed_on(service, n.name)]
     kind = service.probe
     if kind is model.ProbeKind.HEALTH_CHECK_NODE_PORT:
         ports: tuple[int, ...] = (service.health_check_node_port or 0,)

@@ -24,7 +24,7 @@ from lbagent.agent.sdnotify import Notifier
 from lbagent.agent.status import SOCKET_NAME, StatusServer
 from lbagent.agent.vips import VipReconciler
 from lbagent.files import UnsafePath, prepare_runtime_dir
-from lbagent.health import HealthChecker, Prober, probe
+from lbagent.health import HealthChecker, Prober, not_probed_reason, probe
 from lbagent.l3.bfd import BfdSpeaker, BfdUnavailable
 from lbagent.l3.speaker import BgpSpeaker, ExaBgpSpeaker
 from lbagent.l3.vips import VipBinder, apply_sysctls
@@ -237,10 +237,7 @@ class Agent:
         }
 
     def _not_probed(self, service: str, node: str) -> str:
-        s = self.model.service(service) if self.model.has_service(service) else None
-        if s is not None and s.endpoint_nodes is not None and node not in s.endpoint_nodes:
-            return "noEndpointsOnNode"  # the EndpointSlices' word: not probed (lbagent.health.service_targets)
-        return "notProbed"
+        return not_probed_reason(self.model.service(service) if self.model.has_service(service) else None, node)
 
     # -- life cycle -----------------------------------------------------------------------------------
 
