@@ -73,7 +73,7 @@ test: lint kube-apiserver
 demo: deps kube-apiserver
 	$(VENV)/bin/python -m tests.lab demo
 
-# Benchmarks (numbers in docs/benchmarks.md); they need wrk, nginx and git (config_load.py's baseline: the code
+# Benchmarks (numbers in docs/benchmarks.md); they need wrk, h2load, nginx and git (config_load.py's baseline: the code
 # before issue 10) besides the test packages.
 bench: deps kube-apiserver
 	@$(call apt_install,$(BENCH_PACKAGES))

@@ -12,9 +12,13 @@ The runs with changes: wrk through lbagent's HAProxy only, while `--endpoint-cha
 added or removed (a reload); each change is waited for on both LBs. Two runs (keep-alive, then a new connection
 per request): with the defaults, 100 endpoint changes and 20 structural changes in all.
 
-Usage: .venv/bin/python bench/l7.py [--seconds 5] [--repeat 3] [--connections 50] [--churn-seconds 60]
-           [--endpoint-changes 50] [--server-connection-reuse safe|aggressive|always]
-Needs root, wrk and nginx (`make bench` installs them). Prints JSON; fails on any socket error or non-2xx answer.
+HTTP/2 from clients: h2load (2 threads, the same connections, `--streams` concurrent streams on each, the same
+paths) over TLS with ALPN h2, toward each proxy in turn in every round; the proxies speak HTTP/1.1 to the nodes.
+
+Usage: .venv/bin/python bench/l7.py [--seconds 5] [--repeat 3] [--connections 50] [--streams 10]
+           [--churn-seconds 60] [--endpoint-changes 50] [--server-connection-reuse safe|aggressive|always]
+Needs root, wrk, h2load and nginx (`make bench` installs them). Prints JSON; fails on any socket error or non-2xx
+answer.
 """
 
 from __future__ import annotations
@@ -99,9 +103,9 @@ http {{
   ssl_certificate_key {key};
   upstream api {{ {api_servers} keepalive 64; }}
   upstream site {{ {site_servers} keepalive 64; }}
-  server {{ listen {vip}:80 default_server; listen {vip}:443 ssl default_server; return 404; }}
+  server {{ listen {vip}:80 default_server; listen {vip}:443 ssl http2 default_server; return 404; }}
   server {{
-    listen {vip}:80; listen {vip}:443 ssl; server_name {host};
+    listen {vip}:80; listen {vip}:443 ssl http2; server_name {host};
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $host;
@@ -113,14 +117,15 @@ http {{
 }}
 """
 
+PATHS = ("/api/items?page=2", "/", "/static/app.js")
 WRK_SCRIPT = """
-local paths = {"/api/items?page=2", "/", "/static/app.js"}
+local paths = {PATHS}
 local i = 0
 request = function()
   i = i % #paths + 1
   return wrk.format(nil, paths[i])
 end
-"""
+""".replace("PATHS", ", ".join(f'"{p}"' for p in PATHS))
 
 
 def http_config(tls_dir: Path, reuse: str) -> dict[str, Any]:
@@ -236,6 +241,33 @@ def wrk_result(out: str, url: str) -> dict[str, float]:
     return {"rps": float(rps.group(1)), "requests": int(total.group(1))}
 
 
+def h2load_argv(lab: Lab, vip: str, seconds: float, connections: int, streams: int) -> list[str]:
+    """HTTP/2 over TLS (ALPN h2) to `vip`, with the bench's host as authority and server name, the same paths."""
+    return ["ip", "netns", "exec", lab.ns("client"), "h2load", "-t", "2", "-c", str(connections),
+            "-m", str(streams), "-D", f"{seconds:g}", "--warm-up-time", "1", f"--connect-to={vip}:443",
+            *(f"https://{HOST}{path}" for path in PATHS)]
+
+
+def h2load_result(out: str, vip: str) -> dict[str, float]:
+    """Requests per second from h2load's summary; HTTP/1.1 negotiated, a failed request or a non-2xx fails the run."""
+    protocol = re.search(r"Application protocol: (\S+)", out)
+    rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored,"
+                     r" (\d+) timeout", out)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not protocol or protocol.group(1) != "h2" or not rps or not done or not codes:
+        raise RuntimeError(f"no HTTP/2 summary from h2load against {vip}:\n{out}")
+    if int(done.group(4)) or int(done.group(5)) or int(done.group(6)) or any(int(codes.group(i)) for i in (2, 3, 4)):
+        raise RuntimeError(f"h2load saw errors against {vip}:\n{out}")
+    return {"rps": float(rps.group(1)), "requests": int(done.group(3))}
+
+
+def run_h2load(lab: Lab, vip: str, seconds: float, connections: int, streams: int) -> dict[str, float]:
+    proc = subprocess.run(h2load_argv(lab, vip, seconds, connections, streams),
+                          capture_output=True, text=True, timeout=seconds + 60, check=True)
+    return h2load_result(proc.stdout, vip)
+
+
 def run_wrk(lab: Lab, script: Path, url: str, seconds: float, connections: int, keepalive: bool) -> dict[str, float]:
     proc = subprocess.run(wrk_argv(lab, script, url, seconds, connections, keepalive),
                           capture_output=True, text=True, timeout=seconds + 60, check=True)
@@ -294,6 +326,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5, help="each quiet wrk run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds over every proxy and mode (median reported)")
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--streams", type=int, default=10,
+                        help="HTTP/2 row (h2load): concurrent streams per connection (0: no HTTP/2 row)")
     parser.add_argument("--churn-seconds", type=float, default=60, help="each run with changes (0: none)")
     parser.add_argument("--endpoint-changes", type=int, default=50, help="per churn run (keep-alive, then close)")
     parser.add_argument("--server-connection-reuse", choices=("safe", "aggressive", "always"), default="safe",
@@ -329,6 +363,11 @@ def bench(lab: Lab, tls_dir: Path, args: argparse.Namespace) -> int:
             for name, vip in PROXIES.items():
                 result = run_wrk(lab, script, f"{scheme}://{vip}/", args.seconds, args.connections, keepalive)
                 runs.setdefault(mode, {}).setdefault(name, []).append(result["rps"])
+        if args.streams > 0:
+            mode = f"https http/2 ({args.streams} streams per connection)"
+            for name, vip in PROXIES.items():
+                result = run_h2load(lab, vip, args.seconds, args.connections, args.streams)
+                runs.setdefault(mode, {}).setdefault(name, []).append(result["rps"])
     results: dict[str, Any] = {}
     for mode, by_proxy in runs.items():
         medians = {name: round(statistics.median(values)) for name, values in by_proxy.items()}
@@ -340,7 +379,7 @@ def bench(lab: Lab, tls_dir: Path, args: argparse.Namespace) -> int:
             mode = f"http {'keep-alive' if keepalive else 'new connection per request'} with changes"
             results[mode] = churn(lab, tls_dir, script, args, keepalive)
     print(json.dumps({"seconds": args.seconds, "repeat": args.repeat, "connections": args.connections,
-                      "server_connection_reuse": args.server_connection_reuse,
+                      "server_connection_reuse": args.server_connection_reuse, "streams": args.streams,
                       "churn_seconds": args.churn_seconds, **results}, indent=2))
     return 0
 
