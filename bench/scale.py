@@ -4,8 +4,8 @@ Each data plane is driven through the same Forwarder interface the agent uses, i
 namespace (the script re-runs itself there), so the kernel work is real. One change = one node fails one
 service's health check, applied as the agent does it (re-plan that service, hand the forwarder its change record
 from the previous plan to the new one), twice: the first service to lose the node needs a new lookup table, the
-second finds it programmed; its baseline, in
-the same run, is a forced full re-apply (what a naive agent does, and what the periodic resync does).
+second (the next one in the same nftables shard) finds it programmed; its baseline, in the same run, is a forced
+full re-apply (what a naive agent does, and what the periodic resync does).
 
 Usage: .venv/bin/python bench/scale.py [--dataplane nftables iptables iptables-legacy] [--services 1000 10000]
        [--nodes 20] [--repeat 5] [--json]
@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lbagent import model
 from lbagent.l3.vips import apply_sysctls
 from lbagent.l4.forwarder import FrontendChange, make_forwarder
+from lbagent.l4.nftables.apply import NftForwarder
+from lbagent.l4.nftables.render import shard_of_service
 from lbagent.plan.services import IPVS_SYSCTLS, plan, replan
 
 POOL = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
@@ -77,8 +79,11 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
     self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     changes, shared_changes, baselines = [], [], []
     for r in range(repeat):
-        # The first service to lose node3 needs a lookup table for the other 19 nodes; the next one finds it there.
-        victim, second = (m.services[(r * 7919 + k) % services].key for k in (0, 1))
+        # The first service to lose node3 needs a lookup table for the other 19 nodes; the next one finds it there
+        # (the next in the same nftables shard: each shard's table has its own lookup tables).
+        victim = m.services[(r * 7919) % services].key
+        second = next(s.key for k in range(1, services) if _same_table(
+            fwd, victim, (s := m.services[(r * 7919 + k) % services]).key))
         health[(victim, "node3")] = False
         start = time.perf_counter()
         p2 = replan(p, m, health, {victim})
@@ -116,6 +121,12 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         "python_plan_peak_mib": round(peak / 2**20, 1), "agent_peak_rss_mib": round(self_rss / 1024, 1),
         "tools_peak_rss_mib": round(children_rss / 1024, 1),
     }
+
+
+def _same_table(fwd: Any, a: str, b: str) -> bool:
+    """Whether two services' frontends are in the same nft table (nftables' shards; one table for the others)."""
+    shards = fwd.applied.shards if isinstance(fwd, NftForwarder) and fwd.applied is not None else 1
+    return shard_of_service(a, shards) == shard_of_service(b, shards)
 
 
 async def _tool_floor(fwd: Any, kind: str) -> dict[str, float]:

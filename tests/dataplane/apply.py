@@ -13,6 +13,7 @@ from lbagent import model
 from lbagent.l3.vips import apply_sysctls
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.forwarder import Forwarder, make_forwarder
+from lbagent.l4.nftables import render as nftables_render
 from lbagent.plan.services import IPVS_SYSCTLS, Frontend
 from tests.dataplane.frontends import by_service, load
 
@@ -30,6 +31,8 @@ as the agent's data-plane reconciler does (none after a failed apply: the next o
 # The data planes the suite knows, by the name tests are parameterized with.
 DATAPLANES: dict[str, model.Dataplane] = {
     "nftables": model.Dataplane(kind=model.DataplaneKind.NFTABLES),
+    # nftables with its dispatch spread over shard tables as at scale (see forwarder())
+    "nftables-sharded": model.Dataplane(kind=model.DataplaneKind.NFTABLES),
     "iptables": model.Dataplane(kind=model.DataplaneKind.IPTABLES, iptables_variant="nft"),
     "iptables-legacy": model.Dataplane(kind=model.DataplaneKind.IPTABLES, iptables_variant="legacy"),
     "ipvs": model.Dataplane(kind=model.DataplaneKind.IPVS),
@@ -38,6 +41,11 @@ DATAPLANES: dict[str, model.Dataplane] = {
 
 def forwarder(kind: str, size: int | None = None) -> Forwarder:
     dataplane = DATAPLANES[kind]
+    if kind == "nftables-sharded":
+        # Five shards whatever the number of frontends: the suite's services (default/web, kube-system/dns) are
+        # then in shard tables of their own (4 and 2), none in lbagent's main table.
+        assert {nftables_render.shard_of_service(s, 5) for s in ("default/web", "kube-system/dns")} == {4, 2}
+        nftables_render.shard_count = lambda frontends, previous=None: 5
     if size is not None:
         dataplane = dataplane_with(dataplane, maglev_table_size=size)
     fwd = make_forwarder(dataplane)

@@ -15,7 +15,8 @@ from tests.lab.lab import Lab
 
 # The data planes every behaviour test runs against. DATAPLANE_KINDS picks others (say "ipvs" in a guest
 # whose kernel has IPVS); a new kind needs an entry in apply.DATAPLANES and harness.PREDICTORS.
-KINDS = tuple(k for k in os.environ.get("DATAPLANE_KINDS", "nftables,iptables,iptables-legacy").split(",") if k)
+DEFAULT_KINDS = "nftables,nftables-sharded,iptables,iptables-legacy"
+KINDS = tuple(k for k in os.environ.get("DATAPLANE_KINDS", DEFAULT_KINDS).split(",") if k)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

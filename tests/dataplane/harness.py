@@ -40,6 +40,7 @@ Predictor = Callable[[Frontend, model.IPAddress, int, int], Backend | None]
 # (the default), not maglevTableSize.
 PREDICTORS: dict[str, Predictor | None] = {
     "nftables": nftables.predict,
+    "nftables-sharded": nftables.predict,
     "iptables": iptables.predict,
     "iptables-legacy": iptables.predict,
     "ipvs": lambda f, source, port, size: ipvs.predict(f, source, port),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from ipaddress import ip_address
@@ -229,7 +230,20 @@ def _canonical(listing: str) -> Any:
     return sorted(out)
 
 
-def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
+@pytest.fixture(params=["one-table", "sharded"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The dispatch in lbagent's one table, or spread over shard tables as at scale (two frontends a shard)."""
+    if request.param == "sharded":
+        monkeypatch.setattr(nftables, "SHARD_FRONTENDS", 2)
+    return str(request.param)
+
+
+def _ruleset(ns: str) -> Any:
+    """Every table in the namespace (lbagent's and its shards'), canonical."""
+    return _canonical(nft(ns, "-j", "list", "ruleset"))
+
+
+def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply(layout: str) -> None:
     m = three_nodes()
     health = all_healthy(m)
     steps = [
@@ -243,9 +257,7 @@ def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
     doc["services"][3]["loadBalancerSourceRanges"] = ["203.0.113.0/24"]
     changed = config.parse(yaml.safe_dump(doc))
     with throwaway_netns("nftd", 2) as names:
-        def listing(ns: str) -> Any:
-            return _canonical(nft(ns, "-j", "list", "table", "inet", "lbagent"))
-
+        listing = _ruleset
         previous = None
         for model_, snapshot in [(m, s) for s in steps] + [(changed, health)]:
             p = plan(model_, snapshot)
@@ -259,6 +271,7 @@ def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply() -> None:
                     nft(names[0], "-f", "-", script=delta)
             nft(names[1], "-f", "-", script=nftables.render_full(rs))
             assert listing(names[0]) == listing(names[1])
+            assert (layout == "sharded") == (rs.shards > 1)
             previous = rs
 
 
@@ -278,16 +291,14 @@ def test_replan_of_changed_services_equals_a_fresh_plan() -> None:
             fresh.frontends, fresh.decisions, dict(fresh.announcements))
 
 
-def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply() -> None:
+def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(layout: str) -> None:
     m = three_nodes()
     health = all_healthy(m)
     p = plan(m, health)
     rs = nftables.build(p.frontends, p.vips, m.dataplane)
     rng = random.Random(11)
     with throwaway_netns("nftu", 2) as names:
-        def listing(ns: str) -> Any:
-            return _canonical(nft(ns, "-j", "list", "table", "inet", "lbagent"))
-
+        listing = _ruleset
         nft(names[0], "-f", "-", script=nftables.render_full(rs))
         keys = sorted(health)
         for _ in range(12):
@@ -302,6 +313,11 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
             nft(names[1], "-f", "-", script=nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))
             assert listing(names[0]) == listing(names[1])
             assert rs == nftables.build(p2.frontends, p2.vips, m.dataplane)
+            if layout == "sharded":  # the kernel checks only the tables a change adds jumps to: its shard's
+                shards = {rs.shard_table(nftables.shard_of_service(s, rs.shards)) for s in services}
+                for line in script.splitlines():
+                    table, container = re.match(r"\w+ \w+ inet (\S+) (\S+)", line).groups()  # type: ignore[union-attr]
+                    assert table in shards or (table == "lbagent" and container.startswith(("ranged", "allowed"))), line
             p = p2
 
 
@@ -333,7 +349,7 @@ def _edited(base: dict[str, Any], rng: random.Random, step: int) -> dict[str, An
     return doc
 
 
-def test_replan_of_a_sources_changed_services_equals_a_fresh_plan_and_the_kernel_follows() -> None:
+def test_replan_of_a_sources_changed_services_equals_a_fresh_plan_and_the_kernel_follows(layout: str) -> None:
     """A reload that changed only services (added, removed, edited; VIPs shared or not) is planned for those and
     applied as their elements: the same plan and the same table as planning and writing the new config whole."""
     rng = random.Random(5)
@@ -362,15 +378,48 @@ def test_replan_of_a_sources_changed_services_equals_a_fresh_plan_and_the_kernel
                 if script:
                     nft(names[0], "-f", "-", script=script)
             else:
-                kinds_seen.add("whole")
+                kinds_seen.add("whole")  # the shard count follows the number of frontends here
                 rs = nftables.build(p2.frontends, p2.l4_vips, new.dataplane)
-                nft(names[0], "-f", "-", script=nftables.render_full(rs))
-            nft(names[1], "-f", "-", script=nftables.render_full(nftables.build(fresh.frontends, fresh.l4_vips,
-                                                                                new.dataplane)))
-            assert _canonical(nft(names[0], "-j", "list", "table", "inet", "lbagent")) == _canonical(
-                nft(names[1], "-j", "list", "table", "inet", "lbagent"))
+                nft(names[0], "-f", "-", script=nftables.render_full(rs, stale=range(nftables.MAX_SHARDS)))
+            whole = nftables.build(fresh.frontends, fresh.l4_vips, new.dataplane, rs.shards)
+            nft(names[1], "-f", "-", script=nftables.render_full(whole, stale=range(nftables.MAX_SHARDS)))
+            assert _ruleset(names[0]) == _ruleset(names[1])
             m, p = new, p2
     assert kinds_seen == {"update", "whole"}
+
+
+def test_shard_count_follows_the_frontends_and_keeps_its_count_near_a_boundary() -> None:
+    n = nftables.SHARD_FRONTENDS
+    assert [nftables.shard_count(k) for k in (0, 1, n, n + 1, 10 * n)] == [1, 1, 1, 2, 10]
+    assert nftables.shard_count(10**9) == nftables.MAX_SHARDS
+    assert nftables.shard_count(n - 1, previous=2) == 2  # shards of half size or more: kept
+    assert nftables.shard_count(n // 2 - 1, previous=2) == 1
+    assert nftables.shard_count(3 * n, previous=2) == 3  # shards over size: never kept
+    assert nftables.shard_count(10 * n, previous=16) == 16 and nftables.shard_count(10 * n, previous=21) == 10
+
+
+def test_shards_keep_a_service_together_and_a_kernel_with_more_shards_is_brought_to_fewer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    m = three_nodes()
+    p = plan(m, all_healthy(m))
+    one = nftables.build(p.frontends, p.vips, m.dataplane)
+    monkeypatch.setattr(nftables, "SHARD_FRONTENDS", 1)
+    sharded = nftables.build(p.frontends, p.vips, m.dataplane)
+    assert one.shards == 1 and sharded.shards == len(p.frontends)
+    for service, frontends in p.by_service.items():
+        shard = nftables.shard_of_service(service, sharded.shards)
+        assert {sharded.shard_of.get(nftables._key(f), 0) for f in frontends} == {shard}
+    assert one.dispatch == sharded.dispatch and one.programmed() == sharded.programmed()
+    with throwaway_netns("nfts", 2) as names:
+        nft(names[0], "-f", "-", script=nftables.render_full(sharded))
+        tables = {t["table"]["name"] for t in json.loads(nft(names[0], "-j", "list", "tables"))["nftables"]
+                  if "table" in t}
+        assert tables == {sharded.shard_table(s) for s in range(sharded.shards)}
+        nft(names[0], "-f", "-", script=nftables.render_full(one, stale=range(nftables.MAX_SHARDS)))
+        nft(names[1], "-f", "-", script=nftables.render_full(one))
+        assert _ruleset(names[0]) == _ruleset(names[1])
+        nft(names[0], "-f", "-", script=nftables.render_delete(m.dataplane))
+        assert _ruleset(names[0]) == []
 
 
 def test_a_change_beyond_the_services_asks_for_a_whole_plan() -> None:

@@ -9,8 +9,17 @@ from collections.abc import Sequence
 from lbagent import model
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, apply_script, prepare
-from lbagent.l4.nftables import dsr
-from lbagent.l4.nftables.render import Ruleset, build, render_delete, render_delta, render_full, update
+from lbagent.l4.nftables import dsr, render
+from lbagent.l4.nftables.render import (
+    MAX_SHARDS,
+    Ruleset,
+    build,
+    render_delete,
+    render_delta,
+    render_full,
+    shard_tables,
+    update,
+)
 from lbagent.l4.routes import on_link_paths
 from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
@@ -93,10 +102,11 @@ class NftForwarder:
                 event(log, logging.INFO, "dataplane_applied", kind="nftables", how="update",
                       services=len(change.services), bytes=len(script))
                 return "delta"
-        return await self.apply_ruleset(build(frontends, vips, self.dataplane), force)
+        shards = render.shard_count(len(frontends), None if self.applied is None else self.applied.shards)
+        return await self.apply_ruleset(build(frontends, vips, self.dataplane, shards), force)
 
     def nft_tables(self) -> set[tuple[str, str]]:
-        return {("inet", self.dataplane.table), ("netdev", self.dataplane.table)}
+        return {("inet", t) for t in shard_tables(self.dataplane.table)} | {("netdev", self.dataplane.table)}
 
     def programmed(self) -> set[model.IPAddress]:
         return set() if self.applied is None else self.applied.programmed()
@@ -124,10 +134,13 @@ class NftForwarder:
                 # The kernel kept the old state (all or nothing): repair by replacing the whole table.
                 event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
         if how == "full":
-            await self._run(render_full(ruleset))
+            # Every shard table the ruleset does not have goes: the kernel's count may be another one's (a
+            # previous run's, or before the number of frontends changed).
+            await self._run(render_full(ruleset, stale=range(ruleset.shards, MAX_SHARDS)))
         changed = self.applied != ruleset
         self.applied = ruleset
         if changed:
             event(log, logging.INFO, "dataplane_applied", kind="nftables", how=how,
-                  frontends=sum(len(d) for d in ruleset.dispatch.values()), lookup_tables=len(ruleset.tables))
+                  frontends=sum(len(d) for d in ruleset.dispatch.values()), lookup_tables=len(ruleset.tables),
+                  shards=ruleset.shards)
         return how

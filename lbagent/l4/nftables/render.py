@@ -6,14 +6,23 @@ and optional elements restricting its sources. Maglev tables are shared by every
 and weights, their chains (which also mark masquerade flows) by every frontend with the same table, affinity and
 mode. So a change of one service's endpoints is a handful of element changes whatever the number of services,
 and a resync can still replace the whole table atomically.
+
+Beyond `SHARD_FRONTENDS` frontends, the dispatch is spread over more nft tables (shards: `<table>_shard1`,
+`<table>_shard2`, ...; shard 0 is the table itself), each with its own dispatch and nodePort maps, the lookup tables
+and chains its frontends use, and two NAT base chains. A service's frontends are all in one shard. Every transaction
+that adds a jump makes the kernel check the whole table it touches, element by element of its dispatch maps: with
+shards, the kernel checks one shard's, whatever the total. The price: a lookup table used in several shards is in
+each of them, and a connection's first packet looks up one dispatch map per shard until one takes it. The VIPs, the
+source ranges and the chains that are not per frontend stay in the table itself.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +36,14 @@ FrontendKey = tuple[str, str, int]  # (vip, "tcp"/"udp", port)
 # The sets and maps of the table, in the order element changes are written.
 _CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6)
                     for name in ("vips", "dispatch", "node_ports", "ranged", "allowed"))
+_SHARD_CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6) for name in ("dispatch", "node_ports"))
+# Frontends per shard, and the most shards (beyond MAX_SHARDS x SHARD_FRONTENDS frontends the shards grow instead).
+# A shard bounds the kernel's check of a change (about 0.2 us a frontend); every table costs each change through
+# libnftables about 0.06 ms more (nft 1.0.6 builds its cache of every table for each command). Measured at 10,000
+# services, 2,048 and 4,096 a shard gave the same change cost within the noise; 4,096 copies the lookup tables
+# into fewer shards (docs/benchmarks.md).
+SHARD_FRONTENDS = 4096
+MAX_SHARDS = 64
 
 
 @dataclass(frozen=True)
@@ -53,19 +70,60 @@ class Ruleset:
     table: str
     mark: int
     size: int
+    shards: int = 1
     vips: dict[int, set[str]] = field(default_factory=lambda: {4: set(), 6: set()})
     dispatch: dict[int, dict[FrontendKey, str]] = field(default_factory=lambda: {4: {}, 6: {}})
     node_ports: dict[int, dict[FrontendKey, int]] = field(default_factory=lambda: {4: {}, 6: {}})
     ranged: dict[int, set[FrontendKey]] = field(default_factory=lambda: {4: set(), 6: set()})
     allowed: dict[int, set[tuple[FrontendKey, str]]] = field(default_factory=lambda: {4: set(), 6: set()})
-    tables: dict[str, LookupTable] = field(default_factory=dict)
-    chains: dict[str, Chain] = field(default_factory=dict)
-    users: Counter[str] = field(default_factory=Counter)  # dispatch entries per chain and per lookup table
+    tables: dict[str, LookupTable] = field(default_factory=dict)  # by name, while a shard uses them
+    chains: dict[str, Chain] = field(default_factory=dict)  # by name, while a shard uses them
+    # dispatch entries per (shard, chain) and per (shard, lookup table): what each shard's table holds
+    chain_users: Counter[tuple[int, str]] = field(default_factory=Counter)
+    table_users: Counter[tuple[int, str]] = field(default_factory=Counter)
+    shard_of: dict[FrontendKey, int] = field(default_factory=dict)  # dispatched frontends not in shard 0
     dispatched: Counter[model.IPAddress] = field(default_factory=Counter)  # dispatch entries per VIP
 
     def programmed(self) -> set[model.IPAddress]:
         """The VIPs with at least one frontend dispatched (what the kernel forwards): O(VIPs), not O(frontends)."""
         return {vip for vip, count in self.dispatched.items() if count > 0}
+
+    def shard_table(self, shard: int) -> str:
+        return shard_table(self.table, shard)
+
+    def present(self) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
+        """The (shard, name) of every lookup table and of every chain in the kernel's tables."""
+        return ({k for k, n in self.table_users.items() if n > 0}, {k for k, n in self.chain_users.items() if n > 0})
+
+
+def shard_table(table: str, shard: int) -> str:
+    """The nft table of a shard: the table itself for shard 0."""
+    return table if shard == 0 else f"{table}_shard{shard}"
+
+
+def shard_tables(table: str) -> list[str]:
+    """Every nft table the dispatch may be spread over (what `lbagent cleanup` removes and drift watches)."""
+    return [shard_table(table, s) for s in range(MAX_SHARDS)]
+
+
+def shard_count(frontends: int, previous: int | None = None) -> int:
+    """How many shards for this many frontends: at most SHARD_FRONTENDS each. The previous count is kept while
+    it gives shards of half that size or more, so that a count near a boundary does not reshard on every resync
+    (resharding replaces every table)."""
+    wanted = max(1, min(MAX_SHARDS, -(-frontends // SHARD_FRONTENDS)))
+    if previous is not None and wanted <= previous <= max(1, min(MAX_SHARDS, -(-2 * frontends // SHARD_FRONTENDS))):
+        return previous
+    return wanted
+
+
+def shard_of_service(service: str, shards: int) -> int:
+    """The shard of every frontend of a service (its key): stable across runs and processes."""
+    return _service_hash(service) % shards if shards > 1 else 0
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _service_hash(service: str) -> int:
+    return zlib.crc32(service.encode())
 
 
 def _key(f: Frontend) -> FrontendKey:
@@ -101,11 +159,16 @@ def table_name(active: tuple[Backend, ...], version: int, size: int) -> str:
     return f"mg{version}_{digest}"
 
 
-def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane) -> Ruleset:
+def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane,
+          shards: int | None = None) -> Ruleset:
     """Decide the content of the table (pure). A frontend with no active backend is left out of dispatch: its
     packets reach the `input` chain as local traffic to a VIP and are refused there (TCP reset, ICMP port
-    unreachable), which is what a client of a service without endpoints should see, not a black hole."""
-    rs = Ruleset(dataplane.table, dataplane.masquerade_mark, dataplane.maglev_table_size)
+    unreachable), which is what a client of a service without endpoints should see, not a black hole.
+    `shards`: how many (shard_count's when None)."""
+    if shards is None:
+        frontends = frontends if isinstance(frontends, Sequence) else tuple(frontends)
+        shards = shard_count(len(frontends))
+    rs = Ruleset(dataplane.table, dataplane.masquerade_mark, dataplane.maglev_table_size, shards)
     for vip in vips:
         rs.vips[vip.version].add(str(vip))
     tables = _TableCache()
@@ -149,8 +212,11 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     masquerade = f.mode is model.ForwardingMode.MASQUERADE
     chain = table.name + ("_c" if by_client else "") + ("_m" if masquerade else "")
     rs.chains[chain] = Chain(table.name, by_client, masquerade)
-    rs.users[chain] += 1
-    rs.users[table.name] += 1
+    shard = shard_of_service(f.service, rs.shards)
+    rs.chain_users[(shard, chain)] += 1
+    rs.table_users[(shard, table.name)] += 1
+    if shard:
+        rs.shard_of[key] = shard
     if rs.dispatch[v].get(key) is None:
         rs.dispatched[f.vip] += 1
     rs.dispatch[v][key] = chain
@@ -166,45 +232,66 @@ def _remove(rs: Ruleset, f: Frontend) -> None:
     if chain is None:
         return
     rs.dispatched[f.vip] -= 1
-    rs.users[chain] -= 1
-    rs.users[rs.chains[chain].table] -= 1
+    shard = rs.shard_of.pop(key, 0)
+    rs.chain_users[(shard, chain)] -= 1
+    rs.table_users[(shard, rs.chains[chain].table)] -= 1
     rs.node_ports[v].pop(key, None)
     rs.ranged[v].discard(key)
     rs.allowed[v] -= {(key, str(net)) for net in f.source_ranges}
 
 
-def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> dict[str, set[str]]:
-    """The elements the given frontends hold in the ruleset now, by set or map."""
-    out: dict[str, set[str]] = {name: set() for name in _CONTAINERS}
+# Shard -> set or map name -> its elements.
+ShardContents = dict[int, dict[str, set[str]]]
+
+
+def _elements_of(rs: Ruleset, frontends: Iterable[Frontend]) -> ShardContents:
+    """The elements the given frontends hold in the ruleset now, by shard and by set or map."""
+    out: ShardContents = {}
     for f in frontends:
         v, key = f.vip.version, _key(f)
         chain = rs.dispatch[v].get(key)
         if chain is None:
             continue
         k = _frontend(key)
-        out[f"dispatch_v{v}"].add(f"{k} : goto {chain}")
-        out[f"node_ports_v{v}"].add(f"{k} : {rs.node_ports[v][key]}")
+        shard = out.setdefault(rs.shard_of.get(key, 0), {})
+        shard.setdefault(f"dispatch_v{v}", set()).add(f"{k} : goto {chain}")
+        shard.setdefault(f"node_ports_v{v}", set()).add(f"{k} : {rs.node_ports[v][key]}")
         if key in rs.ranged[v]:
-            out[f"ranged_v{v}"].add(k)
-            out[f"allowed_v{v}"].update(f"{k} . {net}" for kk, net in rs.allowed[v] if kk == key)
+            main = out.setdefault(0, {})
+            main.setdefault(f"ranged_v{v}", set()).add(k)
+            main.setdefault(f"allowed_v{v}", set()).update(f"{k} . {net}" for kk, net in rs.allowed[v] if kk == key)
     return out
 
 
-def _contents(rs: Ruleset) -> dict[str, Iterator[str]]:
-    """Every element of every set and map of the table, by set or map (each read once: a whole table's worth)."""
-    out: dict[str, Iterator[str]] = {}
+def _contents(rs: Ruleset) -> dict[int, dict[str, Iterator[str]]]:
+    """Every element of every set and map of every shard's table, by shard and by set or map (each read once: a
+    whole table's worth)."""
+    out: dict[int, dict[str, Iterator[str]]] = {s: {} for s in range(rs.shards)}
+    main = out[0]
     for v in (4, 6):
-        out[f"vips_v{v}"] = iter(rs.vips[v])
-        out[f"dispatch_v{v}"] = (f"{_frontend(k)} : goto {c}" for k, c in rs.dispatch[v].items())
-        out[f"node_ports_v{v}"] = (f"{_frontend(k)} : {p}" for k, p in rs.node_ports[v].items())
-        out[f"ranged_v{v}"] = (_frontend(k) for k in rs.ranged[v])
-        out[f"allowed_v{v}"] = (f"{_frontend(k)} . {net}" for k, net in rs.allowed[v])
+        main[f"vips_v{v}"] = iter(rs.vips[v])
+        if rs.shards == 1:
+            main[f"dispatch_v{v}"] = (f"{_frontend(k)} : goto {c}" for k, c in rs.dispatch[v].items())
+            main[f"node_ports_v{v}"] = (f"{_frontend(k)} : {p}" for k, p in rs.node_ports[v].items())
+        else:  # the keys by shard, their text made as each map is written (as with one table)
+            keys: dict[int, list[FrontendKey]] = {s: [] for s in range(rs.shards)}
+            for k in rs.dispatch[v]:
+                keys[rs.shard_of.get(k, 0)].append(k)
+            for s in range(rs.shards):
+                out[s][f"dispatch_v{v}"] = _written(keys[s], rs.dispatch[v], "goto ")
+                out[s][f"node_ports_v{v}"] = _written(keys[s], rs.node_ports[v], "")
+        main[f"ranged_v{v}"] = (_frontend(k) for k in rs.ranged[v])
+        main[f"allowed_v{v}"] = (f"{_frontend(k)} . {net}" for k, net in rs.allowed[v])
     return out
 
 
-def _content_sets(rs: Ruleset) -> dict[str, set[str]]:
+def _written(keys: list[FrontendKey], values: Mapping[FrontendKey, object], verb: str) -> Iterator[str]:
+    return (f"{_frontend(k)} : {verb}{values[k]}" for k in keys)
+
+
+def _content_sets(rs: Ruleset) -> ShardContents:
     """`_contents` as sets, to compare two whole rulesets."""
-    return {name: set(elements) for name, elements in _contents(rs).items()}
+    return {s: {name: set(elements) for name, elements in c.items()} for s, c in _contents(rs).items()}
 
 
 def update(rs: Ruleset, change: FrontendChange) -> str:
@@ -212,37 +299,44 @@ def update(rs: Ruleset, change: FrontendChange) -> str:
     return the nft transaction that does the same in the kernel. Costs what changed, whatever the size of `rs`."""
     old, new = change.old(), change.new()
     before = _elements_of(rs, old)
-    tables_before, chains_before = set(rs.tables), set(rs.chains)
+    tables_before, chains_before = rs.present()
     for f in old:
         _remove(rs, f)
     cache = _TableCache()
     for f in new:
         _insert(rs, f, cache)
     after = _elements_of(rs, new)
-    dead_chains = sorted(c for c in rs.chains if rs.users[c] <= 0)
-    dead_tables = sorted(t for t in rs.tables if rs.users[t] <= 0)
-    for name in dead_chains:
-        del rs.chains[name], rs.users[name]
-    for name in dead_tables:
-        del rs.tables[name], rs.users[name]
-    return _transaction(rs, set(rs.tables) - tables_before, set(rs.chains) - chains_before, before, after,
-                        chains_before.intersection(dead_chains), tables_before.intersection(dead_tables))
+    tables_after, chains_after = rs.present()
+    for users in (rs.chain_users, rs.table_users):
+        for k in [k for k, n in users.items() if n <= 0]:
+            del users[k]
+    for name in {c for _, c in chains_before - chains_after} - {c for _, c in rs.chain_users}:
+        del rs.chains[name]
+    for name in {t for _, t in tables_before - tables_after} - {t for _, t in rs.table_users}:
+        del rs.tables[name]
+    return _transaction(rs, tables_after - tables_before, chains_after - chains_before, before, after,
+                        chains_before - chains_after, tables_before - tables_after)
 
 
-def _transaction(rs: Ruleset, tables_added: set[str], chains_added: set[str], before: nftscript.Contents,
-                 after: nftscript.Contents, chains_gone: set[str], tables_gone: set[str]) -> str:
-    """One nft transaction from the table as it is to `rs`, whichever way the difference was found (a change
+def _transaction(rs: Ruleset, tables_added: set[tuple[int, str]], chains_added: set[tuple[int, str]],
+                 before: ShardContents, after: ShardContents, chains_gone: set[tuple[int, str]],
+                 tables_gone: set[tuple[int, str]]) -> str:
+    """One nft transaction from the tables as they are to `rs`, whichever way the difference was found (a change
     record, or two whole rulesets). Order matters inside it: new lookup tables and chains first, then element
     changes (deletions first), then the chains and tables nothing points at any more."""
-    t = rs.table
-    head = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {t} ', 1)}"
-            for n in sorted(tables_added)]
-    for name in sorted(chains_added):
+    head = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {rs.shard_table(s)} ', 1)}"
+            for s, n in sorted(tables_added)]
+    for s, name in sorted(chains_added):
+        t = rs.shard_table(s)
         head.append(f"add chain inet {t} {name}")
         head += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(rs, name)]
-    deletions, additions = nftscript.element_changes(t, before, after, _CONTAINERS)
-    tail = [f"delete chain inet {t} {name}" for name in sorted(chains_gone)]
-    tail += [f"delete map inet {t} {name}" for name in sorted(tables_gone)]
+    deletions, additions = [], []
+    for s in sorted(before.keys() | after.keys()):
+        d, a = nftscript.element_changes(rs.shard_table(s), before.get(s, {}), after.get(s, {}), _CONTAINERS)
+        deletions += d
+        additions += a
+    tail = [f"delete chain inet {rs.shard_table(s)} {name}" for s, name in sorted(chains_gone)]
+    tail += [f"delete map inet {rs.shard_table(s)} {name}" for s, name in sorted(tables_gone)]
     return nftscript.script([*head, *deletions, *additions, *tail])
 
 
@@ -271,25 +365,29 @@ def _chain_body(rs: Ruleset, name: str) -> list[str]:
             f" map @{table_name} : {l3} daddr . meta l4proto . th dport map @node_ports_v{v}"]
 
 
-def _declarations(rs: Ruleset) -> list[str]:
-    """Sets and maps, each on one line: `nft -f` reads a whole table definition in one transaction."""
+def _declarations(rs: Ruleset, shard: int, c: dict[str, Iterator[str]]) -> list[str]:
+    """A shard's sets and maps (`c`: their elements), each on one line: `nft -f` reads a whole table definition in
+    one transaction. Only shard 0 holds the VIPs and the source ranges."""
     out = []
-    c = _contents(rs)
     for v in (4, 6):
         a = _ADDR[v]
+        if shard == 0:
+            out.append(f"\tset vips_v{v} {{ type {a};{nftscript.elements(c[f'vips_v{v}'])} }}")
         out += [
-            f"\tset vips_v{v} {{ type {a};{nftscript.elements(c[f'vips_v{v}'])} }}",
             f"\tmap dispatch_v{v} {{ type {a} . inet_proto . inet_service : verdict;"
             + nftscript.elements(c[f"dispatch_v{v}"]) + " }",
             f"\tmap node_ports_v{v} {{ type {a} . inet_proto . inet_service : inet_service;"
             + nftscript.elements(c[f"node_ports_v{v}"]) + " }",
-            f"\tset ranged_v{v} {{ type {a} . inet_proto . inet_service;"
-            + nftscript.elements(c[f"ranged_v{v}"]) + " }",
-            f"\tset allowed_v{v} {{ type {a} . inet_proto . inet_service . {a}; flags interval;"
-            + nftscript.elements(c[f"allowed_v{v}"]) + " }",
         ]
-    for table in sorted(rs.tables.values(), key=lambda t: t.name):
-        out.append(_table_declaration(table))
+        if shard == 0:
+            out += [
+                f"\tset ranged_v{v} {{ type {a} . inet_proto . inet_service;"
+                + nftscript.elements(c[f"ranged_v{v}"]) + " }",
+                f"\tset allowed_v{v} {{ type {a} . inet_proto . inet_service . {a}; flags interval;"
+                + nftscript.elements(c[f"allowed_v{v}"]) + " }",
+            ]
+    for name in sorted(n for (s, n), users in rs.table_users.items() if s == shard and users > 0):
+        out.append(_table_declaration(rs.tables[name]))
     return out
 
 
@@ -299,16 +397,13 @@ def _table_declaration(table: LookupTable) -> str:
     return f"\tmap {table.name} {{ typeof numgen inc mod 2 : {l3} daddr; elements = {{ {slots} }} }}"
 
 
-def _fixed_chains(rs: Ruleset) -> list[str]:
-    mark, keep = f"{rs.mark:#010x}", f"{~rs.mark & 0xFFFFFFFF:#010x}"
-    frontend = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
-    dispatch = [f"\t\t{frontend[v]} vmap @dispatch_v{v}" for v in (4, 6)]
+_FRONTEND = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
+
+
+def _dispatch_chains() -> list[str]:
+    """The NAT base chains every shard has: its dispatch map, for clients and for the LB node's own processes."""
+    dispatch = [f"\t\t{_FRONTEND[v]} vmap @dispatch_v{v}" for v in (4, 6)]
     return [
-        # loadBalancerSourceRanges: before NAT, so a refused client never gets a conntrack NAT binding.
-        "\tchain sources {",
-        "\t\ttype filter hook prerouting priority -110; policy accept;",
-        *(f"\t\t{frontend[v]} @ranged_v{v} {frontend[v]} . {_L3[v]} saddr != @allowed_v{v} drop" for v in (4, 6)),
-        "\t}",
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
         *dispatch,
@@ -318,6 +413,19 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
         "\t\ttype nat hook output priority -100; policy accept;",
         *dispatch,
         "\t}",
+    ]
+
+
+def _fixed_chains(rs: Ruleset) -> list[str]:
+    mark, keep = f"{rs.mark:#010x}", f"{~rs.mark & 0xFFFFFFFF:#010x}"
+    frontend = _FRONTEND
+    return [
+        # loadBalancerSourceRanges: before NAT, so a refused client never gets a conntrack NAT binding.
+        "\tchain sources {",
+        "\t\ttype filter hook prerouting priority -110; policy accept;",
+        *(f"\t\t{frontend[v]} @ranged_v{v} {frontend[v]} . {_L3[v]} saddr != @allowed_v{v} drop" for v in (4, 6)),
+        "\t}",
+        *_dispatch_chains(),
         # Only what lbagent forwarded in masquerade mode carries the mark: nothing else on the host is SNATed.
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
@@ -345,14 +453,21 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
     ]
 
 
-def render_full(rs: Ruleset) -> str:
-    """Declare, delete and redefine the table: the kernel swaps old for new in one transaction."""
-    lines = nftscript.replace_table(rs.table)
-    lines += _declarations(rs)
-    lines += _fixed_chains(rs)
-    for name in sorted(rs.chains):
-        lines += [f"\tchain {name} {{", *(f"\t\t{r}" for r in _chain_body(rs, name)), "\t}"]
-    lines.append("}")
+def render_full(rs: Ruleset, stale: Iterable[int] = ()) -> str:
+    """Declare, delete and redefine the table and every other shard's: the kernel swaps old for new in one
+    transaction. `stale`: shards the kernel may hold that `rs` has not (declared and deleted)."""
+    contents = _contents(rs)
+    lines = []
+    for shard in range(rs.shards):
+        lines += nftscript.replace_table(rs.shard_table(shard))
+        lines += _declarations(rs, shard, contents[shard])
+        lines += _fixed_chains(rs) if shard == 0 else _dispatch_chains()
+        for name in sorted(n for (s, n), users in rs.chain_users.items() if s == shard and users > 0):
+            lines += [f"\tchain {name} {{", *(f"\t\t{r}" for r in _chain_body(rs, name)), "\t}"]
+        lines.append("}")
+    for shard in stale:
+        if shard >= rs.shards:
+            lines += [f"table inet {rs.shard_table(shard)}", f"delete table inet {rs.shard_table(shard)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -363,16 +478,16 @@ def render(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datap
 def render_delta(old: Ruleset, new: Ruleset) -> str | None:
     """Only what changed between two whole rulesets (a new model: no change record says what moved), as one nft
     transaction, or None when the fixed part changed (render_full then)."""
-    if (old.table, old.mark, old.size) != (new.table, new.mark, new.size):
+    if (old.table, old.mark, old.size, old.shards) != (new.table, new.mark, new.size, new.shards):
         return None
-    return _transaction(new, new.tables.keys() - old.tables.keys(), new.chains.keys() - old.chains.keys(),
-                        _content_sets(old), _content_sets(new), old.chains.keys() - new.chains.keys(),
-                        old.tables.keys() - new.tables.keys())
+    (old_tables, old_chains), (new_tables, new_chains) = old.present(), new.present()
+    return _transaction(new, new_tables - old_tables, new_chains - old_chains, _content_sets(old),
+                        _content_sets(new), old_chains - new_chains, old_tables - new_tables)
 
 
 def render_delete(dataplane: model.Dataplane) -> str:
-    """Remove lbagent's table and with it everything lbagent programmed (`lbagent cleanup`)."""
-    return nftscript.delete_table(dataplane.table)
+    """Remove lbagent's table and every shard's, and with them everything lbagent programmed (`lbagent cleanup`)."""
+    return "".join(nftscript.delete_table(t) for t in shard_tables(dataplane.table))
 
 
 def predict(frontend: Frontend, source: model.IPAddress, source_port: int, size: int) -> Backend | None:
