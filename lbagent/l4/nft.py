@@ -4,11 +4,13 @@ applied in one transaction, its commits remembered as lbagent's own so the drift
 Two ways to the kernel, chosen by the script's size:
 
 - **In process**, through libnftables (the library `nft` itself is built on), for the small transactions a change
-  makes. An `nft` process costs 2.5 ms to start, and every new one reads the kernel's ruleset afresh: deleting one
-  element of a 20,000-element map took 16-23 ms that way, against 0.1-1 ms in a context that stays open and keeps
-  its cache (libnftables refreshes the cache when the ruleset's generation moved under it, so a foreign change is
-  seen). The binding is five C functions through ctypes: the upstream Python binding ships only as Debian's
-  python3-nftables for the system Python, not for the agent's own environment, and its PyPI copies are unofficial.
+  makes (the nftables data plane sends those that are only dispatch and nodePort elements over netlink itself:
+  lbagent.l4.nftables.netlink). An `nft` process costs 2.5 ms to start, and every new one reads the kernel's ruleset
+  afresh: deleting one element of a 20,000-element map took 16-23 ms that way, against 0.1-1 ms in a context that
+  stays open and keeps its cache (libnftables refreshes the cache when the ruleset's generation moved under it, so a
+  foreign change is seen). The binding is five C functions through ctypes: the upstream Python binding ships only as
+  Debian's python3-nftables for the system Python, not for the agent's own environment, and its PyPI copies are
+  unofficial.
 - **An `nft` process** for whole tables (start, resync, repair): parsing 400,000 elements takes about 140 MiB, which a
   process gives back when it exits and a long-running agent's heap would keep.
 """

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from pyroute2.netns import popns, pushns
 
 from lbagent import model
 from lbagent.l3.vips import VipError, apply_sysctls
 from lbagent.l4.change import FrontendChange
+from lbagent.l4.nftables import netlink
 from lbagent.l4.nftables import render as nftables
 from lbagent.plan.services import Reason, all_healthy, changed_services, plan, replan
 from lbagent.sources.file import config
@@ -319,6 +321,63 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
                     table, container = re.match(r"\w+ \w+ inet (\S+) (\S+)", line).groups()  # type: ignore[union-attr]
                     assert table in shards or (table == "lbagent" and container.startswith(("ranged", "allowed"))), line
             p = p2
+
+
+def test_element_changes_over_netlink_bring_the_kernel_where_nft_does(layout: str) -> None:
+    """The forwarder sends a transaction of dispatch and nodePort elements only over netlink: node2 failing for
+    one service after the other and coming back (after the first, most services find their lookup table there),
+    random health changes, then a nodePort edit; each applied that way (when it is one) in one kernel and by nft
+    in another."""
+    doc = yaml.safe_load(yaml.safe_dump(THREE_NODES))
+    doc["services"] += [{"name": f"more{i}", "vip": f"192.0.2.{20 + i}", "ports": [{"port": 80, "nodePort": 31100 + i}]}
+                        for i in range(10)]
+    m = config.parse(yaml.safe_dump(doc))
+    health = all_healthy(m)
+    p = plan(m, health)
+    rs = nftables.build(p.frontends, p.vips, m.dataplane)
+    rng = random.Random(13)
+    over_netlink = 0
+    with throwaway_netns("nftn", 2) as names:
+        for ns in names:
+            nft(ns, "-f", "-", script=nftables.render_full(rs))
+        pushns(names[0])
+        try:
+            sock = netlink.ElementSocket()
+        finally:
+            popns()
+
+        def both(script: str) -> None:
+            nonlocal over_netlink
+            changes = netlink.parse(script)
+            if changes is not None:
+                sock.apply(changes)
+                over_netlink += 1
+            elif script:
+                nft(names[0], "-f", "-", script=script)
+            if script:
+                nft(names[1], "-f", "-", script=script)
+            assert _ruleset(names[0]) == _ruleset(names[1])
+
+        try:
+            keys = sorted(health)
+            steps = [[(s.key, "node2")] for s in m.services] * 2 + [rng.sample(keys, 2) for _ in range(16)]
+            for changed_keys in steps:
+                for k in changed_keys:
+                    health[k] = not health[k]
+                services = {k[0] for k in changed_keys}
+                p2 = replan(p, m, health, services)
+                both(nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services)))
+                p = p2
+            doc["services"][0]["ports"][0]["nodePort"] = 31080
+            edited = config.parse(yaml.safe_dump(doc))
+            p2 = plan(edited, health)
+            rs2 = nftables.build(p2.frontends, p2.vips, edited.dataplane, rs.shards)
+            delta = nftables.render_delta(rs, rs2)
+            assert delta is not None and netlink.parse(delta) is not None, delta
+            both(delta)
+        finally:
+            sock.close()
+    assert over_netlink >= {"one-table": 20, "sharded": 4}[layout], over_netlink  # shards of 2: fewer tables shared
 
 
 def _edited(base: dict[str, Any], rng: random.Random, step: int) -> dict[str, Any]:

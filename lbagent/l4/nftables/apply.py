@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from lbagent import model
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, apply_script, prepare
-from lbagent.l4.nftables import dsr, render
+from lbagent.l4.nftables import dsr, netlink, render
 from lbagent.l4.nftables.render import (
     MAX_SHARDS,
     Ruleset,
@@ -41,6 +41,8 @@ class NftForwarder:
         self._dsr_reported: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         # the kernel's on-link answer for the dsr nodes' addresses: (addresses, paths, interfaces that exist)
         self._paths: tuple[frozenset[str], dict[str, str], list[str]] | None = None
+        self._elements: netlink.ElementSocket | None = None  # made on the first element-only change
+        self._elements_failed = False
 
     async def apply(
         self, frontends: Sequence[Frontend], vips: Sequence[model.IPAddress], force: bool = False,
@@ -117,8 +119,30 @@ class NftForwarder:
         self.dsr_applied = None
 
     async def _run(self, script: str) -> None:
-        """The one place this forwarder touches the kernel."""
+        """The one place this forwarder touches the kernel: a transaction of dispatch and nodePort elements only (a
+        health change's) over netlink (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
+        changes = netlink.parse(script)
+        sock = self._element_socket() if changes is not None else None
+        if changes is not None and sock is not None:
+            try:
+                await asyncio.to_thread(sock.apply, changes)
+                return
+            except (NftError, OSError) as exc:
+                # Nothing was applied (one transaction): the same script through libnftables, whose error says more.
+                event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
+                      consequence="the same change sent through libnftables")
         await apply_script(script)
+
+    def _element_socket(self) -> netlink.ElementSocket | None:
+        """The netlink socket for element changes, opened on first use; None when it cannot be (then libnftables)."""
+        if self._elements is None and not self._elements_failed:
+            try:
+                self._elements = netlink.ElementSocket()
+            except OSError as exc:
+                self._elements_failed = True
+                event(log, logging.WARNING, "dataplane_netlink_unused", error=str(exc),
+                      consequence="every nftables change goes through libnftables")
+        return self._elements
 
     async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
         """Bring the kernel to `ruleset` (a fresh object this forwarder keeps): "full", "delta" or "unchanged"."""

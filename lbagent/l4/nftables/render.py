@@ -38,11 +38,10 @@ _CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6)
                     for name in ("vips", "dispatch", "node_ports", "ranged", "allowed"))
 _SHARD_CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6) for name in ("dispatch", "node_ports"))
 # Frontends per shard, and the most shards (beyond MAX_SHARDS x SHARD_FRONTENDS frontends the shards grow instead).
-# A shard bounds the kernel's check of a change (about 0.2 us a frontend); every table costs each change through
-# libnftables about 0.06 ms more (nft 1.0.6 builds its cache of every table for each command). Measured at 10,000
-# services, 2,048 and 4,096 a shard gave the same change cost within the noise; 4,096 copies the lookup tables
-# into fewer shards (docs/benchmarks.md).
-SHARD_FRONTENDS = 4096
+# A shard bounds the kernel's check of a change (about 0.1 ms per 1,000 frontends): 2,048, the size of one table at
+# 1,000 services x 2 ports. A health change's elements go over netlink (lbagent.l4.nftables.netlink), so more tables
+# cost a change nothing; they cost a full sync their copies of the lookup tables (docs/benchmarks.md).
+SHARD_FRONTENDS = 2048
 MAX_SHARDS = 64
 
 

@@ -1,0 +1,181 @@
+"""A health change's element changes sent to the kernel over netlink, without libnftables.
+
+A health change rewrites a few elements of a shard's dispatch map (and a reload, a few of its nodePort map). Through
+libnftables each such transaction first builds the library's cache of every table in the network namespace: about
+0.06 ms a table, so with the dispatch in shards a change cost more the more shards there were (docs/benchmarks.md).
+Here the same transaction goes to the kernel as one nf_tables batch of set-element messages, all or nothing as from
+nft, so that what a change costs is the kernel's own work: the check of the one shard it adds jumps to. The messages
+are packed here: pyroute2's generic encoder took 0.3 ms for a health change's four messages, as long as the kernel's
+work; tests/unit/test_nft_netlink.py holds the packing byte for byte to pyroute2's message definitions.
+
+Only transactions made of nothing but dispatch and nodePort element changes, as lbagent.l4.nftables.render writes
+them, go this way (`parse`); anything else (a new lookup table, a chain, source ranges) goes through libnftables.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, netfilter_socket, remember_own
+from lbagent.l4.nft import NftError
+
+# uapi/linux/netlink.h, netfilter/nfnetlink.h and netfilter/nf_tables.h: what a batch of element changes is made of
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
+NLMSG_ERROR = 2
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFPROTO_INET = 1
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
+NFT_GOTO = -4
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+RECEIVE_BUFFER = 1 << 20
+
+_LINE = re.compile(r"(add|delete) element inet (\S+) ((dispatch|node_ports)_v[46]) \{ (.+) \}")
+
+
+@dataclass(frozen=True)
+class ElementChange:
+    """One `add element` or `delete element` line: a map of a table and its elements, as key and value (the chain a
+    dispatch element goes to, or a nodePort)."""
+
+    add: bool
+    table: str
+    map: str
+    elements: tuple[tuple[bytes, str | int], ...]
+
+
+def parse(script: str) -> list[ElementChange] | None:
+    """The script's element changes, or None when it holds anything else, or nothing (then libnftables applies it)."""
+    changes = []
+    for line in script.splitlines():
+        match = _LINE.fullmatch(line)
+        if match is None:
+            return None
+        verb, table, name, kind, listed = match.groups()
+        elements = []
+        for element in listed.split(", "):
+            key, _, value = element.rpartition(" : ")  # " : " with its spaces: an IPv6 address has colons
+            if kind == "dispatch":
+                if not value.startswith("goto "):
+                    return None
+                elements.append((_key(key), value.removeprefix("goto ")))
+            else:
+                elements.append((_key(key), int(value)))
+        changes.append(ElementChange(verb == "add", table, name, tuple(elements)))
+    return changes or None
+
+
+def _key(text: str) -> bytes:
+    """`VIP . protocol . port` as the kernel keeps a concatenation: each part in 4-byte registers, zero-padded."""
+    address, protocol, port = text.split(" . ")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return socket.inet_pton(family, address) + struct.pack("=B3x", PROTOCOLS[protocol]) + struct.pack(">H2x", int(port))
+
+
+class ElementSocket:
+    """A netfilter netlink socket of this process, for element changes (one thread at a time)."""
+
+    def __init__(self) -> None:
+        self._sock = netfilter_socket(RECEIVE_BUFFER, lambda sock: None)
+        self._sock.setblocking(True)
+        self._port: int = self._sock.getsockname()[0]
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def apply(self, changes: list[ElementChange]) -> None:
+        """Send the changes as one transaction; NftError when the kernel refused it (it then changed nothing)."""
+        with self._lock:
+            batch, sent = self._batch(changes)
+            remember_own(threading.get_native_id())  # the committer, as the drift watcher will see it
+            remember_own(self._port)
+            self._sock.sendall(batch)
+            # The kernel handles a batch while it is sent: every answer is queued when sendall returns.
+            errors, acked = self._answers(sent)
+        if errors:
+            raise NftError(f"the kernel refused the element changes: {'; '.join(errors)}")
+        if acked != sent:
+            raise NftError(f"the kernel answered {len(acked)} of {len(sent)} element changes")
+
+    def _next(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
+
+    def _batch(self, changes: list[ElementChange]) -> tuple[bytes, set[int]]:
+        """The batch: begin, one message per change (each acknowledged), end."""
+        parts, sent = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self._next(), 0, NFNL_SUBSYS_NFTABLES, b"")], set()
+        for change in changes:
+            seq = self._next()
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if change.add else NFT_MSG_DELSETELEM)
+            flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if change.add else 0)
+            # the elements of the list numbered from 1, as libnftnl does (the kernel reads them in order)
+            elements = b"".join(_attr(i, _element(key, value, change.add))
+                                for i, (key, value) in enumerate(change.elements, 1))
+            attrs = (_attr(NFTA_SET_ELEM_LIST_TABLE, _string(change.table))
+                     + _attr(NFTA_SET_ELEM_LIST_SET, _string(change.map))
+                     + _attr(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
+            parts.append(message(kind, flags, seq, NFPROTO_INET, 0, attrs))
+            sent.add(seq)
+        parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next(), 0, NFNL_SUBSYS_NFTABLES, b""))
+        return b"".join(parts), sent
+
+    def _answers(self, sent: set[int]) -> tuple[list[str], set[int]]:
+        """Read every queued answer: the errors (any message of this batch, or the batch as a whole when its commit
+        failed) and the sequence numbers acknowledged."""
+        errors: list[str] = []
+        acked: set[int] = set()
+        while True:
+            try:
+                data = self._sock.recv(RECEIVE_BUFFER, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return errors, acked
+            offset = 0
+            while offset + NLMSG_HDR.size <= len(data):
+                length, kind, _, seq, _ = NLMSG_HDR.unpack_from(data, offset)
+                if length < NLMSG_HDR.size:
+                    break
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + NLMSG_HDR.size)
+                    if code == 0:
+                        acked.add(seq)
+                    else:
+                        errors.append(f"{errno.errorcode.get(-code, str(-code))} ({os.strerror(-code)})")
+                offset += (length + 3) & ~3
+
+
+def message(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
+    """A netlink message with its nfgenmsg header (version 0, resource id big-endian) and attributes."""
+    body = struct.pack(">BBH", family, 0, res_id) + attrs
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), kind, flags, seq, 0) + body
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    """A netlink attribute, padded to 4 bytes (a nested one is an attribute of attributes)."""
+    return NLA_HDR.pack(NLA_HDR.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _string(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _element(key: bytes, value: str | int, add: bool) -> bytes:
+    """One element: its key and, when added, its data: a goto to a chain, or a nodePort."""
+    out = _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))
+    if add:
+        data = (_attr(NFTA_DATA_VERDICT, _attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO))
+                      + _attr(NFTA_VERDICT_CHAIN, _string(value)))
+                if isinstance(value, str) else _attr(NFTA_DATA_VALUE, struct.pack(">H", value)))
+        out += _attr(NFTA_SET_ELEM_DATA, data)
+    return out
