@@ -35,6 +35,8 @@ def test_parse_reads_the_element_changes_the_renderer_writes_and_nothing_else() 
                   "delete map inet lbagent mg4_ab", ""):
         script = "add element inet lbagent dispatch_v4 { 192.0.2.1 . tcp . 80 : goto c }\n" + other
         assert netlink.parse(script if other else "") is None, other
+    many = ", ".join(f"192.0.2.{i % 250 + 1} . tcp . {1000 + i} : goto c" for i in range(3000))
+    assert netlink.parse(f"add element inet lbagent dispatch_v4 {{ {many} }}\n") is None  # a whole table's worth
 
 
 def _pyroute2(change: netlink.ElementChange, seq: int) -> bytes:

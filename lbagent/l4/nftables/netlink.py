@@ -54,8 +54,14 @@ class ElementChange:
     elements: tuple[tuple[bytes, str | int], ...]
 
 
+# A health change's transaction is a few hundred bytes; a whole table (megabytes) is never read line by line here.
+PARSE_LIMIT = 64 * 1024
+
+
 def parse(script: str) -> list[ElementChange] | None:
     """The script's element changes, or None when it holds anything else, or nothing (then libnftables applies it)."""
+    if len(script) > PARSE_LIMIT or not script.startswith(("add element ", "delete element ")):
+        return None
     changes = []
     for line in script.splitlines():
         match = _LINE.fullmatch(line)
