@@ -558,6 +558,10 @@ class Lab:
             for host, values in self._sysctls().items()
         ]
         if self.return_path:
+            # One nft first, alone, so that nftables' modules are loaded before three nft run at once: in the test
+            # guest, where they load on demand, one of three first nft processes once got "Unable to initialize
+            # Netlink socket: Protocol not supported" (CI, 2026-12-05).
+            _run(["ip", "netns", "exec", self.ns(NODES[0]), "nft", "list", "tables"])
             for node in NODES:
                 jobs.append((["ip", "netns", "exec", self.ns(node), "nft", "-f", "-"], self.return_path_ruleset()))
                 if self.ipv6:
