@@ -36,7 +36,6 @@ FrontendKey = tuple[str, str, int]  # (vip, "tcp"/"udp", port)
 # The sets and maps of the table, in the order element changes are written.
 _CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6)
                     for name in ("vips", "dispatch", "node_ports", "ranged", "allowed"))
-_SHARD_CONTAINERS = tuple(f"{name}_v{v}" for v in (4, 6) for name in ("dispatch", "node_ports"))
 # Frontends per shard, and the most shards (beyond MAX_SHARDS x SHARD_FRONTENDS frontends the shards grow instead).
 # A shard bounds the kernel's check of a change (about 0.1 ms per 1,000 frontends): 2,048, the size of one table at
 # 1,000 services x 2 ports. A health change's elements go over netlink (lbagent.l4.nftables.netlink), so more tables
@@ -464,10 +463,8 @@ def render_full(rs: Ruleset, stale: Iterable[int] = ()) -> str:
         for name in sorted(n for (s, n), users in rs.chain_users.items() if s == shard and users > 0):
             lines += [f"\tchain {name} {{", *(f"\t\t{r}" for r in _chain_body(rs, name)), "\t}"]
         lines.append("}")
-    for shard in stale:
-        if shard >= rs.shards:
-            lines += [f"table inet {rs.shard_table(shard)}", f"delete table inet {rs.shard_table(shard)}"]
-    return "\n".join(lines) + "\n"
+    gone = "".join(nftscript.delete_table(rs.shard_table(shard)) for shard in stale if shard >= rs.shards)
+    return "\n".join(lines) + "\n" + gone
 
 
 def render(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane) -> str:
