@@ -9,12 +9,9 @@ The lab plays the cluster as in test_ingress.py: the nodes' backends are host-ne
 from __future__ import annotations
 
 import json
-import re
-import signal
 import statistics
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.objects import manifest, table
 from tests.lab.kube import KubeLab, cluster_ip_service, curl_at, pod_slice, served_by_each_lb
 from tests.lab.lab import LBS, Lab, wait_for
-from tests.lab.traffic import count_by_port
+from tests.lab.traffic import Wrk, count_by_port
 
 V1, V2 = 8091, 8092  # each version's pods answer on their own port of every node
 LAB_SERVICES: list[dict[str, Any]] = [{"name": f"pods-{p}", "ports": [{"port": p, "nodePort": p}]} for p in (V1, V2)]
@@ -107,25 +104,6 @@ def test_a_route_exposing_only_get_with_a_header_canary_a_split_and_a_header_mod
     assert gateway["status"]["listeners"][0]["attachedRoutes"] == 2
 
 
-def _wrk(lab: Lab, address: str, seconds: int) -> tuple[subprocess.Popen[str], Callable[[], dict[str, int]]]:
-    """wrk in the client against httpbin.example.com/get over 8 keep-alive connections."""
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.ns("client"), "wrk", "-t1", "-c8", f"-d{seconds}s",
-                             "--timeout", "5s", "-H", "Host: httpbin.example.com", f"http://{address}/get"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def finish() -> dict[str, int]:
-        out, _ = proc.communicate(timeout=seconds + 30)
-        assert proc.returncode == 0, out
-        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        total = re.search(r"(\d+) requests in", out)
-        assert total is not None, out
-        return {"requests": int(total.group(1)), "socket_errors": sum(map(int, errors.groups())) if errors else 0,
-                "non_2xx": int(non2xx.group(1)) if non2xx else 0}
-
-    return proc, finish
-
-
 def _metric(lab: Lab, lb: str, name: str) -> float:
     text = lab.exec(lb, ["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:9469/metrics"]).stdout
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -145,10 +123,9 @@ def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(k
     assert address is not None
     wait_for(lambda: _served_on_both(lab, address, "/get"), 60, message="httpbin.example.com/get on both LBs")
     updates = "lbagent_haproxy_runtime_updates_total"
-    proc, finish = _wrk(lab, address, 900)  # stopped (SIGINT: it reports) once every change is made
     latencies: list[float] = []
     route = json.loads(json.dumps(HTTPBIN))
-    try:
+    with Wrk(lab, f"http://{address}/get", "httpbin.example.com") as wrk:
         for i in range(100):
             before = {lb: _metric(lab, lb, updates) for lb in LBS}
             kube.apply(pod_slice("svc-v1", {"http": V1}, not_ready=frozenset({"node2"}) if i % 2 == 0 else frozenset()))
@@ -163,11 +140,9 @@ def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(k
                 wait_for(lambda: _served_on_both(lab, address, path), 30, 0.01,  # noqa: B023
                          message=f"route change {len(latencies) + 1} served by both LBs")
                 latencies.append(time.monotonic() - started)
-        assert proc.poll() is None, "wrk ran through every change"
-    finally:
+        assert wrk.running(), "wrk ran through every change"
         kube.apply(pod_slice("svc-v1", {"http": V1}))
-        proc.send_signal(signal.SIGINT)
-        result = finish()
+        result = wrk.stop()
     latencies.sort()
     print(f"\nunder load: {result}; HTTPRoute change -> both LBs serving it: p50 {statistics.median(latencies):.2f} s,"
           f" p99 {latencies[-1]:.2f} s (max of {len(latencies)})")

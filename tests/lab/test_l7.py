@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 
 from tests.certs import TestCA
 from tests.lab.lab import Lab, address, wait_for
-from tests.lab.traffic import count_by_port
+from tests.lab.traffic import Wrk, count_by_port
 
 pytestmark = pytest.mark.lab
 
@@ -256,29 +255,6 @@ def _set_route_count(lab: Lab, extra: int) -> None:
         lab.signal_agent(lb, signal.SIGHUP)
 
 
-_WRK_SUMMARY = re.compile(r"(\d+) requests in")
-
-
-def _wrk(lab: Lab, seconds: int, close: bool) -> tuple[Callable[[], bool], Callable[[], dict[str, int]]]:
-    """Start wrk in the client against the echo route: (still running?, wait for it and return its counts)."""
-    argv = ["ip", "netns", "exec", lab.ns("client"), "wrk", "-t1", "-c8", f"-d{seconds}s", "--timeout", "5s",
-            "-H", "Host: shop.example.com", *(["-H", "Connection: close"] if close else []),
-            f"http://{VIP}/api/httpbin/get"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def finish() -> dict[str, int]:
-        out, _ = proc.communicate(timeout=seconds + 30)
-        assert proc.returncode == 0, out
-        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        total = _WRK_SUMMARY.search(out)
-        assert total is not None, out
-        return {"requests": int(total.group(1)), "socket_errors": sum(map(int, errors.groups())) if errors else 0,
-                "non_2xx": int(non2xx.group(1)) if non2xx else 0}
-
-    return (lambda: proc.poll() is None), finish
-
-
 def _changed(lab: Lab, name: str, before: dict[str, float]) -> Callable[[], bool]:
     return lambda: all(_metric(lab, lb, name) > before[lb] for lb in LBS)
 
@@ -287,18 +263,18 @@ def _changed(lab: Lab, name: str, before: dict[str, float]) -> Callable[[], bool
 def test_endpoint_and_structural_changes_under_load_fail_no_request(l7_lab: tuple[Lab, TestCA], close: bool) -> None:
     lab, _ = l7_lab
     updates, reloads = "lbagent_haproxy_runtime_updates_total", 'lbagent_haproxy_reloads_total{reason="routes"}'
-    running, finish = _wrk(lab, 100, close)  # long enough for every change on a loaded 2-core CI machine
-    for i in range(50):  # endpoint changes per run (both runs: 100), every fifth with a structural change (20)
-        before = {lb: _metric(lab, lb, updates) for lb in LBS}
-        lab.set_local_endpoints("node2", "default/httpbin", i % 2)  # node2 loses, then regains, its endpoint
-        wait_for(_changed(lab, updates, before), timeout=30, message=f"endpoint change {i + 1} on both LBs")
-        if i % 5 == 4:
-            before = {lb: _metric(lab, lb, reloads) for lb in LBS}
-            _set_route_count(lab, _route_count(lab) % 3 + 1)  # always a different count: always a change
-            wait_for(_changed(lab, reloads, before), timeout=30, message="the reload on both LBs")
-    assert running(), "wrk ran through every change (make the run longer if this fails)"
-    lab.set_local_endpoints("node2", "default/httpbin", 1)
-    result = finish()
+    with Wrk(lab, f"http://{VIP}/api/httpbin/get", "shop.example.com", close) as wrk:
+        for i in range(50):  # endpoint changes per run (both runs: 100), every fifth with a structural change (20)
+            before = {lb: _metric(lab, lb, updates) for lb in LBS}
+            lab.set_local_endpoints("node2", "default/httpbin", i % 2)  # node2 loses, then regains, its endpoint
+            wait_for(_changed(lab, updates, before), timeout=30, message=f"endpoint change {i + 1} on both LBs")
+            if i % 5 == 4:
+                before = {lb: _metric(lab, lb, reloads) for lb in LBS}
+                _set_route_count(lab, _route_count(lab) % 3 + 1)  # always a different count: always a change
+                wait_for(_changed(lab, reloads, before), timeout=30, message="the reload on both LBs")
+        assert wrk.running(), "wrk ran through every change"
+        lab.set_local_endpoints("node2", "default/httpbin", 1)
+        result = wrk.stop()
     print(f"\n{'new connections' if close else 'keep-alive'}: {result}")
     # when it fails: any verdict other than node2's flips (all of a backend's servers down would answer 503)
     changes = {lb: [line for line in lab.agent_log(lb).splitlines()

@@ -57,11 +57,15 @@ def test_sigterm_withdraws_lb1_within_2s_while_requests_keep_succeeding(lab: Lab
         lab.signal_agent("lb1", signal.SIGTERM)
         wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == {LB_UPLINKS["lb2"]}, timeout=5,
                  message="lb1's next hop to leave the router")
-        withdrawn_after = time.monotonic() - started
+        moved = time.monotonic()
         count_at_withdraw = len(loop.answers)
         wait_for(lambda: len(loop.answers) >= count_at_withdraw + 20, timeout=10, message="requests through lb2")
-    assert withdrawn_after < 2.0, f"lb1's next hop left after {withdrawn_after:.2f}s"
-    assert loop.failures == [], f"{len(loop.failures)} of {len(loop.answers) + len(loop.failures)} requests failed"
+    assert moved - started < 2.0, f"lb1's next hop left after {moved - started:.2f}s"
+    # The lab forwards in masquerade mode: the one request whose connection was open through lb1 when the router
+    # moved it to lb2 may be reset (docs/configuration.md, Forwarding modes and failover). Every other request,
+    # before the move and after it, must be answered.
+    tally = f"{len(loop.failures)} of {len(loop.answers) + len(loop.failures)} requests failed"
+    assert len(loop.failures) <= 1 and all(t < moved for t in loop.failures), tally
     after = loop.answers[count_at_withdraw:]
     assert {LB_CLUSTER[a["client"].rsplit(":", 1)[0]] for a in after[5:]} == {"lb2"}
     assert lab.wait_agent_exit("lb1", timeout=10) == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -76,7 +78,8 @@ class Flows:
 
 
 class RequestLoop:
-    """Requests from the client to `url` (at a VIP), one new connection each, in a thread until stopped."""
+    """Requests from the client to `url` (at a VIP), one new connection each, one at a time, in a thread until
+    stopped: the answers, and when each failed request started."""
 
     def __init__(self, lab: Lab, url: str) -> None:
         self.lab, self.url = lab, url
@@ -87,9 +90,10 @@ class RequestLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             answer = self.lab.request(self.url, timeout=2)
             if answer is None:
-                self.failures.append(time.monotonic())
+                self.failures.append(started)
             else:
                 self.answers.append(answer)
 
@@ -100,3 +104,46 @@ class RequestLoop:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+class Wrk:
+    """wrk in the client against `url` over 8 connections, until stopped: it runs for as long as the changes a test
+    makes under it take on a busy machine, and reports when stopped (SIGINT). A context manager, so that it never
+    outlives a failed test."""
+
+    def __init__(self, lab: Lab, url: str, host: str, close: bool = False) -> None:
+        argv = ["ip", "netns", "exec", lab.ns("client"), "wrk", "-t1", "-c8", "-d3600s", "--timeout", "5s",
+                "-H", f"Host: {host}", *(["-H", "Connection: close"] if close else []), url]
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.result: dict[str, int] | None = None
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def stop(self) -> dict[str, int]:
+        """Stop wrk and return its counts: requests, socket_errors (connect, read, write, timeout) and non_2xx."""
+        if self.result is None:
+            if self.running():
+                self._proc.send_signal(signal.SIGINT)
+            out, _ = self._proc.communicate(timeout=60)
+            assert self._proc.returncode == 0, out
+            errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+            non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+            total = re.search(r"(\d+) requests in", out)
+            assert total is not None, out
+            self.result = {"requests": int(total.group(1)),
+                           "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+                           "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+        return self.result
+
+    def __enter__(self) -> Wrk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running():
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.communicate()
