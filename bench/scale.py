@@ -38,6 +38,7 @@ from lbagent.l4.forwarder import FrontendChange, make_forwarder
 from lbagent.l4.nftables.apply import NftForwarder
 from lbagent.l4.nftables.render import shard_of_service
 from lbagent.plan.services import IPVS_SYSCTLS, plan, replan
+from lbagent.verdicts import Verdicts
 
 POOL = [f"{net}.{i}" for net in ("192.0.2", "198.51.100", "203.0.113") for i in range(1, 255)]
 DATAPLANES = {
@@ -65,7 +66,7 @@ def build_model(services: int, nodes: int, dataplane: model.Dataplane | None = N
 async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str, Any]:
     """Runs inside the namespace."""
     m = build_model(services, nodes, DATAPLANES[kind])
-    health = {(s.key, n.name): True for s in m.services for n in m.nodes}
+    health = Verdicts({(s.key, n.name): True for s in m.services for n in m.nodes})  # the agent's kind
     fwd = make_forwarder(m.dataplane)
     if kind == "ipvs":
         apply_sysctls(IPVS_SYSCTLS)

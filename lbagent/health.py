@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from lbagent import model
 from lbagent.logfmt import event
+from lbagent.verdicts import Verdicts
 
 log = logging.getLogger("lbagent.health")
 
@@ -256,7 +257,7 @@ class HealthChecker:
         self._probes: dict[ProbeId, _Probe] = {}
         self._probe_of: dict[HealthKey, ProbeId] = {}
         self._served_by = ServedBy()
-        self.verdicts: dict[HealthKey, bool] = {}
+        self.verdicts = Verdicts()
         """Live verdicts, kept current as probes flip: what the planner reads (never copied per sync)."""
         self._running = False
         self._complete = asyncio.Event()

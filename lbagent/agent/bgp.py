@@ -11,6 +11,7 @@ from lbagent.agent.metrics import Metrics
 from lbagent.agent.reconciler import Desired, Reconciler
 from lbagent.l3.speaker import BgpSpeaker
 from lbagent.logfmt import event
+from lbagent.plan.overlay import changed_keys
 from lbagent.plan.services import Plan, ServiceDecision
 
 log = logging.getLogger("lbagent.agent")
@@ -68,8 +69,9 @@ class BgpReconciler(Reconciler):
     def log_decisions(self, p: Plan) -> None:
         """Log and export the services whose announce decision changed since the last call, and only those."""
         current = p.decision_by_service
+        keys = changed_keys(self._decisions, current)  # two overlays of one plan: only the keys replaced since
         changed = []
-        for key, decision in current.items():
+        for key, decision in current.items() if keys is None else ((k, current[k]) for k in sorted(keys)):
             previous = self._decisions.get(key)
             if previous is decision:  # replan keeps the decisions of services it did not touch
                 continue
@@ -84,5 +86,5 @@ class BgpReconciler(Reconciler):
                 healthy_nodes=decision.healthy_nodes or "-", unhealthy_nodes=decision.unhealthy_nodes or "-",
                 draining_nodes=decision.draining_nodes or "-",
             )
-        self.metrics.decisions(changed, self._decisions.keys() - current.keys())
+        self.metrics.decisions(changed, set() if keys is not None else self._decisions.keys() - current.keys())
         self._decisions = current

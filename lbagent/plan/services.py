@@ -9,6 +9,8 @@ from ipaddress import IPv4Address
 from typing import NamedTuple, overload
 
 from lbagent import model
+from lbagent.plan.overlay import Overlay
+from lbagent.verdicts import Verdicts
 
 HealthSnapshot = Mapping[tuple[str, str], bool]
 
@@ -224,10 +226,13 @@ def plan_service(
     and `rows`: caches kept across the services of one plan (of the same nodes)."""
     key = service.key
     endpoints = service.endpoint_nodes
-    if endpoints is None:
-        serving = tuple([health.get((key, n.name), False) for n in nodes])
+    if isinstance(health, Verdicts):  # the agent's: this service's verdicts by node, in a dict of its own
+        mine = health.of(key)
+        serving = tuple([mine.get(n.name, False) for n in nodes])
     else:
-        serving = tuple([health.get((key, n.name), False) and n.name in endpoints for n in nodes])
+        serving = tuple([health.get((key, n.name), False) for n in nodes])
+    if endpoints is not None:
+        serving = tuple([ok and n.name in endpoints for n, ok in zip(nodes, serving, strict=True)])
     row = rows.get(serving) if rows is not None else None
     if row is None:
         row = _Row.of(nodes, serving)
@@ -315,25 +320,30 @@ def replan(prev: Plan, m: model.Model, health: HealthSnapshot, services: Iterabl
     named, not with how many there are. `prev` is a plan of the same nodes, dataplane settings and listeners; the
     services named may have changed their health, their spec, or come or gone in `m` (a source's change:
     `changed_services`)."""
-    by_service = dict(prev.by_service)
-    decisions = dict(prev.decision_by_service)
+    prev_by, prev_decisions = prev.by_service, prev.decision_by_service
+    planned: dict[str, tuple[Frontend, ...]] = {}
+    decided: dict[str, ServiceDecision] = {}
     touched: set[model.IPAddress] = set()
     members_changed = vips_changed = False
     for key in services:
-        if (before := decisions.get(key)) is not None:
+        if (before := prev_decisions.get(key)) is not None:
             touched.update(before.vips)
         if not m.has_service(key):
-            members_changed |= by_service.pop(key, None) is not None
-            decisions.pop(key, None)
+            members_changed |= key in prev_by
             continue
         service = m.service(key)
-        members_changed |= key not in by_service
+        members_changed |= key not in prev_by
         vips_changed |= before is None or before.vips != service.vips
-        by_service[key], decisions[key] = plan_service(service, m.nodes, health, draining)
+        planned[key], decided[key] = plan_service(service, m.nodes, health, draining)
         touched.update(service.vips)
+    by_service: Mapping[str, tuple[Frontend, ...]]
+    decisions: Mapping[str, ServiceDecision]
     if members_changed:  # model order, as plan() makes it (the listeners' decisions are placed again after this)
-        by_service = {s.key: by_service[s.key] for s in m.services}
-        decisions = {s.key: decisions[s.key] for s in m.services}
+        by_service = Overlay({s.key: planned[s.key] if s.key in planned else prev_by[s.key] for s in m.services})
+        decisions = Overlay({s.key: decided[s.key] if s.key in decided else prev_decisions[s.key]
+                             for s in m.services})
+    else:  # the same services: the others' plans are shared with `prev`, not copied
+        by_service, decisions = Overlay.of(prev_by).replaced(planned), Overlay.of(prev_decisions).replaced(decided)
     announcements = _reannounce(m, prev.announcements, decisions, touched)
     if members_changed or vips_changed:
         vips = tuple(sorted(m.services_by_vip, key=lambda a: (a.version, int(a))))
@@ -387,11 +397,16 @@ def listener_decision(listener: model.Listener, usable: Sequence[str], unusable:
 
 def with_listeners(p: Plan, m: model.Model, listener_decisions: Iterable[ServiceDecision]) -> Plan:
     """The plan with the listeners' decisions (re)placed and the announcements of their VIPs recomputed."""
-    decisions = dict(p.decision_by_service)
+    current = p.decision_by_service
+    changed: dict[str, ServiceDecision] = {}
     touched: set[model.IPAddress] = set()
     for d in listener_decisions:
-        decisions[d.service] = d
-        touched.update(d.vips)
+        if current.get(d.service) != d:
+            changed[d.service] = d
+            touched.update(d.vips)
+    if not changed:
+        return p
+    decisions = Overlay.of(current).replaced(changed)
     announcements = _reannounce(m, p.announcements, decisions, touched)
     return replace(p, decision_by_service=decisions, announcements=announcements)
 
