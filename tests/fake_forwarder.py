@@ -27,6 +27,13 @@ class FakeForwarder(NftForwarder):
             raise NftError("nft refused")
         self.scripts.append(script)
 
+    async def _run_side_by_side(self, scripts: list[str]) -> None:
+        for script in scripts:
+            await self._run(script)
+
+    async def _tables_present(self) -> set[str]:
+        return set()  # the fake's kernel holds what `applied` says, and nothing when it says nothing
+
     @property
     def text(self) -> str:
         """The whole table as the forwarder believes the kernel holds it ("" when it does not know)."""

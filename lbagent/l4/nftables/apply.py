@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 from lbagent import model
 from lbagent.l4.change import FrontendChange
-from lbagent.l4.nft import NftError, apply_script, prepare
+from lbagent.l4.nft import NftError, apply_script, prepare, run_nft
 from lbagent.l4.nftables import dsr, netlink, render
 from lbagent.l4.nftables.render import (
     MAX_SHARDS,
@@ -17,6 +18,7 @@ from lbagent.l4.nftables.render import (
     render_delete,
     render_delta,
     render_full,
+    render_tables,
     shard_tables,
     update,
 )
@@ -25,6 +27,9 @@ from lbagent.logfmt import event
 from lbagent.plan.services import Frontend
 
 log = logging.getLogger("lbagent.dataplane")
+
+# nft processes that replace the tables side by side (`_replace`): one per core, at most 4.
+WHOLE_APPLY_PROCESSES = max(1, min(4, os.cpu_count() or 1))
 
 
 class NftForwarder:
@@ -119,7 +124,8 @@ class NftForwarder:
         self.dsr_applied = None
 
     async def _run(self, script: str) -> None:
-        """The one place this forwarder touches the kernel: a transaction of dispatch and nodePort elements only (a
+        """Where this forwarder touches the kernel (with `_run_side_by_side` and `_tables_present`, for whole tables): a
+        transaction of dispatch and nodePort elements only (a
         health change's) over netlink (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
         changes = netlink.parse(script)
         sock = self._element_socket() if changes is not None else None
@@ -132,6 +138,44 @@ class NftForwarder:
                 event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
                       consequence="the same change sent through libnftables")
         await apply_script(script)
+
+    async def _replace(self, ruleset: Ruleset) -> None:
+        """Replace every table by the ruleset's. Every shard table the ruleset does not have goes: the kernel's count
+        may be another one's (a previous run's, or before the number of frontends changed).
+
+        In one transaction when the kernel's shards are not the ruleset's (a service's frontends may move from one
+        table to another: they must leave one and enter the other at once). Otherwise each table holds the same
+        services before and after, and the tables are replaced in groups, one `nft` process each, side by side:
+        nft's parsing of 40,000 elements is most of a whole apply, and it uses one core."""
+        stale = range(ruleset.shards, MAX_SHARDS)
+        groups = min(ruleset.shards, WHOLE_APPLY_PROCESSES)
+        if groups < 2 or not await self._same_shards(ruleset.shards):
+            await self._run(render_full(ruleset, stale=stale))
+            return
+        parts = render_tables(ruleset, stale)
+        self.applied = None  # until every group is in, the kernel holds some old tables and some new
+        await self._run_side_by_side(["".join(parts[i::groups]) for i in range(groups)])
+
+    async def _run_side_by_side(self, scripts: list[str]) -> None:
+        """Whole-table scripts, each in an `nft` process of its own, all at once; the first failure is raised once
+        all have ended (each is its own transaction: the others may be in)."""
+        results = await asyncio.gather(*(run_nft(["-f", "-"], script) for script in scripts), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _same_shards(self, shards: int) -> bool:
+        """Whether the kernel's tables are this many shards' (or none of lbagent's is there)."""
+        if self.applied is not None:
+            return self.applied.shards == shards
+        present = await self._tables_present()
+        return not present or present == {render.shard_table(self.dataplane.table, s) for s in range(shards)}
+
+    async def _tables_present(self) -> set[str]:
+        """lbagent's inet tables (its own and its shards') in the kernel now."""
+        names = set(shard_tables(self.dataplane.table))
+        listing = await run_nft(["list", "tables", "inet"])
+        return {t for line in listing.splitlines() if (t := line.removeprefix("table inet ").strip()) in names}
 
     def _element_socket(self) -> netlink.ElementSocket | None:
         """The netlink socket for element changes, opened on first use; None when it cannot be (then libnftables)."""
@@ -158,9 +202,7 @@ class NftForwarder:
                 # The kernel kept the old state (all or nothing): repair by replacing the whole table.
                 event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
         if how == "full":
-            # Every shard table the ruleset does not have goes: the kernel's count may be another one's (a
-            # previous run's, or before the number of frontends changed).
-            await self._run(render_full(ruleset, stale=range(ruleset.shards, MAX_SHARDS)))
+            await self._replace(ruleset)
         changed = self.applied != ruleset
         self.applied = ruleset
         if changed:

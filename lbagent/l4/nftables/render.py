@@ -80,8 +80,8 @@ class Ruleset:
     chain_users: Counter[tuple[int, str]] = field(default_factory=Counter)
     table_users: Counter[tuple[int, str]] = field(default_factory=Counter)
     shard_of: dict[FrontendKey, int] = field(default_factory=dict)  # dispatched frontends not in shard 0
-    dispatched: Counter[model.IPAddress] = field(default_factory=Counter)  # dispatch entries per VIP
-    live: set[model.IPAddress] = field(default_factory=set)  # the VIPs whose count in `dispatched` is above 0
+    dispatched: Counter[str] = field(default_factory=Counter)  # dispatch entries per VIP (as nft writes it)
+    live: set[model.IPAddress] = field(default_factory=set)  # the VIPs with an entry in `dispatched`
 
     def programmed(self) -> set[model.IPAddress]:
         """The VIPs with at least one frontend dispatched (what the kernel forwards): kept as the dispatch changes,
@@ -218,8 +218,9 @@ def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
     if shard:
         rs.shard_of[key] = shard
     if rs.dispatch[v].get(key) is None:
-        rs.dispatched[f.vip] += 1
-        rs.live.add(f.vip)
+        if not rs.dispatched[key[0]]:  # (by its text: hashing an address object is slow Python)
+            rs.live.add(f.vip)
+        rs.dispatched[key[0]] += 1
     rs.dispatch[v][key] = chain
     rs.node_ports[v][key] = f.node_port
     if f.source_ranges:
@@ -232,9 +233,9 @@ def _remove(rs: Ruleset, f: Frontend) -> None:
     chain = rs.dispatch[v].pop(key, None)
     if chain is None:
         return
-    rs.dispatched[f.vip] -= 1
-    if rs.dispatched[f.vip] <= 0:
-        del rs.dispatched[f.vip]
+    rs.dispatched[key[0]] -= 1
+    if rs.dispatched[key[0]] <= 0:
+        del rs.dispatched[key[0]]
         rs.live.discard(f.vip)
     shard = rs.shard_of.pop(key, 0)
     rs.chain_users[(shard, chain)] -= 1
@@ -460,17 +461,24 @@ def _fixed_chains(rs: Ruleset) -> list[str]:
 def render_full(rs: Ruleset, stale: Iterable[int] = ()) -> str:
     """Declare, delete and redefine the table and every other shard's: the kernel swaps old for new in one
     transaction. `stale`: shards the kernel may hold that `rs` has not (declared and deleted)."""
+    return "".join(render_tables(rs, stale))
+
+
+def render_tables(rs: Ruleset, stale: Iterable[int] = ()) -> list[str]:
+    """`render_full` table by table: shard 0's (with the deletion of the `stale` shards' tables), then each other
+    shard's. Each is a whole transaction of its own, and any of them joined are one too."""
     contents = _contents(rs)
-    lines = []
+    out = []
     for shard in range(rs.shards):
-        lines += nftscript.replace_table(rs.shard_table(shard))
+        lines = nftscript.replace_table(rs.shard_table(shard))
         lines += _declarations(rs, shard, contents[shard])
         lines += _fixed_chains(rs) if shard == 0 else _dispatch_chains()
         for name in sorted(n for (s, n), users in rs.chain_users.items() if s == shard and users > 0):
             lines += [f"\tchain {name} {{", *(f"\t\t{r}" for r in _chain_body(rs, name)), "\t}"]
         lines.append("}")
-    gone = "".join(nftscript.delete_table(rs.shard_table(shard)) for shard in stale if shard >= rs.shards)
-    return "\n".join(lines) + "\n" + gone
+        out.append("\n".join(lines) + "\n")
+    out[0] += "".join(nftscript.delete_table(rs.shard_table(shard)) for shard in stale if shard >= rs.shards)
+    return out
 
 
 def render(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], dataplane: model.Dataplane) -> str:
