@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_interface, ip_network
 from typing import Any, Literal
 
 IPAddress = IPv4Address | IPv6Address
@@ -119,9 +120,17 @@ class Service:
         return ProbeKind.KUBE_PROXY if self.health_check.kube_proxy_healthz else ProbeKind.NODE_PORT
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def host_prefix(vip: IPAddress) -> str:
-    """The host route announced for a VIP: /32 or /128."""
+    """The host route announced for a VIP: /32 or /128 (cached: the ipaddress module's parsing is slow Python, and
+    every BGP pass asks for every VIP's)."""
     return str(ip_network(vip))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def prefix_address(prefix: str) -> IPAddress:
+    """The address of a host prefix (`192.0.2.10/32`): `host_prefix` the other way, cached as it is."""
+    return ip_interface(prefix).ip
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from ipaddress import ip_interface
 
 from lbagent import model
 from lbagent.agent.metrics import Metrics
@@ -12,7 +11,7 @@ from lbagent.agent.reconciler import Desired, Reconciler
 from lbagent.l3.speaker import BgpSpeaker
 from lbagent.logfmt import event
 from lbagent.plan.overlay import changed_keys
-from lbagent.plan.services import Plan, ServiceDecision
+from lbagent.plan.services import Announcement, Plan, ServiceDecision
 
 log = logging.getLogger("lbagent.agent")
 
@@ -41,8 +40,15 @@ class BgpReconciler(Reconciler):
     async def reconcile(self, resync: bool) -> None:
         p = self.desired.current_plan()
         # Never attract traffic this node cannot serve yet: the VIP must be bound and its forwarding programmed.
-        servable = self._servable()
-        wanted = {prefix: a for prefix, a in p.announcements.items() if ip_interface(prefix).ip in servable}
+        # (the VIPs that are not servable, found by set operations on the hashes the sets already hold: hashing
+        # 10,000 address objects again is 7 ms of slow Python per pass, and most passes find none)
+        unservable = set(self.desired.model.services_by_vip) - self._servable()
+        if unservable:
+            gone = {model.host_prefix(vip) for vip in unservable}
+            wanted: Mapping[str, Announcement] = {prefix: a for prefix, a in p.announcements.items()
+                                                  if prefix not in gone}
+        else:
+            wanted = p.announcements
         before = set(self.speaker.announced())
         await self.speaker.apply(wanted, complete=self.complete)
         self.log_decisions(p)

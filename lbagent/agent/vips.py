@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from ipaddress import ip_interface
 
 from lbagent import model
 from lbagent.agent.metrics import Metrics
@@ -30,7 +29,7 @@ class VipReconciler(Reconciler):
     async def reconcile(self, resync: bool) -> None:
         p = self.desired.current_plan()
         # A VIP is unbound only once it is no longer announced: withdraw first, then let go of the address.
-        announced = {ip_interface(prefix).ip for prefix in self._announced()}
+        announced = {model.prefix_address(prefix) for prefix in self._announced()}
         try:
             bound = await self.binder.sync(p.vips, keep=announced)
         except BaseException:

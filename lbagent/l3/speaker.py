@@ -82,7 +82,9 @@ def diff(
         if prefix != announcement.prefix:
             raise ValueError(f"desired announcement keyed {prefix!r} is for {announcement.prefix!r}")
     withdraw = [announced[prefix] for prefix in sorted(announced.keys() - desired.keys())]
-    announce = [a for prefix, a in sorted(desired.items()) if announced.get(prefix) != a]
+    # the same object most of the time (the plan keeps an untouched VIP's announcement): compared only when not
+    announce = sorted((a for prefix, a in desired.items() if (was := announced.get(prefix)) is not a and was != a),
+                      key=lambda a: a.prefix)
     return withdraw, announce
 
 
