@@ -13,7 +13,7 @@ import yaml
 from lbagent import model
 from lbagent.sources.file import config
 from lbagent.sources.kubernetes.reflector import LAST_APPLIED, trimmed
-from lbagent.sources.kubernetes.source import Snapshot, build, merged
+from lbagent.sources.kubernetes.source import BuildCache, Snapshot, build, merged
 from lbagent.sources.kubernetes.writer import holds_status
 
 POOL = "203.0.113.64/29"
@@ -115,7 +115,7 @@ def test_a_build_translates_again_only_what_changed(tmp_path: Path) -> None:
                              "labels": {"kubernetes.io/service-name": name}},
                 "addressType": "IPv4", "endpoints": [{"addresses": ["198.51.100.9"], "nodeName": node}]}
 
-    cache: dict[str, Any] = {}
+    cache = BuildCache()
     first = build(base, Snapshot(services, {"ns/a-1": slice_of("a", "n1", "5"), "ns/b-1": slice_of("b", "n1", "6")},
                                  {}), cache)
     again = build(base, Snapshot(services, {"ns/a-1": slice_of("a", "n2", "7"), "ns/b-1": slice_of("b", "n1", "6")},
@@ -154,3 +154,63 @@ def test_the_store_leaves_out_other_managers_fields_and_kubectls_copy_but_keeps_
     other = trimmed({"metadata": {"name": "web", "managedFields": [theirs]}, "spec": spec})
     assert "managedFields" not in other["metadata"] and not holds_status(other)
     assert trimmed({"metadata": None}) == {"metadata": None}
+
+
+def test_builds_with_a_kept_cache_equal_fresh_builds_through_any_changes(tmp_path: Path) -> None:
+    """The cache reads again only objects that are new: whatever changes between builds (EndpointSlices moved, added
+    or removed, Services changed, added, removed, made another class's, clashing or no longer clashing on an
+    address and port, a slice relabelled to another Service), a build with the kept cache gives what a fresh one
+    does: the same Services (in the same order), the same problems."""
+    import random  # noqa: PLC0415
+
+    base = config.load(_config(tmp_path, kubernetes={"pools": [{"name": "p", "addresses": [POOL]}]}))
+    rng = random.Random(9)
+    version = iter(range(1, 10**6))
+    names = [f"s{i}" for i in range(12)]
+
+    def make_service(name: str) -> dict[str, Any]:
+        svc = service(name)
+        svc["metadata"].update(resourceVersion=str(next(version)),
+                               creationTimestamp=f"2026-12-05T00:00:{rng.randrange(6):02d}Z")
+        svc["spec"]["ports"][0]["port"] = rng.choice([80, 81])  # two Services on one address and port: a clash
+        svc["spec"]["ports"][0]["nodePort"] = 31000 + names.index(name)
+        svc["spec"].update(externalTrafficPolicy=rng.choice(["Local", "Cluster"]), healthCheckNodePort=32000)
+        if rng.random() < 0.1:
+            svc["spec"]["loadBalancerClass"] = "someone-else"
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": f"203.0.113.{rng.choice([65, 66])}"}]}}
+        return svc
+
+    def make_slice(name: str, owner: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": str(next(version)),
+                             "labels": {"kubernetes.io/service-name": owner}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["198.51.100.9"], "nodeName": rng.choice(["n1", "n2", "n3"]),
+                               "conditions": {"ready": rng.random() < 0.8}}]}
+
+    services = {f"ns/{n}": make_service(n) for n in names[:8]}
+    slices = {f"ns/{n}-{k}": make_slice(f"{n}-{k}", n) for n in names[:8] for k in range(2)}
+    cache = BuildCache()
+    seen_clash = seen_dropped = False
+    for step in range(150):
+        for _ in range(rng.randrange(1, 4)):
+            what = rng.random()
+            name = rng.choice(names)
+            if what < 0.45:  # a slice moves (a rolling update's step), appears or goes
+                key = f"ns/{name}-{rng.randrange(3)}"
+                if key in slices and rng.random() < 0.2:
+                    del slices[key]
+                else:
+                    owner = name if rng.random() < 0.9 else rng.choice(names)  # relabelled now and then
+                    slices[key] = make_slice(key.split("/")[1], owner)
+            elif what < 0.8:  # a Service changes or comes
+                services[f"ns/{name}"] = make_service(name)
+            elif f"ns/{name}" in services:  # a Service goes
+                del services[f"ns/{name}"]
+        snap = Snapshot(dict(services), dict(slices), {})
+        kept, fresh = build(base, snap, cache), build(base, snap)
+        assert kept.services == fresh.services, step
+        assert dict(kept.problems) == dict(fresh.problems), step
+        seen_clash |= any("also served by" in p.message for ps in fresh.problems.values() for p in ps)
+        seen_dropped |= len(fresh.services) < sum(1 for s in services.values()
+                                                  if s["spec"]["loadBalancerClass"] == "lbagent.io/lbagent")
+    assert seen_clash and seen_dropped  # the steps went through clashes

@@ -109,19 +109,60 @@ def slices_by_service(slices: Mapping[str, Obj]) -> dict[str, list[Obj]]:
 # A Service's translation, by what it was translated from: its resourceVersion and those of its EndpointSlices.
 TranslationCache = dict[str, tuple[tuple[str, ...], model.Service | None, list[Problem]]]
 
+# Where a service port is served: (address family, address as an integer, protocol, port). Integers and strings hash
+# in C; an address object hashes in slow Python, and the clash check hashes every port of every Service per build.
+Claim = tuple[int, int, str, int]
+
+
+def _claims(vips: tuple[model.IPAddress, ...], ports: tuple[model.ServicePort, ...]) -> tuple[Claim, ...]:
+    return tuple((vip.version, int(vip), p.protocol.value, p.port) for vip in vips for p in ports)
+
 
 def _version(obj: Obj) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or id(obj))
 
 
-def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = None) -> Built:
-    """The API's services and nodes, translated and checked against the file's. Pure, but for `cache`: a
-    Service whose object and EndpointSlices have not changed since the last build is not translated again (at
-    10,000 Services one EndpointSlice change would otherwise translate them all)."""
+@dataclass
+class BuildCache:
+    """What `build` worked out from each API object, kept by the object's identity (a store replaces an object that
+    changed, it never changes one): a build reads again only the objects that are new since the last. At 10,000
+    Services, reading every object's nested fields again took 150-300 ms per EndpointSlice change (mostly cache
+    misses); now the build is a pass over these records. Used by one build at a time."""
+
+    settings: str = ""
+    translated: TranslationCache = field(default_factory=dict)
+    # EndpointSlice store key -> (the object, its Service's key or None, its resourceVersion)
+    slices: dict[str, tuple[Obj, str | None, str]] = field(default_factory=dict)
+    # Service store key -> (the object, whether it is lbagent's, its place (creationTimestamp, key), resourceVersion)
+    services: dict[str, tuple[Obj, bool, tuple[str, str], str]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # lbagent's Services' store keys, in their place's order
+    claims: dict[str, tuple[model.Service, tuple[Claim, ...]]] = field(default_factory=dict)
+    last: _Pass | None = None
+
+
+@dataclass
+class _Pass:
+    """The last whole pass over lbagent's Services: what a build that only some Services' EndpointSlices changed
+    starts from (their claims the same, so no other Service's clash can change)."""
+
+    base: model.Model
+    services: list[model.Service]
+    problems: dict[str, list[Problem]]  # by "Service <key>"
+    # each Service's store key and outcome: ("served", its index in `services`), ("none", None: not translated) or
+    # ("clashed", its clash problem)
+    outcome: dict[str, tuple[str, str, Any]]
+
+
+def build(base: model.Model, snap: Snapshot, cache: BuildCache | None = None) -> Built:
+    """The API's services and nodes, translated and checked against the file's. Pure, but for `cache` (a fresh one
+    when None): a Service whose object and EndpointSlices have not changed since the last build is not translated
+    again, and an object that is the same as in the last build is not read again."""
     settings = settings_of(base)
-    if cache is not None and cache.get("", ((), None, []))[0] != (repr(settings),):
-        cache.clear()
-        cache[""] = ((repr(settings),), None, [])
+    if cache is None:
+        cache = BuildCache()
+    if cache.settings != repr(settings):
+        cache.__init__()  # type: ignore[misc]
+        cache.settings = repr(settings)
     built = Built()
     for key, obj in sorted(snap.nodes.items()):
         node, problems = translate.translate_node(obj, settings)
@@ -135,44 +176,24 @@ def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = No
             built.nodes.remove(node)
             built.problems[f"Node {node.name}"].append(Problem(
                 f"Node {node.name}", node.name, "a node of the same name is in the file's `nodes`: the file's is used"))
-    taken: dict[tuple[model.IPAddress, model.Protocol, int], str] = {}
+    taken: dict[Claim, str] = {}
     for k, s in enumerate(base.services):
-        for vip in s.vips:
-            for p in s.ports:
-                taken[(vip, p.protocol, p.port)] = f"the file's services[{k}] ({s.key})"
+        for claim in _claims(s.vips, s.ports):
+            taken[claim] = f"the file's services[{k}] ({s.key})"
     for k, lst in enumerate(base.listeners):
         for vip in lst.vips:
-            taken[(vip, model.Protocol.TCP, lst.port)] = f"the file's listeners[{k}] ({lst.name})"
-    slices = slices_by_service(snap.slices)
-    ours = [o for o in snap.services.values() if translate.is_ours(o, settings)]
-    ours.sort(key=lambda o: (str((o.get("metadata") or {}).get("creationTimestamp") or ""), translate.key_of(o)))
-    for obj in ours:
-        key = translate.key_of(obj)
-        mine = slices.get(key, [])
-        versions = (_version(obj), *sorted(_version(eps) for eps in mine))
-        cached = cache.get(key) if cache is not None else None
-        if cached is not None and cached[0] == versions:
-            service, problems = cached[1], cached[2]
-        else:
-            service, problems = translate.translate_service(obj, mine, settings)
-            if cache is not None:
-                cache[key] = (versions, service, problems)
-        if problems:
-            built.problems[f"Service {key}"] += problems
-        if service is None:
-            continue
-        clashes = [(vip, p, taken[(vip, p.protocol, p.port)]) for vip in service.vips for p in service.ports
-                   if (vip, p.protocol, p.port) in taken]
-        if clashes:
-            vip, port, holder = clashes[0]
-            built.problems[f"Service {key}"].append(Problem(
-                f"Service {key}: status.loadBalancer.ingress", f"{vip} {port.protocol.value} {port.port}",
-                f"also served by {holder}: not served"))
-            continue
-        for vip in service.vips:
-            for p in service.ports:
-                taken[(vip, p.protocol, p.port)] = f"Service {key}"
-        built.services.append(service)
+            claim = (vip.version, int(vip), model.Protocol.TCP.value, lst.port)
+            taken[claim] = f"the file's listeners[{k}] ({lst.name})"
+    slices, slice_versions, touched = _slices_of(snap.slices, cache)
+    order, resorted = _ours_in_order(snap.services, settings, cache)
+    last = cache.last if not resorted and cache.last is not None and cache.last.base is base else None
+    redone = _redo(last, touched, slices, slice_versions, settings, cache) if last is not None else None
+    if redone is None:
+        redone = _pass(base, order, slices, slice_versions, settings, cache, taken)
+    cache.last = redone
+    built.services = list(redone.services)
+    for key, problems in redone.problems.items():
+        built.problems[key] += problems
     kube = base.kubernetes
     if kube is not None and (kube.ingress is not None or kube.gateway is not None):
         known = {s.key: s for s in (*base.services, *built.services)}
@@ -191,6 +212,138 @@ def build(base: model.Model, snap: Snapshot, cache: TranslationCache | None = No
         for key, problems in built.http.problems.items():
             built.problems[key] += problems
     return built
+
+
+def _translated(key: str, store_key: str, slices: Mapping[str, list[Obj]], slice_versions: Mapping[str, list[str]],
+                settings: translate.Settings, cache: BuildCache) -> tuple[model.Service | None, list[Problem]]:
+    """A Service's translation: from the cache while its object and EndpointSlices are the ones it was made from."""
+    obj, _, _, version = cache.services[store_key]
+    versions = (version, *sorted(slice_versions.get(key, ())))
+    cached = cache.translated.get(key)
+    if cached is not None and cached[0] == versions:
+        return cached[1], cached[2]
+    service, problems = translate.translate_service(obj, slices.get(key, []), settings)
+    cache.translated[key] = (versions, service, problems)
+    return service, problems
+
+
+def _claimed(key: str, service: model.Service, cache: BuildCache) -> tuple[Claim, ...]:
+    claimed = cache.claims.get(key)
+    if claimed is None or claimed[0] is not service:
+        claimed = cache.claims[key] = (service, _claims(service.vips, service.ports))
+    return claimed[1]
+
+
+def _pass(base: model.Model, order: list[str], slices: Mapping[str, list[Obj]],
+          slice_versions: Mapping[str, list[str]], settings: translate.Settings, cache: BuildCache,
+          taken: dict[Claim, str]) -> _Pass:
+    """Every one of lbagent's Services, oldest first: translated (or from the cache), and served unless an address
+    and port it asks for is taken by the file or an older Service."""
+    out = _Pass(base, [], defaultdict(list), {})
+    for store_key in order:
+        key = cache.services[store_key][2][1]
+        service, problems = _translated(key, store_key, slices, slice_versions, settings, cache)
+        if problems:
+            out.problems[f"Service {key}"] += problems
+        if service is None:
+            out.outcome[key] = (store_key, "none", None)
+            continue
+        claims = _claimed(key, service, cache)
+        clash = next((i for i, c in enumerate(claims) if c in taken), None)
+        if clash is not None:  # the claims are in the order of its (VIP, port) pairs
+            vip, port = [(vip, p) for vip in service.vips for p in service.ports][clash]
+            problem = Problem(f"Service {key}: status.loadBalancer.ingress", f"{vip} {port.protocol.value} {port.port}",
+                              f"also served by {taken[claims[clash]]}: not served")
+            out.problems[f"Service {key}"].append(problem)
+            out.outcome[key] = (store_key, "clashed", problem)
+            continue
+        for claim in claims:
+            taken[claim] = f"Service {key}"
+        out.outcome[key] = (store_key, "served", len(out.services))
+        out.services.append(service)
+    out.problems = dict(out.problems)
+    for key in cache.translated.keys() - out.outcome.keys() - {""}:
+        del cache.translated[key]  # a Service that is gone, or no longer lbagent's
+        cache.claims.pop(key, None)
+    return out
+
+
+def _redo(last: _Pass, touched: set[str], slices: Mapping[str, list[Obj]], slice_versions: Mapping[str, list[str]],
+          settings: translate.Settings, cache: BuildCache) -> _Pass | None:
+    """The last pass with the Services whose EndpointSlices changed (`touched`) translated again, when no Service
+    object changed: at a cost that grows with those Services only. None when one of them would change more than
+    itself (translated or not where it was the other way, another address or port): then only a whole pass will do."""
+    services, problems = last.services, last.problems
+    for key in touched:
+        was = last.outcome.get(key)
+        if was is None:
+            continue  # not one of lbagent's Services
+        store_key, kind, what = was
+        before = cache.claims.get(key)
+        service, translation_problems = _translated(key, store_key, slices, slice_versions, settings, cache)
+        if (service is None) != (kind == "none"):
+            return None
+        if service is not None and (before is None or _claimed(key, service, cache) != before[1]):
+            return None
+        if services is last.services:
+            services, problems = list(services), dict(problems)
+        if kind == "served":
+            assert service is not None
+            services[what] = service
+        listed = translation_problems + ([what] if kind == "clashed" else [])
+        if listed:
+            problems[f"Service {key}"] = listed
+        else:
+            problems.pop(f"Service {key}", None)
+    return _Pass(last.base, services, problems, last.outcome)
+
+
+def _slices_of(slices: Mapping[str, Obj], cache: BuildCache
+               ) -> tuple[dict[str, list[Obj]], dict[str, list[str]], set[str]]:
+    """`slices_by_service`, each Service's EndpointSlices' resourceVersions, and the Services whose EndpointSlices
+    are not the last build's (new, changed, gone or moved to another Service), reading only new objects."""
+    by_service: dict[str, list[Obj]] = defaultdict(list)
+    versions: dict[str, list[str]] = defaultdict(list)
+    known, seen, touched = cache.slices, {}, set()
+    for store_key, eps in slices.items():
+        record = known.get(store_key)
+        if record is None or record[0] is not eps:
+            if record is not None and record[1] is not None:
+                touched.add(record[1])
+            meta = eps.get("metadata") or {}
+            name = (meta.get("labels") or {}).get(translate.SERVICE_NAME_LABEL)
+            record = (eps, f"{meta.get('namespace')}/{name}" if name else None, _version(eps))
+            if record[1] is not None:
+                touched.add(record[1])
+        seen[store_key] = record
+        if record[1] is not None:
+            by_service[record[1]].append(eps)
+            versions[record[1]].append(record[2])
+    for gone in known.keys() - slices.keys():
+        if (owner := known[gone][1]) is not None:
+            touched.add(owner)
+    cache.slices = seen
+    return by_service, versions, touched
+
+
+def _ours_in_order(services: Mapping[str, Obj], settings: translate.Settings, cache: BuildCache
+                   ) -> tuple[list[str], bool]:
+    """The store keys of lbagent's Services, oldest first (creationTimestamp, then key: the first one keeps an
+    address and port both ask for), reading only new objects; the order is sorted again only when one changed
+    (then True)."""
+    known, seen, changed = cache.services, {}, len(services) != len(cache.services)
+    for store_key, obj in services.items():
+        record = known.get(store_key)
+        if record is None or record[0] is not obj:
+            changed = True
+            record = (obj, translate.is_ours(obj, settings),
+                      (str((obj.get("metadata") or {}).get("creationTimestamp") or ""), translate.key_of(obj)),
+                      _version(obj))
+        seen[store_key] = record
+    cache.services = seen
+    if changed:
+        cache.order = sorted((k for k, r in seen.items() if r[1]), key=lambda k: seen[k][2])
+    return cache.order, changed
 
 
 def _conditions_of(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -281,7 +434,7 @@ class KubernetesSource:
         self._write_lock = asyncio.Lock()
         self._written: dict[str, tuple[tuple[str, ...], str]] = {}  # key -> (addresses, the version written over)
         self._custom_written: dict[str, tuple[str, str]] = {}  # Gateway API objects: (status, the version)
-        self._translated: TranslationCache = {}  # load()'s, in the worker thread (one load at a time)
+        self._built = BuildCache()  # load()'s, in the worker thread (one load at a time)
 
     @property
     def name(self) -> str:
@@ -304,7 +457,7 @@ class KubernetesSource:
         loop)."""
         base = self.file_model()
         snap = self._snapshot_from_thread()
-        built = build(base, snap, self._translated)
+        built = build(base, snap, self._built)
         self._log_problems(built.problems, self._problems_logged)
         if built.http is not None:
             write_certificates(base, built.http.certificates)
