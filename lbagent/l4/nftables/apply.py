@@ -124,9 +124,9 @@ class NftForwarder:
         self.dsr_applied = None
 
     async def _run(self, script: str) -> None:
-        """Where this forwarder touches the kernel (with `_run_side_by_side` and `_tables_present`, for whole tables): a
-        transaction of dispatch and nodePort elements only (a
-        health change's) over netlink (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
+        """Where this forwarder touches the kernel, with `_run_side_by_side` and `_tables_present` (whole tables): a
+        transaction of dispatch and nodePort elements only (a health change's) over netlink
+        (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
         changes = netlink.parse(script)
         sock = self._element_socket() if changes is not None else None
         if changes is not None and sock is not None:

@@ -97,15 +97,6 @@ def settings_of(m: model.Model) -> translate.Settings:
                               health_check=k.health_check, forwarding_mode=k.forwarding_mode)
 
 
-def slices_by_service(slices: Mapping[str, Obj]) -> dict[str, list[Obj]]:
-    out: dict[str, list[Obj]] = defaultdict(list)
-    for eps in slices.values():
-        name = ((eps.get("metadata") or {}).get("labels") or {}).get(translate.SERVICE_NAME_LABEL)
-        if name:
-            out[f"{(eps.get('metadata') or {}).get('namespace')}/{name}"].append(eps)
-    return out
-
-
 # A Service's translation, by what it was translated from: its resourceVersion and those of its EndpointSlices.
 TranslationCache = dict[str, tuple[tuple[str, ...], model.Service | None, list[Problem]]]
 
@@ -300,8 +291,9 @@ def _redo(last: _Pass, touched: set[str], slices: Mapping[str, list[Obj]], slice
 
 def _slices_of(slices: Mapping[str, Obj], cache: BuildCache
                ) -> tuple[dict[str, list[Obj]], dict[str, list[str]], set[str]]:
-    """`slices_by_service`, each Service's EndpointSlices' resourceVersions, and the Services whose EndpointSlices
-    are not the last build's (new, changed, gone or moved to another Service), reading only new objects."""
+    """Each Service's EndpointSlices (by the Service-name label), their resourceVersions, and the Services whose
+    EndpointSlices are not the last build's (new, changed, gone or moved to another Service), reading only new
+    objects."""
     by_service: dict[str, list[Obj]] = defaultdict(list)
     versions: dict[str, list[str]] = defaultdict(list)
     known, seen, touched = cache.slices, {}, set()
