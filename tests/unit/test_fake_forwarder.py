@@ -7,7 +7,8 @@ forwarder's refusal is the kernel's own: another process holds `table inet lbage
 is not permitted to touch it. Both must answer each step alike ("full", "delta", "unchanged" or the same error) and
 report the same VIPs as programmed; the scripts the fake keeps must be ones the kernel takes, and add up to the
 table the real forwarder left in its kernel; and the fake's `text` (the table as it believes the kernel holds it)
-must be that table too.
+must be that table too. Both run in one table and with the test model spread over shard tables (whose whole
+applies go side by side).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from lbagent import model
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError
+from lbagent.l4.nftables import apply, render
 from lbagent.l4.nftables.apply import NftForwarder
 from lbagent.plan.services import Frontend, all_healthy, plan
 from lbagent.sources.file import config
@@ -36,7 +38,16 @@ TABLE = "lbagent"
 NODES = ("node1", "node2", "node3")
 
 # The real forwarder's side, run inside the namespace: the same steps, the kernel's table listed after each.
-INSIDE = "from tests.unit.test_fake_forwarder import inside; inside()"
+INSIDE = "import sys; from tests.unit.test_fake_forwarder import inside; inside(sys.argv[1])"
+# The layouts both run in: one table, and the test model's frontends over several shard tables (2 frontends a
+# shard), whose whole applies go side by side in 2 nft processes.
+LAYOUTS = {"one-table": None, "sharded": 2}
+
+
+def use_layout(layout: str) -> None:
+    if (per_shard := LAYOUTS[layout]) is not None:
+        render.SHARD_FRONTENDS = per_shard
+        apply.WHOLE_APPLY_PROCESSES = 2
 
 
 def moved_model() -> model.Model:
@@ -93,8 +104,9 @@ async def scenario(fwd: NftForwarder, refuse: Callable[[bool], Awaitable[None]],
     return out
 
 
-def inside() -> None:
-    """In the namespace: the real forwarder through the steps, printing each step's answer and the kernel's table."""
+def inside(layout: str) -> None:
+    """In the namespace: the real forwarder through the steps, printing each step's answer and the kernel's tables."""
+    use_layout(layout)
     owner: asyncio.subprocess.Process | None = None
 
     def nft(*args: str) -> subprocess.CompletedProcess[str]:
@@ -128,7 +140,8 @@ def inside() -> None:
 
     async def observe() -> dict[str, Any]:
         listing = nft("-j", "list", "table", "inet", TABLE)
-        return {"table": listing.stdout if listing.returncode == 0 and owner is None else None}
+        tables = nft("-j", "list", "ruleset")  # with the shard tables
+        return {"table": tables.stdout if listing.returncode == 0 and owner is None else None}
 
     async def main() -> list[dict[str, Any]]:
         try:
@@ -141,15 +154,23 @@ def inside() -> None:
     print(json.dumps(asyncio.run(main())))
 
 
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(render, "SHARD_FRONTENDS", render.SHARD_FRONTENDS)
+    monkeypatch.setattr(apply, "WHOLE_APPLY_PROCESSES", apply.WHOLE_APPLY_PROCESSES)
+    use_layout(request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def namespaces() -> Iterator[list[str]]:
     with throwaway_netns("ffw", 3) as names:
         yield names
 
 
-def test_the_fake_forwarder_keeps_the_real_ones_promises(namespaces: list[str]) -> None:
+def test_the_fake_forwarder_keeps_the_real_ones_promises(namespaces: list[str], layout: str) -> None:
     real_ns, replay_ns, text_ns = namespaces
-    real = run_python(real_ns, INSIDE)
+    real = run_python(real_ns, INSIDE, layout)
 
     fake = FakeForwarder(model.Dataplane(table=TABLE))
 
@@ -179,8 +200,12 @@ def test_the_fake_forwarder_keeps_the_real_ones_promises(namespaces: list[str]) 
             assert "error" in fake_step and fake_step["text"] == ""
             continue
         kernel = _canonical(real_step["table"])
-        assert _canonical(nft(replay_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
+        assert _canonical(nft(replay_ns, "-j", "list", "ruleset")) == kernel, real_step["step"]
         nft(text_ns, "-f", "-", script=fake_step["text"])
-        assert _canonical(nft(text_ns, "-j", "list", "table", "inet", TABLE)) == kernel, real_step["step"]
+        assert _canonical(nft(text_ns, "-j", "list", "ruleset")) == kernel, real_step["step"]
     # only the full applies replaced the table; the health changes and the new model went as element changes
-    assert sum("delete table inet" in s for s in fake.scripts) == 3
+    assert sum(s.count(f"delete table inet {TABLE}\n") for s in fake.scripts) == 3
+    if layout == "sharded":  # the real kernel held shard tables, and the fake replaced them side by side
+        assert f'"name": "{TABLE}_shard2"' in real[0]["table"]
+        assert sum(f"delete table inet {TABLE}_shard1\n" in s and f"delete table inet {TABLE}\n" not in s
+                   for s in fake.scripts) == 3
