@@ -151,9 +151,8 @@ def build(base: model.Model, snap: Snapshot, cache: BuildCache | None = None) ->
     settings = settings_of(base)
     if cache is None:
         cache = BuildCache()
-    if cache.settings != repr(settings):
-        cache.__init__()  # type: ignore[misc]
-        cache.settings = repr(settings)
+    if cache.settings != repr(settings):  # what was read under other settings says nothing now
+        vars(cache).update(vars(BuildCache(settings=repr(settings))))
     built = Built()
     for key, obj in sorted(snap.nodes.items()):
         node, problems = translate.translate_node(obj, settings)
@@ -253,7 +252,7 @@ def _pass(base: model.Model, order: list[str], slices: Mapping[str, list[Obj]],
         out.outcome[key] = (store_key, "served", len(out.services))
         out.services.append(service)
     out.problems = dict(out.problems)
-    for key in cache.translated.keys() - out.outcome.keys() - {""}:
+    for key in cache.translated.keys() - out.outcome.keys():
         del cache.translated[key]  # a Service that is gone, or no longer lbagent's
         cache.claims.pop(key, None)
     return out
