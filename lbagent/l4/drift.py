@@ -129,7 +129,8 @@ def _drop_element_messages(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
 
 
-def _attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+def attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+    """A message's attributes by type, from `offset` to `end` (the first of each type)."""
     found: dict[int, bytes] = {}
     while offset + NLA_HDR.size <= end:
         length, kind = NLA_HDR.unpack_from(data, offset)
@@ -140,7 +141,8 @@ def _attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
     return found
 
 
-def _text(value: bytes) -> str:
+def attribute_text(value: bytes) -> str:
+    """A string attribute's text (NUL-terminated)."""
     return value.split(b"\0", 1)[0].decode(errors="replace")
 
 
@@ -172,7 +174,7 @@ class NftChangeParser:
         if start + 4 > end:
             return None
         family = FAMILIES.get(data[start], str(data[start]))
-        attrs = _attributes(data, start + 4, end)  # after struct nfgenmsg
+        attrs = attributes(data, start + 4, end)  # after struct nfgenmsg
         if kind == NFT_MSG_NEWGEN:
             what, self._pending = self._pending, []
             if not what:
@@ -180,9 +182,10 @@ class NftChangeParser:
             generation = struct.unpack(">I", attrs[1])[0] if len(attrs.get(1, b"")) == 4 else 0
             pid_raw = attrs.get(NFTA_GEN_PROC_PID, b"")
             pid = struct.unpack(">I", pid_raw)[0] if len(pid_raw) == 4 else 0
-            return NftChange(generation, pid, _text(attrs.get(NFTA_GEN_PROC_NAME, b"")), ", ".join(what), port)
+            name = attribute_text(attrs.get(NFTA_GEN_PROC_NAME, b""))
+            return NftChange(generation, pid, name, ", ".join(what), port)
         action = NFT_MESSAGES.get(kind)
-        table = _text(attrs.get(NFTA_TABLE, b""))
+        table = attribute_text(attrs.get(NFTA_TABLE, b""))
         if action is not None and len(self._pending) < 4 and (family, table) in set(self._tables()):
             change = f"{action} {family} {table}"
             if change not in self._pending:

@@ -140,3 +140,20 @@ def test_a_refused_part_refuses_the_whole_transaction_and_says_why(
     assert "192.0.2.1 . tcp . 80 : 30080" in nft(name, "list", "map", "inet", "t", "node_ports_v4")
     _apply(sock, "delete element inet t node_ports_v4 { 192.0.2.1 . tcp . 80 : 30080 }\n")
     assert "30080" not in nft(name, "list", "map", "inet", "t", "node_ports_v4")
+
+
+def test_the_tables_listed_over_netlink_are_the_ones_nft_lists() -> None:
+    """`table_names` (what a starting forwarder asks, instead of `nft list tables`): every table of the family asked
+    for, through a dump longer than one read, and none of another family's."""
+    with throwaway_netns("nfttabs") as (name,):
+        many = "".join(f"add table inet many{i}\n" for i in range(1500))
+        nft(name, "-f", "-", script=many + "add table ip other\nadd table netdev other\n" + TABLE)
+        listed = {line.split()[-1] for line in nft(name, "list", "tables", "inet").splitlines() if line.strip()}
+        pushns(name)
+        try:
+            inet, ip = netlink.table_names(), netlink.table_names(2)  # NFPROTO_IPV4
+        finally:
+            popns()
+    assert len(listed) == 1501
+    assert inet == listed
+    assert ip == {"other"}

@@ -172,10 +172,9 @@ class NftForwarder:
         return not present or present == {render.shard_table(self.dataplane.table, s) for s in range(shards)}
 
     async def _tables_present(self) -> set[str]:
-        """lbagent's inet tables (its own and its shards') in the kernel now."""
-        names = set(shard_tables(self.dataplane.table))
-        listing = await run_nft(["list", "tables", "inet"])
-        return {t for line in listing.splitlines() if (t := line.removeprefix("table inet ").strip()) in names}
+        """lbagent's inet tables (its own and its shards') in the kernel now (asked over netlink: `nft list tables`
+        took 0.25 s with 10,000 services' tables there, as long as the whole apply's Python)."""
+        return set(shard_tables(self.dataplane.table)) & await asyncio.to_thread(netlink.table_names)
 
     def _element_socket(self) -> netlink.ElementSocket | None:
         """The netlink socket for element changes, opened on first use; None when it cannot be (then libnftables)."""

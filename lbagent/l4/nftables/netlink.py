@@ -10,6 +10,8 @@ work; tests/unit/test_nft_netlink.py holds the packing byte for byte to pyroute2
 
 Only transactions made of nothing but dispatch and nodePort element changes, as lbagent.l4.nftables.render writes
 them, go this way (`parse`); anything else (a new lookup table, a chain, source ranges) goes through libnftables.
+
+The names of the kernel's tables are asked here too (`table_names`): nft reads every set's elements to list tables.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, netfilter_socket, remember_own
+from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, attribute_text, attributes, netfilter_socket, remember_own
 from lbagent.l4.nft import NftError
 
 # uapi/linux/netlink.h, netfilter/nfnetlink.h and netfilter/nf_tables.h: what a batch of element changes is made of
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
@@ -159,6 +162,39 @@ class ElementSocket:
                     else:
                         errors.append(f"{errno.errorcode.get(-code, str(-code))} ({os.strerror(-code)})")
                 offset += (length + 3) & ~3
+
+
+def table_names(family: int = NFPROTO_INET, timeout: float = 10.0) -> set[str]:
+    """The names of the kernel's nf_tables tables of a family, from a netlink dump of the tables alone. (`nft list
+    tables` reads every set's elements first: 0.25 s with 10,000 services' tables in the kernel.)"""
+    sock = netfilter_socket(RECEIVE_BUFFER, lambda sock: None)
+    try:
+        sock.settimeout(timeout)
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+        sock.sendall(message(kind, NLM_F_REQUEST | NLM_F_DUMP, 1, family, 0, b""))
+        names: set[str] = set()
+        while True:
+            data = sock.recv(RECEIVE_BUFFER)
+            offset = 0
+            while offset + NLMSG_HDR.size <= len(data):
+                length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, offset)
+                if length < NLMSG_HDR.size:
+                    break
+                start, end = offset + NLMSG_HDR.size, offset + length
+                if kind == NLMSG_DONE:
+                    return names
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, start)
+                    raise NftError(f"the kernel refused to list its tables: {errno.errorcode.get(-code, str(-code))} "
+                                   f"({os.strerror(-code)})")
+                name = attributes(data, start + 4, end).get(NFTA_TABLE_NAME)  # after struct nfgenmsg
+                if name is not None:
+                    names.add(attribute_text(name))
+                offset += (length + 3) & ~3
+    except (OSError, TimeoutError) as exc:
+        raise NftError(f"listing the kernel's nf_tables tables: {exc}") from exc
+    finally:
+        sock.close()
 
 
 def message(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:

@@ -127,7 +127,7 @@ def _service_hash(service: str) -> int:
 
 
 def _key(f: Frontend) -> FrontendKey:
-    return (_text(f.vip), f.protocol.value.lower(), f.port)
+    return (_text(f.vip), f.protocol.lower(), f.port)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -172,8 +172,15 @@ def build(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datapl
     for vip in vips:
         rs.vips[vip.version].add(str(vip))
     tables = _TableCache()
+    where, last = _NOWHERE, None
     for f in frontends:
-        _insert(rs, f, tables)
+        # A service's frontends come one after another, most on one VIP and backends: where one goes is worked out
+        # once for them (a full build at 10,000 services: 0.08 to 0.05 s).
+        if (last is None or f.service is not last.service or f.vip is not last.vip or f.backends is not last.backends
+                or f.mode is not last.mode or f.affinity_timeout != last.affinity_timeout):
+            where = _where(rs, f, tables)
+        _place(rs, f, where)
+        last = f
     return rs
 
 
@@ -202,26 +209,57 @@ class _TableCache:
         return table
 
 
-def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
+class _Where(NamedTuple):
+    """Where a frontend's elements go, the same for each frontend of a service on one VIP: its family, the VIP as nft
+    writes it, its shard and the chain it jumps to (None: no active backend, not dispatched), with the keys of the
+    shard's chain and lookup-table counts."""
+
+    version: int
+    vip: str
+    shard: int
+    chain: str | None
+    chain_user: tuple[int, str]
+    table_user: tuple[int, str]
+
+
+_NOWHERE = _Where(4, "", 0, None, (0, ""), (0, ""))
+
+
+def _where(rs: Ruleset, f: Frontend, tables: _TableCache) -> _Where:
+    """Where `f` goes, with its lookup table and chain made part of `rs`."""
     table = tables.get(f, rs.size, rs.tables)
     if table is None:
-        return
-    v, key = f.vip.version, _key(f)
+        return _NOWHERE
     rs.tables.setdefault(table.name, table)
     by_client = f.affinity_timeout is not None
     masquerade = f.mode is model.ForwardingMode.MASQUERADE
     chain = table.name + ("_c" if by_client else "") + ("_m" if masquerade else "")
-    rs.chains[chain] = Chain(table.name, by_client, masquerade)
+    if chain not in rs.chains:
+        rs.chains[chain] = Chain(table.name, by_client, masquerade)
     shard = shard_of_service(f.service, rs.shards)
-    rs.chain_users[(shard, chain)] += 1
-    rs.table_users[(shard, table.name)] += 1
-    if shard:
-        rs.shard_of[key] = shard
-    if rs.dispatch[v].get(key) is None:
-        if not rs.dispatched[key[0]]:  # (by its text: hashing an address object is slow Python)
+    return _Where(table.version, _text(f.vip), shard, chain, (shard, chain), (shard, table.name))
+
+
+def _insert(rs: Ruleset, f: Frontend, tables: _TableCache) -> None:
+    _place(rs, f, _where(rs, f, tables))
+
+
+def _place(rs: Ruleset, f: Frontend, where: _Where) -> None:
+    """Put the frontend in `rs` where `_where` says."""
+    chain = where.chain
+    if chain is None:
+        return
+    v, key = where.version, (where.vip, f.protocol.lower(), f.port)
+    rs.chain_users[where.chain_user] += 1
+    rs.table_users[where.table_user] += 1
+    if where.shard:
+        rs.shard_of[key] = where.shard
+    dispatch = rs.dispatch[v]
+    if key not in dispatch:
+        if not rs.dispatched[where.vip]:  # (by its text: hashing an address object is slow Python)
             rs.live.add(f.vip)
-        rs.dispatched[key[0]] += 1
-    rs.dispatch[v][key] = chain
+        rs.dispatched[where.vip] += 1
+    dispatch[key] = chain
     rs.node_ports[v][key] = f.node_port
     if f.source_ranges:
         rs.ranged[v].add(key)
