@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
@@ -86,26 +87,24 @@ class ServiceDecision:
 
 
 class Frontends(Sequence[Frontend]):
-    """Every service's frontends as one sequence, read through the plan's `by_service` when it is iterated: a plan
-    made again for one service (`replan`) does not copy 20,000 frontends, and a data plane that applies only the
-    change never reads them."""
+    """Every service's frontends as one sequence, read through the plan's `by_service` each time it is iterated: a
+    plan made again for one service (`replan`) does not copy 20,000 frontends, and a data plane that applies only the
+    change never reads them. Nothing of the whole is kept either: a plan that kept its frontends in one tuple after a
+    full apply made the next change pay for freeing it (0.4 ms at 10,000 services, every frontend touched)."""
 
-    __slots__ = ("_by_service", "_flat")
+    __slots__ = ("_by_service", "_len")
 
     def __init__(self, by_service: Mapping[str, tuple[Frontend, ...]]) -> None:
         self._by_service = by_service
-        self._flat: tuple[Frontend, ...] | None = None
-
-    def _all(self) -> tuple[Frontend, ...]:
-        if self._flat is None:
-            self._flat = tuple(f for fs in self._by_service.values() for f in fs)
-        return self._flat
+        self._len: int | None = None
 
     def __iter__(self) -> Iterator[Frontend]:
-        return iter(self._all())
+        return itertools.chain.from_iterable(self._by_service.values())
 
     def __len__(self) -> int:
-        return len(self._all())
+        if self._len is None:
+            self._len = sum(map(len, self._by_service.values()))
+        return self._len
 
     @overload
     def __getitem__(self, index: int) -> Frontend: ...
@@ -113,17 +112,17 @@ class Frontends(Sequence[Frontend]):
     def __getitem__(self, index: slice) -> tuple[Frontend, ...]: ...
 
     def __getitem__(self, index: int | slice) -> Frontend | tuple[Frontend, ...]:
-        return self._all()[index]
+        return tuple(self)[index]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Frontends | tuple):
-            return self._all() == tuple(other)
+            return tuple(self) == tuple(other)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Frontends({self._all()!r})"
+        return f"Frontends({tuple(self)!r})"
 
 
 @dataclass(frozen=True)
