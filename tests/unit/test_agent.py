@@ -52,6 +52,7 @@ class FakeBinder(VipBinder):
         super().__init__("lo")
         self.vips: set[model.IPAddress] = set()
         self.broken = False
+        self.syncs = 0
 
     async def bound(self) -> set[model.IPAddress]:
         return set(self.vips)
@@ -59,6 +60,7 @@ class FakeBinder(VipBinder):
     async def sync(
         self, desired: Iterable[model.IPAddress], keep: Iterable[model.IPAddress] = ()
     ) -> set[model.IPAddress]:
+        self.syncs += 1
         if self.broken:
             raise VipError("cannot bind VIP: netlink said no")
         self.vips = (self.vips & (set(desired) | set(keep))) | set(desired)
@@ -392,6 +394,51 @@ def test_a_reload_that_changes_only_services_applies_only_theirs(tmp_path: Path,
         doc["nodes"] = doc["nodes"][:2]
         assert "update" not in await reload_to(doc)
         await until(lambda: h.rotation() == {"203.0.113.11", "203.0.113.12"})
+        h.agent.stop("test")
+        await run
+
+    asyncio.run(scenario())
+
+
+def test_the_vips_are_synced_again_only_when_what_is_asked_changed(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Every reload marks the VIP reconciler dirty. The interface is read back (a dump of every address on it) only
+    when the plan's VIPs or the announced prefixes changed, on the periodic resync, and after someone removed a VIP;
+    a change of a Service's ports or endpoints leaves it alone."""
+    h = Harness(tmp_path)
+    caplog.set_level(logging.INFO)
+
+    def applies() -> int:
+        return sum(r.getMessage() == "dataplane_applied" for r in caplog.records)
+
+    async def reload_to(doc: dict[str, Any]) -> None:
+        before = applies()
+        h.path.write_text(yaml.safe_dump(doc))
+        assert await h.agent.reload() is True
+        await until(lambda: applies() > before)
+
+    async def scenario() -> None:
+        run = asyncio.create_task(h.agent.run())
+        await until(lambda: h.announced() == {"192.0.2.10/32"})
+        await h.agent.vips.reconcile(resync=False)  # asked with the announced prefix (kept bound while announced)
+        syncs = h.binder.syncs
+        doc = yaml.safe_load(h.path.read_text())
+        doc["services"][0]["ports"][0]["nodePort"] = 30081  # the same VIPs
+        await reload_to(doc)
+        await h.agent.vips.reconcile(resync=False)  # however often it is asked
+        assert h.binder.syncs == syncs
+
+        doc["services"].append({"name": "api", "vip": "192.0.2.20", "ports": [{"port": 443, "nodePort": 30443}]})
+        await reload_to(doc)
+        await until(lambda: ip_address("192.0.2.20") in h.binder.vips)
+        await until(lambda: h.announced() == {"192.0.2.10/32", "192.0.2.20/32"})
+        syncs = h.binder.syncs
+
+        await h.agent.vips.reconcile(resync=True)  # the periodic resync reads it back whatever changed
+        assert h.binder.syncs == syncs + 1
+        h.binder.vips.discard(ip_address("192.0.2.20"))  # someone took it away
+        h.agent.vips.address_removed(ip_address("192.0.2.20"))
+        await until(lambda: ip_address("192.0.2.20") in h.binder.vips)
         h.agent.stop("test")
         await run
 
