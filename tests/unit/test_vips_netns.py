@@ -90,3 +90,36 @@ def test_sysctls_written_only_when_different(tmp_path: Path) -> None:
     assert key.read_text() == "1"
     with pytest.raises(VipError, match=r"net\.ipv4\.conf\.all\.arp_ignore"):
         apply_sysctls({"net/ipv4/conf/all/arp_ignore": "1"}, tmp_path)
+
+
+LISTING = """
+import json, socket, sys
+from pyroute2 import IPRoute
+from lbagent.l3.vips import interface_addresses
+with IPRoute() as ipr:
+    answers = {}
+    for name in ("lo", "d0"):
+        index = ipr.link_lookup(ifname=name)[0]
+        theirs = sorted([m.get_attr("IFA_ADDRESS") or m.get_attr("IFA_LOCAL"), m["prefixlen"],
+                         m.get_attr("IFA_PROTO") or 0] for m in ipr.get_addr(index=index))
+        ours = sorted([str(a), n, proto] for a, n, proto in interface_addresses(index))
+        answers[name] = {"pyroute2": theirs, "ours": ours}
+print(json.dumps(answers))
+"""
+
+
+def test_the_address_listing_reads_what_pyroute2_reads(netns: str) -> None:
+    """`interface_addresses` (the VIP sync's own rtnetlink dump) against pyroute2's decoding of the same dump: two
+    interfaces, IPv4 and IPv6, tagged and untagged, enough addresses for the dump to take several reads."""
+    batch = ["link add d0 type veth peer name d1", "link set d0 up", "addr add 198.51.100.1/24 dev d0",
+             "addr add 2001:db8:1::1/64 dev d0 nodad"]
+    batch += [f"addr add 203.0.113.{i}/32 dev lo" for i in range(1, 200)]  # untagged: an operator's
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], input="\n".join(batch) + "\n", text=True, check=True)
+    tagged = [f"2001:db8::{i:x}" for i in range(1, 2500)] + [f"192.0.2.{i}" for i in range(1, 255)]
+    assert step(netns, "sync", tagged)["vips"] == sorted(tagged)
+    answers = run_python(netns, LISTING)
+    for name, got in answers.items():
+        assert got["ours"] == got["pyroute2"], name
+    assert len(answers["lo"]["ours"]) == 2 + 199 + len(tagged)  # the loopback's own two, and nothing of d0's
+    assert sum(proto == 0x6C for _, _, proto in answers["lo"]["ours"]) == len(tagged)
+    assert {a for a, _, _ in answers["d0"]["ours"]} >= {"198.51.100.1", "2001:db8:1::1"}
