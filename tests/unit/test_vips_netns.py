@@ -123,3 +123,13 @@ def test_the_address_listing_reads_what_pyroute2_reads(netns: str) -> None:
     assert len(answers["lo"]["ours"]) == 2 + 199 + len(tagged)  # the loopback's own two, and nothing of d0's
     assert sum(proto == 0x6C for _, _, proto in answers["lo"]["ours"]) == len(tagged)
     assert {a for a, _, _ in answers["d0"]["ours"]} >= {"198.51.100.1", "2001:db8:1::1"}
+
+
+def test_a_vip_the_kernel_refuses_is_named_and_the_others_are_bound(netns: str) -> None:
+    """The VIPs missing go to the kernel in one batch: one it refuses (IPv6 on an interface without IPv6) fails the
+    sync with its address and the kernel's reason, and every other one of the batch is bound."""
+    subprocess.run(["ip", "-n", netns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.d0.disable_ipv6=1"], check=True)
+    result = step(netns, "sync", ["192.0.2.7", "2001:db8::7", "192.0.2.8"], interface="d0")
+    assert result == {"error": "cannot bind VIP 2001:db8::7 (EACCES: Permission denied) on d0"}
+    assert step(netns, "bound", interface="d0") == {"vips": ["192.0.2.7", "192.0.2.8"]}
