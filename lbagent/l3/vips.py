@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from lbagent import model
 from lbagent.logfmt import event
+from lbagent.netlinkmsg import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attribute, attributes, error_code, messages
 
 log = logging.getLogger("lbagent.vips")
 
@@ -36,11 +37,8 @@ class VipError(RuntimeError):
 
 
 # uapi/linux/netlink.h, rtnetlink.h and if_addr.h: what an address dump is made of
-_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
-_NLA = struct.Struct("=HH")
 _RTM_NEWADDR, _RTM_GETADDR = 20, 22
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
 _IFA_ADDRESS, _IFA_LOCAL, _IFA_PROTO = 1, 2, 11
 _BIND_BATCH = 512  # requests sent before their answers are read (about 40 KB each way)
@@ -56,29 +54,25 @@ def interface_addresses(index: int) -> list[tuple[model.IPAddress, int, int]]:
         sock.settimeout(10)
         sock.bind((0, 0))
         request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.sendall(_NLMSG.pack(_NLMSG.size + len(request), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+        sock.sendall(NLMSG_HDR.pack(NLMSG_HDR.size + len(request), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
                      + request)
         out: list[tuple[model.IPAddress, int, int]] = []
         while True:
             data = sock.recv(1 << 20)
-            offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
-                    break
-                if kind == _NLMSG_DONE:
+            for m in messages(data):
+                if m.kind == NLMSG_DONE:
                     return out
-                if kind == _NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + _NLMSG.size)
-                    raise VipError(f"listing the addresses of interface {index}: {os.strerror(-code)}")
-                if kind == _RTM_NEWADDR:
-                    _, prefixlen, _, _, where = _IFADDRMSG.unpack_from(data, offset + _NLMSG.size)
+                if m.kind == NLMSG_ERROR:
+                    raise VipError(f"listing the addresses of interface {index}: {os.strerror(-error_code(data, m))}")
+                if m.kind == _RTM_NEWADDR:
+                    _, prefixlen, _, _, where = _IFADDRMSG.unpack_from(data, m.start)
                     if where == index:
-                        address, proto = _address_attributes(data, offset + _NLMSG.size + _IFADDRMSG.size,
-                                                             offset + length)
-                        if address is not None:
-                            out.append((address, prefixlen, proto))
-                offset += (length + 3) & ~3
+                        attrs = attributes(data, m.start + _IFADDRMSG.size, m.end)
+                        # IFA_ADDRESS, or IFA_LOCAL when it has none; the IFA_PROTO tag, 0 when none
+                        value = attrs.get(_IFA_ADDRESS) or attrs.get(_IFA_LOCAL, b"")
+                        proto = attrs.get(_IFA_PROTO, b"\0")
+                        if len(value) in _ADDRESS_TYPES:
+                            out.append((_ADDRESS_TYPES[len(value)](value), prefixlen, proto[0] if proto else 0))
     except OSError as exc:
         raise VipError(f"listing the addresses of interface {index}: {exc}") from exc
     finally:
@@ -103,54 +97,24 @@ def bind_addresses(index: int, vips: list[model.IPAddress], proto: int) -> dict[
                 v4 = vip.version == 4
                 body = _IFADDRMSG.pack(socket.AF_INET if v4 else socket.AF_INET6, 32 if v4 else 128,
                                        0 if v4 else IFA_F_NODAD, 0, index)
-                body += ((_rtattr(_IFA_LOCAL, vip.packed) if v4 else b"") + _rtattr(_IFA_ADDRESS, vip.packed)
-                         + _rtattr(_IFA_PROTO, bytes([proto])))
+                body += ((attribute(_IFA_LOCAL, vip.packed) if v4 else b"") + attribute(_IFA_ADDRESS, vip.packed)
+                         + attribute(_IFA_PROTO, bytes([proto])))
                 flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_EXCL
-                requests.append(_NLMSG.pack(_NLMSG.size + len(body), _RTM_NEWADDR, flags, seq, 0) + body)
+                requests.append(NLMSG_HDR.pack(NLMSG_HDR.size + len(body), _RTM_NEWADDR, flags, seq, 0) + body)
             sock.sendall(b"".join(requests))
             answered: set[int] = set()
             while len(answered) < len(batch):
                 data = sock.recv(1 << 20)
-                offset = 0
-                while offset + _NLMSG.size <= len(data):
-                    length, kind, _, seq, _ = _NLMSG.unpack_from(data, offset)
-                    if length < _NLMSG.size:
-                        break
-                    if kind == _NLMSG_ERROR and first < seq <= first + len(batch):
-                        (code,) = struct.unpack_from("=i", data, offset + _NLMSG.size)
-                        answered.add(seq)
-                        if code:
-                            refused[batch[seq - first - 1]] = -code
-                    offset += (length + 3) & ~3
+                for m in messages(data):
+                    if m.kind == NLMSG_ERROR and first < m.seq <= first + len(batch):
+                        answered.add(m.seq)
+                        if code := -error_code(data, m):
+                            refused[batch[m.seq - first - 1]] = code
     except OSError as exc:
         raise VipError(f"binding VIPs on interface {index}: {exc}") from exc
     finally:
         sock.close()
     return refused
-
-
-def _rtattr(kind: int, payload: bytes) -> bytes:
-    """A route attribute, padded to 4 bytes."""
-    return _NLA.pack(_NLA.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-
-def _address_attributes(data: bytes, offset: int, end: int) -> tuple[model.IPAddress | None, int]:
-    """An RTM_NEWADDR's address (IFA_ADDRESS; IFA_LOCAL when it has none) and IFA_PROTO tag (0 when none)."""
-    address = local = None
-    proto = 0
-    while offset + _NLA.size <= end:
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size:
-            break
-        value = data[offset + _NLA.size:offset + length]
-        if kind == _IFA_ADDRESS and len(value) in _ADDRESS_TYPES:
-            address = _ADDRESS_TYPES[len(value)](value)
-        elif kind == _IFA_LOCAL and len(value) in _ADDRESS_TYPES:
-            local = _ADDRESS_TYPES[len(value)](value)
-        elif kind == _IFA_PROTO and len(value) == 1:
-            proto = value[0]
-        offset += (length + 3) & ~3
-    return address or local, proto
 
 
 class VipBinder:

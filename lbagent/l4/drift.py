@@ -23,15 +23,14 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from lbagent.netlinkmsg import attribute_text, attributes, messages
+
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 SO_ATTACH_FILTER = 26
-NLMSG_HDR = struct.Struct("=IHHII")
-NLA_HDR = struct.Struct("=HH")
-NLA_TYPE_MASK = 0x3FFF
 
 # nf_tables message types (uapi/linux/netfilter/nf_tables.h): what changed, by kind of object.
 NFT_MESSAGES = {
@@ -129,23 +128,6 @@ def _drop_element_messages(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
 
 
-def attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    """A message's attributes by type, from `offset` to `end` (the first of each type)."""
-    found: dict[int, bytes] = {}
-    while offset + NLA_HDR.size <= end:
-        length, kind = NLA_HDR.unpack_from(data, offset)
-        if length < NLA_HDR.size:
-            break
-        found.setdefault(kind & NLA_TYPE_MASK, data[offset + NLA_HDR.size:offset + length])
-        offset += (length + 3) & ~3
-    return found
-
-
-def attribute_text(value: bytes) -> str:
-    """A string attribute's text (NUL-terminated)."""
-    return value.split(b"\0", 1)[0].decode(errors="replace")
-
-
 class NftChangeParser:
     """Turns nf_tables notifications into changes of the watched tables, one per committed generation."""
 
@@ -158,16 +140,11 @@ class NftChangeParser:
 
     def feed(self, data: bytes) -> list[NftChange]:
         changes = []
-        offset = 0
-        while offset + NLMSG_HDR.size <= len(data):
-            length, kind, _flags, _seq, port = NLMSG_HDR.unpack_from(data, offset)
-            if length < NLMSG_HDR.size or offset + length > len(data):
-                break
-            if kind >> 8 == NFNL_SUBSYS_NFTABLES:
-                change = self._message(kind & 0xFF, data, offset + NLMSG_HDR.size, offset + length, port)
+        for m in messages(data):
+            if m.kind >> 8 == NFNL_SUBSYS_NFTABLES:
+                change = self._message(m.kind & 0xFF, data, m.start, m.end, m.port)
                 if change is not None:
                     changes.append(change)
-            offset += (length + 3) & ~3
         return changes
 
     def _message(self, kind: int, data: bytes, start: int, end: int, port: int) -> NftChange | None:

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 from lbagent import model
-from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, netfilter_socket
+from lbagent.l4.drift import netfilter_socket
 from lbagent.l4.nftscript import REFUSED_LOG_GROUP
 from lbagent.logfmt import event
+from lbagent.netlinkmsg import NLMSG_HDR, attribute, attributes, messages
 
 log = logging.getLogger("lbagent.dataplane")
 
@@ -44,9 +45,7 @@ Refused = Callable[[model.IPAddress, int], None]
 def config_message(group: int, attributes: list[tuple[int, bytes]], seq: int) -> bytes:
     """An NFULNL_MSG_CONFIG request for `group` (nfgenmsg: AF_UNSPEC, version 0, the group in res_id)."""
     body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(group))
-    for kind, value in attributes:
-        length = NLA_HDR.size + len(value)
-        body += NLA_HDR.pack(length, kind) + value + b"\0" * ((4 - length % 4) % 4)
+    body += b"".join(attribute(kind, value) for kind, value in attributes)
     kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
@@ -64,28 +63,12 @@ def refusals(data: bytes) -> list[tuple[model.IPAddress, int]]:
     """The (source address, source port) of each logged TCP packet in a datagram of NFLOG messages: the node and
     the nodePort that refused."""
     out: list[tuple[model.IPAddress, int]] = []
-    offset = 0
-    while offset + NLMSG_HDR.size <= len(data):
-        length, kind, _flags, _seq, _port = NLMSG_HDR.unpack_from(data, offset)
-        if length < NLMSG_HDR.size or offset + length > len(data):
-            break
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
-            payload = _attribute(data, offset + NLMSG_HDR.size + 4, offset + length, NFULA_PAYLOAD)
+    for m in messages(data):
+        if m.kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            payload = attributes(data, m.start + 4, m.end).get(NFULA_PAYLOAD)  # after struct nfgenmsg
             if payload is not None and (found := _source(payload)) is not None:
                 out.append(found)
-        offset += (length + 3) & ~3
     return out
-
-
-def _attribute(data: bytes, offset: int, end: int, wanted: int) -> bytes | None:
-    while offset + NLA_HDR.size <= end:
-        length, kind = NLA_HDR.unpack_from(data, offset)
-        if length < NLA_HDR.size:
-            return None
-        if kind & 0x3FFF == wanted:
-            return data[offset + NLA_HDR.size:offset + length]
-        offset += (length + 3) & ~3
-    return None
 
 
 def _source(packet: bytes) -> tuple[model.IPAddress, int] | None:

@@ -7,7 +7,7 @@ import struct
 from ipaddress import ip_address
 
 from lbagent.l4 import refusals
-from lbagent.l4.drift import NLA_HDR, NLMSG_HDR
+from lbagent.netlinkmsg import NLA_HDR, NLMSG_HDR
 from tests.netns import run_python, throwaway_netns
 
 

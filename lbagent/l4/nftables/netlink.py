@@ -24,12 +24,21 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from lbagent.l4.drift import NLA_HDR, NLMSG_HDR, attribute_text, attributes, netfilter_socket, remember_own
+from lbagent.l4.drift import netfilter_socket, remember_own
 from lbagent.l4.nft import NftError
+from lbagent.netlinkmsg import (
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HDR,
+    attribute,
+    attribute_text,
+    attributes,
+    error_code,
+    messages,
+)
 
 # uapi/linux/netlink.h, netfilter/nfnetlink.h and netfilter/nf_tables.h: what a batch of element changes is made of
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -130,11 +139,11 @@ class ElementSocket:
             kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if change.add else NFT_MSG_DELSETELEM)
             flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if change.add else 0)
             # the elements of the list numbered from 1, as libnftnl does (the kernel reads them in order)
-            elements = b"".join(_attr(i, _element(key, value, change.add))
+            elements = b"".join(attribute(i, _element(key, value, change.add))
                                 for i, (key, value) in enumerate(change.elements, 1))
-            attrs = (_attr(NFTA_SET_ELEM_LIST_TABLE, _string(change.table))
-                     + _attr(NFTA_SET_ELEM_LIST_SET, _string(change.map))
-                     + _attr(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
+            attrs = (attribute(NFTA_SET_ELEM_LIST_TABLE, _string(change.table))
+                     + attribute(NFTA_SET_ELEM_LIST_SET, _string(change.map))
+                     + attribute(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
             parts.append(message(kind, flags, seq, NFPROTO_INET, 0, attrs))
             sent.add(seq)
         parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next(), 0, NFNL_SUBSYS_NFTABLES, b""))
@@ -150,18 +159,13 @@ class ElementSocket:
                 data = self._sock.recv(RECEIVE_BUFFER, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return errors, acked
-            offset = 0
-            while offset + NLMSG_HDR.size <= len(data):
-                length, kind, _, seq, _ = NLMSG_HDR.unpack_from(data, offset)
-                if length < NLMSG_HDR.size:
-                    break
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + NLMSG_HDR.size)
+            for m in messages(data):
+                if m.kind == NLMSG_ERROR:
+                    code = -error_code(data, m)
                     if code == 0:
-                        acked.add(seq)
+                        acked.add(m.seq)
                     else:
-                        errors.append(f"{errno.errorcode.get(-code, str(-code))} ({os.strerror(-code)})")
-                offset += (length + 3) & ~3
+                        errors.append(f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})")
 
 
 def table_names(family: int = NFPROTO_INET, timeout: float = 10.0) -> set[str]:
@@ -175,22 +179,16 @@ def table_names(family: int = NFPROTO_INET, timeout: float = 10.0) -> set[str]:
         names: set[str] = set()
         while True:
             data = sock.recv(RECEIVE_BUFFER)
-            offset = 0
-            while offset + NLMSG_HDR.size <= len(data):
-                length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, offset)
-                if length < NLMSG_HDR.size:
-                    break
-                start, end = offset + NLMSG_HDR.size, offset + length
-                if kind == NLMSG_DONE:
+            for m in messages(data):
+                if m.kind == NLMSG_DONE:
                     return names
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, start)
-                    raise NftError(f"the kernel refused to list its tables: {errno.errorcode.get(-code, str(-code))} "
-                                   f"({os.strerror(-code)})")
-                name = attributes(data, start + 4, end).get(NFTA_TABLE_NAME)  # after struct nfgenmsg
+                if m.kind == NLMSG_ERROR:
+                    code = -error_code(data, m)
+                    raise NftError(f"the kernel refused to list its tables: {errno.errorcode.get(code, str(code))} "
+                                   f"({os.strerror(code)})")
+                name = attributes(data, m.start + 4, m.end).get(NFTA_TABLE_NAME)  # after struct nfgenmsg
                 if name is not None:
                     names.add(attribute_text(name))
-                offset += (length + 3) & ~3
     except (OSError, TimeoutError) as exc:
         raise NftError(f"listing the kernel's nf_tables tables: {exc}") from exc
     finally:
@@ -203,21 +201,16 @@ def message(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: by
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), kind, flags, seq, 0) + body
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    """A netlink attribute, padded to 4 bytes (a nested one is an attribute of attributes)."""
-    return NLA_HDR.pack(NLA_HDR.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
-
-
 def _string(text: str) -> bytes:
     return text.encode() + b"\0"
 
 
 def _element(key: bytes, value: str | int, add: bool) -> bytes:
     """One element: its key and, when added, its data: a goto to a chain, or a nodePort."""
-    out = _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))
+    out = attribute(NFTA_SET_ELEM_KEY, attribute(NFTA_DATA_VALUE, key))
     if add:
-        data = (_attr(NFTA_DATA_VERDICT, _attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO))
-                      + _attr(NFTA_VERDICT_CHAIN, _string(value)))
-                if isinstance(value, str) else _attr(NFTA_DATA_VALUE, struct.pack(">H", value)))
-        out += _attr(NFTA_SET_ELEM_DATA, data)
+        data = (attribute(NFTA_DATA_VERDICT, attribute(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO))
+                      + attribute(NFTA_VERDICT_CHAIN, _string(value)))
+                if isinstance(value, str) else attribute(NFTA_DATA_VALUE, struct.pack(">H", value)))
+        out += attribute(NFTA_SET_ELEM_DATA, data)
     return out
