@@ -6,7 +6,7 @@ service's health check, applied as the agent does it (re-plan that service, hand
 from the previous plan to the new one), twice: the first service to lose the node needs a new lookup table, the
 second (the next one in the same nftables shard) finds it programmed; its baseline, in the same run, is a forced
 full re-apply (what a naive agent does, and what the periodic resync does). The model is loaded as the agent loads
-its own (lbagent.agent.agent.load_off_the_loop). Last, the full sync of a restarted agent: a new forwarder, which
+its own (lbagent.agent.agent.loaded). Last, the full sync of a restarted agent: a new forwarder, which
 knows nothing of the tables the previous one left in the kernel.
 
 Usage: .venv/bin/python bench/scale.py [--dataplane nftables iptables iptables-legacy] [--services 1000 10000]
@@ -28,7 +28,6 @@ import sys
 import time
 import tracemalloc
 import uuid
-from collections.abc import Callable
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbagent import model
-from lbagent.agent.agent import load_off_the_loop
+from lbagent.agent.agent import loaded
 from lbagent.l3.vips import apply_sysctls
 from lbagent.l4.forwarder import FrontendChange, make_forwarder
 from lbagent.l4.nftables.apply import NftForwarder
@@ -67,34 +66,9 @@ def build_model(services: int, nodes: int, dataplane: model.Dataplane | None = N
     return model.Model("lb1", "lo", bgp, node_list, tuple(svcs), dataplane or model.Dataplane())
 
 
-class _Generated:
-    """The bench's model as the agent's source: loaded the way the agent loads its model (`load_off_the_loop`:
-    the garbage collector off during the load, and a large model frozen out of later collections)."""
-
-    name = "bench"
-
-    def __init__(self, services: int, nodes: int, dataplane: model.Dataplane) -> None:
-        self._args = (services, nodes, dataplane)
-
-    def load(self) -> model.Model:
-        return build_model(*self._args)
-
-    def watch(self, changed: Callable[[], None]) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-
 async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str, Any]:
     """Runs inside the namespace."""
-    m = load_off_the_loop(_Generated(services, nodes, DATAPLANES[kind]))
+    m = loaded(lambda: build_model(services, nodes, DATAPLANES[kind]))  # as the agent loads its model
     health = Verdicts()  # the agent's kind, filled pair by pair as its health checker does (no dict of every pair)
     for s in m.services:
         for n in m.nodes:

@@ -4,6 +4,8 @@ read from a socket, a message's attributes. Pure: the sockets are their callers'
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -39,6 +41,11 @@ def error_code(data: bytes, message: Message) -> int:
     """An NLMSG_ERROR's code: 0 for an acknowledgement, a negative errno for a refusal."""
     code: int = struct.unpack_from("=i", data, message.start)[0]
     return code
+
+
+def refusal(code: int) -> str:
+    """An errno (positive) as the kernel's refusal reads: `ENOENT (No such file or directory)`."""
+    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
 def attributes(data: bytes, offset: int, end: int) -> dict[int, bytes]:

@@ -56,7 +56,12 @@ _RESTART_ONLY_PROXY: dict[str, Callable[[model.Model], object]] = {
 
 
 def load_off_the_loop(source: Source) -> model.Model:
-    """The source's load (the file's: config.load) for a running agent, in a worker thread. The garbage collector
+    """The source's load (the file's: config.load) for a running agent, in a worker thread: `loaded`."""
+    return loaded(source.load)
+
+
+def loaded(load: Callable[[], model.Model]) -> model.Model:
+    """A model loaded the agent's way (what bench/scale.py uses for its generated model too). The garbage collector
     holds the GIL for the whole of a collection, so a full one in the middle of a large load stalls the event loop
     however the load is threaded (0.43 s at 10,000 services, 1.6 s at 4,000 routes; bench/config_load.py). It is off
     during the load (what the load allocates and drops is freed by reference counting). A large model is then frozen
@@ -66,7 +71,7 @@ def load_off_the_loop(source: Source) -> model.Model:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        new = source.load()
+        new = load()
         new.digest()  # here, not on the loop
         if gc.get_count()[0] > FREEZE_AFTER_OBJECTS:
             gc.freeze()

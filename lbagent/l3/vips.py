@@ -8,12 +8,13 @@ reaction."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -45,14 +46,27 @@ _BIND_BATCH = 512  # requests sent before their answers are read (about 40 KB ea
 _ADDRESS_TYPES: dict[int, Callable[[bytes], model.IPAddress]] = {4: IPv4Address, 16: IPv6Address}
 
 
+@contextlib.contextmanager
+def _rtnetlink(doing: str) -> Iterator[socket.socket]:
+    """A blocking rtnetlink socket of this process (a 10 s timeout), closed after; VipError saying what it was
+    `doing` when the socket fails."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.settimeout(10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+        yield sock
+    except OSError as exc:
+        raise VipError(f"{doing}: {exc}") from exc
+    finally:
+        sock.close()
+
+
 def interface_addresses(index: int) -> list[tuple[model.IPAddress, int, int]]:
     """Every address on the interface as (address, prefix length, IFA_PROTO tag), from one rtnetlink dump read
     here: pyroute2 decodes each message's attributes in generic Python, 0.7 s for 10,000 addresses; this reads the
     three it needs (tests/unit/test_vips_netns.py holds the two to the same answer). Blocking: run it in a thread."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.settimeout(10)
-        sock.bind((0, 0))
+    with _rtnetlink(f"listing the addresses of interface {index}") as sock:
         request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         sock.sendall(NLMSG_HDR.pack(NLMSG_HDR.size + len(request), _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
                      + request)
@@ -73,10 +87,6 @@ def interface_addresses(index: int) -> list[tuple[model.IPAddress, int, int]]:
                         proto = attrs.get(_IFA_PROTO, b"\0")
                         if len(value) in _ADDRESS_TYPES:
                             out.append((_ADDRESS_TYPES[len(value)](value), prefixlen, proto[0] if proto else 0))
-    except OSError as exc:
-        raise VipError(f"listing the addresses of interface {index}: {exc}") from exc
-    finally:
-        sock.close()
 
 
 def bind_addresses(index: int, vips: list[model.IPAddress], proto: int) -> dict[model.IPAddress, int]:
@@ -85,11 +95,7 @@ def bind_addresses(index: int, vips: list[model.IPAddress], proto: int) -> dict[
     waiting for each answer: pyroute2 waits for each, 5.3 s for 10,000. The errno of each one the kernel refused
     (EEXIST among them). Blocking: run it in a thread."""
     refused: dict[model.IPAddress, int] = {}
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    try:
-        sock.settimeout(10)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, 0))
+    with _rtnetlink(f"binding VIPs on interface {index}") as sock:
         for first in range(0, len(vips), _BIND_BATCH):
             batch = vips[first:first + _BIND_BATCH]
             requests = []
@@ -110,10 +116,6 @@ def bind_addresses(index: int, vips: list[model.IPAddress], proto: int) -> dict[
                         answered.add(m.seq)
                         if code := -error_code(data, m):
                             refused[batch[m.seq - first - 1]] = code
-    except OSError as exc:
-        raise VipError(f"binding VIPs on interface {index}: {exc}") from exc
-    finally:
-        sock.close()
     return refused
 
 

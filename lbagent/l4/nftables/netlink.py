@@ -16,8 +16,6 @@ The names of the kernel's tables are asked here too (`table_names`): nft reads e
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 import socket
 import struct
@@ -35,6 +33,7 @@ from lbagent.netlinkmsg import (
     attributes,
     error_code,
     messages,
+    refusal,
 )
 
 # uapi/linux/netlink.h, netfilter/nfnetlink.h and netfilter/nf_tables.h: what a batch of element changes is made of
@@ -165,7 +164,7 @@ class ElementSocket:
                     if code == 0:
                         acked.add(m.seq)
                     else:
-                        errors.append(f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})")
+                        errors.append(refusal(code))
 
 
 def table_names(family: int = NFPROTO_INET, timeout: float = 10.0) -> set[str]:
@@ -183,9 +182,7 @@ def table_names(family: int = NFPROTO_INET, timeout: float = 10.0) -> set[str]:
                 if m.kind == NLMSG_DONE:
                     return names
                 if m.kind == NLMSG_ERROR:
-                    code = -error_code(data, m)
-                    raise NftError(f"the kernel refused to list its tables: {errno.errorcode.get(code, str(code))} "
-                                   f"({os.strerror(code)})")
+                    raise NftError(f"the kernel refused to list its tables: {refusal(-error_code(data, m))}")
                 name = attributes(data, m.start + 4, m.end).get(NFTA_TABLE_NAME)  # after struct nfgenmsg
                 if name is not None:
                     names.add(attribute_text(name))
