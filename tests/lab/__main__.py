@@ -226,6 +226,16 @@ def _demo_failover(lab: Lab) -> bool:
     print(f"  {len(kept)}/{len(results)} connections went on, each on the node that answered its first request "
           f"(longest wait for an answer {stall:.1f} s): the LBs keep no state for these flows, and every LB picks "
           "the same node for a flow.")
+    for r in results:
+        if r not in kept:
+            why = r["error"] or "answered by more than one node"
+            print(f"  lost: source port {r['sourcePort']}: {why}, nodes {r['nodes']}")
+    if len(kept) != len(results):
+        print("  --- lb1's health and announce events since it was unplugged:")
+        lines = [line for line in lab.agent_log("lb1").splitlines()
+                 if any(f"event={e}" in line for e in ("health_changed", "vip_announced", "vip_withdrawn",
+                                                          "health_cut_off", "health_reconnected"))]
+        print("    " + "\n    ".join(lines[-30:]))
     answer = lab.request(f"http://{vip}/")
     if answer is not None:
         print(f"  one more request: {answer['node']} saw the client as {str(answer['client']).rsplit(':', 1)[0]} "

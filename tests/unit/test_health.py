@@ -360,3 +360,114 @@ def test_a_local_service_whose_endpoints_are_known_probes_only_their_nodes() -> 
         assert checker.verdicts == {("default/web", "node2"): True}
 
     asyncio.run(scenario())
+
+
+def _two_nodes(interval: float = 60.0) -> model.Model:
+    m = _model()
+    check = dataclasses.replace(m.services[0].health_check, interval=interval, timeout=interval, rise=2, fall=2)
+    return dataclasses.replace(m, services=(dataclasses.replace(m.services[0], health_check=check),))
+
+
+WEB1, WEB2 = ("default/web", "node1"), ("default/web", "node2")
+
+
+def test_an_lb_cut_off_from_every_node_shows_the_nodes_that_come_back_together() -> None:
+    """lb1's links go down: every probe goes unanswered and every node turns unhealthy. When the links are back, one
+    node answers at once and the other's first probe times out: shown one at a time, lb1 would announce again with
+    node1 alone and send the flows the routers bring back to node1. Both are shown in the same change."""
+    answer: dict[str, str | None] = {}
+    changes: list[tuple[str, str]] = []
+
+    async def prober(target: Target) -> str | None:
+        error = answer.get(target.node)
+        return None if error is None else f"{target.address}:30080 {error}"
+
+    async def rounds(*keys: tuple[str, str]) -> None:
+        for key in keys:
+            await checker.probe_once(key)
+
+    async def scenario() -> None:
+        checker.update(_two_nodes())
+        await rounds(WEB1, WEB2)
+        assert checker.snapshot() == {WEB1: True, WEB2: True}
+        changes.clear()
+        answer.update(node1="network is unreachable", node2="network is unreachable")  # links down
+        await rounds(WEB1, WEB2, WEB1, WEB2)
+        assert checker.snapshot() == {WEB1: False, WEB2: False} and changes == [WEB1, WEB2]  # downs: shown at once
+        changes.clear()
+        answer.update(node1=None, node2="timeout")  # links up: node2's first probe is lost on the way
+        await rounds(WEB1, WEB2, WEB1)
+        answer.update(node2=None)
+        await rounds(WEB2)
+        # node1 is healthy by rise (2), and held: node2 has not settled (one failure, one success since the links)
+        assert checker.snapshot() == {WEB1: False, WEB2: False} and changes == []
+        assert checker.reasons()[WEB1] == health.HELD
+        await rounds(WEB2)
+        assert checker.snapshot() == {WEB1: True, WEB2: True} and sorted(changes) == [WEB1, WEB2]
+        assert checker.reasons()[WEB1] == "probeSucceeded"
+
+    checker = HealthChecker(changes.append, prober)
+    asyncio.run(scenario())
+
+
+def test_nodes_that_answer_no_are_not_a_cut_off() -> None:
+    """Every node refuses (the service's pods are gone, this LB's links are fine): a node that comes back is shown at
+    once, without waiting for the others."""
+    answer: dict[str, str | None] = {"node1": "connection refused", "node2": "connection refused"}
+    changes: list[tuple[str, str]] = []
+
+    async def prober(target: Target) -> str | None:
+        error = answer[target.node]
+        return None if error is None else f"{target.address}:30080 {error}"
+
+    async def scenario() -> None:
+        checker = HealthChecker(changes.append, prober)
+        checker.update(_two_nodes())
+        for key in (WEB1, WEB2):
+            await checker.probe_once(key)
+        assert checker.snapshot() == {WEB1: False, WEB2: False}
+        answer["node1"] = None
+        for _ in range(2):
+            await checker.probe_once(WEB1)
+        assert checker.snapshot() == {WEB1: True, WEB2: False} and changes == [WEB1, WEB2, WEB1]
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_that_never_settles_holds_the_others_back_no_longer_than_its_rounds_would() -> None:
+    """After a cut-off, a flapping node would never settle: the nodes that did are shown by a deadline, (the larger
+    of rise and fall, plus one) rounds and a timeout after the first answer."""
+    answer: dict[str, str | None] = {"node1": "timeout", "node2": "timeout"}
+    changes: list[tuple[str, str]] = []
+
+    async def prober(target: Target) -> str | None:
+        error = answer[target.node]
+        return None if error is None else f"{target.address}:30080 {error}"
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        shown = asyncio.Event()
+
+        def changed(key: tuple[str, str]) -> None:
+            changes.append(key)
+            shown.set()
+
+        checker = HealthChecker(changed, prober)
+        checker.update(_two_nodes(interval=0.05))
+        for key in (WEB1, WEB2):
+            await checker.probe_once(key)
+        assert checker.snapshot() == {WEB1: False, WEB2: False}
+        answer["node1"] = None
+        started = loop.time()
+        shown.clear()
+        for _ in range(2):
+            await checker.probe_once(WEB1)
+        assert checker.snapshot()[WEB1] is False  # held: node2 has not settled, and never will (no rounds at all)
+        async with asyncio.timeout(30):
+            await shown.wait()
+        assert checker.snapshot()[WEB1] is True
+        return loop.time() - started
+
+    waited = asyncio.run(scenario())
+    assert waited >= (2 + 1) * 0.05 + 0.05 - 0.01  # the deadline, not an early release
+    assert changes == [WEB1, WEB2, WEB1]
