@@ -10,6 +10,7 @@ Missing keys (or a missing file) mean 1 local endpoint and a healthy kube-proxy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -90,6 +92,9 @@ class _JSONHandler(BaseHTTPRequestHandler):
 class _Handler(_JSONHandler):
     def do_GET(self) -> None:
         host, port = self.client_address[:2]
+        query = dict(q.partition("=")[::2] for q in self.path.partition("?")[2].split("&") if q)
+        with contextlib.suppress(ValueError):  # ?delay=S: answer S seconds after the request came in
+            time.sleep(min(float(query.get("delay", "0")), 60.0))
         body = json.dumps(
             {"node": self.server.node, "client": f"{_peer(host)}:{port}", "port": self.server.port, "path": self.path,
              "method": self.command, "headers": {k.lower(): v for k, v in self.headers.items()}}

@@ -6,6 +6,10 @@ Run in the client's namespace (Lab.spawn); `--ready FILE` is written once every 
 answer; every 0.2 s and on SIGTERM (then the program ends) the results go to `--out FILE` as JSON: per connection
 its source port, the nodes that answered it (in order), its answers, whether and when it ended (reset, closed, timed
 out), and each gap of more than 0.3 s between two answers (when it ended, wall clock, and how long).
+
+Each connection has TCP keepalive on (`--keepalive`, 1 s): a client that waits in silence for an answer the node sent
+through an LB that is lost meanwhile would wait for ever in `nat` mode (the node sends it again through that LB only),
+and its keepalive probe, taken to another LB, turns the node's return path there (tests/lab/test_failover.py).
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ STALL = 0.3
 
 
 def _connection(vip: str, port: int, source: tuple[str, int], interval: float, timeout: float, path: str,
-                result: dict[str, Any], first: threading.Event) -> None:
+                keepalive: int, result: dict[str, Any], first: threading.Event) -> None:
     conn = http.client.HTTPConnection(vip, port, timeout=timeout, source_address=source)
     last = None
     try:
+        conn.connect()
+        if keepalive and conn.sock is not None:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive)
         while not _stop.is_set():
             started = time.monotonic()
             conn.request("GET", path, headers={"Host": "flows"})
@@ -62,6 +71,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--timeout", type=float, default=30.0, help="an answer later than this ends the connection")
+    parser.add_argument("--keepalive", type=int, default=1, help="TCP keepalive after this many idle seconds (0: off)")
     parser.add_argument("--path-bytes", type=int, default=1,
                         help="the request's path this long: the backend echoes it, so both directions carry it")
     parser.add_argument("--ready", type=Path, required=True)
@@ -80,7 +90,7 @@ def main() -> int:
     threads = [
         threading.Thread(target=_connection, daemon=True,
                          args=(args.vip, args.port, (args.source, r["sourcePort"]), args.interval, args.timeout,
-                               "/" + "x" * (args.path_bytes - 1), r, first))
+                               "/" + "x" * (args.path_bytes - 1), args.keepalive, r, first))
         for r, first in zip(results, firsts, strict=True)
     ]
     for t in threads:

@@ -15,10 +15,12 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,8 @@ from tests.lab.lab import Lab, address, wait_for
 from tests.lab.traffic import Flows
 
 pytestmark = pytest.mark.lab
+
+WAITER = Path(__file__).with_name("waiter.py")
 
 VIP = "192.0.2.10"
 CLIENT = address("client")
@@ -200,3 +204,60 @@ def test_masquerade_keeps_only_the_connections_that_stay_on_their_lb(matrix: Cal
     # going on unharmed, where this machine's own runs lose them; see docs/configuration.md.)
     for row in rows[:3]:
         assert row.moved > 0 and row.moved_survived == 0 and row.survived == row.alive - row.moved, row
+
+
+def _waiter(lab: Lab, name: str) -> dict[str, Any]:
+    """What a waiter (tests/lab/waiter.py) has said so far, its steps merged: first, asked, answered or error, at."""
+    said: dict[str, Any] = {}
+    for line in lab.process_log("client", name).splitlines():
+        if line.startswith("{"):
+            said |= json.loads(line)
+    return said
+
+
+def _asked(lab: Lab, name: str) -> bool:
+    said = _waiter(lab, name)
+    return "asked" in said or "error" in said
+
+
+def _ended(lab: Lab, name: str) -> dict[str, Any]:
+    """A waiter's steps once it has its answer (or an error), else nothing."""
+    said = _waiter(lab, name)
+    return said if "at" in said else {}
+
+
+def test_a_nat_answer_in_flight_through_a_lost_lb_waits_for_the_clients_next_packet(
+        lab_factory: Callable[..., Lab]) -> None:
+    """nat: the node sends its answers back through the LB that forwarded the connection's latest packet (the
+    return path). Two clients wait in silence for an answer the node sends 3 s after their request, both through lb1,
+    and lb1 is lost meanwhile. The node's answer, and every retransmission of it, goes to lb1: gone. The client with
+    TCP keepalive sends a probe after 1 s of silence, the router takes it to lb2, lb2 picks the flow up and forwards
+    it to the same node, and the node's next retransmission follows lb2: answered while lb1 is still down. The client
+    without it has nothing to send: it is answered only when lb1 comes back."""
+    lab = _lab(lab_factory, "nat", "nftables")
+    ports = [p for p in range(43000, 43200) if _lb_of(lab, p) == "lb1"][:2]
+    assert len(ports) == 2, "two source ports the router hashes to lb1"
+    for name, port, idle in (("silent", ports[0], "0"), ("keepalive", ports[1], "1")):
+        lab.spawn("client", name, [sys.executable, str(WAITER), "--vip", VIP, "--source", CLIENT, "--source-port",
+                                   str(port), "--delay", "3", "--keepalive", idle])
+    for name in ("silent", "keepalive"):
+        wait_for(functools.partial(_asked, lab, name), 30, 0.01, f"{name}'s slow request acknowledged")
+    lab.set_links("lb1", False)
+    _announced(lab, {"lb2"})
+    keepalive = wait_for(lambda: _ended(lab, "keepalive"), 30, 0.1, "the keepalive client's answer")
+    silent = _waiter(lab, "silent")
+    assert keepalive.get("answered") == keepalive["first"], keepalive
+    assert "at" not in silent, silent
+
+    # the node has the silent client's answer out, unacknowledged, and sends it again into lb1's return path
+    def retransmitting() -> str | None:
+        out = lab.exec(silent["first"], ["ss", "-tin", "dst", f"{CLIENT}:{ports[0]}"]).stdout
+        return out if "unacked:" in out and "retrans:" in out else None
+
+    stuck = wait_for(retransmitting, 30, 0.1, "the node sending the answer again")
+    back = time.time()
+    lab.set_links("lb1", True)
+    late = wait_for(lambda: _ended(lab, "silent"), 60, 0.1, "the silent client's answer")
+    print(f"\nkeepalive client, answered while lb1 was down: {keepalive}\nsilent client: {late} "
+          f"(lb1 back at {back:.2f})\nthe node meanwhile:\n{stuck}")
+    assert late.get("answered") == late["first"] and late["at"] > back, late
