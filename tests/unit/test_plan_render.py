@@ -309,7 +309,7 @@ def test_incremental_updates_bring_the_kernel_to_the_same_state_as_a_full_apply(
                 health[k] = not health[k]
             services = {k[0] for k in changed_keys}
             p2 = replan(p, m, health, services)
-            script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services))
+            script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services)).script()
             if script:
                 nft(names[0], "-f", "-", script=script)
             nft(names[1], "-f", "-", script=nftables.render_full(nftables.build(p2.frontends, p2.vips, m.dataplane)))
@@ -366,7 +366,7 @@ def test_element_changes_over_netlink_bring_the_kernel_where_nft_does(layout: st
                     health[k] = not health[k]
                 services = {k[0] for k in changed_keys}
                 p2 = replan(p, m, health, services)
-                both(nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services)))
+                both(nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, services)).script())
                 p = p2
             doc["services"][0]["ports"][0]["nodePort"] = 31080
             edited = config.parse(yaml.safe_dump(doc))
@@ -433,7 +433,7 @@ def test_replan_of_a_sources_changed_services_equals_a_fresh_plan_and_the_kernel
             assert p2.decisions == fresh.decisions  # model order too
             if p2.l4_vips == p.l4_vips:  # the data plane's change path (a VIP added or gone is a whole apply)
                 kinds_seen.add("update")
-                script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, changed))
+                script = nftables.update(rs, FrontendChange.of(p.by_service, p2.by_service, changed)).script()
                 if script:
                     nft(names[0], "-f", "-", script=script)
             else:

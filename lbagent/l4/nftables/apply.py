@@ -8,12 +8,14 @@ import os
 from collections.abc import Sequence
 
 from lbagent import model
+from lbagent.l4 import nftscript
 from lbagent.l4.change import FrontendChange
 from lbagent.l4.nft import NftError, apply_script, prepare, run_nft
 from lbagent.l4.nftables import dsr, netlink, render
 from lbagent.l4.nftables.render import (
     MAX_SHARDS,
     Ruleset,
+    Transaction,
     build,
     render_delete,
     render_delta,
@@ -96,18 +98,18 @@ class NftForwarder:
         change: FrontendChange | None,
     ) -> str:
         if change is not None and not force and self.applied is not None:
-            script = update(self.applied, change)
-            if not script:
+            transaction = update(self.applied, change)
+            if not transaction:
                 return "unchanged"
             try:
-                await self._run(script)
+                via = await self._run_change(transaction)
             except NftError as exc:
                 # The ruleset in memory is ahead of the kernel now: forget it and replace the whole table.
                 event(log, logging.WARNING, "dataplane_delta_refused", error=str(exc))
                 self.applied = None
             else:
                 event(log, logging.INFO, "dataplane_applied", kind="nftables", how="update",
-                      services=len(change.services), bytes=len(script))
+                      services=len(change.services), via=via, lookup_tables=len(transaction.tables))
                 return "delta"
         shards = render.shard_count(len(frontends), None if self.applied is None else self.applied.shards)
         return await self.apply_ruleset(build(frontends, vips, self.dataplane, shards), force)
@@ -138,6 +140,40 @@ class NftForwarder:
                 event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
                       consequence="the same change sent through libnftables")
         await apply_script(script)
+
+    async def _run_change(self, transaction: Transaction) -> str:
+        """A change's transaction, and how it went to the kernel: "netlink" (element changes only), "nft+netlink"
+        (new lookup tables and chains declared through libnftables, their slots and every element change over
+        netlink in one batch, with the deletions) or "nft" (all of it through libnftables: source ranges, or netlink
+        unusable or refused).
+
+        Two transactions instead of one, and still no packet sees a half-made change: what the first adds is an
+        empty lookup table, a chain and its rule, which nothing jumps to until the second fills the table and
+        points the dispatch at the chain, in the same commit. If the second is refused, the first leaves unused
+        objects behind; the caller then replaces the whole table."""
+        elements = netlink.parse(nftscript.script(transaction.elements)) if transaction.elements else []
+        sock = self._element_socket() if elements is not None else None
+        if elements is None or sock is None:
+            await apply_script(transaction.script())
+            return "nft"
+        declared = bool(transaction.tables or transaction.chains)
+        if declared:
+            await apply_script(nftscript.script(transaction.declarations()))
+        batch: list[netlink.Change] = [
+            *(netlink.LookupElements(t, table.name, table.slots) for t, table in transaction.tables),
+            *elements,
+            *(netlink.Deletion(t, name, chain=True) for t, name in transaction.chains_gone),
+            *(netlink.Deletion(t, name, chain=False) for t, name in transaction.tables_gone),
+        ]
+        try:
+            await asyncio.to_thread(sock.apply, batch)
+        except (NftError, OSError) as exc:
+            # Nothing of the batch was applied (one transaction): the same through libnftables, whose error says more.
+            event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
+                  consequence="the same change sent through libnftables")
+            await apply_script(transaction.after_declarations() if declared else transaction.script())
+            return "nft"
+        return "nft+netlink" if declared else "netlink"
 
     async def _replace(self, ruleset: Ruleset) -> None:
         """Replace every table by the ruleset's. Every shard table the ruleset does not have goes: the kernel's count

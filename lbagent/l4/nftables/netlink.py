@@ -9,7 +9,10 @@ are packed here: pyroute2's generic encoder took 0.3 ms for a health change's fo
 work; tests/unit/test_nft_netlink.py holds the packing byte for byte to pyroute2's message definitions.
 
 Only transactions made of nothing but dispatch and nodePort element changes, as lbagent.l4.nftables.render writes
-them, go this way (`parse`); anything else (a new lookup table, a chain, source ranges) goes through libnftables.
+them, go this way (`parse`); anything else (source ranges, a chain's rules) goes through libnftables. A change that
+needs a new lookup table declares it empty, with its chain, through libnftables, and sends its 1,021 slots here, with
+the element changes that jump to it and the deletion of the chains and lookup tables nothing uses any more, in one
+batch (`LookupElements`, `Deletion`): through libnftables the slots alone took 2-3 ms.
 
 The names of the kernel's tables are asked here too (`table_names`): nft reads every set's elements to list tables.
 """
@@ -20,6 +23,7 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lbagent.l4.drift import netfilter_socket, remember_own
@@ -39,6 +43,8 @@ from lbagent.netlinkmsg import (
 # uapi/linux/netlink.h, netfilter/nfnetlink.h and netfilter/nf_tables.h: what a batch of element changes is made of
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x400
 NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
+NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 5, 1, 3
+NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME = 11, 1, 2
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
@@ -63,6 +69,27 @@ class ElementChange:
     table: str
     map: str
     elements: tuple[tuple[bytes, str | int], ...]
+
+
+@dataclass(frozen=True)
+class LookupElements:
+    """A lookup table's slots added to its (empty) map: slot number -> node address."""
+
+    table: str
+    map: str
+    slots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A chain or a map (lookup table) deleted."""
+
+    table: str
+    name: str
+    chain: bool
+
+
+Change = ElementChange | LookupElements | Deletion
 
 
 # A health change's transaction is a few hundred bytes; a whole table (megabytes) is never read line by line here.
@@ -112,7 +139,7 @@ class ElementSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def apply(self, changes: list[ElementChange]) -> None:
+    def apply(self, changes: Sequence[Change]) -> None:
         """Send the changes as one transaction; NftError when the kernel refused it (it then changed nothing)."""
         with self._lock:
             batch, sent = self._batch(changes)
@@ -130,21 +157,34 @@ class ElementSocket:
         self._seq = self._seq % 0x7FFFFFFF + 1
         return self._seq
 
-    def _batch(self, changes: list[ElementChange]) -> tuple[bytes, set[int]]:
-        """The batch: begin, one message per change (each acknowledged), end."""
+    def _batch(self, changes: Sequence[Change]) -> tuple[bytes, set[int]]:
+        """The batch: begin, one message per change (each acknowledged; a lookup table's slots in as many as their
+        attribute's 16-bit length needs), end."""
         parts, sent = [message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self._next(), 0, NFNL_SUBSYS_NFTABLES, b"")], set()
-        for change in changes:
+
+        def add(kind: int, flags: int, attrs: bytes) -> None:
             seq = self._next()
-            kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if change.add else NFT_MSG_DELSETELEM)
-            flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if change.add else 0)
+            parts.append(message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq,
+                                 NFPROTO_INET, 0, attrs))
+            sent.add(seq)
+
+        for change in changes:
+            if isinstance(change, Deletion):
+                kind, table, name = ((NFT_MSG_DELCHAIN, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME) if change.chain
+                                     else (NFT_MSG_DELSET, NFTA_SET_TABLE, NFTA_SET_NAME))
+                add(kind, 0, attribute(table, _string(change.table)) + attribute(name, _string(change.name)))
+                continue
+            head = (attribute(NFTA_SET_ELEM_LIST_TABLE, _string(change.table))
+                    + attribute(NFTA_SET_ELEM_LIST_SET, _string(change.map)))
+            if isinstance(change, LookupElements):
+                for elements in _slot_elements(change.slots):
+                    add(NFT_MSG_NEWSETELEM, NLM_F_CREATE, head + attribute(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
+                continue
             # the elements of the list numbered from 1, as libnftnl does (the kernel reads them in order)
             elements = b"".join(attribute(i, _element(key, value, change.add))
                                 for i, (key, value) in enumerate(change.elements, 1))
-            attrs = (attribute(NFTA_SET_ELEM_LIST_TABLE, _string(change.table))
-                     + attribute(NFTA_SET_ELEM_LIST_SET, _string(change.map))
-                     + attribute(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
-            parts.append(message(kind, flags, seq, NFPROTO_INET, 0, attrs))
-            sent.add(seq)
+            add(NFT_MSG_NEWSETELEM if change.add else NFT_MSG_DELSETELEM, NLM_F_CREATE if change.add else 0,
+                head + attribute(NFTA_SET_ELEM_LIST_ELEMENTS, elements))
         parts.append(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next(), 0, NFNL_SUBSYS_NFTABLES, b""))
         return b"".join(parts), sent
 
@@ -211,3 +251,26 @@ def _element(key: bytes, value: str | int, add: bool) -> bytes:
                 if isinstance(value, str) else attribute(NFTA_DATA_VALUE, struct.pack(">H", value)))
         out += attribute(NFTA_SET_ELEM_DATA, data)
     return out
+
+
+# One lookup table slot as an element, in one pack: the element (numbered), its key (the slot: `numgen`'s 32-bit
+# integer, in host order) and its data (the node's address), each attribute a value in an attribute.
+_SLOT = {4: struct.Struct("=HHHHHHIHHHH4s"), 6: struct.Struct("=HHHHHHIHHHH16s")}
+# The most bytes of elements one message's list attribute holds (its length is 16 bits).
+_LIST_BYTES = 60000
+
+
+def _slot_elements(slots: tuple[str, ...]) -> list[bytes]:
+    """A lookup table's slots as element list payloads, each under `_LIST_BYTES`."""
+    if not slots:
+        return []
+    v = 6 if ":" in slots[0] else 4
+    packed = {a: socket.inet_pton(socket.AF_INET6 if v == 6 else socket.AF_INET, a) for a in set(slots)}
+    slot = _SLOT[v]
+    size, per = slot.size, _LIST_BYTES // slot.size
+    data = 4 + len(next(iter(packed.values())))
+    # each message's elements numbered from 1, as libnftnl does
+    elements = [slot.pack(size, i % per + 1, 12, NFTA_SET_ELEM_KEY, 8, NFTA_DATA_VALUE, i,
+                          4 + data, NFTA_SET_ELEM_DATA, data, NFTA_DATA_VALUE, packed[a])
+                for i, a in enumerate(slots)]
+    return [b"".join(elements[k:k + per]) for k in range(0, len(elements), per)]

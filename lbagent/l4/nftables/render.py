@@ -337,7 +337,7 @@ def _content_sets(rs: Ruleset) -> ShardContents:
     return {s: {name: set(elements) for name, elements in c.items()} for s, c in _contents(rs).items()}
 
 
-def update(rs: Ruleset, change: FrontendChange) -> str:
+def update(rs: Ruleset, change: FrontendChange) -> Transaction:
     """Replace the changed services' frontends (`change.previous` by `change.current`) in `rs`, in place, and
     return the nft transaction that does the same in the kernel. Costs what changed, whatever the size of `rs`."""
     old, new = change.old(), change.new()
@@ -361,26 +361,63 @@ def update(rs: Ruleset, change: FrontendChange) -> str:
                         chains_before - chains_after, tables_before - tables_after)
 
 
+@dataclass(frozen=True)
+class Transaction:
+    """What one change does to the kernel's tables, in the order it must happen: new lookup tables (nft table,
+    lookup table) and chains (nft table, chain, rules) first, then element changes (deletions first), then the chains
+    and lookup tables nothing points at any more. `script()` is all of it as one nft transaction. The forwarder may
+    instead send the declarations (`declarations()`: the lookup tables empty) through nft, and the rest over netlink
+    in one batch: nothing jumps to a new chain before that batch, which fills its lookup table in the same commit."""
+
+    tables: tuple[tuple[str, LookupTable], ...] = ()
+    chains: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    elements: tuple[str, ...] = ()
+    chains_gone: tuple[tuple[str, str], ...] = ()
+    tables_gone: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.tables or self.chains or self.elements or self.chains_gone or self.tables_gone)
+
+    def declarations(self, filled: bool = False) -> list[str]:
+        """The new lookup tables (empty unless `filled`), chains and rules."""
+        head = [f"add {_table_declaration(table, filled).strip().replace('map ', f'map inet {t} ', 1)}"
+                for t, table in self.tables]
+        for t, name, rules in self.chains:
+            head.append(f"add chain inet {t} {name}")
+            head += [f"add rule inet {t} {name} {rule}" for rule in rules]
+        return head
+
+    def tail(self) -> list[str]:
+        return ([f"delete chain inet {t} {name}" for t, name in self.chains_gone]
+                + [f"delete map inet {t} {name}" for t, name in self.tables_gone])
+
+    def script(self) -> str:
+        return nftscript.script([*self.declarations(filled=True), *self.elements, *self.tail()])
+
+    def after_declarations(self) -> str:
+        """The rest, once `declarations()` is in: the lookup tables' elements, the element changes, the tail."""
+        fill = [f"add element inet {t} {table.name} {{ {_slots(table)} }}" for t, table in self.tables]
+        return nftscript.script([*fill, *self.elements, *self.tail()])
+
+
 def _transaction(rs: Ruleset, tables_added: set[tuple[int, str]], chains_added: set[tuple[int, str]],
                  before: ShardContents, after: ShardContents, chains_gone: set[tuple[int, str]],
-                 tables_gone: set[tuple[int, str]]) -> str:
-    """One nft transaction from the tables as they are to `rs`, whichever way the difference was found (a change
-    record, or two whole rulesets). Order matters inside it: new lookup tables and chains first, then element
-    changes (deletions first), then the chains and tables nothing points at any more."""
-    head = [f"add {_table_declaration(rs.tables[n]).strip().replace('map ', f'map inet {rs.shard_table(s)} ', 1)}"
-            for s, n in sorted(tables_added)]
-    for s, name in sorted(chains_added):
-        t = rs.shard_table(s)
-        head.append(f"add chain inet {t} {name}")
-        head += [f"add rule inet {t} {name} {rule}" for rule in _chain_body(rs, name)]
-    deletions, additions = [], []
+                 tables_gone: set[tuple[int, str]]) -> Transaction:
+    """One transaction from the tables as they are to `rs`, whichever way the difference was found (a change
+    record, or two whole rulesets)."""
+    elements: list[str] = []
+    additions: list[str] = []
     for s in sorted(before.keys() | after.keys()):
         d, a = nftscript.element_changes(rs.shard_table(s), before.get(s, {}), after.get(s, {}), _CONTAINERS)
-        deletions += d
+        elements += d
         additions += a
-    tail = [f"delete chain inet {rs.shard_table(s)} {name}" for s, name in sorted(chains_gone)]
-    tail += [f"delete map inet {rs.shard_table(s)} {name}" for s, name in sorted(tables_gone)]
-    return nftscript.script([*head, *deletions, *additions, *tail])
+    return Transaction(
+        tables=tuple((rs.shard_table(s), rs.tables[n]) for s, n in sorted(tables_added)),
+        chains=tuple((rs.shard_table(s), n, tuple(_chain_body(rs, n))) for s, n in sorted(chains_added)),
+        elements=(*elements, *additions),
+        chains_gone=tuple((rs.shard_table(s), n) for s, n in sorted(chains_gone)),
+        tables_gone=tuple((rs.shard_table(s), n) for s, n in sorted(tables_gone)),
+    )
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -434,10 +471,14 @@ def _declarations(rs: Ruleset, shard: int, c: dict[str, Iterator[str]]) -> list[
     return out
 
 
-def _table_declaration(table: LookupTable) -> str:
+def _table_declaration(table: LookupTable, filled: bool = True) -> str:
     l3 = _L3[table.version]
-    slots = ", ".join(f"{i} : {a}" for i, a in enumerate(table.slots))
-    return f"\tmap {table.name} {{ typeof numgen inc mod 2 : {l3} daddr; elements = {{ {slots} }} }}"
+    elements = f" elements = {{ {_slots(table)} }}" if filled else ""
+    return f"\tmap {table.name} {{ typeof numgen inc mod 2 : {l3} daddr;{elements} }}"
+
+
+def _slots(table: LookupTable) -> str:
+    return ", ".join(f"{i} : {a}" for i, a in enumerate(table.slots))
 
 
 _FRONTEND = {v: f"{_L3[v]} daddr . meta l4proto . th dport" for v in (4, 6)}
@@ -530,7 +571,7 @@ def render_delta(old: Ruleset, new: Ruleset) -> str | None:
         return None
     (old_tables, old_chains), (new_tables, new_chains) = old.present(), new.present()
     return _transaction(new, new_tables - old_tables, new_chains - old_chains, _content_sets(old),
-                        _content_sets(new), old_chains - new_chains, old_tables - new_tables)
+                        _content_sets(new), old_chains - new_chains, old_tables - new_tables).script()
 
 
 def render_delete(dataplane: model.Dataplane) -> str:
