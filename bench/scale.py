@@ -6,9 +6,9 @@ service's health check, applied as the agent does it (re-plan that service, hand
 from the previous plan to the new one), twice: the first service to lose the node needs a new lookup table, the
 second (the next one in the same nftables shard) finds it programmed; its baseline, in the same run, is a forced
 full re-apply (what a naive agent does, and what the periodic resync does), measured in a loop of its own after the
-changes (the kernel frees a replaced table in the background: a change right after one would carry part of it). The model is loaded as the agent loads
-its own (lbagent.agent.agent.loaded). Last, the full sync of a restarted agent: a new forwarder, which
-knows nothing of the tables the previous one left in the kernel.
+changes (the kernel frees a replaced table in the background: a change right after one would carry part of it).
+The model is loaded as the agent loads its own (lbagent.agent.agent.loaded). Last, the full sync of a restarted
+agent: a new forwarder, which knows nothing of the tables the previous one left in the kernel.
 
 Usage: .venv/bin/python bench/scale.py [--dataplane nftables iptables iptables-legacy] [--services 1000 10000]
        [--nodes 20] [--repeat 5] [--json]
