@@ -10,7 +10,7 @@ from __future__ import annotations
 from lbagent import model
 from lbagent.l4.nft import NftError
 from lbagent.l4.nftables.apply import NftForwarder
-from lbagent.l4.nftables.render import render_full
+from lbagent.l4.nftables.render import Transaction, render_full
 
 
 class FakeForwarder(NftForwarder):
@@ -26,6 +26,10 @@ class FakeForwarder(NftForwarder):
         if self.fail:
             raise NftError("nft refused")
         self.scripts.append(script)
+
+    async def _run_change(self, transaction: Transaction) -> str:
+        await self._run(transaction.script())  # the whole change as one script, as nft would take it
+        return "nft"
 
     async def _run_side_by_side(self, scripts: list[str]) -> None:
         for script in scripts:

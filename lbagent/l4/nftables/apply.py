@@ -126,7 +126,7 @@ class NftForwarder:
         self.dsr_applied = None
 
     async def _run(self, script: str) -> None:
-        """Where this forwarder touches the kernel, with `_run_side_by_side` and `_tables_present` (whole tables): a
+        """Where this forwarder touches the kernel, with `_run_change`, `_run_side_by_side` and `_tables_present`: a
         transaction of dispatch and nodePort elements only (a health change's) over netlink
         (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
         changes = netlink.parse(script)
