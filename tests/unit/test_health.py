@@ -371,6 +371,15 @@ def _two_nodes(interval: float = 60.0) -> model.Model:
 WEB1, WEB2 = ("default/web", "node1"), ("default/web", "node2")
 
 
+def _answering(answer: dict[str, str | None]) -> health.Prober:
+    """A prober that fails a node with its error in `answer` (read at each probe), and passes it with none."""
+    async def prober(target: Target) -> str | None:
+        error = answer.get(target.node)
+        return None if error is None else f"{target.address}:30080 {error}"
+
+    return prober
+
+
 def test_an_lb_cut_off_from_every_node_shows_the_nodes_that_come_back_together() -> None:
     """lb1's links go down: every probe goes unanswered and every node turns unhealthy. When the links are back, one
     node answers at once and the other's first probe times out: shown one at a time, lb1 would announce again with
@@ -378,9 +387,7 @@ def test_an_lb_cut_off_from_every_node_shows_the_nodes_that_come_back_together()
     answer: dict[str, str | None] = {}
     changes: list[tuple[str, str]] = []
 
-    async def prober(target: Target) -> str | None:
-        error = answer.get(target.node)
-        return None if error is None else f"{target.address}:30080 {error}"
+    prober = _answering(answer)
 
     async def rounds(*keys: tuple[str, str]) -> None:
         for key in keys:
@@ -416,9 +423,7 @@ def test_nodes_that_answer_no_are_not_a_cut_off() -> None:
     answer: dict[str, str | None] = {"node1": "connection refused", "node2": "connection refused"}
     changes: list[tuple[str, str]] = []
 
-    async def prober(target: Target) -> str | None:
-        error = answer[target.node]
-        return None if error is None else f"{target.address}:30080 {error}"
+    prober = _answering(answer)
 
     async def scenario() -> None:
         checker = HealthChecker(changes.append, prober)
@@ -440,9 +445,7 @@ def test_a_probe_that_never_settles_holds_the_others_back_no_longer_than_its_rou
     answer: dict[str, str | None] = {"node1": "timeout", "node2": "timeout"}
     changes: list[tuple[str, str]] = []
 
-    async def prober(target: Target) -> str | None:
-        error = answer[target.node]
-        return None if error is None else f"{target.address}:30080 {error}"
+    prober = _answering(answer)
 
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
