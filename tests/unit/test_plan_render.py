@@ -270,7 +270,7 @@ def test_delta_brings_the_kernel_to_the_same_state_as_a_full_apply(layout: str) 
                 delta = nftables.render_delta(previous, rs)
                 assert delta is not None
                 if delta:
-                    nft(names[0], "-f", "-", script=delta)
+                    nft(names[0], "-f", "-", script=delta.script())
             nft(names[1], "-f", "-", script=nftables.render_full(rs))
             assert listing(names[0]) == listing(names[1])
             assert (layout == "sharded") == (rs.shards > 1)
@@ -373,8 +373,8 @@ def test_element_changes_over_netlink_bring_the_kernel_where_nft_does(layout: st
             p2 = plan(edited, health)
             rs2 = nftables.build(p2.frontends, p2.vips, edited.dataplane, rs.shards)
             delta = nftables.render_delta(rs, rs2)
-            assert delta is not None and netlink.parse(delta) is not None, delta
-            both(delta)
+            assert delta is not None and netlink.parse(delta.script()) is not None, delta
+            both(delta.script())
         finally:
             sock.close()
     assert over_netlink >= {"one-table": 20, "sharded": 4}[layout], over_netlink  # shards of 2: fewer tables shared

@@ -127,40 +127,21 @@ class NftForwarder:
 
     async def _run(self, script: str) -> None:
         """Where this forwarder touches the kernel, with `_run_change`, `_run_side_by_side` and `_tables_present`: a
-        transaction of dispatch and nodePort elements only (a health change's) over netlink
-        (lbagent.l4.nftables.netlink), anything else through libnftables or nft."""
-        changes = netlink.parse(script)
-        sock = self._element_socket() if changes is not None else None
-        if changes is not None and sock is not None:
-            try:
-                await asyncio.to_thread(sock.apply, changes)
-                return
-            except (NftError, OSError) as exc:
-                # Nothing was applied (one transaction): the same script through libnftables, whose error says more.
-                event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
-                      consequence="the same change sent through libnftables")
+        whole script (tables, the dsr table, their removal) through libnftables."""
         await apply_script(script)
 
     async def _run_change(self, transaction: Transaction) -> str:
-        """A change's transaction, and how it went to the kernel: "netlink" (element changes only), "nft+netlink"
-        (new lookup tables and chains declared through libnftables, their slots and every element change over
-        netlink in one batch, with the deletions) or "nft" (all of it through libnftables: source ranges, or netlink
-        unusable or refused).
-
-        Two transactions instead of one, and still no packet sees a half-made change: what the first adds is an
-        empty lookup table, a chain and its rule, which nothing jumps to until the second fills the table and
-        points the dispatch at the chain, in the same commit. If the second is refused, the first leaves unused
-        objects behind; the caller then replaces the whole table."""
+        """A change's transaction, and how it went to the kernel: "netlink" (one nf_tables batch packed here: new
+        lookup tables with their slots, new chains with their rule, element changes, deletions) or "nft" (through
+        libnftables: a change to source ranges, or netlink unusable or refused)."""
         elements = netlink.parse(nftscript.script(transaction.elements)) if transaction.elements else []
         sock = self._element_socket() if elements is not None else None
         if elements is None or sock is None:
             await apply_script(transaction.script())
             return "nft"
-        declared = bool(transaction.tables or transaction.chains)
-        if declared:
-            await apply_script(nftscript.script(transaction.declarations()))
         batch: list[netlink.Change] = [
-            *(netlink.LookupElements(t, table.name, table.slots) for t, table in transaction.tables),
+            *(netlink.NewLookupTable(t, table.name, table.version, table.slots) for t, table in transaction.tables),
+            *(netlink.NewChain(t, name, rule) for t, name, rule in transaction.chains),
             *elements,
             *(netlink.Deletion(t, name, chain=True) for t, name in transaction.chains_gone),
             *(netlink.Deletion(t, name, chain=False) for t, name in transaction.tables_gone),
@@ -171,9 +152,9 @@ class NftForwarder:
             # Nothing of the batch was applied (one transaction): the same through libnftables, whose error says more.
             event(log, logging.WARNING, "dataplane_netlink_refused", error=str(exc),
                   consequence="the same change sent through libnftables")
-            await apply_script(transaction.after_declarations() if declared else transaction.script())
+            await apply_script(transaction.script())
             return "nft"
-        return "nft+netlink" if declared else "netlink"
+        return "netlink"
 
     async def _replace(self, ruleset: Ruleset) -> None:
         """Replace every table by the ruleset's. Every shard table the ruleset does not have goes: the kernel's count
@@ -226,12 +207,12 @@ class NftForwarder:
     async def apply_ruleset(self, ruleset: Ruleset, force: bool = False) -> str:
         """Bring the kernel to `ruleset` (a fresh object this forwarder keeps): "full", "delta" or "unchanged"."""
         delta = None if force or self.applied is None else render_delta(self.applied, ruleset)
-        if delta == "":
+        if delta is not None and not delta:
             return "unchanged"
         how = "full"
         if delta is not None:
             try:
-                await self._run(delta)
+                await self._run_change(delta)
                 how = "delta"
             except NftError as exc:
                 # The kernel kept the old state (all or nothing): repair by replacing the whole table.

@@ -364,13 +364,12 @@ def update(rs: Ruleset, change: FrontendChange) -> Transaction:
 @dataclass(frozen=True)
 class Transaction:
     """What one change does to the kernel's tables, in the order it must happen: new lookup tables (nft table,
-    lookup table) and chains (nft table, chain, rules) first, then element changes (deletions first), then the chains
-    and lookup tables nothing points at any more. `script()` is all of it as one nft transaction. The forwarder may
-    instead send the declarations (`declarations()`: the lookup tables empty) through nft, and the rest over netlink
-    in one batch: nothing jumps to a new chain before that batch, which fills its lookup table in the same commit."""
+    lookup table) and chains (nft table, chain, its rule) first, then element changes (deletions first), then the
+    chains and lookup tables nothing points at any more. `script()` is all of it as one nft transaction; the
+    forwarder sends the same over netlink when it can (lbagent.l4.nftables.netlink)."""
 
     tables: tuple[tuple[str, LookupTable], ...] = ()
-    chains: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    chains: tuple[tuple[str, str, LookupRule], ...] = ()
     elements: tuple[str, ...] = ()
     chains_gone: tuple[tuple[str, str], ...] = ()
     tables_gone: tuple[tuple[str, str], ...] = ()
@@ -378,26 +377,14 @@ class Transaction:
     def __bool__(self) -> bool:
         return bool(self.tables or self.chains or self.elements or self.chains_gone or self.tables_gone)
 
-    def declarations(self, filled: bool = False) -> list[str]:
-        """The new lookup tables (empty unless `filled`), chains and rules."""
-        head = [f"add {_table_declaration(table, filled).strip().replace('map ', f'map inet {t} ', 1)}"
-                for t, table in self.tables]
-        for t, name, rules in self.chains:
-            head.append(f"add chain inet {t} {name}")
-            head += [f"add rule inet {t} {name} {rule}" for rule in rules]
-        return head
-
-    def tail(self) -> list[str]:
-        return ([f"delete chain inet {t} {name}" for t, name in self.chains_gone]
-                + [f"delete map inet {t} {name}" for t, name in self.tables_gone])
-
     def script(self) -> str:
-        return nftscript.script([*self.declarations(filled=True), *self.elements, *self.tail()])
-
-    def after_declarations(self) -> str:
-        """The rest, once `declarations()` is in: the lookup tables' elements, the element changes, the tail."""
-        fill = [f"add element inet {t} {table.name} {{ {_slots(table)} }}" for t, table in self.tables]
-        return nftscript.script([*fill, *self.elements, *self.tail()])
+        head = [f"add {_table_declaration(table).strip().replace('map ', f'map inet {t} ', 1)}"
+                for t, table in self.tables]
+        for t, name, rule in self.chains:
+            head += [f"add chain inet {t} {name}", f"add rule inet {t} {name} {rule.text()}"]
+        tail = ([f"delete chain inet {t} {name}" for t, name in self.chains_gone]
+                + [f"delete map inet {t} {name}" for t, name in self.tables_gone])
+        return nftscript.script([*head, *self.elements, *tail])
 
 
 def _transaction(rs: Ruleset, tables_added: set[tuple[int, str]], chains_added: set[tuple[int, str]],
@@ -413,7 +400,7 @@ def _transaction(rs: Ruleset, tables_added: set[tuple[int, str]], chains_added: 
         additions += a
     return Transaction(
         tables=tuple((rs.shard_table(s), rs.tables[n]) for s, n in sorted(tables_added)),
-        chains=tuple((rs.shard_table(s), n, tuple(_chain_body(rs, n))) for s, n in sorted(chains_added)),
+        chains=tuple((rs.shard_table(s), n, _rule(rs, n)) for s, n in sorted(chains_added)),
         elements=(*elements, *additions),
         chains_gone=tuple((rs.shard_table(s), n) for s, n in sorted(chains_gone)),
         tables_gone=tuple((rs.shard_table(s), n) for s, n in sorted(tables_gone)),
@@ -430,19 +417,34 @@ def _frontend(key: FrontendKey) -> str:
     return f"{key[0]} . {key[1]} . {key[2]}"
 
 
-def _chain_body(rs: Ruleset, name: str) -> list[str]:
+@dataclass(frozen=True)
+class LookupRule:
+    """The one rule of a lookup table's chain: hash the flow to a slot of the lookup table (`lookup`), DNAT to that
+    slot's node, on the frontend's nodePort; `mark`: the masquerade mark it sets first (None: not masqueraded).
+    `text()` is the rule as nft takes it; lbagent.l4.nftables.netlink packs the same rule for the kernel."""
+
+    lookup: str
+    version: int
+    by_client: bool  # the client's address only (sessionAffinity: ClientIP), not its port too
+    mark: int | None
+    size: int
+
+    def text(self) -> str:
+        # One rule, so that the kernel's check of the table (it walks every dispatch element's chain whenever a jump
+        # is added) reads as little as possible. `th sport` is TCP's and UDP's source port alike (the same two bytes
+        # as `tcp sport`, so the same hash); the l4proto match is what nft asks before a port mapping. Only what
+        # lbagent forwards in masquerade mode carries the mark (postrouting masquerades it): marked here, where the
+        # flow is dispatched, so that no per-frontend set has to say which frontends masquerade.
+        l3 = _L3[self.version]
+        mark = "" if self.mark is None else f" meta mark set meta mark | {self.mark:#010x}"
+        hashed = f"{l3} saddr" if self.by_client else f"{l3} saddr . th sport"
+        return (f"meta l4proto {{ tcp, udp }}{mark} dnat {l3} to jhash {hashed} mod {self.size} seed {HASH_SEED:#x}"
+                f" map @{self.lookup} : {l3} daddr . meta l4proto . th dport map @node_ports_v{self.version}")
+
+
+def _rule(rs: Ruleset, name: str) -> LookupRule:
     table_name, by_client, masquerade = rs.chains[name]
-    v = rs.tables[table_name].version
-    l3 = _L3[v]
-    # One rule, so that the kernel's check of the table (it walks every dispatch element's chain whenever a jump is
-    # added) reads as little as possible. `th sport` is TCP's and UDP's source port alike (the same two bytes as
-    # `tcp sport`, so the same hash); the l4proto match is what nft asks before a port mapping. Only what lbagent
-    # forwards in masquerade mode carries the mark (postrouting masquerades it): marked here, where the flow is
-    # dispatched, so that no per-frontend set has to say which frontends masquerade.
-    mark = f" meta mark set meta mark | {rs.mark:#010x}" if masquerade else ""
-    hashed = f"{l3} saddr" if by_client else f"{l3} saddr . th sport"
-    return [f"meta l4proto {{ tcp, udp }}{mark} dnat {l3} to jhash {hashed} mod {rs.size} seed {HASH_SEED:#x}"
-            f" map @{table_name} : {l3} daddr . meta l4proto . th dport map @node_ports_v{v}"]
+    return LookupRule(table_name, rs.tables[table_name].version, by_client, rs.mark if masquerade else None, rs.size)
 
 
 def _declarations(rs: Ruleset, shard: int, c: dict[str, Iterator[str]]) -> list[str]:
@@ -471,10 +473,9 @@ def _declarations(rs: Ruleset, shard: int, c: dict[str, Iterator[str]]) -> list[
     return out
 
 
-def _table_declaration(table: LookupTable, filled: bool = True) -> str:
-    l3 = _L3[table.version]
-    elements = f" elements = {{ {_slots(table)} }}" if filled else ""
-    return f"\tmap {table.name} {{ typeof numgen inc mod 2 : {l3} daddr;{elements} }}"
+def _table_declaration(table: LookupTable) -> str:
+    return (f"\tmap {table.name} {{ typeof numgen inc mod 2 : {_L3[table.version]} daddr;"
+            f" elements = {{ {_slots(table)} }} }}")
 
 
 def _slots(table: LookupTable) -> str:
@@ -553,7 +554,7 @@ def render_tables(rs: Ruleset, stale: Iterable[int] = ()) -> list[str]:
         lines += _declarations(rs, shard, contents[shard])
         lines += _fixed_chains(rs) if shard == 0 else _dispatch_chains()
         for name in sorted(n for (s, n), users in rs.chain_users.items() if s == shard and users > 0):
-            lines += [f"\tchain {name} {{", *(f"\t\t{r}" for r in _chain_body(rs, name)), "\t}"]
+            lines += [f"\tchain {name} {{", f"\t\t{_rule(rs, name).text()}", "\t}"]
         lines.append("}")
         out.append("\n".join(lines) + "\n")
     out[0] += "".join(nftscript.delete_table(rs.shard_table(shard)) for shard in stale if shard >= rs.shards)
@@ -564,14 +565,14 @@ def render(frontends: Iterable[Frontend], vips: Iterable[model.IPAddress], datap
     return render_full(build(frontends, vips, dataplane))
 
 
-def render_delta(old: Ruleset, new: Ruleset) -> str | None:
-    """Only what changed between two whole rulesets (a new model: no change record says what moved), as one nft
+def render_delta(old: Ruleset, new: Ruleset) -> Transaction | None:
+    """Only what changed between two whole rulesets (a new model: no change record says what moved), as one
     transaction, or None when the fixed part changed (render_full then)."""
     if (old.table, old.mark, old.size, old.shards) != (new.table, new.mark, new.size, new.shards):
         return None
     (old_tables, old_chains), (new_tables, new_chains) = old.present(), new.present()
     return _transaction(new, new_tables - old_tables, new_chains - old_chains, _content_sets(old),
-                        _content_sets(new), old_chains - new_chains, old_tables - new_tables).script()
+                        _content_sets(new), old_chains - new_chains, old_tables - new_tables)
 
 
 def render_delete(dataplane: model.Dataplane) -> str:
