@@ -131,8 +131,9 @@ async def measure(kind: str, services: int, nodes: int, repeat: int) -> dict[str
         "dataplane": kind, "services": services, "nodes": nodes, "frontends": len(p.frontends),
         "plan_s": round(t_plan, 3), "apply_s": round(t_apply, 3), "full_sync_s": round(t_plan + t_apply, 3),
         "restart_sync_s": round(t_restart, 3),
-        "change_ms": round(statistics.median(changes) * 1000, 1),
+        "change_ms": round(statistics.median(changes) * 1000, 1), "change_p90_ms": _p90_ms(changes),
         "change_table_there_ms": round(statistics.median(shared_changes) * 1000, 1),
+        "change_table_there_p90_ms": _p90_ms(shared_changes),
         "baseline_forced_full_ms": round(statistics.median(baselines) * 1000, 1),
         **floor,
         "python_plan_peak_mib": round(peak / 2**20, 1), "agent_peak_rss_mib": round(self_rss / 1024, 1),
@@ -144,6 +145,11 @@ def _same_table(fwd: Any, a: str, b: str) -> bool:
     """Whether two services' frontends are in the same nft table (nftables' shards; one table for the others)."""
     shards = fwd.applied.shards if isinstance(fwd, NftForwarder) and fwd.applied is not None else 1
     return shard_of_service(a, shards) == shard_of_service(b, shards)
+
+
+def _p90_ms(times: list[float]) -> float:
+    """The 90th percentile, in ms (the slowest of one or two runs)."""
+    return round((statistics.quantiles(times, n=10)[8] if len(times) > 2 else max(times)) * 1000, 1)
 
 
 async def _tool_floor(fwd: Any, kind: str) -> dict[str, float]:
