@@ -283,8 +283,12 @@ class HealthChecker:
     theirs) and tells `on_change` of every pair whose verdict flips. When every probe goes unanswered at once, this
     LB is the one cut off: the nodes that come back are shown together once the probes settle (`_CutOff`)."""
 
-    def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe) -> None:
+    def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe,
+                 on_cut_off: Callable[[bool], None] = lambda cut_off: None) -> None:
+        """`on_cut_off(True)` when every probe went unanswered at once, `on_cut_off(False)` when the nodes held since
+        then are shown again."""
         self._on_change = on_change
+        self._on_cut_off = on_cut_off
         self._prober = prober
         self._probes: dict[ProbeId, _Probe] = {}
         self._probe_of: dict[HealthKey, ProbeId] = {}
@@ -458,6 +462,7 @@ class HealthChecker:
                 self._cut_off = _CutOff(began=asyncio.get_running_loop().time())
                 event(log, logging.WARNING, "health_cut_off", probes=len(self._probes),
                       note="every probe went unanswered: nodes that come back are shown together once probes settle")
+                self._on_cut_off(True)
             return
         self._unanswered.discard(pid)
         cut = self._cut_off
@@ -492,6 +497,7 @@ class HealthChecker:
               cut_off=f"{now - cut.began:.1f}s", settling=f"{now - (cut.since or now):.1f}s")
         for probe in held:
             self._show(probe, held="cutOff")
+        self._on_cut_off(False)
 
     def _start(self, pid: ProbeId) -> None:
         probe = self._probes[pid]

@@ -125,7 +125,7 @@ class Agent:
         self.metrics.follow_source(self.source.status)
         self.notifier = notifier or Notifier()
         self.draining = False
-        self.health = HealthChecker(self._health_changed, prober)
+        self.health = HealthChecker(self._health_changed, prober, self.metrics.cut_off)
         a = initial.agent
         self.bgp = BgpReconciler(self, a, self.metrics, speaker_factory, self._servable)
         self.vips = VipReconciler(self, a, self.metrics, binder or VipBinder(initial.vip_interface),

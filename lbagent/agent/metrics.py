@@ -88,6 +88,12 @@ class Metrics:
         self.drift = Counter("lbagent_drift_detected_total",
                              "Changes to what lbagent owns in the kernel made by someone else, by what (dataplane, "
                              "vip); each is repaired at once.", ["what"], registry=r)
+        self.health_cut_off = Gauge("lbagent_health_cut_off",
+                                    "1 from the moment every health probe went unanswered at once (this LB cut off "
+                                    "from the nodes) until the nodes that answer again are shown together.",
+                                    registry=r)
+        self.health_cut_offs = Counter("lbagent_health_cut_offs_total",
+                                       "Times every health probe went unanswered at once.", registry=r)
         self.dataplane_applies = Counter("lbagent_dataplane_applies_total",
                                          "Data plane applies, by how (full, delta, unchanged).", ["how"], registry=r)
         self.haproxy_up = Gauge("lbagent_haproxy_up", "1 while HAProxy runs with lbagent's config.", registry=r)
@@ -166,6 +172,12 @@ class Metrics:
             else:
                 with contextlib.suppress(KeyError):
                     self.node_healthy.remove(*key)
+
+    def cut_off(self, cut_off: bool) -> None:
+        """The health checker's cut-off began (True) or ended (False)."""
+        self.health_cut_off.set(1 if cut_off else 0)
+        if cut_off:
+            self.health_cut_offs.inc()
 
     def bgp(self, peers: Mapping[str, str], announced: int) -> None:
         self.bgp_session_up.clear()

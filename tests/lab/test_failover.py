@@ -75,6 +75,12 @@ def _announced(lab: Lab, by: set[str], timeout: float = 30) -> None:
     wait_for(lambda: lab.router_nexthops(f"{VIP}/32") == want, timeout, 0.02, f"{VIP} via {sorted(by)}")
 
 
+def _metric(lab: Lab, lb: str, name: str) -> float | None:
+    """A metric without labels, as lb's agent exports it (None: not there, or the agent not answering)."""
+    out = lab.exec(lb, ["curl", "-sS", "--noproxy", "*", "http://127.0.0.1:9469/metrics"], check=False).stdout
+    return next((float(line.split()[1]) for line in out.splitlines() if line.startswith(f"{name} ")), None)
+
+
 def _exabgp_pid(lab: Lab, lb: str) -> int | None:
     """The ExaBGP process lb's agent runs (its child)."""
     agent = lab.agent_pid(lb)
@@ -119,12 +125,18 @@ def run_events(lab: Lab, events: dict[str, Callable[[], None]], fresh: bool = Fa
 
 def lb1_events(lab: Lab) -> dict[str, Callable[[], None]]:
     def node_lost() -> None:
+        cut_offs = _metric(lab, "lb1", "lbagent_health_cut_offs_total")
         lab.set_links("lb1", False)
         _announced(lab, {"lb2"})
+        # lb1's probes all go unanswered: its metrics say it is cut off from the nodes
+        wait_for(lambda: _metric(lab, "lb1", "lbagent_health_cut_off") == 1.0, 30, 0.1, "lb1's cut-off metric")
+        assert _metric(lab, "lb1", "lbagent_health_cut_offs_total") == (cut_offs or 0) + 1
 
     def comes_back() -> None:
         lab.set_links("lb1", True)
         _announced(lab, {"lb1", "lb2"})
+        # announced again once the nodes that answer again were shown together: the cut-off is over
+        assert _metric(lab, "lb1", "lbagent_health_cut_off") == 0.0
 
     def sigterm() -> None:
         lab.stop_agent("lb1")

@@ -401,6 +401,7 @@ def test_an_lb_cut_off_from_every_node_shows_the_nodes_that_come_back_together()
         answer.update(node1="network is unreachable", node2="network is unreachable")  # links down
         await rounds(WEB1, WEB2, WEB1, WEB2)
         assert checker.snapshot() == {WEB1: False, WEB2: False} and changes == [WEB1, WEB2]  # downs: shown at once
+        assert cut_offs == [True]
         changes.clear()
         answer.update(node1=None, node2="timeout")  # links up: node2's first probe is lost on the way
         await rounds(WEB1, WEB2, WEB1)
@@ -408,12 +409,14 @@ def test_an_lb_cut_off_from_every_node_shows_the_nodes_that_come_back_together()
         await rounds(WEB2)
         # node1 is healthy by rise (2), and held: node2 has not settled (one failure, one success since the links)
         assert checker.snapshot() == {WEB1: False, WEB2: False} and changes == []
-        assert checker.reasons()[WEB1] == health.HELD
+        assert checker.reasons()[WEB1] == health.HELD and cut_offs == [True]
         await rounds(WEB2)
         assert checker.snapshot() == {WEB1: True, WEB2: True} and sorted(changes) == [WEB1, WEB2]
         assert checker.reasons()[WEB1] == "probeSucceeded"
+        assert cut_offs == [True, False]  # over once the held nodes are shown
 
-    checker = HealthChecker(changes.append, prober)
+    cut_offs: list[bool] = []
+    checker = HealthChecker(changes.append, prober, cut_offs.append)
     asyncio.run(scenario())
 
 
@@ -426,11 +429,12 @@ def test_nodes_that_answer_no_are_not_a_cut_off() -> None:
     prober = _answering(answer)
 
     async def scenario() -> None:
-        checker = HealthChecker(changes.append, prober)
+        cut_offs: list[bool] = []
+        checker = HealthChecker(changes.append, prober, cut_offs.append)
         checker.update(_two_nodes())
         for key in (WEB1, WEB2):
             await checker.probe_once(key)
-        assert checker.snapshot() == {WEB1: False, WEB2: False}
+        assert checker.snapshot() == {WEB1: False, WEB2: False} and cut_offs == []
         answer["node1"] = None
         for _ in range(2):
             await checker.probe_once(WEB1)

@@ -43,6 +43,15 @@ def test_health_bgp_and_config() -> None:
     assert 'lbagent_config_info{hash="def"} 1.0' in out and 'hash="abc"' not in out
 
 
+def test_a_cut_off_shows_while_it_lasts_and_counts_once() -> None:
+    metrics = Metrics()
+    assert "lbagent_health_cut_off 0.0" in text(metrics) and "lbagent_health_cut_offs_total 0.0" in text(metrics)
+    metrics.cut_off(True)
+    assert "lbagent_health_cut_off 1.0" in text(metrics) and "lbagent_health_cut_offs_total 1.0" in text(metrics)
+    metrics.cut_off(False)
+    assert "lbagent_health_cut_off 0.0" in text(metrics) and "lbagent_health_cut_offs_total 1.0" in text(metrics)
+
+
 def test_grafana_dashboard_queries_only_metrics_the_agent_exports() -> None:
     dashboard = json.loads((Path(__file__).resolve().parents[2] / "configs" / "grafana-dashboard.json").read_text())
     exported: set[str] = set()
