@@ -149,8 +149,8 @@ def maglev_table(active: tuple[Backend, ...], version: int, size: int,
     if known is not None and (table := known.get(name)) is not None:
         return table
     order = maglev.table([(b.node, b.weight) for b in active], size)
-    slots = tuple(str(active[i].address) for i in order)
-    return LookupTable(name, version, slots)
+    addresses = [str(b.address) for b in active]  # once per backend, not once per slot (ipaddress's str is slow)
+    return LookupTable(name, version, tuple(map(addresses.__getitem__, order)))
 
 
 def table_name(active: tuple[Backend, ...], version: int, size: int) -> str:
