@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from lbagent import model
@@ -112,6 +112,42 @@ def service_targets(service: model.Service, nodes: Iterable[model.Node]) -> dict
     return out
 
 
+# How late a timeout may fire before it counts as a stall of the agent rather than of the target: the timer of a
+# watched timeout that fires later than this gives the probe the time it missed again (see `watched_timeout`).
+STALL = 0.05
+STALL_EXTENSIONS = 3
+
+
+@contextlib.asynccontextmanager
+async def watched_timeout(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout(seconds)` that counts only the time the agent was watching. When the agent itself stalls (a
+    CPU quota's throttling, a paused VM, a long step on the loop), the timer fires late, and the answer that came
+    during the stall sits unread in the socket: a plain timeout would call a healthy node dead for the agent's own
+    pause. So a timer that fires more than STALL late waits again for as long as it was late (at most `seconds`, at
+    most STALL_EXTENSIONS times) before the probe times out. A target that does not answer still times out after
+    `seconds` of the agent watching."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as timeout:
+        deadline = loop.time() + seconds
+        extensions = 0
+
+        def check() -> None:
+            nonlocal deadline, extensions
+            late = loop.time() - deadline
+            if late > STALL and extensions < STALL_EXTENSIONS:
+                extensions += 1
+                deadline = loop.time() + min(late, seconds)
+                handles.append(loop.call_at(deadline, check))
+            else:
+                timeout.reschedule(loop.time())  # fires now: the task is cancelled into TimeoutError
+
+        handles = [loop.call_at(deadline, check)]
+        try:
+            yield
+        finally:
+            handles[-1].cancel()
+
+
 # A probe connection is closed with a reset (SO_LINGER 0), as HAProxy closes its checks: a prober that closed
 # politely would hold a TIME_WAIT socket for a minute for each of its thousands of connections per second.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
@@ -123,7 +159,7 @@ async def tcp_probe(address: model.IPAddress, port: int, timeout: float) -> str 
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-        async with asyncio.timeout(timeout):
+        async with watched_timeout(timeout):
             await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
     except TimeoutError:
         return "timeout"
@@ -138,7 +174,7 @@ async def http_probe(address: model.IPAddress, port: int, path: str, timeout: fl
     """GET http://address:port/path; the status and body, or a short reason it failed."""
     host = f"[{address}]" if address.version == 6 else str(address)
     try:
-        async with asyncio.timeout(timeout):
+        async with watched_timeout(timeout):
             reader, writer = await asyncio.open_connection(str(address), port)
             try:
                 writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: lbagent\r\n\r\n".encode())

@@ -146,4 +146,5 @@ def test_endpoint_and_route_changes_through_the_api_under_load_fail_no_request(k
     latencies.sort()
     print(f"\nunder load: {result}; HTTPRoute change -> both LBs serving it: p50 {statistics.median(latencies):.2f} s,"
           f" p99 {latencies[-1]:.2f} s (max of {len(latencies)})")
-    assert result["requests"] > 1000 and result["socket_errors"] == 0 and result["non_2xx"] == 0, result
+    assert result["requests"] > 1000 and result["socket_errors"] == 0 and result["non_2xx"] == 0, \
+        "\n".join([str(result), *wrk.failed])

@@ -106,16 +106,56 @@ class RequestLoop:
         self._thread.join(timeout=10)
 
 
+# Every failed answer (status 400 or more, what wrk counts as non-2xx or 3xx) by status: how many, the first and
+# last second (wall clock, to set beside the agents' logs) and the start of the first body (HAProxy's own error page
+# or the backend's answer). Printed by done() as `failed <status> <count> <first> <last> <body>` lines.
+_WRK_STATUSES = """
+local threads = {}
+failed = {}  -- by status: "<count> <first> <last> <body>" (wrk copies flat tables of strings between its states)
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body)
+  if status >= 400 then
+    local key = tostring(status)
+    local seen = failed[key]
+    if seen == nil then
+      local head = string.gsub(string.sub(body or "", 1, 60), "%s+", " ")
+      failed[key] = string.format("1 %d %d %s", os.time(), os.time(), head)
+    else
+      local count, first, rest = string.match(seen, "^(%d+) (%d+) %d+ (.*)$")
+      failed[key] = string.format("%d %s %d %s", tonumber(count) + 1, first, os.time(), rest)
+    end
+  end
+end
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    for status, seen in pairs(thread:get("failed")) do io.write("failed " .. status .. " " .. seen .. "\\n") end
+  end
+end
+"""
+
+
+def _failed_line(line: str) -> str:
+    """`failed <status> <count> <first> <last> <body>` as `<count> x <status> at HH:MM:SS-HH:MM:SS (UTC): <body>`."""
+    _, status, count, first, last, body = [*line.split(" ", 5), ""][:6]
+    when = "-".join(time.strftime("%H:%M:%S", time.gmtime(int(t))) for t in (first, last))
+    return f"{count} x {status} at {when} (UTC): {body.strip()}"
+
+
 class Wrk:
     """wrk in the client against `url` over 8 connections, until stopped: it runs for as long as the changes a test
     makes under it take on a busy machine, and reports when stopped (SIGINT). A context manager, so that it never
-    outlives a failed test."""
+    outlives a failed test. `failed` names the failed answers by status once stopped (when and what, to tell
+    HAProxy's 503 for a backend with no server up from a backend's own error)."""
 
     def __init__(self, lab: Lab, url: str, host: str, close: bool = False) -> None:
+        script = lab.state_dir / "client" / "wrk-statuses.lua"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(_WRK_STATUSES)
         argv = ["ip", "netns", "exec", lab.ns("client"), "wrk", "-t1", "-c8", "-d3600s", "--timeout", "5s",
-                "-H", f"Host: {host}", *(["-H", "Connection: close"] if close else []), url]
+                "-s", str(script), "-H", f"Host: {host}", *(["-H", "Connection: close"] if close else []), url]
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.result: dict[str, int] | None = None
+        self.failed: list[str] = []
 
     def running(self) -> bool:
         return self._proc.poll() is None
@@ -134,6 +174,7 @@ class Wrk:
             self.result = {"requests": int(total.group(1)),
                            "socket_errors": sum(map(int, errors.groups())) if errors else 0,
                            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+            self.failed = [_failed_line(line) for line in out.splitlines() if line.startswith("failed ")]
         return self.result
 
     def __enter__(self) -> Wrk:

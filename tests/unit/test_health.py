@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Awaitable
 from ipaddress import ip_address
 from typing import Any
 
@@ -169,6 +173,71 @@ def test_http_probes_against_kube_proxy_like_answers() -> None:
     assert no_endpoints is not None and "noLocalEndpoints (HTTP 503, localEndpoints 0)" in no_endpoints
     assert healthz_draining is not None and healthz_draining.endswith("/healthz HTTP 503")
     assert gone is not None and "connection refused" in gone
+
+
+class _ThreadServer:
+    """An HTTP server on loopback in its own thread: it answers (or, silent, only reads) while the event loop of
+    the test is stalled."""
+
+    def __init__(self, silent: bool = False) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.silent = silent
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            data = b""
+            with contextlib.suppress(OSError):  # a probe that timed out resets its connection
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(4096)):
+                    data += chunk
+                if not self.silent:
+                    conn.sendall(b'HTTP/1.1 200 OK\r\n\r\n{"localEndpoints": 1}')
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+async def _stalled(coroutine: Awaitable[Any], stall: float) -> tuple[Any, float]:
+    """Run `coroutine`, the event loop stalling for `stall` seconds at its first wait (as a throttled or paused agent
+    does); its result and how long it took."""
+    loop = asyncio.get_running_loop()
+    loop.call_soon(time.sleep, stall)
+    started = loop.time()
+    result = await coroutine
+    return result, loop.time() - started
+
+
+def test_a_probe_answered_while_the_agent_stalled_is_answered() -> None:
+    """The answer came during the agent's own stall (longer than the timeout): the probe passes, it does not time
+    out the moment the agent looks again. A target that never answers still times out."""
+    answering, silent = _ThreadServer(), _ThreadServer(silent=True)
+
+    async def scenario() -> list[tuple[Any, float]]:
+        local = dataclasses.replace(_target(model.ProbeKind.HEALTH_CHECK_NODE_PORT, answering.port),
+                                    check=model.HealthCheck(interval=1, timeout=0.2, rise=1, fall=1))
+        return [await _stalled(probe(local), 0.5),
+                await _stalled(probe(dataclasses.replace(local, ports=(silent.port,))), 0.5),
+                await _stalled(probe(dataclasses.replace(local, ports=(silent.port,))), 0.0)]
+
+    try:
+        (http, _), (stalled_silent, waited), (silent_result, silent_waited) = asyncio.run(scenario())
+    finally:
+        answering.close()
+        silent.close()
+    assert http is None
+    assert stalled_silent is not None and stalled_silent.endswith(" timeout")
+    assert waited >= 0.5 + 0.2  # the stall, then the time it missed (at most the timeout) watched again
+    assert silent_result is not None and silent_result.endswith(" timeout") and silent_waited >= 0.2
 
 
 def test_a_prober_that_raises_counts_as_a_failed_probe() -> None:
