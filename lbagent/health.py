@@ -113,7 +113,7 @@ def service_targets(service: model.Service, nodes: Iterable[model.Node]) -> dict
 
 
 # How late a timeout may fire before it counts as a stall of the agent rather than of the target: the timer of a
-# watched timeout that fires later than this gives the probe the time it missed again (see `watched_timeout`).
+# watched timeout that fires later than this starts the timeout again (see `watched_timeout`).
 STALL = 0.05
 STALL_EXTENSIONS = 3
 
@@ -123,9 +123,9 @@ async def watched_timeout(seconds: float) -> AsyncIterator[None]:
     """`asyncio.timeout(seconds)` that counts only the time the agent was watching. When the agent itself stalls (a
     CPU quota's throttling, a paused VM, a long step on the loop), the timer fires late, and the answer that came
     during the stall sits unread in the socket: a plain timeout would call a healthy node dead for the agent's own
-    pause. So a timer that fires more than STALL late waits again for as long as it was late (at most `seconds`, at
-    most STALL_EXTENSIONS times) before the probe times out. A target that does not answer still times out after
-    `seconds` of the agent watching."""
+    pause. So a timer that fires more than STALL late starts the timeout again (at most STALL_EXTENSIONS times): what
+    happened while the agent was not looking is unknown, not a failure. The answer already there is read at once; a
+    target that does not answer still times out after `seconds` of the agent watching."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as timeout:
         deadline = loop.time() + seconds
@@ -136,7 +136,7 @@ async def watched_timeout(seconds: float) -> AsyncIterator[None]:
             late = loop.time() - deadline
             if late > STALL and extensions < STALL_EXTENSIONS:
                 extensions += 1
-                deadline = loop.time() + min(late, seconds)
+                deadline = loop.time() + seconds
                 handles.append(loop.call_at(deadline, check))
             else:
                 timeout.reschedule(loop.time())  # fires now: the task is cancelled into TimeoutError
