@@ -7,10 +7,12 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from lbagent import model
 from lbagent.logfmt import event
@@ -118,34 +120,41 @@ STALL = 0.05
 STALL_EXTENSIONS = 3
 
 
-@contextlib.asynccontextmanager
-async def watched_timeout(seconds: float) -> AsyncIterator[None]:
+class watched_timeout:  # lower case: used as `async with watched_timeout(s)`, like asyncio.timeout
     """`asyncio.timeout(seconds)` that counts only the time the agent was watching. When the agent itself stalls (a
     CPU quota's throttling, a paused VM, a long step on the loop), the timer fires late, and the answer that came
     during the stall sits unread in the socket: a plain timeout would call a healthy node dead for the agent's own
     pause. So a timer that fires more than STALL late starts the timeout again (at most STALL_EXTENSIONS times): what
     happened while the agent was not looking is unknown, not a failure. The answer already there is read at once; a
-    target that does not answer still times out after `seconds` of the agent watching."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as timeout:
-        deadline = loop.time() + seconds
-        extensions = 0
+    target that does not answer still times out after `seconds` of the agent watching. A class with slots, not a
+    generator: thousands of probes are in flight at once."""
 
-        def check() -> None:
-            nonlocal deadline, extensions
-            late = loop.time() - deadline
-            if late > STALL and extensions < STALL_EXTENSIONS:
-                extensions += 1
-                deadline = loop.time() + seconds
-                handles.append(loop.call_at(deadline, check))
-            else:
-                timeout.reschedule(loop.time())  # fires now: the task is cancelled into TimeoutError
+    __slots__ = ("_deadline", "_extensions", "_handle", "_loop", "_seconds", "_timeout")
 
-        handles = [loop.call_at(deadline, check)]
-        try:
-            yield
-        finally:
-            handles[-1].cancel()
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._extensions = 0
+        self._timeout = asyncio.Timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + self._seconds
+        self._handle = self._loop.call_at(self._deadline, self._check)
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        self._handle.cancel()
+        await self._timeout.__aexit__(kind, error, trace)  # raises TimeoutError when it fired
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now - self._deadline > STALL and self._extensions < STALL_EXTENSIONS:
+            self._extensions += 1
+            self._deadline = now + self._seconds
+            self._handle = self._loop.call_at(self._deadline, self._check)
+        else:
+            self._timeout.reschedule(now)  # fires now: the task is cancelled into TimeoutError
 
 
 # A probe connection is closed with a reset (SO_LINGER 0), as HAProxy closes its checks: a prober that closed
@@ -320,12 +329,14 @@ class HealthChecker:
     LB is the one cut off: the nodes that come back are shown together once the probes settle (`_CutOff`)."""
 
     def __init__(self, on_change: Callable[[HealthKey], None], prober: Prober = probe,
-                 on_cut_off: Callable[[bool], None] = lambda cut_off: None) -> None:
+                 on_cut_off: Callable[[bool], None] = lambda cut_off: None,
+                 jitter: Callable[[], float] = random.random) -> None:
         """`on_cut_off(True)` when every probe went unanswered at once, `on_cut_off(False)` when the nodes held since
-        then are shown again."""
+        then are shown again. `jitter()`, in [0, 1), is where in its interval a probe's second round falls."""
         self._on_change = on_change
         self._on_cut_off = on_cut_off
         self._prober = prober
+        self._jitter = jitter
         self._probes: dict[ProbeId, _Probe] = {}
         self._probe_of: dict[HealthKey, ProbeId] = {}
         self._served_by = ServedBy()
@@ -544,18 +555,21 @@ class HealthChecker:
         interval = probe.target.check.interval
         loop = asyncio.get_running_loop()
         woken = False
-        # The probes of an agent keep the phase they started with: they go out together every interval. Spreading
-        # them (a random wait once) was tried and taken out: an LB whose node links came back then had its nodes
-        # turn healthy one by one, announced with some of them, and its Maglev tables moved flows to other nodes
-        # (the failover demo lost 2 of 16 connections). Probes in phase were not enough on a busy machine either
-        # (the demo lost 3 of 16: one service's probes a round behind the others'); `_CutOff` now holds such nodes
-        # and shows them together. Spreading has not been tried again since.
+        # A fresh agent's probes (or a large reload's) all go out together, for a quick first snapshot. After that
+        # first round each waits a random part of its interval, once, and keeps that phase: thousands of probes no
+        # longer go out in one burst every interval (3,000 services' nodePort probes in one burst timed out on the
+        # nodes and the agent alike). Spreading was taken out once, when an LB whose node links came back had its
+        # nodes turn healthy one by one and moved flows (the failover demo lost 2 of 16 connections); `_CutOff` now
+        # holds the nodes that come back and shows them together, whatever phase each probe has.
+        spread = True
         while True:
             started = loop.time()
             probe.wake.clear()  # a refusal from now on asks for one more probe after this one
             await self._round(pid, woken)
+            wait = interval * self._jitter() if spread else interval - (loop.time() - started)
+            spread = False
             try:
-                async with asyncio.timeout(max(0.0, interval - (loop.time() - started))):
+                async with asyncio.timeout(max(0.0, wait)):
                     await probe.wake.wait()
             except TimeoutError:
                 woken = False

@@ -547,3 +547,39 @@ def test_a_probe_that_never_settles_holds_the_others_back_no_longer_than_its_rou
     waited = asyncio.run(scenario())
     assert waited >= (2 + 1) * 0.05 + 0.05 - 0.01  # the deadline, not an early release
     assert changes == [WEB1, WEB2, WEB1]
+
+
+def test_probes_that_start_together_spread_over_their_interval_after_the_first_round() -> None:
+    """Every probe of a fresh agent goes out at once (a quick first snapshot); the second round of each falls where
+    its jitter puts it in the interval, so that they no longer go out in one burst every interval."""
+    starts: dict[str, list[float]] = {}
+    fractions = iter([i / 10 for i in range(10)])
+
+    async def prober(target: Target) -> str | None:
+        starts.setdefault(target.service, []).append(asyncio.get_running_loop().time())
+        return None
+
+    async def scenario() -> None:
+        services: list[dict[str, object]] = [
+            {"name": f"s{i}", "vip": f"192.0.2.{20 + i}", "ports": [{"port": 80, "nodePort": 31000 + i}],
+             "healthCheck": {"interval": "1s"}} for i in range(10)]
+        m = _model(services)
+        m = dataclasses.replace(m, nodes=m.nodes[:1], services=m.services[1:])
+        checker = HealthChecker(lambda key: None, prober, jitter=lambda: next(fractions))
+        checker.update(m)
+        checker.start()
+        async with asyncio.timeout(10):
+            while len(starts) < 10 or any(len(s) < 3 for s in starts.values()):  # noqa: ASYNC110 - polls a fake
+                await asyncio.sleep(0.01)
+        await checker.stop()
+        first = {name: times[0] for name, times in starts.items()}
+        second = sorted((times[1] - first[name], times[2] - times[1]) for name, times in starts.items())
+        assert max(first.values()) - min(first.values()) < 0.5  # together (on any machine: far under 1 s)
+        # each second round at its own fraction of the interval, not all at 1 s: no later than asked, however busy;
+        # the third a whole interval after the second (the phase is kept)
+        assert [round(gap, 1) >= i / 10 for i, (gap, _) in enumerate(second)] == [True] * 10
+        assert second[-1][0] - second[0][0] > 0.45  # asked 0.9 apart: spread, not in one burst (a busy machine
+        # delays the probe asked to wait nothing far less than 0.45 s)
+        assert all(round(then, 1) >= 1.0 for _, then in second)
+
+    asyncio.run(scenario())
