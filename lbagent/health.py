@@ -12,11 +12,11 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from lbagent import model
 from lbagent.logfmt import event
 from lbagent.verdicts import Verdicts
+from lbagent.watched import watched_timeout
 
 log = logging.getLogger("lbagent.health")
 
@@ -112,49 +112,6 @@ def service_targets(service: model.Service, nodes: Iterable[model.Node]) -> dict
         if address is not None:
             out[(service.key, node.name)] = Target(service.key, node.name, kind, address, ports, service.health_check)
     return out
-
-
-# How late a timeout may fire before it counts as a stall of the agent rather than of the target: the timer of a
-# watched timeout that fires later than this starts the timeout again (see `watched_timeout`).
-STALL = 0.05
-STALL_EXTENSIONS = 3
-
-
-class watched_timeout:  # lower case: used as `async with watched_timeout(s)`, like asyncio.timeout
-    """`asyncio.timeout(seconds)` that counts only the time the agent was watching. When the agent itself stalls (a
-    CPU quota's throttling, a paused VM, a long step on the loop), the timer fires late, and the answer that came
-    during the stall sits unread in the socket: a plain timeout would call a healthy node dead for the agent's own
-    pause. So a timer that fires more than STALL late starts the timeout again (at most STALL_EXTENSIONS times): what
-    happened while the agent was not looking is unknown, not a failure. The answer already there is read at once; a
-    target that does not answer still times out after `seconds` of the agent watching. A class with slots, not a
-    generator: thousands of probes are in flight at once."""
-
-    __slots__ = ("_deadline", "_extensions", "_handle", "_loop", "_seconds", "_timeout")
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._extensions = 0
-        self._timeout = asyncio.Timeout(None)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-        self._loop = asyncio.get_running_loop()
-        self._deadline = self._loop.time() + self._seconds
-        self._handle = self._loop.call_at(self._deadline, self._check)
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
-        self._handle.cancel()
-        await self._timeout.__aexit__(kind, error, trace)  # raises TimeoutError when it fired
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        if now - self._deadline > STALL and self._extensions < STALL_EXTENSIONS:
-            self._extensions += 1
-            self._deadline = now + self._seconds
-            self._handle = self._loop.call_at(self._deadline, self._check)
-        else:
-            self._timeout.reschedule(now)  # fires now: the task is cancelled into TimeoutError
 
 
 # A probe connection is closed with a reset (SO_LINGER 0), as HAProxy closes its checks: a prober that closed

@@ -7,6 +7,7 @@ does not answer, or whose bridge went away, is restarted), neighbor states and E
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -26,6 +27,7 @@ from lbagent.l3 import render
 from lbagent.logfmt import event
 from lbagent.plan.services import Announcement
 from lbagent.supervisor import Child, Supervisor, spawn, terminate_steps
+from lbagent.watched import WatchedTimer
 
 LOG = logging.getLogger("lbagent.bgp")
 
@@ -97,8 +99,10 @@ async def sync(
 ) -> None:
     """Bring `announced` to `desired` through `send` (which raises unless the command was acknowledged).
 
-    `announced` is updated after every acknowledgement, so it stays true whatever fails. Refused commands
-    are reported together at the end; losing the connection aborts at once.
+    The commands are pipelined: all of them are sent, in order (withdrawals first), before the first answer is
+    awaited, so a sync costs one round trip to ExaBGP rather than one per prefix (`send` must put its command on
+    the wire before its first await). `announced` is updated at every acknowledgement, so it stays true whatever
+    fails. Refused commands are reported together at the end; a lost connection is raised once all have ended.
     """
     withdraw, announce = diff(announced, desired)
 
@@ -114,22 +118,16 @@ async def sync(
     for a in withdraw:
         if not neighbors(a):
             announced.pop(a.prefix, None)
-    for a, command in withdraws:
-        event(log, logging.INFO, "bgp_withdraw", prefix=a.prefix)
+
+    async def withdrawn(a: Announcement, command: str) -> None:
         try:
             await send(command)
         except BgpCommandError as error:
             failures.append(str(error))
-            continue
+            return
         announced.pop(a.prefix, None)
-    for a, command in announces:
-        if not neighbors(a):
-            family = f"IPv{ip_network(a.prefix).version}"
-            event(log, logging.ERROR, "bgp_announce_impossible", prefix=a.prefix, error=f"no {family} peer")
-            failures.append(f"no {family} peer for {a.prefix}")
-            continue
-        event(log, logging.INFO, "bgp_announce", prefix=a.prefix, med=a.med, local_pref=a.local_pref,
-              communities=a.communities or "-")
+
+    async def announced_(a: Announcement, command: str) -> None:
         try:
             await send(command)
         except BgpCommandError as error:
@@ -140,8 +138,27 @@ async def sync(
             with contextlib.suppress(BgpCommandError):
                 await send(render.withdraw_command(a, neighbors(a)))
                 announced.pop(a.prefix, None)
-            continue
+            return
         announced[a.prefix] = a
+
+    commands: list[Awaitable[None]] = []
+    for a, command in withdraws:
+        event(log, logging.INFO, "bgp_withdraw", prefix=a.prefix)
+        commands.append(withdrawn(a, command))
+    for a, command in announces:
+        if not neighbors(a):
+            family = f"IPv{ip_network(a.prefix).version}"
+            event(log, logging.ERROR, "bgp_announce_impossible", prefix=a.prefix, error=f"no {family} peer")
+            failures.append(f"no {family} peer for {a.prefix}")
+            continue
+        event(log, logging.INFO, "bgp_announce", prefix=a.prefix, med=a.med, local_pref=a.local_pref,
+              communities=a.communities or "-")
+        commands.append(announced_(a, command))
+    # gather starts them in order, each sending before it awaits; every one ends (a lost connection fails them all)
+    outcomes = await asyncio.gather(*commands, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
     if failures:
         raise BgpCommandError("; ".join(failures))
 
@@ -187,7 +204,9 @@ class ExaBgpSpeaker:
         self._peers: dict[str, str] = {str(peer.address): "unknown" for peer in bgp.peers}
         self._conn: _Connection | None = None
         self._connections = 0
-        self._pending: asyncio.Future[str] | None = None
+        # the commands sent and not answered yet, oldest first: ExaBGP answers them in order
+        self._pending: collections.deque[tuple[str, asyncio.Future[str]]] = collections.deque()
+        self._ack_timer: WatchedTimer | None = None  # expires when ExaBGP answered nothing for ack_timeout
         self._server: asyncio.Server | None = None
         self._started = False
         self._watchdog: asyncio.Task[None] | None = None  # the current instance's API must connect in time
@@ -332,31 +351,34 @@ class ExaBgpSpeaker:
             event(self._log, logging.INFO, "bgp_eor_sent", peer=address)
 
     async def _command(self, line: str) -> None:
+        """Send one command and wait for its answer. Commands may be pipelined (sync sends them all before it
+        waits): the line is written before the first await, and answers are matched to commands in order. ExaBGP
+        is given ack_timeout (of the agent watching) to answer the oldest command, counted again at each answer."""
         conn = self._conn
         if conn is None:
             raise BgpNotConnected("ExaBGP is not connected")
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending = answer
+        self._pending.append((line, answer))
+        if self._ack_timer is None:
+            self._ack_timer = WatchedTimer(self._ack_timeout, self._no_answer)
+            self._ack_timer.start()
         try:
             conn.writer.write(line.encode("ascii") + b"\n")
             await conn.writer.drain()
-            # asyncio.timeout rather than wait_for, which in Python 3.11 can swallow a racing cancellation.
-            async with asyncio.timeout(self._ack_timeout):
-                result = await answer
-        except TimeoutError:
-            event(self._log, logging.ERROR, "exabgp_no_answer", timeout=self._ack_timeout, command=line)
-            # A late answer would be taken for the next command's: this instance cannot be trusted.
-            self._drop_connection("no answer")
-            self._supervisor.restart(f"no answer within {self._ack_timeout:g} s", planned=False)
-            raise BgpNotConnected(f"no answer from ExaBGP to: {line}") from None
         except OSError as error:
+            self._drop_connection(f"lost while sending: {error}")
             raise BgpNotConnected(f"lost ExaBGP while sending: {error}") from error
-        finally:
-            self._pending = None
-        if self._conn is not conn:
-            raise BgpNotConnected("ExaBGP went away")
+        result = await answer  # BgpNotConnected when the connection is dropped first
         if result != "done":
             raise BgpCommandError(f"ExaBGP answered {result} to: {line}")
+
+    def _no_answer(self) -> None:
+        line = self._pending[0][0] if self._pending else "-"
+        event(self._log, logging.ERROR, "exabgp_no_answer", timeout=self._ack_timeout, command=line,
+              waiting=len(self._pending))
+        # A late answer would be taken for the next command's: this instance cannot be trusted.
+        self._drop_connection("no answer", BgpNotConnected(f"no answer from ExaBGP to: {line}"))
+        self._supervisor.restart(f"no answer within {self._ack_timeout:g} s", planned=False)
 
     # -- the API connection
 
@@ -398,20 +420,33 @@ class ExaBgpSpeaker:
                     self._supervisor.restart("its API process went away", planned=False, of=child)
                 self._changed()
 
-    def _drop_connection(self, reason: str) -> None:
+    def _drop_connection(self, reason: str, error: BgpNotConnected | None = None) -> None:
         conn, self._conn = self._conn, None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        pending, self._pending = self._pending, collections.deque()
+        for _, answer in pending:
+            if not answer.done():
+                answer.set_exception(error or BgpNotConnected(f"ExaBGP went away ({reason})"))
         if conn is None:
             return
         conn.writer.close()
         self._announced.clear()
-        if self._pending is not None and not self._pending.done():
-            self._pending.set_exception(BgpNotConnected(f"ExaBGP went away ({reason})"))
         self._signal()
 
     def _handle(self, line: str) -> None:
         if line in ("done", "error"):
-            if self._pending is not None and not self._pending.done():
-                self._pending.set_result(line)
+            if self._pending:
+                _, answer = self._pending.popleft()
+                if not answer.done():  # (a waiter cancelled: its answer is still this one)
+                    answer.set_result(line)
+                if self._ack_timer is not None:
+                    if self._pending:
+                        self._ack_timer.start()  # progress: the next command gets a whole ack_timeout
+                    else:
+                        self._ack_timer.cancel()
+                        self._ack_timer = None
             else:
                 event(self._log, logging.WARNING, "exabgp_unexpected_answer", answer=line)
             return

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
+import struct
 import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from lbagent import model
+from lbagent.l3 import render
 from lbagent.l3.speaker import BgpError, BgpNotConnected, ExaBgpSpeaker
 from lbagent.plan.services import Announcement
 from tests.integration.bird_lab import HOLD, ROUTER, SPEAKER, Lab, bgp_settings, host, until
@@ -95,6 +99,45 @@ def test_announce_diff_withdraw(lab: Lab) -> None:
         await until("C withdrawn", lambda: host(C.prefix) not in lab.routes())
         print(f"withdraw -> route gone: {(time.monotonic() - started) * 1000:.0f} ms")
         assert host(A.prefix) in lab.routes()
+
+    with_speaker(lab, bgp_settings(), body)
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def test_a_sync_sends_every_announcement_before_exabgp_answers_one(lab: Lab) -> None:
+    """One round trip per sync, not one per prefix (at ~2 s per answer from a busy ExaBGP, 50 VIPs sent one at a
+    time outlasted the idle bench's 120 s). ExaBGP is stopped: every announcement must still reach its API pipe."""
+    lab.start_bird()
+    many = [Announcement(f"192.0.2.{100 + i}/32", med=i) for i in range(50)]
+
+    async def body(speaker: ExaBgpSpeaker, changes: list[str]) -> None:
+        await until("the session", lambda: speaker.peers()[str(ROUTER)] == "up")
+        exabgp = speaker.exabgp_pid
+        assert exabgp is not None
+        children = _children(exabgp)
+        assert len(children) == 1, f"ExaBGP's one API process (the bridge), not {children}"
+        # the bridge's stdout is ExaBGP's API pipe: what waits in it was sent and not read by ExaBGP yet
+        pipe = os.open(f"/proc/{children[0]}/fd/1", os.O_RDONLY | os.O_NONBLOCK)
+        sent = sum(len(render.announce_command(a, [ROUTER])) + 1 for a in many)
+
+        def waiting() -> int:
+            return int(struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4))[0])
+
+        os.kill(exabgp, signal.SIGSTOP)
+        try:
+            applying = asyncio.create_task(speaker.apply(by_prefix(*many)))
+            await until(f"{sent} bytes of commands waiting for ExaBGP (a sync that waits for each answer sends one)",
+                        lambda: waiting() >= sent)
+            assert waiting() == sent
+        finally:
+            os.kill(exabgp, signal.SIGCONT)
+            os.close(pipe)
+        await applying
+        assert speaker.announced() == by_prefix(*many)
+        await until("the 50 in the router's kernel", lambda: {host(a.prefix) for a in many} <= lab.routes().keys())
 
     with_speaker(lab, bgp_settings(), body)
 
