@@ -157,6 +157,7 @@ def main() -> int:
     lab.up()
     try:
         redirect_node_ports(lab)
+        started: dict[str, float] = {}
         for lb in LBS:
             lab.stop_agent(lb)
             config = lab.agent_config(lb)
@@ -167,13 +168,21 @@ def main() -> int:
             else:
                 config.pop("healthCheckDefaults", None)  # the defaults: 2 s interval, 1 s timeout
             lab.write_agent_config(lb, config)
+            started[lb] = time.monotonic()
             lab.start_agent(lb)
         last = f"192.0.2.{20 + (args.services - 1) % 50}/32"
-        uplinks = {address(lb, "uplink") for lb in LBS}
+        announced: dict[str, float] = {}
+
+        def everything_announced() -> bool:
+            # when the last VIP's route and the listener's have this LB's next hop
+            for lb in LBS:
+                if lb not in announced and address(lb, "uplink") in lab.router_nexthops(last) \
+                        and address(lb, "uplink") in lab.router_nexthops(f"{LISTENER_VIP}/32"):
+                    announced[lb] = time.monotonic() - started[lb]
+            return len(announced) == len(LBS)
+
         try:
-            wait_for(lambda: lab.router_nexthops(last) == uplinks
-                     and lab.router_nexthops(f"{LISTENER_VIP}/32") == uplinks,
-                     timeout=120, message="every VIP and the listener's announced by both LBs")
+            wait_for(everything_announced, timeout=120, message="every VIP and the listener's announced by both LBs")
         except Exception:
             for lb in LBS:
                 print(f"--- {lb}'s agent log (end)\n{lab.agent_log(lb, since_start=True)[-3000:]}", file=sys.stderr)
@@ -182,13 +191,15 @@ def main() -> int:
                                      f"Host: r{args.routes - 1}.example.com", f"http://{LISTENER_VIP}/"]).stdout
         assert answer == "200", f"the last route answers {answer}"
         if not args.json:
-            print(f"idle: both LBs serve {args.services} services and {args.routes} routes; settling {SETTLE:.0f} s,"
-                  f" then {args.minutes:g} min", flush=True)
+            print(f"idle: both LBs serve {args.services} services and {args.routes} routes (every VIP at the router"
+                  f" {announced['lb1']:.1f} s after lb1's start, {announced['lb2']:.1f} s after lb2's); settling"
+                  f" {SETTLE:.0f} s, then {args.minutes:g} min", flush=True)
         time.sleep(SETTLE)
         result = measure(lab, args.minutes)
     finally:
         lab.down()
     doc = {"services": args.services, "routes": args.routes, "minutes": args.minutes,
+           "announced_after_start_s": {lb: round(announced[lb], 1) for lb in LBS},
            "lb1 (nodePort probes)": result["lb1"], "lb2 (kubeProxyHealthz)": result["lb2"]}
     if args.json:
         print(json.dumps(doc, indent=2))
