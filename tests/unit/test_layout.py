@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # The shared kernel: importable by every room.
 KERNEL = {"lbagent", "lbagent.model", "lbagent.logfmt", "lbagent.files", "lbagent.tls", "lbagent.routing",
-          "lbagent.supervisor", "lbagent.verdicts", "lbagent.netlinkmsg"}
+          "lbagent.supervisor", "lbagent.verdicts", "lbagent.netlinkmsg", "lbagent.watched", "lbagent.memory"}
 # Room -> the rooms its modules may import. "sources:seam" is `lbagent.sources` alone (the Source protocol).
 MAY_IMPORT: dict[str, set[str]] = {
     "kernel": {"kernel"},
@@ -239,7 +239,8 @@ def test_the_checker_names_the_importer_the_imported_and_the_rule() -> None:
         "lbagent.sources.file.config (line 1) imports lbagent.plan.services: upward: sources may import only "
         "kernel (and itself)",
         "lbagent.stray: in no room of the layout (kernel modules: lbagent, lbagent.files, lbagent.logfmt, "
-        "lbagent.model, lbagent.netlinkmsg, lbagent.routing, lbagent.supervisor, lbagent.tls, lbagent.verdicts)",
+        "lbagent.memory, lbagent.model, lbagent.netlinkmsg, lbagent.routing, lbagent.supervisor, lbagent.tls, "
+        "lbagent.verdicts, lbagent.watched)",
     ]
 
 
