@@ -13,7 +13,6 @@ Without glibc (musl has no malloc_trim) this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import time
 from collections.abc import Callable
 
@@ -22,11 +21,10 @@ MIN_GAP = 1.0
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    # the C library the process already runs (dlopen of the program itself): no ldconfig run at start-up, as
+    # ctypes.util.find_library would
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

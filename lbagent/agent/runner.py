@@ -80,14 +80,14 @@ class BoundedFrequencyRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                memory.release()
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 event(log, logging.ERROR, "sync_failed", subsystem=self.name, error=self.last_error,
                       retry_in=self._retry)
                 next_deadline = self._clock() + self._retry
                 continue
-            memory.release()  # what the sync built and freed: out of the agent's RSS (lbagent.memory)
+            finally:
+                memory.release()  # what the sync built and freed: out of the agent's RSS (lbagent.memory)
             self.last_error = None
             self.last_success = self._clock()
             if not self._dirty.is_set():

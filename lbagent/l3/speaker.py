@@ -119,7 +119,7 @@ async def sync(
         if not neighbors(a):
             announced.pop(a.prefix, None)
 
-    async def withdrawn(a: Announcement, command: str) -> None:
+    async def send_withdrawal(a: Announcement, command: str) -> None:
         try:
             await send(command)
         except BgpCommandError as error:
@@ -127,7 +127,7 @@ async def sync(
             return
         announced.pop(a.prefix, None)
 
-    async def announced_(a: Announcement, command: str) -> None:
+    async def send_announcement(a: Announcement, command: str) -> None:
         try:
             await send(command)
         except BgpCommandError as error:
@@ -144,7 +144,7 @@ async def sync(
     commands: list[Awaitable[None]] = []
     for a, command in withdraws:
         event(log, logging.INFO, "bgp_withdraw", prefix=a.prefix)
-        commands.append(withdrawn(a, command))
+        commands.append(send_withdrawal(a, command))
     for a, command in announces:
         if not neighbors(a):
             family = f"IPv{ip_network(a.prefix).version}"
@@ -153,7 +153,7 @@ async def sync(
             continue
         event(log, logging.INFO, "bgp_announce", prefix=a.prefix, med=a.med, local_pref=a.local_pref,
               communities=a.communities or "-")
-        commands.append(announced_(a, command))
+        commands.append(send_announcement(a, command))
     # gather starts them in order, each sending before it awaits; every one ends (a lost connection fails them all)
     outcomes = await asyncio.gather(*commands, return_exceptions=True)
     for outcome in outcomes:
@@ -206,7 +206,8 @@ class ExaBgpSpeaker:
         self._connections = 0
         # the commands sent and not answered yet, oldest first: ExaBGP answers them in order
         self._pending: collections.deque[tuple[str, asyncio.Future[str]]] = collections.deque()
-        self._ack_timer: WatchedTimer | None = None  # expires when ExaBGP answered nothing for ack_timeout
+        # runs while commands wait; expires when ExaBGP answered nothing for ack_timeout (made at first use)
+        self._ack_timer: WatchedTimer | None = None
         self._server: asyncio.Server | None = None
         self._started = False
         self._watchdog: asyncio.Task[None] | None = None  # the current instance's API must connect in time
@@ -358,10 +359,9 @@ class ExaBgpSpeaker:
         if conn is None:
             raise BgpNotConnected("ExaBGP is not connected")
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            self._timer().start()  # the oldest command's wait begins
         self._pending.append((line, answer))
-        if self._ack_timer is None:
-            self._ack_timer = WatchedTimer(self._ack_timeout, self._no_answer)
-            self._ack_timer.start()
         try:
             conn.writer.write(line.encode("ascii") + b"\n")
             await conn.writer.drain()
@@ -371,6 +371,11 @@ class ExaBgpSpeaker:
         result = await answer  # BgpNotConnected when the connection is dropped first
         if result != "done":
             raise BgpCommandError(f"ExaBGP answered {result} to: {line}")
+
+    def _timer(self) -> WatchedTimer:
+        if self._ack_timer is None:
+            self._ack_timer = WatchedTimer(self._ack_timeout, self._no_answer)
+        return self._ack_timer
 
     def _no_answer(self) -> None:
         line = self._pending[0][0] if self._pending else "-"
@@ -424,7 +429,6 @@ class ExaBgpSpeaker:
         conn, self._conn = self._conn, None
         if self._ack_timer is not None:
             self._ack_timer.cancel()
-            self._ack_timer = None
         pending, self._pending = self._pending, collections.deque()
         for _, answer in pending:
             if not answer.done():
@@ -441,12 +445,10 @@ class ExaBgpSpeaker:
                 _, answer = self._pending.popleft()
                 if not answer.done():  # (a waiter cancelled: its answer is still this one)
                     answer.set_result(line)
-                if self._ack_timer is not None:
-                    if self._pending:
-                        self._ack_timer.start()  # progress: the next command gets a whole ack_timeout
-                    else:
-                        self._ack_timer.cancel()
-                        self._ack_timer = None
+                if self._pending:
+                    self._timer().start()  # progress: the next command gets a whole ack_timeout
+                else:
+                    self._timer().cancel()
             else:
                 event(self._log, logging.WARNING, "exabgp_unexpected_answer", answer=line)
             return

@@ -575,7 +575,7 @@ def test_probes_that_start_together_spread_over_their_interval_after_the_first_r
         first = {name: times[0] for name, times in starts.items()}
         second = sorted((times[1] - first[name], times[2] - times[1]) for name, times in starts.items())
         assert max(first.values()) - min(first.values()) < 0.5  # together (on any machine: far under 1 s)
-        # each second round at its own fraction of the interval, not all at 1 s: no later than asked, however busy;
+        # each second round at its own fraction of the interval, not all at 1 s: no earlier than asked, however busy;
         # the third a whole interval after the second (the phase is kept)
         assert [round(gap, 1) >= i / 10 for i, (gap, _) in enumerate(second)] == [True] * 10
         assert second[-1][0] - second[0][0] > 0.45  # asked 0.9 apart: spread, not in one burst (a busy machine
